@@ -1,0 +1,184 @@
+"""UsageClient: validate usage events and hand them to Kafka without blocking the caller."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Self
+
+from ingest.producer import DeliveryFailedCallback, EventProducer
+from meterstream.errors import DeliveryError, InvalidEventError
+from meterstream.events import (
+    MAX_EVENT_BYTES,
+    check_customer,
+    check_event_id,
+    check_event_time,
+    check_meter,
+    check_properties,
+    check_value,
+    encode_fields,
+)
+from meterstream.meters import Catalogue, load_catalogue
+from meterstream.metrics import IngestMetrics
+from meterstream.settings import Settings, load_settings
+
+_EMPTY: Mapping[str, str] = {}
+
+
+class UsageClient:
+    """Records usage events to Kafka: thread-safe, non-blocking, never dropping what it accepted.
+
+    ``record()`` validates the event and queues it; an invalid event raises InvalidEventError
+    (``ingest.InvalidUsageEvent``) and nothing is sent. Delivery happens in the background with an
+    idempotent producer (acks=all); an event Kafka refuses for good is reported by ``flush()``
+    (DeliveryError with the ids), by callbacks from :meth:`on_delivery_failed`, and by the metric
+    ``meterstream_ingest_events_failed_total``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        catalogue: Catalogue | None = None,
+        metrics: IngestMetrics | None = None,
+    ) -> None:
+        self._settings = settings if settings is not None else load_settings()
+        self._catalogue = catalogue or load_catalogue(self._settings.meters_file)
+        self.metrics = metrics or IngestMetrics()
+        self._source = self._settings.source
+        self._horizon_days = self._settings.horizon_days
+        self._producer = EventProducer(self._settings, self.metrics)
+        self._closed = False
+
+    def record(
+        self,
+        customer: str,
+        meter: str,
+        value: Decimal | int | str = 1,
+        *,
+        timestamp: datetime | None = None,
+        event_id: str | None = None,
+        properties: Mapping[str, str] | None = None,
+    ) -> str:
+        """Validate one usage event and queue it for Kafka; return its event id.
+
+        ``timestamp`` is the event time (timezone-aware; now when omitted). ``event_id`` is the
+        deduplication key: give your own to make retries of your own safe, or let one be made.
+        Raises InvalidEventError naming the field, or BackpressureError when Kafka does not keep
+        up for ``producer_block_timeout_s`` (then the event was not accepted).
+        """
+        event_id, key, payload = self.prepare(
+            customer, meter, value, timestamp=timestamp, event_id=event_id, properties=properties
+        )
+        self._producer.produce(key, payload)
+        self.metrics.recorded.inc()
+        return event_id
+
+    def prepare(
+        self,
+        customer: str,
+        meter: str,
+        value: Decimal | int | str = 1,
+        *,
+        timestamp: datetime | None = None,
+        event_id: str | None = None,
+        properties: Mapping[str, str] | None = None,
+    ) -> tuple[str, bytes, bytes]:
+        """Validate and encode one event without queuing it: (event id, Kafka key, value).
+
+        Raises InvalidEventError naming the field. Used by :meth:`record` and the async client.
+        """
+        if self._closed:
+            raise RuntimeError("this UsageClient is closed; create a new one")
+        try:
+            found = check_meter(meter, self._catalogue)
+            customer = check_customer(customer)
+            exact = check_value(value, found)
+            now = datetime.now(UTC)
+            event_time = (
+                now
+                if timestamp is None
+                else check_event_time(timestamp, now=now, horizon_days=self._horizon_days)
+            )
+            props = (
+                check_properties(properties, found)
+                if properties or found.unique_property
+                else _EMPTY
+            )
+            event_id = os.urandom(16).hex() if event_id is None else check_event_id(event_id)
+            payload = encode_fields(
+                event_id, self._source, customer, meter, exact, event_time, props
+            )
+            if len(payload) > MAX_EVENT_BYTES:
+                raise InvalidEventError(
+                    "event", f"encodes to {len(payload)} bytes; at most {MAX_EVENT_BYTES} allowed"
+                )
+        except InvalidEventError as exc:
+            self.metrics.rejected.labels(exc.field.split(".")[0]).inc()
+            raise
+        # key = customer id so one customer's events stay ordered in one partition.
+        return event_id, customer.encode(), payload
+
+    def try_queue(self, key: bytes, payload: bytes) -> bool:
+        """Queue a prepared event without waiting; False when the producer's queue is full."""
+        if self._producer.produce_nowait(key, payload):
+            self.metrics.recorded.inc()
+            return True
+        return False
+
+    def queue(self, key: bytes, payload: bytes) -> None:
+        """Queue a prepared event, waiting for room as :meth:`record` does."""
+        self._producer.produce(key, payload)
+        self.metrics.recorded.inc()
+
+    def on_delivery_failed(self, callback: DeliveryFailedCallback) -> None:
+        """Call ``callback(event_id, reason)`` (from the delivery thread) for each event Kafka
+        refuses for good. It must not block."""
+        self._producer.add_failure_callback(callback)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Wait up to ``timeout`` seconds for queued events to be acknowledged.
+
+        Returns how many are still in flight (0 when all are delivered). Raises DeliveryError
+        with the ids of every event Kafka refused for good since the last flush.
+        """
+        remaining = self._producer.flush(timeout)
+        self._raise_failures()
+        return remaining
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush for up to ``timeout`` seconds and stop the delivery thread.
+
+        Events still unacknowledged then are given up and reported: DeliveryError lists every
+        event id that Kafka did not acknowledge, so the caller can record them again.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._producer.flush(timeout):
+                # Whatever is still queued is reported as failed, by id, rather than dropped.
+                self._producer.abandon_in_flight()
+        finally:
+            self._producer.close()
+        self._raise_failures()
+
+    def _raise_failures(self) -> None:
+        failed = self._producer.take_failures()
+        if failed:
+            reasons = sorted({reason for _, reason in failed})
+            raise DeliveryError([event_id for event_id, _ in failed], "; ".join(reasons))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

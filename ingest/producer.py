@@ -1,0 +1,163 @@
+"""The Kafka side of the SDK: an idempotent producer, back-pressure and delivery tracking.
+
+A background thread serves delivery reports, so ``record()`` never waits on the network. Failed
+deliveries are kept (by event id) until the caller collects them with ``flush()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, Producer
+
+from meterstream.errors import BackpressureError, BrokerUnavailableError
+from meterstream.kafka import client_config
+from meterstream.metrics import IngestMetrics
+from meterstream.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+DeliveryFailedCallback = Callable[[str, str], None]
+"""Called with (event_id, reason) for each accepted event that Kafka refused for good."""
+
+
+class EventProducer:
+    """Produces encoded events keyed by customer, tracks what Kafka refused for good."""
+
+    def __init__(self, settings: Settings, metrics: IngestMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._topic = settings.topic
+        self._block_timeout_s = settings.producer_block_timeout_s
+        self._lock = threading.Lock()
+        self._failed: list[tuple[str, str]] = []
+        self._fatal: str | None = None
+        self._callbacks: list[DeliveryFailedCallback] = []
+        self._producer = Producer(
+            {
+                **client_config(settings.kafka_bootstrap),
+                # Idempotence: librdkafka's retries never write a message twice or out of order.
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": settings.producer_linger_ms,
+                "queue.buffering.max.messages": settings.producer_queue_max_events,
+                "message.timeout.ms": int(settings.producer_delivery_timeout_s * 1000),
+                "compression.type": "lz4",
+                "on_delivery": self._on_delivery,
+                "error_cb": self._on_error,
+            }
+        )
+        self._running = True
+        self._poller = threading.Thread(
+            target=self._poll_loop, name="meterstream-delivery", daemon=True
+        )
+        self._poller.start()
+
+    def add_failure_callback(self, callback: DeliveryFailedCallback) -> None:
+        self._callbacks.append(callback)
+
+    def produce(self, key: bytes, value: bytes) -> None:
+        """Queue one message; blocks up to ``producer_block_timeout_s`` while the queue is full.
+
+        Raises BackpressureError when the queue stays full (the event was not accepted), or
+        BrokerUnavailableError after a fatal producer error.
+        """
+        if self.produce_nowait(key, value):
+            return
+        deadline = time.monotonic() + self._block_timeout_s
+        while True:
+            self._producer.poll(0.01)
+            try:
+                self._producer.produce(self._topic, value, key)
+                return
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    raise BackpressureError(
+                        f"the producer queue ({self._settings.producer_queue_max_events} events) "
+                        f"stayed full for {self._block_timeout_s:g} s; Kafka at "
+                        f"{self._settings.kafka_bootstrap} is not keeping up. The event was not "
+                        "accepted: retry it, or raise METERSTREAM_PRODUCER_BLOCK_TIMEOUT_S"
+                    ) from None
+
+    def produce_nowait(self, key: bytes, value: bytes) -> bool:
+        """Queue one message if there is room; False when the queue is full."""
+        if self._fatal is not None:
+            raise BrokerUnavailableError(f"the Kafka producer failed for good: {self._fatal}")
+        try:
+            # No timestamp: Kafka stamps the time of producing, so topic retention counts from
+            # now and never deletes a back-dated event before it is aggregated.
+            self._producer.produce(self._topic, value, key)
+        except BufferError:
+            return False
+        return True
+
+    def in_flight(self) -> int:
+        """Messages queued or awaiting acknowledgement."""
+        return len(self._producer)
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for queued messages; return how many are still in flight."""
+        remaining: int = self._producer.flush(timeout_s)
+        self._metrics.queue_depth.set(remaining)
+        return remaining
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """The (event_id, reason) pairs that failed since the last call."""
+        with self._lock:
+            failed, self._failed = self._failed, []
+        return failed
+
+    def abandon_in_flight(self) -> None:
+        """Give up on every message still queued: each is then reported as failed, with its id,
+        through the delivery callback (a purged message may still have reached Kafka; sending it
+        again with the same id is safe, the aggregators deduplicate)."""
+        self._producer.purge(in_queue=True, in_flight=True)
+        self._producer.flush(0)
+
+    def close(self) -> None:
+        self._running = False
+        self._poller.join()
+
+    def _poll_loop(self) -> None:
+        while self._running:
+            self._producer.poll(0.05)
+            self._metrics.queue_depth.set(len(self._producer))
+
+    def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        if error is None:
+            self._metrics.delivered.inc()
+            latency = message.latency()
+            if latency is not None:
+                self._metrics.produce_latency.observe(latency)
+            return
+        event_id = _event_id_of(message.value())
+        reason = error.str()
+        self._metrics.failed.inc()
+        with self._lock:
+            self._failed.append((event_id, reason))
+        for callback in self._callbacks:
+            try:
+                callback(event_id, reason)
+            except Exception:
+                # A caller's callback must not stop delivery reports; the failure stays
+                # recorded for flush() and in the metric.
+                _log.exception("delivery-failure callback raised for event %s", event_id)
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Fatal errors (e.g. the idempotent producer lost its sequence) end this producer; the
+        # queued messages then fail through _on_delivery, so none is lost in silence.
+        if error.fatal():
+            self._fatal = error.str()
+
+
+def _event_id_of(value: bytes | None) -> str:
+    try:
+        doc = orjson.loads(value or b"{}")
+        return str(doc.get("id", "?"))
+    except orjson.JSONDecodeError:
+        return "?"

@@ -1,0 +1,274 @@
+"""The usage event, its rules, and its wire format (CloudEvents 1.0 structured JSON).
+
+On Kafka an event is::
+
+    {"specversion": "1.0", "id": "...", "source": "billing-api", "type": "<meter>",
+     "subject": "<customer_id>", "time": "2026-11-24T10:00:00.123456Z",
+     "datacontenttype": "application/json",
+     "data": {"value": "12.5", "properties": {"region": "eu"}}}
+
+The value travels as a decimal string, never a JSON float, so no cent is rounded on the wire.
+Producers in other languages may write the topic too: :func:`decode_event` checks everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from meterstream.errors import InvalidEventError
+from meterstream.meters import Catalogue, Meter
+
+SPECVERSION = "1.0"
+MAX_EVENT_BYTES = 64 * 1024
+MAX_ID_CHARS = 200
+MAX_CUSTOMER_CHARS = 200
+MAX_PROPERTIES = 100
+MAX_PROPERTY_KEY_CHARS = 64
+MAX_PROPERTY_VALUE_CHARS = 1024
+# Values are bounded so every total fits NUMERIC comfortably and Stripe's 15 digits after scaling.
+MAX_VALUE = Decimal(10) ** 18
+MAX_FRACTION_DIGITS = 12
+# Stripe accepts meter events at most 5 minutes ahead (clock drift); so do we.
+MAX_FUTURE = timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One usage event. ``(source, event_id)`` is its deduplication key."""
+
+    event_id: str
+    source: str
+    customer_id: str
+    meter: str
+    value: Decimal
+    event_time: datetime
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dedup_key(self) -> bytes:
+        return dedup_key(self.source, self.event_id)
+
+
+def dedup_key(source: str, event_id: str) -> bytes:
+    """A compact 16-byte key for ``(source, event_id)``: what the aggregators store per event."""
+    return hashlib.blake2b(source.encode() + b"\x00" + event_id.encode(), digest_size=16).digest()
+
+
+def check_event_id(event_id: Any) -> str:
+    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
+        raise InvalidEventError(
+            "event_id", f"must be a string of 1 to {MAX_ID_CHARS} characters, got {event_id!r:.80}"
+        )
+    return event_id
+
+
+def check_customer(customer_id: Any) -> str:
+    if not isinstance(customer_id, str) or not customer_id.strip():
+        raise InvalidEventError("customer", f"must be a non-empty string, got {customer_id!r:.80}")
+    if len(customer_id) > MAX_CUSTOMER_CHARS:
+        raise InvalidEventError(
+            "customer", f"must be at most {MAX_CUSTOMER_CHARS} characters, got {len(customer_id)}"
+        )
+    return customer_id
+
+
+def check_meter(meter: Any, catalogue: Catalogue) -> Meter:
+    found = catalogue.get(meter) if isinstance(meter, str) else None
+    if found is None:
+        known = ", ".join(sorted(catalogue.meters))
+        raise InvalidEventError("meter", f"unknown meter {meter!r:.80}; known meters: {known}")
+    return found
+
+
+def check_value(value: Any, meter: Meter) -> Decimal:
+    """The value as an exact Decimal, or InvalidEventError naming the rule it breaks."""
+    if isinstance(value, bool | float):
+        # A float cannot hold 0.1 exactly; the caller must choose the exact value.
+        raise InvalidEventError(
+            "value", f"must be a Decimal, an int or a decimal string, got {type(value).__name__}"
+        )
+    try:
+        exact = value if isinstance(value, Decimal) else Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise InvalidEventError("value", f"not a decimal number: {value!r:.80}") from None
+    if not exact.is_finite():
+        raise InvalidEventError("value", f"must be a finite number, got {value!r}")
+    if exact < 0 and not meter.allow_negative:
+        raise InvalidEventError(
+            "value", f"must be >= 0 for meter {meter.name!r} (allow_negative = false), got {exact}"
+        )
+    if abs(exact) >= MAX_VALUE:
+        raise InvalidEventError("value", f"must be below 1e18 in magnitude, got {exact}")
+    # Trailing zeros (0.100000000000000) are harmless; only significant places count.
+    exponent = exact.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_FRACTION_DIGITS:
+        raise InvalidEventError(
+            "value", f"at most {MAX_FRACTION_DIGITS} digits after the point, got {exact}"
+        )
+    return exact
+
+
+def check_event_time(
+    event_time: Any, *, now: datetime, horizon_days: int, field_name: str = "timestamp"
+) -> datetime:
+    """The event time in UTC; refused when naive, too far ahead, or past Stripe's horizon."""
+    if not isinstance(event_time, datetime):
+        raise InvalidEventError(field_name, f"must be a datetime, got {type(event_time).__name__}")
+    if event_time.tzinfo is None or event_time.utcoffset() is None:
+        raise InvalidEventError(field_name, "must be timezone-aware (e.g. datetime.now(UTC))")
+    utc = event_time.astimezone(UTC)
+    if utc > now + MAX_FUTURE:
+        raise InvalidEventError(
+            field_name, f"{utc.isoformat()} is more than 5 minutes ahead of now ({now.isoformat()})"
+        )
+    if utc < now - timedelta(days=horizon_days):
+        raise InvalidEventError(
+            field_name,
+            f"{utc.isoformat()} is older than {horizon_days} days; Stripe refuses such usage",
+        )
+    return utc
+
+
+def check_properties(properties: Any, meter: Meter) -> dict[str, str]:
+    if properties is None:
+        properties = {}
+    if not isinstance(properties, Mapping):
+        raise InvalidEventError(
+            "properties", f"must be a mapping of str to str, got {properties!r:.80}"
+        )
+    if len(properties) > MAX_PROPERTIES:
+        raise InvalidEventError(
+            "properties", f"at most {MAX_PROPERTIES} entries, got {len(properties)}"
+        )
+    for key, value in properties.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_PROPERTY_KEY_CHARS:
+            raise InvalidEventError(
+                "properties",
+                f"keys must be strings of 1 to {MAX_PROPERTY_KEY_CHARS} characters, "
+                f"got {key!r:.80}",
+            )
+        if not isinstance(value, str) or len(value) > MAX_PROPERTY_VALUE_CHARS:
+            raise InvalidEventError(
+                f"properties.{key}",
+                f"must be a string of at most {MAX_PROPERTY_VALUE_CHARS} characters, "
+                f"got {value!r:.80}",
+            )
+    if meter.unique_property is not None and not properties.get(meter.unique_property):
+        raise InvalidEventError(
+            f"properties.{meter.unique_property}",
+            f"meter {meter.name!r} counts distinct values of this property; it is missing",
+        )
+    return dict(properties)
+
+
+def format_value(value: Decimal) -> str:
+    """A plain decimal string (never exponent notation) for the wire and for Stripe."""
+    return format(value, "f")
+
+
+def format_time(event_time: datetime) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2026-11-24T10:00:00.123456Z``."""
+    return event_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_event(event: UsageEvent) -> bytes:
+    """The CloudEvents structured JSON of ``event`` (the Kafka message value)."""
+    return encode_fields(
+        event.event_id,
+        event.source,
+        event.customer_id,
+        event.meter,
+        event.value,
+        event.event_time,
+        event.properties,
+    )
+
+
+def encode_fields(
+    event_id: str,
+    source: str,
+    customer_id: str,
+    meter: str,
+    value: Decimal,
+    event_time: datetime,
+    properties: Mapping[str, str],
+) -> bytes:
+    """Like :func:`encode_event` without building a UsageEvent first (the SDK's hot path)."""
+    return orjson.dumps(
+        {
+            "specversion": SPECVERSION,
+            "id": event_id,
+            "source": source,
+            "type": meter,
+            "subject": customer_id,
+            "time": format_time(event_time),
+            "datacontenttype": "application/json",
+            "data": {"value": format_value(value), "properties": properties},
+        }
+    )
+
+
+def decode_event(raw: bytes) -> UsageEvent:
+    """Parse one Kafka message value. Raises InvalidEventError naming the field at fault.
+
+    This checks the structure only; the catalogue and the horizon are the reader's business.
+    """
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEventError("message", f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidEventError("message", "expected a CloudEvents JSON object")
+    if doc.get("specversion") != SPECVERSION:
+        raise InvalidEventError(
+            "specversion", f"expected '1.0', got {doc.get('specversion')!r:.40}"
+        )
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise InvalidEventError("data", "expected an object with 'value' and 'properties'")
+    source = doc.get("source")
+    if not isinstance(source, str) or not source:
+        raise InvalidEventError("source", "must be a non-empty string")
+    meter = doc.get("type")
+    if not isinstance(meter, str) or not meter:
+        raise InvalidEventError("type", "must be the meter name")
+    raw_value = data.get("value", "1")
+    if isinstance(raw_value, float):
+        raise InvalidEventError("data.value", "must be a decimal string or an integer, not a float")
+    try:
+        value = Decimal(raw_value) if isinstance(raw_value, str | int) else None
+    except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite():
+        raise InvalidEventError("data.value", f"not a finite decimal: {raw_value!r:.40}")
+    properties = data.get("properties") or {}
+    if not isinstance(properties, dict) or not all(isinstance(v, str) for v in properties.values()):
+        raise InvalidEventError("data.properties", "must be an object of strings")
+    return UsageEvent(
+        event_id=check_event_id(doc.get("id")),
+        source=source,
+        customer_id=check_customer(doc.get("subject")),
+        meter=meter,
+        value=value,
+        event_time=_parse_time(doc.get("time")),
+        properties=properties,
+    )
+
+
+def _parse_time(raw: Any) -> datetime:
+    if not isinstance(raw, str):
+        raise InvalidEventError("time", "must be an RFC 3339 timestamp")
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidEventError("time", f"not an RFC 3339 timestamp: {raw!r:.40}") from None
+    if parsed.tzinfo is None:
+        raise InvalidEventError("time", f"must carry a UTC offset: {raw!r:.40}")
+    return parsed.astimezone(UTC)

@@ -1,0 +1,123 @@
+"""The one settings object, read from ``METERSTREAM_*`` environment variables.
+
+Read it once at the edge (the CLI, a test fixture) with :func:`load_settings` and pass it down;
+nothing else in meterstream reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from meterstream.errors import ConfigError
+
+ENV_PREFIX = "METERSTREAM_"
+
+
+class Settings(BaseSettings):
+    """Everything a meterstream process can be told. Defaults run the embedded demo."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # --- Kafka
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092", description="host:port[,host:port...] of the Kafka brokers"
+    )
+    topic: str = Field("meterstream.usage", min_length=1, max_length=200)
+    topic_partitions: int = Field(8, ge=1, le=10_000)
+    # The producing service's name: the CloudEvents `source`. It must stay the same across
+    # restarts and hosts of one service, so a re-sent event keeps its deduplication key.
+    source: str = Field("meterstream://default", min_length=1, max_length=200)
+    consumer_group: str = Field("meterstream-aggregators", min_length=1)
+    # Short sessions make group joins take seconds; Apache Kafka accepts 6 s and up.
+    kafka_session_timeout_s: float = Field(10.0, ge=1.0, le=300.0)
+    kafka_heartbeat_interval_s: float = Field(1.0, gt=0.0, le=60.0)
+
+    # --- SDK producer
+    producer_queue_max_events: int = Field(100_000, ge=1, le=10_000_000)
+    producer_block_timeout_s: float = Field(5.0, ge=0.0, le=3600.0)
+    producer_delivery_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0)
+    producer_linger_ms: int = Field(5, ge=0, le=10_000)
+
+    # --- Storage and catalogue
+    database_url: str = Field("sqlite:///meterstream.db", min_length=1)
+    meters_file: Path = Path("examples/meters.toml")
+    # Stripe refuses meter events older than 35 days; so do we, and keep dedup keys that long.
+    horizon_days: int = Field(35, ge=1, le=3650)
+
+    # --- Aggregator
+    aggregate_batch_max_events: int = Field(5_000, ge=1, le=1_000_000)
+    aggregate_batch_max_wait_s: float = Field(0.5, gt=0.0, le=60.0)
+
+    # --- Stripe
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_meter_events_base: str | None = None
+    stripe_rate: float = Field(25.0, gt=0.0, le=10_000.0, description="calls per second")
+    stripe_stream: bool = False
+    report_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
+
+    # --- Observability
+    metrics_port: int = Field(9464, ge=0, le=65535)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"expected a sqlite:/// or postgresql+psycopg:// URL, got {value.split('://')[0]!r}"
+            )
+        return value
+
+    @field_validator("stripe_api_base", "stripe_meter_events_base")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @field_validator("stripe_api_key")
+    @classmethod
+    def _stripe_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never echo the key itself: it is a secret.
+        if value is not None and not value.get_secret_value().startswith(("sk_", "rk_")):
+            raise ValueError("expected a Stripe secret key starting with sk_ or rk_")
+        return value
+
+    @property
+    def meter_events_base(self) -> str:
+        """The base address of Stripe's v2 meter event stream (a separate host at Stripe)."""
+        if self.stripe_meter_events_base:
+            return self.stripe_meter_events_base
+        if self.stripe_api_base == "https://api.stripe.com":
+            return "https://meter-events.stripe.com"
+        return self.stripe_api_base
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment, with ``overrides`` taking precedence.
+
+    Raises ConfigError naming each bad variable and what would be valid.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ENV_PREFIX
+            given = error.get("input")
+            shown = "" if "api_key" in name.lower() or isinstance(given, dict) else f"={given!s}"
+            problems.append(f"{name}{shown}: {error['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

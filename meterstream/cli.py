@@ -50,6 +50,42 @@ def broker(port: int, partitions: int | None) -> None:
     click.echo("broker stopped; everything it held is gone (memory only)")
 
 
+@cli.command("stripe-emulator")
+@click.option("--port", type=int, default=12111, show_default=True, help="port on 127.0.0.1")
+@click.option(
+    "--rate", type=int, default=100, show_default=True, help="calls per second it accepts"
+)
+def stripe_emulator(port: int, rate: int) -> None:
+    """Serve the slice of Stripe's API that meterstream uses, with Stripe's rules, until Ctrl-C.
+
+    Point the reporter at it with METERSTREAM_STRIPE_API_BASE=http://127.0.0.1:PORT and any
+    METERSTREAM_STRIPE_API_KEY=sk_test_... key.
+    """
+    from reporters.stripe_emulator import serve_forever
+
+    serve_forever(
+        "127.0.0.1",
+        port,
+        rate_limit_per_s=rate,
+        on_ready=lambda emulator: click.echo(f"Stripe emulator listening on {emulator.url}"),
+    )
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (METERSTREAM_DATABASE_URL); safe to run again."""
+    from meterstream.db import build_engine
+    from meterstream.db import migrate as run_migrations
+
+    settings = _settings()
+    engine = build_engine(settings)
+    try:
+        run_migrations(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"schema is up to date on {engine.url.render_as_string(hide_password=True)}")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

@@ -1,0 +1,127 @@
+"""The database schema that the stages share (SQLAlchemy Core), readable by people too.
+
+- ``window_totals``: one row per customer, meter and event-time window; the exact total.
+- ``seen_events``: 16-byte deduplication keys by event day (partitioned by day in PostgreSQL, so
+  pruning past the horizon drops a partition).
+- ``unique_values``: the distinct property values behind each unique_count total.
+- ``rejected_events``: what the aggregators refused, and why (also on the dead-letter topic).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+
+class ExactDecimal(TypeDecorator[Decimal]):
+    """NUMERIC in PostgreSQL; text in SQLite, which has no exact decimal type (its NUMERIC is a
+    float). Either way Python sees an exact Decimal."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String())
+        return dialect.type_descriptor(Numeric(asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return format(value, "f")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, Decimal) else Decimal(value)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """TIMESTAMPTZ in PostgreSQL; SQLite stores it naive, so it is read back as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: meterstream stores UTC times only")
+        utc = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+window_totals = Table(
+    "window_totals",
+    metadata,
+    Column("customer_id", String(200), primary_key=True),
+    Column("meter", String(100), primary_key=True),
+    Column("window_start", UTCDateTime(), primary_key=True),
+    Column("window_end", UTCDateTime(), nullable=False),
+    Column("value", ExactDecimal(), nullable=False),
+    Column("events", BigInteger, nullable=False),
+    # Grows by one each time the value changes; the reporter sends each revision's difference.
+    Column("revision", BigInteger, nullable=False),
+    # For "last": the newest event wins, ties broken by event id, whatever the arrival order.
+    Column("last_event_time", UTCDateTime(), nullable=True),
+    Column("last_event_id", String(200), nullable=True),
+    Column("first_applied_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+Index("window_totals_by_update", window_totals.c.updated_at)
+
+seen_events = Table(
+    "seen_events",
+    metadata,
+    Column("event_day", Date, primary_key=True),
+    Column("key", LargeBinary(16), primary_key=True),
+)
+
+unique_values = Table(
+    "unique_values",
+    metadata,
+    Column("customer_id", String(200), primary_key=True),
+    Column("meter", String(100), primary_key=True),
+    Column("window_start", UTCDateTime(), primary_key=True),
+    Column("value", String(1024), primary_key=True),
+)
+
+rejected_events = Table(
+    "rejected_events",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("offset", BigInteger, primary_key=True),
+    Column("reason", String(50), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("event_id", String(200), nullable=True),
+    Column("customer_id", String(200), nullable=True),
+    Column("meter", String(100), nullable=True),
+    Column("raw", LargeBinary, nullable=False),
+    Column("rejected_at", UTCDateTime(), nullable=False),
+)

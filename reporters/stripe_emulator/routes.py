@@ -1,0 +1,298 @@
+"""The endpoints the emulator serves: parse Stripe's parameters, call the state, shape answers.
+
+v1 endpoints take form bodies in bracket notation and Unix-second times; v2 endpoints take
+JSON and RFC 3339 times. Each endpoint returns (HTTP status, JSON body).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from reporters.stripe_emulator import rules
+from reporters.stripe_emulator.records import JsonObject, StripeApiError, parse_rfc3339
+from reporters.stripe_emulator.state import EmulatorState, StreamEvent
+
+if TYPE_CHECKING:
+    from reporters.stripe_emulator.api import Call
+
+Endpoint = Callable[[EmulatorState, "Call"], tuple[int, object]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    endpoint: Endpoint
+    auth: Literal["secret", "session"] = "secret"
+    one_per_customer: bool = False  # Stripe's one concurrent call per customer and meter
+
+
+def _text(params: dict[str, Any], name: str) -> str | None:
+    value = params.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise StripeApiError(400, f"Invalid {name}: must be a string.", param=name)
+
+
+def _integer(params: dict[str, Any], name: str, *, required: bool = False) -> int | None:
+    raw = _text(params, name)
+    if raw is None or raw == "":
+        if required:
+            raise rules.param_missing(name)
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise StripeApiError(
+            400, f"Invalid integer: {raw}", code="parameter_invalid_integer", param=name
+        ) from None
+
+
+def _string_map(value: object, param: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise StripeApiError(400, f"Invalid {param}: must map strings to strings.", param=param)
+    return value
+
+
+def _only(params: dict[str, Any], *allowed: str) -> dict[str, Any]:
+    """Reject parameters the endpoint does not take, as Stripe does, so typos surface."""
+    for name in params:
+        if name not in allowed:
+            raise StripeApiError(
+                400, f"Received unknown parameter: {name}", code="parameter_unknown", param=name
+            )
+    return params
+
+
+def _list(url: str, data: list[JsonObject], has_more: bool = False) -> JsonObject:
+    return {"object": "list", "data": data, "has_more": has_more, "url": url}
+
+
+# -- v1 meter events ------------------------------------------------------------------------
+
+
+def create_meter_event(state: EmulatorState, call: Call) -> tuple[int, object]:
+    form = _only(call.form, "event_name", "payload", "identifier", "timestamp")
+    event = state.record_event(
+        event_name=_text(form, "event_name"),
+        payload=_string_map(form.get("payload"), "payload"),
+        identifier=_text(form, "identifier") or None,
+        timestamp=_integer(form, "timestamp"),
+        source="v1",
+    )
+    return 200, event.to_stripe()
+
+
+def create_adjustment(state: EmulatorState, call: Call) -> tuple[int, object]:
+    form = _only(call.form, "event_name", "type", "cancel")
+    kind = _text(form, "type")
+    if kind != "cancel":
+        if not kind:
+            raise rules.param_missing("type")
+        raise StripeApiError(400, f"Invalid type: must be cancel, got '{kind}'.", param="type")
+    cancel = form.get("cancel")
+    identifier = _text(cancel, "identifier") if isinstance(cancel, dict) else None
+    event = state.cancel_event(event_name=_text(form, "event_name"), identifier=identifier)
+    return 200, {
+        "object": "billing.meter_event_adjustment",
+        "cancel": {"identifier": event.identifier},
+        "event_name": event.event_name,
+        "livemode": False,
+        "status": "complete",  # the emulator applies the cancellation at once
+        "type": "cancel",
+    }
+
+
+# -- meters ---------------------------------------------------------------------------------
+
+
+def list_meters(state: EmulatorState, call: Call) -> tuple[int, object]:
+    meters = state.meters(_text(call.query, "status"))
+    return 200, _list("/v1/billing/meters", [m.to_stripe() for m in meters])
+
+
+def create_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
+    form = _only(
+        call.form,
+        *("display_name", "event_name", "default_aggregation", "customer_mapping"),
+        *("value_settings", "event_time_window"),
+    )
+    if form.get("event_time_window"):
+        # Pre-aggregated meters (newest event per window wins) are not emulated.
+        raise StripeApiError(
+            400,
+            "event_time_window is not supported by the emulator; create a raw meter.",
+            code="parameter_unsupported",
+            param="event_time_window",
+        )
+    aggregation = form.get("default_aggregation")
+    mapping = form.get("customer_mapping")
+    value_settings = form.get("value_settings")
+    formula = _text(aggregation, "formula") if isinstance(aggregation, dict) else None
+    if isinstance(mapping, dict) and _text(mapping, "type") not in (None, "by_id"):
+        raise StripeApiError(
+            400, "Invalid customer_mapping[type]: must be by_id.", param="customer_mapping[type]"
+        )
+    meter = state.create_meter(
+        display_name=_text(form, "display_name"),
+        event_name=_text(form, "event_name"),
+        formula=formula,
+        customer_key=(isinstance(mapping, dict) and _text(mapping, "event_payload_key"))
+        or "stripe_customer_id",
+        value_key=(isinstance(value_settings, dict) and _text(value_settings, "event_payload_key"))
+        or "value",
+    )
+    return 200, meter.to_stripe()
+
+
+def retrieve_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
+    return 200, state.meter(call.path_ids[0]).to_stripe()
+
+
+def update_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
+    name = _text(call.form, "display_name")
+    return 200, state.update_meter(call.path_ids[0], display_name=name).to_stripe()
+
+
+def deactivate_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
+    return 200, state.update_meter(call.path_ids[0], active=False).to_stripe()
+
+
+def reactivate_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
+    return 200, state.update_meter(call.path_ids[0], active=True).to_stripe()
+
+
+def list_event_summaries(state: EmulatorState, call: Call) -> tuple[int, object]:
+    """Stripe's cursor pagination: `limit` 1..100 (default 10), `starting_after` an id."""
+    query, meter_id = call.query, call.path_ids[0]
+    customer_id = _text(query, "customer")
+    if not customer_id:
+        raise rules.param_missing("customer")
+    limit = _integer(query, "limit") or 10
+    if not 1 <= limit <= 100:
+        raise StripeApiError(400, f"Invalid limit: must be 1 to 100, got {limit}.", param="limit")
+    summaries = state.event_summaries(
+        meter_id,
+        customer_id=customer_id,
+        start_time=_integer(query, "start_time", required=True) or 0,
+        end_time=_integer(query, "end_time", required=True) or 0,
+        window=_text(query, "value_grouping_window"),
+    )
+    after = _text(query, "starting_after")
+    ids = [s["id"] for s in summaries]
+    first = ids.index(after) + 1 if after in ids else 0
+    page = summaries[first : first + limit]
+    url = f"/v1/billing/meters/{meter_id}/event_summaries"
+    return 200, _list(url, page, has_more=first + limit < len(summaries))
+
+
+# -- customers ------------------------------------------------------------------------------
+
+
+def create_customer(state: EmulatorState, call: Call) -> tuple[int, object]:
+    form = call.form
+    customer = state.create_customer(
+        customer_id=_text(form, "id"), name=_text(form, "name"), email=_text(form, "email")
+    )
+    return 200, customer.to_stripe()
+
+
+def retrieve_customer(state: EmulatorState, call: Call) -> tuple[int, object]:
+    return 200, state.customer(call.path_ids[0]).to_stripe()
+
+
+def list_customers(state: EmulatorState, call: Call) -> tuple[int, object]:
+    return 200, _list("/v1/customers", [c.to_stripe() for c in state.customers()])
+
+
+# -- v2 -------------------------------------------------------------------------------------
+
+
+def create_session(state: EmulatorState, call: Call) -> tuple[int, object]:
+    return 200, state.create_session().to_stripe()
+
+
+def _stream_event(item: object, param: str) -> StreamEvent:
+    """Check one v2 event's shape; its rules are checked later, as Stripe does."""
+    if not isinstance(item, dict):
+        raise StripeApiError(400, f"Invalid {param}: must be an object.", param=param)
+    name = _text(item, "event_name")
+    if not name:
+        raise rules.param_missing(f"{param}.event_name")
+    raw_time = _text(item, "timestamp")
+    try:
+        timestamp = None if raw_time is None else parse_rfc3339(raw_time)
+    except ValueError:
+        raise StripeApiError(
+            400,
+            f"Invalid {param}.timestamp: must be an RFC 3339 time, got '{raw_time}'.",
+            param=f"{param}.timestamp",
+        ) from None
+    return StreamEvent(
+        event_name=name,
+        payload=_string_map(item.get("payload"), f"{param}.payload"),
+        identifier=_text(item, "identifier") or None,
+        timestamp=timestamp,
+    )
+
+
+def create_stream(state: EmulatorState, call: Call) -> tuple[int, object]:
+    body = call.json
+    events = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(events, list) or not events:
+        raise rules.param_missing("events")
+    if len(events) > rules.MAX_STREAM_EVENTS:
+        raise StripeApiError(
+            400,
+            f"Too many events: a stream call takes at most {rules.MAX_STREAM_EVENTS}, "
+            f"got {len(events)}. Split them into several calls.",
+            code="too_many_events",
+            param="events",
+        )
+    state.record_stream([_stream_event(item, f"events[{i}]") for i, item in enumerate(events)])
+    return 202, {}
+
+
+def create_v2_meter_event(state: EmulatorState, call: Call) -> tuple[int, object]:
+    item = _stream_event(call.json, "event")
+    event = state.record_event(
+        event_name=item.event_name,
+        payload=item.payload,
+        identifier=item.identifier,
+        timestamp=item.timestamp,
+        source="v2",
+    )
+    return 200, event.to_stripe_v2()
+
+
+_ID = r"([A-Za-z0-9_]+)"
+
+
+def _route(method: str, path: str, endpoint: Endpoint, **options: Any) -> Route:
+    return Route(method, re.compile(path), endpoint, **options)
+
+
+ROUTES: tuple[Route, ...] = (
+    _route("POST", "/v1/billing/meter_events", create_meter_event, one_per_customer=True),
+    _route("POST", "/v1/billing/meter_event_adjustments", create_adjustment),
+    _route("GET", "/v1/billing/meters", list_meters),
+    _route("POST", "/v1/billing/meters", create_meter),
+    _route("GET", f"/v1/billing/meters/{_ID}", retrieve_meter),
+    _route("POST", f"/v1/billing/meters/{_ID}", update_meter),
+    _route("POST", f"/v1/billing/meters/{_ID}/deactivate", deactivate_meter),
+    _route("POST", f"/v1/billing/meters/{_ID}/reactivate", reactivate_meter),
+    _route("GET", f"/v1/billing/meters/{_ID}/event_summaries", list_event_summaries),
+    _route("POST", "/v1/customers", create_customer),
+    _route("GET", "/v1/customers", list_customers),
+    _route("GET", f"/v1/customers/{_ID}", retrieve_customer),
+    _route("POST", "/v2/billing/meter_event_session", create_session),
+    _route("POST", "/v2/billing/meter_event_stream", create_stream, auth="session"),
+    _route("POST", "/v2/billing/meter_events", create_v2_meter_event),
+)

@@ -1,0 +1,250 @@
+"""The emulator's HTTP server: stdlib ThreadingHTTPServer, one thread per connection.
+
+It speaks HTTP/1.1 with keep-alive, because stripe-python (through requests) reuses
+connections, and a dropped-connection fault must hit a live, reused socket to look like
+a real lost answer. Paths under /_emulator/ are the control API for tests in another
+process: inspect events, reset, inject faults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from reporters.stripe_emulator.api import ApiRequest, ApiResponse, StripeApi, error_response
+from reporters.stripe_emulator.faults import Faults
+from reporters.stripe_emulator.limits import CallSlots, TokenBucket
+from reporters.stripe_emulator.records import StripeApiError
+from reporters.stripe_emulator.state import Clock, EmulatorState
+
+DEFAULT_RATE_LIMIT_PER_S = 100  # Stripe's live-mode default per account
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Emulator:
+    """A running emulator: point StripeClient's `api` and `meter_events` bases at `url`."""
+
+    url: str
+    state: EmulatorState
+    faults: Faults
+    bucket: TokenBucket
+
+    def reset(self) -> None:
+        """Empty the account, clear faults, refill the rate-limit bucket."""
+        self.state.reset()
+        self.faults.clear()
+        self.bucket.reset()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stalled or idle keep-alive connection must not block exit
+
+    def __init__(self, address: tuple[str, int], emulator_of: Callable[[str], Emulator]) -> None:
+        super().__init__(address, _Handler)
+        host, port = self.server_address[:2]
+        self.emulator = emulator_of(f"http://{host!s}:{port}")
+        self.api = StripeApi(
+            self.emulator.state, self.emulator.faults, self.emulator.bucket, CallSlots()
+        )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # close idle keep-alive connections so their threads end
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay quiet: a line per call would bury test output; the state keeps the record."""
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        url = urlsplit(self.path)
+        request = ApiRequest(
+            method=self.command,
+            path=url.path,
+            query=url.query,
+            headers={name.lower(): value for name, value in self.headers.items()},
+            body=self.rfile.read(length) if length else b"",
+        )
+        try:
+            if url.path.startswith("/_emulator/"):
+                response = _control(self.server.emulator, request)
+            else:
+                response = self.server.api.handle(request)
+        except Exception:
+            # The edge of the request loop: an emulator bug must reach the client as a 500
+            # (which the SDK retries) and the log, not as a silently dropped socket.
+            _log.exception("stripe emulator failed on %s %s", self.command, self.path)
+            response = error_response(
+                StripeApiError(500, "The Stripe emulator failed; see its log.", type="api_error"),
+                request,
+            )
+        if response.drop:
+            # Close without a byte of answer: the client sees the connection die mid-call.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(response.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(response.body)
+
+
+def _control(emulator: Emulator, request: ApiRequest) -> ApiResponse:
+    """The test-only API: GET events/totals, POST reset, POST/DELETE faults, POST release."""
+    target = (request.method, request.path.removeprefix("/_emulator/").rstrip("/"))
+    state = emulator.state
+    body: object
+    if target == ("GET", "events"):
+        body = {
+            "object": "list",
+            "data": [e.to_json() for e in state.events],
+            "async_errors": [e.to_json() for e in state.async_errors],
+        }
+    elif target == ("GET", "totals"):
+        body = {
+            "data": [
+                {"event_name": name, "customer": customer, "total": str(total)}
+                for (name, customer), total in sorted(state.totals().items())
+            ]
+        }
+    elif target == ("POST", "reset"):
+        emulator.reset()
+        body = {"reset": True}
+    elif target == ("POST", "faults"):
+        return _inject(emulator.faults, request.body)
+    elif target == ("DELETE", "faults"):
+        emulator.faults.clear()
+        body = {"cleared": True}
+    elif target == ("POST", "faults/release"):
+        emulator.faults.release()
+        body = {"released": True}
+    else:
+        return _control_error(404, f"Unknown control call {request.method} {request.path}.")
+    return ApiResponse(200, json.dumps(body).encode())
+
+
+def _inject(faults: Faults, raw: bytes) -> ApiResponse:
+    """POST /_emulator/faults {"kind": ..., "count": 1, "probability": null, "path_prefix": ...}."""
+    try:
+        spec = json.loads(raw or b"{}")
+        if not isinstance(spec, dict):
+            raise ValueError("body must be a JSON object")
+        faults.inject(
+            spec["kind"],
+            count=spec.get("count", 1),
+            probability=spec.get("probability"),
+            path_prefix=spec.get("path_prefix"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        return _control_error(400, f"Bad fault spec {raw!r}: {exc!r}.")
+    return ApiResponse(200, json.dumps({"injected": spec}).encode())
+
+
+def _control_error(status: int, message: str) -> ApiResponse:
+    return ApiResponse(status, json.dumps({"error": {"message": message}}).encode())
+
+
+def _make_server(
+    host: str,
+    port: int,
+    *,
+    rate_limit_per_s: int | None,
+    clock: Clock,
+    rate_clock: Callable[[], float],
+    fault_seed: int,
+) -> _Server:
+    def emulator_of(url: str) -> Emulator:
+        return Emulator(
+            url, EmulatorState(clock), Faults(fault_seed), TokenBucket(rate_limit_per_s, rate_clock)
+        )
+
+    return _Server((host, port), emulator_of)
+
+
+@contextmanager
+def run_stripe_emulator(
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    rate_limit_per_s: int | None = DEFAULT_RATE_LIMIT_PER_S,
+    clock: Clock = time.time,
+    rate_clock: Callable[[], float] = time.monotonic,
+    fault_seed: int = 0,
+) -> Iterator[Emulator]:
+    """Serve the emulator on a background thread for the `with` body, then stop it.
+
+    `port=0` picks a free port (read it from `.url`). `clock` is Stripe's clock (Unix
+    seconds: timestamps, session expiry, the 24 h cancel window); `rate_clock` drives the
+    rate-limit bucket; `rate_limit_per_s=None` turns the account rate limit off.
+    """
+    server = _make_server(
+        host,
+        port,
+        rate_limit_per_s=rate_limit_per_s,
+        clock=clock,
+        rate_clock=rate_clock,
+        fault_seed=fault_seed,
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.emulator
+    finally:
+        server.emulator.faults.release()  # let stalled calls finish instead of hanging
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def serve_forever(
+    host: str = "127.0.0.1",
+    port: int = 12111,
+    *,
+    rate_limit_per_s: int | None = DEFAULT_RATE_LIMIT_PER_S,
+    fault_seed: int = 0,
+    on_ready: Callable[[Emulator], None] | None = None,
+) -> None:
+    """Serve on the calling thread until interrupted (Ctrl-C returns normally).
+
+    `on_ready` gets the running emulator once the port is bound, e.g. to print its url.
+    """
+    server = _make_server(
+        host,
+        port,
+        rate_limit_per_s=rate_limit_per_s,
+        clock=time.time,
+        rate_clock=time.monotonic,
+        fault_seed=fault_seed,
+    )
+    with server:
+        if on_ready is not None:
+            on_ready(server.emulator)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            return

@@ -86,6 +86,19 @@ def migrate() -> None:
     click.echo(f"schema is up to date on {engine.url.render_as_string(hide_password=True)}")
 
 
+def _register_stage_commands() -> None:
+    # The command line is the one place that knows every stage; the stages never import each
+    # other.
+    from aggregators.commands import AGGREGATOR_COMMANDS
+    from reporters.commands import REPORTER_COMMANDS
+
+    for command in (*AGGREGATOR_COMMANDS, *REPORTER_COMMANDS):
+        cli.add_command(command)
+
+
+_register_stage_commands()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

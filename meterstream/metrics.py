@@ -48,3 +48,117 @@ class IngestMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+
+class AggregatorMetrics:
+    """What the aggregator workers count and measure."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.applied = Counter(
+            "meterstream_aggregator_events_applied",
+            "Events added to window totals (each event once).",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.duplicates = Counter(
+            "meterstream_aggregator_duplicates_skipped",
+            "Events skipped because their (source, id) was already applied.",
+            registry=self.registry,
+        )
+        self.late = Counter(
+            "meterstream_aggregator_late_events",
+            "Events applied to a window that had already closed (end + grace passed).",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.dead_lettered = Counter(
+            "meterstream_aggregator_events_dead_lettered",
+            "Events refused and sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "meterstream_aggregator_batch_events",
+            "Messages per applied batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
+            registry=self.registry,
+        )
+        self.batch_latency = Histogram(
+            "meterstream_aggregator_batch_latency_seconds",
+            "Time to apply one batch: decode, deduplicate, update totals, commit.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "meterstream_aggregator_consumer_lag_messages",
+            "High watermark minus the group's committed offset, per partition.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.event_time_lag = Gauge(
+            "meterstream_aggregator_event_time_lag_seconds",
+            "Now minus the newest event time applied.",
+            registry=self.registry,
+        )
+        self.unreported_windows = Gauge(
+            "meterstream_aggregator_unreported_windows",
+            "Windows whose total changed and is not yet acknowledged by Stripe.",
+            registry=self.registry,
+        )
+
+
+class ReporterMetrics:
+    """What the reporter counts and measures on its way to Stripe."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.sent = Counter(
+            "meterstream_reporter_meter_events_sent",
+            "Meter events Stripe acknowledged.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.retried = Counter(
+            "meterstream_reporter_meter_events_retried",
+            "Calls to Stripe retried after a 5xx, a 429 or a lost connection.",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "meterstream_reporter_meter_events_rejected",
+            "Meter events Stripe refused for good, by Stripe error code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.held = Counter(
+            "meterstream_reporter_meter_events_held",
+            "Reports held back, by reason (no customer link, negative correction).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "meterstream_reporter_rate_limited_responses",
+            "429 answers from Stripe.",
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "meterstream_reporter_stripe_request_latency_seconds",
+            "Time of one call to Stripe.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "meterstream_reporter_ledger_pending_rows",
+            "Ledger rows written but not yet acknowledged by Stripe.",
+            registry=self.registry,
+        )
+        self.billing_lag = Gauge(
+            "meterstream_reporter_billing_lag_seconds",
+            "Age of the oldest closed window whose usage Stripe has not acknowledged.",
+            registry=self.registry,
+        )
+        self.last_cycle = Gauge(
+            "meterstream_reporter_last_cycle_timestamp_seconds",
+            "When the last report cycle finished (Unix time).",
+            registry=self.registry,
+        )

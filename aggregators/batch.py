@@ -1,0 +1,177 @@
+"""One batch of Kafka messages -> one database transaction.
+
+Everything a batch changes (deduplication keys, totals, unique values, rejected events) commits
+together or not at all. The worker commits the batch's Kafka offsets only after this returns, so a
+crash at any moment replays whole batches, and the deduplication keys make the replay a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from aggregators.aggregation import Partial, WindowKey
+from aggregators.dedup import DedupKeys
+from aggregators.intake import Accepted, Rejection, admit
+from aggregators.sql import insert_ignoring_conflicts
+from aggregators.totals import ChangedWindow, apply_partials
+from aggregators.windows import window_bounds
+from meterstream.meters import Catalogue
+from meterstream.metrics import AggregatorMetrics
+from meterstream.schema import rejected_events
+
+_log = logging.getLogger(__name__)
+Clock = Callable[[], datetime]
+# Deadlocks and serialisation failures are transient: the whole batch is tried again.
+_RETRIES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What the worker hands over of one Kafka message."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    message: Message
+    rejection: Rejection
+
+
+@dataclass(slots=True)
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    applied_by_meter: Counter[str] = field(default_factory=Counter)
+    late_by_meter: Counter[str] = field(default_factory=Counter)
+    rejected: list[Rejected] = field(default_factory=list)
+    changed: list[ChangedWindow] = field(default_factory=list)
+    newest_event_time: datetime | None = None
+
+
+class BatchApplier:
+    """Applies batches of usage messages to the database, exactly once per event id."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        catalogue: Catalogue,
+        metrics: AggregatorMetrics,
+        *,
+        horizon_days: int,
+        clock: Clock = lambda: datetime.now(UTC),
+    ) -> None:
+        self._engine = engine
+        self._catalogue = catalogue
+        self._metrics = metrics
+        self._horizon_days = horizon_days
+        self._clock = clock
+        self.dedup = DedupKeys(engine, horizon_days)
+
+    def apply(self, messages: Sequence[Message]) -> BatchResult:
+        """Apply ``messages`` in one transaction; return what happened. Retries transient
+        database conflicts; any other error propagates and nothing of the batch is kept."""
+        started = time.perf_counter()
+        now = self._clock()
+        accepted: list[Accepted] = []
+        result = BatchResult()
+        for message in messages:
+            outcome = admit(
+                message.value, self._catalogue, now=now, horizon_days=self._horizon_days
+            )
+            if isinstance(outcome, Rejection):
+                result.rejected.append(Rejected(message, outcome))
+            else:
+                accepted.append(outcome)
+        self.dedup.prepare(a.event.event_time.date() for a in accepted)
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                self._apply_once(accepted, result, now)
+                break
+            except OperationalError as exc:
+                if attempt == _RETRIES or not _transient(exc):
+                    raise
+                _log.warning("batch conflicted with another writer (%s); trying again", exc.orig)
+        self._count(result, len(messages), time.perf_counter() - started)
+        return result
+
+    def _apply_once(self, accepted: list[Accepted], result: BatchResult, now: datetime) -> None:
+        with self._engine.begin() as connection:
+            fresh = self.dedup.claim(connection, [a.event for a in accepted])
+            partials: dict[WindowKey, Partial] = {}
+            applied: Counter[str] = Counter()
+            late: Counter[str] = Counter()
+            for event in fresh:
+                meter = self._catalogue.meters[event.meter]
+                start, end = window_bounds(event.event_time, meter.window)
+                applied[meter.name] += 1
+                if end + timedelta(seconds=meter.grace_s) <= now:
+                    late[meter.name] += 1
+                unique = event.properties[meter.unique_property] if meter.unique_property else None
+                key = (event.customer_id, event.meter, start)
+                partial = partials.get(key)
+                if partial is None:
+                    partials[key] = Partial.first(
+                        end, event.value, event.event_time, event.event_id, unique
+                    )
+                else:
+                    partial.add(event.value, event.event_time, event.event_id, unique)
+            result.changed = apply_partials(connection, partials, self._catalogue, now)
+            if result.rejected:
+                connection.execute(
+                    insert_ignoring_conflicts(connection, rejected_events),
+                    [_rejected_row(r, now) for r in result.rejected],
+                )
+        result.applied = len(fresh)
+        result.duplicates = len(accepted) - len(fresh)
+        result.applied_by_meter = applied
+        result.late_by_meter = late
+        result.newest_event_time = max((e.event_time for e in fresh), default=None)
+
+    def _count(self, result: BatchResult, size: int, seconds: float) -> None:
+        metrics = self._metrics
+        for meter, count in result.applied_by_meter.items():
+            metrics.applied.labels(meter).inc(count)
+        for meter, count in result.late_by_meter.items():
+            metrics.late.labels(meter).inc(count)
+        metrics.duplicates.inc(result.duplicates)
+        for rejected in result.rejected:
+            metrics.dead_lettered.labels(rejected.rejection.reason).inc()
+        metrics.batch_size.observe(size)
+        metrics.batch_latency.observe(seconds)
+        if result.newest_event_time is not None:
+            lag = (self._clock() - result.newest_event_time).total_seconds()
+            metrics.event_time_lag.set(max(lag, 0.0))
+
+
+def _transient(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None)
+    # 40P01 deadlock, 40001 serialization failure; SQLite: "database is locked".
+    return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
+
+
+def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
+    message, rejection = rejected.message, rejected.rejection
+    return {
+        "topic": message.topic,
+        "partition": message.partition,
+        "offset": message.offset,
+        "reason": rejection.reason,
+        "detail": rejection.detail[:2000],
+        "event_id": rejection.event_id,
+        "customer_id": rejection.customer_id,
+        "meter": rejection.meter,
+        "raw": message.value or b"",
+        "rejected_at": now,
+    }

@@ -1,0 +1,91 @@
+"""Deduplication by event id: a 16-byte key per (source, id), kept by event day for the horizon.
+
+In PostgreSQL ``seen_events`` is partitioned by event day: each day's partition is created before
+a batch needs it, and pruning past the horizon drops whole partitions (no row deletes, no vacuum).
+SQLite keeps one table and deletes old rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import date, timedelta
+
+from sqlalchemy import Connection, Engine, delete, text
+from sqlalchemy.exc import DBAPIError
+
+from aggregators.sql import insert_ignoring_conflicts
+from meterstream.events import UsageEvent
+from meterstream.schema import seen_events
+
+
+class DedupKeys:
+    """The deduplication keys in the database, and their day partitions."""
+
+    def __init__(self, engine: Engine, horizon_days: int) -> None:
+        self._engine = engine
+        self._horizon_days = horizon_days
+        self._partitioned = engine.dialect.name == "postgresql"
+        self._ready_days: set[date] = set()
+
+    def prepare(self, days: Iterable[date]) -> None:
+        """Make sure each day has its partition (PostgreSQL), outside the batch's transaction."""
+        if not self._partitioned:
+            return
+        for day in sorted(set(days) - self._ready_days):
+            name = f"seen_events_{day:%Y%m%d}"
+            upper = day + timedelta(days=1)
+            statement = (
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF seen_events "
+                f"FOR VALUES FROM ('{day.isoformat()}') TO ('{upper.isoformat()}')"
+            )
+            try:
+                with self._engine.begin() as connection:
+                    connection.execute(text(statement))
+            except DBAPIError as exc:
+                # Another worker created it between our check and our CREATE: that is fine.
+                if "already exists" not in str(exc.orig):
+                    raise
+            self._ready_days.add(day)
+
+    def claim(self, connection: Connection, events: Sequence[UsageEvent]) -> list[UsageEvent]:
+        """Record the keys of ``events``; return the events seen for the first time, in order.
+
+        A key repeated within ``events`` counts once (its first occurrence); a key already in the
+        database (an earlier batch, a replay, a re-send) does not count at all.
+        """
+        first: dict[tuple[date, bytes], UsageEvent] = {}
+        for event in events:
+            first.setdefault((event.event_time.date(), event.dedup_key), event)
+        if not first:
+            return []
+        statement = insert_ignoring_conflicts(connection, seen_events).returning(
+            seen_events.c.event_day, seen_events.c.key
+        )
+        rows = [{"event_day": day, "key": key} for day, key in first]
+        inserted = {(row.event_day, row.key) for row in connection.execute(statement, rows)}
+        return [event for ident, event in first.items() if ident in inserted]
+
+    def prune(self, today: date) -> int:
+        """Forget keys older than the horizon; return how many partitions or rows went."""
+        cutoff = today - timedelta(days=self._horizon_days + 1)
+        if not self._partitioned:
+            with self._engine.begin() as connection:
+                result = connection.execute(
+                    delete(seen_events).where(seen_events.c.event_day < cutoff)
+                )
+                return result.rowcount or 0
+        dropped = 0
+        with self._engine.begin() as connection:
+            names = connection.execute(
+                text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'seen_events'"
+                )
+            ).scalars()
+            for name in list(names):
+                day = date(int(name[-8:-4]), int(name[-4:-2]), int(name[-2:]))
+                if day < cutoff:
+                    connection.execute(text(f"DROP TABLE IF EXISTS {name}"))
+                    self._ready_days.discard(day)
+                    dropped += 1
+        return dropped

@@ -1,0 +1,58 @@
+"""Run one aggregator worker until it is told to stop (Ctrl-C or SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+from prometheus_client import start_http_server
+from sqlalchemy import Engine, inspect
+
+from aggregators.app import build_app, dead_letter_topic
+from aggregators.batch import BatchApplier
+from meterstream.db import build_engine
+from meterstream.errors import ConfigError
+from meterstream.kafka import ensure_topic, wait_for_broker
+from meterstream.meters import load_catalogue
+from meterstream.metrics import AggregatorMetrics
+from meterstream.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to start on a database that was never migrated."""
+    if not inspect(engine).has_table("window_totals"):
+        raise ConfigError(
+            f"METERSTREAM_DATABASE_URL={engine.url.render_as_string(hide_password=True)}: "
+            "no meterstream schema there; run `meterstream migrate` first"
+        )
+
+
+def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
+    """Consume the usage topic into the database until stopped; blocks.
+
+    On Ctrl-C or SIGTERM faust stops the agent after the batch in hand, commits the offsets of
+    what was applied, and leaves the consumer group.
+    """
+    import mode.loop
+
+    # uvloop lifts faust's ceiling; it must be chosen before the app creates its loop.
+    mode.loop.use("uvloop")
+    catalogue = load_catalogue(settings.meters_file)
+    engine = build_engine(settings)
+    check_schema(engine)
+    wait_for_broker(settings.kafka_bootstrap)
+    ensure_topic(settings.kafka_bootstrap, settings.topic, settings.topic_partitions)
+    ensure_topic(settings.kafka_bootstrap, dead_letter_topic(settings), settings.topic_partitions)
+    metrics = AggregatorMetrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)  # noqa: S104 - Prometheus scrapes it from another host
+    applier = BatchApplier(engine, catalogue, metrics, horizon_days=settings.horizon_days)
+    app = build_app(settings, applier)
+    where = engine.url.render_as_string(hide_password=True)
+    _log.info("aggregating %s into %s", settings.topic, where)
+    try:
+        faust.Worker(app, loglevel=loglevel).execute_from_commandline()
+    finally:
+        engine.dispose()

@@ -1,0 +1,73 @@
+"""Run real aggregator workers (``meterstream aggregate``) as processes, for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select
+
+from meterstream.schema import window_totals
+from meterstream.settings import Settings
+
+MeterstreamCommand = [sys.executable, "-c", "from meterstream.cli import main; main()"]
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The METERSTREAM_* variables that make a process see ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if name == "stripe_api_key":
+            value = settings.stripe_api_key.get_secret_value() if settings.stripe_api_key else ""
+        env[f"METERSTREAM_{name.upper()}"] = str(value)
+    env["METERSTREAM_METRICS_PORT"] = "0"
+    return env
+
+
+@contextmanager
+def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A running worker; stopped (SIGTERM, then SIGKILL) by its pid on exit."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [*MeterstreamCommand, "aggregate", "--loglevel", "warning"],
+            env=environment(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def events_applied(engine: Engine) -> int:
+    with engine.connect() as connection:
+        total = connection.execute(select(func.coalesce(func.sum(window_totals.c.events), 0)))
+        return int(total.scalar_one())

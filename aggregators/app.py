@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -20,6 +21,7 @@ from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
 _RETRY_MAX_S = 30.0
+_PRUNE_INTERVAL_S = 3600.0
 
 
 def dead_letter_topic(settings: Settings) -> str:
@@ -74,6 +76,17 @@ def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
                 await stream.ack(event)
 
     app.agent(source, name="meterstream.aggregate")(aggregate)
+
+    async def prune_dedup_keys() -> None:
+        # Keys past the horizon can never match again: Stripe refuses such old usage anyway.
+        today = datetime.now(UTC).date()
+        dropped = await asyncio.get_running_loop().run_in_executor(
+            None, applier.dedup.prune, today
+        )
+        if dropped:
+            _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
+
+    app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune_dedup_keys)
     return app
 
 

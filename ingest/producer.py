@@ -1,7 +1,8 @@
 """The Kafka side of the SDK: an idempotent producer, back-pressure and delivery tracking.
 
-A background thread serves delivery reports, so ``record()`` never waits on the network. Failed
-deliveries are kept (by event id) until the caller collects them with ``flush()``.
+One background thread serves every delivery report, so ``record()`` never waits on the network
+and the reports' bookkeeping needs no lock. Failed deliveries are kept (by event id) until the
+caller collects them with ``flush()``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ _log = logging.getLogger(__name__)
 DeliveryFailedCallback = Callable[[str, str], None]
 """Called with (event_id, reason) for each accepted event that Kafka refused for good."""
 
+# Observing every acknowledgement's latency would cost the delivery thread (and so, through the
+# GIL, the callers) about a microsecond per event; one in 16 describes the distribution as well.
+_LATENCY_SAMPLE_MASK = 15
+
 
 class EventProducer:
     """Produces encoded events keyed by customer, tracks what Kafka refused for good."""
@@ -38,6 +43,9 @@ class EventProducer:
         self._failed: list[tuple[str, str]] = []
         self._fatal: str | None = None
         self._callbacks: list[DeliveryFailedCallback] = []
+        # Written only by the delivery thread; pushed to the metrics after each poll.
+        self._delivered = 0
+        self._delivered_reported = 0
         self._producer = Producer(
             {
                 **client_config(settings.kafka_bootstrap),
@@ -70,19 +78,16 @@ class EventProducer:
         if self.produce_nowait(key, value):
             return
         deadline = time.monotonic() + self._block_timeout_s
-        while True:
-            self._producer.poll(0.01)
-            try:
-                self._producer.produce(self._topic, value, key)
+        while time.monotonic() < deadline:
+            time.sleep(0.005)  # the delivery thread frees room as acknowledgements arrive
+            if self.produce_nowait(key, value):
                 return
-            except BufferError:
-                if time.monotonic() >= deadline:
-                    raise BackpressureError(
-                        f"the producer queue ({self._settings.producer_queue_max_events} events) "
-                        f"stayed full for {self._block_timeout_s:g} s; Kafka at "
-                        f"{self._settings.kafka_bootstrap} is not keeping up. The event was not "
-                        "accepted: retry it, or raise METERSTREAM_PRODUCER_BLOCK_TIMEOUT_S"
-                    ) from None
+        raise BackpressureError(
+            f"the producer queue ({self._settings.producer_queue_max_events} events) stayed full "
+            f"for {self._block_timeout_s:g} s; Kafka at {self._settings.kafka_bootstrap} is not "
+            "keeping up. The event was not accepted: retry it, or raise "
+            "METERSTREAM_PRODUCER_BLOCK_TIMEOUT_S"
+        )
 
     def produce_nowait(self, key: bytes, value: bytes) -> bool:
         """Queue one message if there is room; False when the queue is full."""
@@ -97,13 +102,15 @@ class EventProducer:
         return True
 
     def in_flight(self) -> int:
-        """Messages queued or awaiting acknowledgement."""
+        """Messages queued, or acknowledged but with their report not yet served."""
         return len(self._producer)
 
     def flush(self, timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` for queued messages; return how many are still in flight."""
-        remaining: int = self._producer.flush(timeout_s)
-        self._metrics.queue_depth.set(remaining)
+        """Wait up to ``timeout_s`` until every queued message is reported; return how many are
+        still in flight. The delivery thread serves the reports; this only waits."""
+        deadline = time.monotonic() + timeout_s
+        while (remaining := len(self._producer)) and time.monotonic() < deadline:
+            time.sleep(0.005)
         return remaining
 
     def take_failures(self) -> list[tuple[str, str]]:
@@ -112,28 +119,41 @@ class EventProducer:
             failed, self._failed = self._failed, []
         return failed
 
-    def abandon_in_flight(self) -> None:
+    def abandon_in_flight(self, timeout_s: float = 5.0) -> None:
         """Give up on every message still queued: each is then reported as failed, with its id,
-        through the delivery callback (a purged message may still have reached Kafka; sending it
+        through the delivery report (a purged message may still have reached Kafka; sending it
         again with the same id is safe, the aggregators deduplicate)."""
         self._producer.purge(in_queue=True, in_flight=True)
-        self._producer.flush(0)
+        self.flush(timeout_s)
 
     def close(self) -> None:
         self._running = False
         self._poller.join()
 
     def _poll_loop(self) -> None:
-        while self._running:
+        while True:
             self._producer.poll(0.05)
-            self._metrics.queue_depth.set(len(self._producer))
+            self._publish_counts()
+            if not self._running:
+                # One last round so that reports already due are not left unserved.
+                self._producer.poll(0)
+                self._publish_counts()
+                return
+
+    def _publish_counts(self) -> None:
+        delivered = self._delivered
+        if delivered != self._delivered_reported:
+            self._metrics.delivered.inc(delivered - self._delivered_reported)
+            self._delivered_reported = delivered
+        self._metrics.queue_depth.set(len(self._producer))
 
     def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
         if error is None:
-            self._metrics.delivered.inc()
-            latency = message.latency()
-            if latency is not None:
-                self._metrics.produce_latency.observe(latency)
+            self._delivered += 1
+            if not self._delivered & _LATENCY_SAMPLE_MASK:
+                latency = message.latency()
+                if latency is not None:
+                    self._metrics.produce_latency.observe(latency)
             return
         event_id = _event_id_of(message.value())
         reason = error.str()

@@ -35,6 +35,7 @@ MAX_PROPERTY_VALUE_CHARS = 1024
 # Values are bounded so every total fits NUMERIC comfortably and Stripe's 15 digits after scaling.
 MAX_VALUE = Decimal(10) ** 18
 MAX_FRACTION_DIGITS = 12
+_MAX_INT = 10**18
 # Stripe accepts meter events at most 5 minutes ahead (clock drift); so do we.
 MAX_FUTURE = timedelta(minutes=5)
 
@@ -87,8 +88,17 @@ def check_meter(meter: Any, catalogue: Catalogue) -> Meter:
     return found
 
 
-def check_value(value: Any, meter: Meter) -> Decimal:
-    """The value as an exact Decimal, or InvalidEventError naming the rule it breaks."""
+def check_value(value: Any, meter: Meter) -> Decimal | int:
+    """The value, exact (an int stays an int), or InvalidEventError naming the rule it breaks."""
+    if type(value) is int:  # the common case, checked cheaply (bool is not int here)
+        if value < 0 and not meter.allow_negative:
+            raise InvalidEventError(
+                "value",
+                f"must be >= 0 for meter {meter.name!r} (allow_negative = false), got {value}",
+            )
+        if not -_MAX_INT < value < _MAX_INT:
+            raise InvalidEventError("value", f"must be below 1e18 in magnitude, got {value}")
+        return value
     if isinstance(value, bool | float):
         # A float cannot hold 0.1 exactly; the caller must choose the exact value.
         raise InvalidEventError(
@@ -168,9 +178,9 @@ def check_properties(properties: Any, meter: Meter) -> dict[str, str]:
     return dict(properties)
 
 
-def format_value(value: Decimal) -> str:
+def format_value(value: Decimal | int) -> str:
     """A plain decimal string (never exponent notation) for the wire and for Stripe."""
-    return format(value, "f")
+    return str(value) if type(value) is int else format(value, "f")
 
 
 def format_time(event_time: datetime) -> str:
@@ -186,7 +196,7 @@ def encode_event(event: UsageEvent) -> bytes:
         event.customer_id,
         event.meter,
         event.value,
-        event.event_time,
+        event.event_time.astimezone(UTC),
         event.properties,
     )
 
@@ -196,11 +206,14 @@ def encode_fields(
     source: str,
     customer_id: str,
     meter: str,
-    value: Decimal,
+    value: Decimal | int,
     event_time: datetime,
     properties: Mapping[str, str],
 ) -> bytes:
-    """Like :func:`encode_event` without building a UsageEvent first (the SDK's hot path)."""
+    """Like :func:`encode_event` without building a UsageEvent first (the SDK's hot path).
+
+    ``event_time`` must be in UTC (orjson writes it as RFC 3339 with a ``Z``).
+    """
     return orjson.dumps(
         {
             "specversion": SPECVERSION,
@@ -208,10 +221,11 @@ def encode_fields(
             "source": source,
             "type": meter,
             "subject": customer_id,
-            "time": format_time(event_time),
+            "time": event_time,
             "datacontenttype": "application/json",
             "data": {"value": format_value(value), "properties": properties},
-        }
+        },
+        option=orjson.OPT_UTC_Z,
     )
 
 

@@ -1,0 +1,56 @@
+"""What the benchmarks share: a broker, a results file, a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from meterstream.embedded import embedded_broker
+from meterstream.kafka import ensure_topic, wait_for_broker
+
+RESULTS = Path(__file__).parent / "results.json"
+
+
+@contextmanager
+def broker() -> Iterator[str]:
+    """METERSTREAM_KAFKA_BOOTSTRAP if set, else an embedded broker for this run."""
+    given = os.environ.get("METERSTREAM_KAFKA_BOOTSTRAP")
+    if given:
+        wait_for_broker(given)
+        yield given
+        return
+    with embedded_broker() as running:
+        yield running.bootstrap
+
+
+def topic(bootstrap: str, name: str, partitions: int = 8) -> str:
+    ensure_topic(bootstrap, name, partitions)
+    return name
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def save(section: str, figures: dict[str, Any]) -> None:
+    """Merge ``figures`` under ``section`` into bench/results.json."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[section] = {
+        **figures,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")

@@ -1,0 +1,121 @@
+"""SDK throughput against a bare idempotent confluent-kafka producer, in the same run.
+
+    python -m bench.ingest [--events N]
+
+Targets (issue #3): the SDK reaches 0.3 of the bare producer and 100,000 events/s on one thread,
+and record() stays non-blocking (p99 under 50 us while the broker keeps up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from confluent_kafka import Producer
+
+from bench.common import broker, save, table, topic
+from ingest import UsageClient
+from meterstream.events import UsageEvent, encode_event
+from meterstream.kafka import client_config
+from meterstream.meters import load_catalogue
+from meterstream.settings import load_settings
+
+CUSTOMERS = 10_000
+
+
+def bare_producer(bootstrap: str, name: str, count: int) -> float:
+    """Events/s of a bare idempotent producer sending pre-serialised messages."""
+    now = datetime.now(UTC)
+    payloads = [
+        encode_event(
+            UsageEvent(
+                uuid.uuid4().hex,
+                "bench",
+                f"customer-{i % CUSTOMERS}",
+                "tokens",
+                Decimal(i % 1000),
+                now,
+                {},
+            )
+        )
+        for i in range(10_000)
+    ]
+    keys = [f"customer-{i % CUSTOMERS}".encode() for i in range(10_000)]
+    producer = Producer(
+        {
+            **client_config(bootstrap),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 100_000,
+        }
+    )
+    started = time.perf_counter()
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(name, payloads[i % 10_000], keys[i % 10_000])
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 1000 == 0:
+            producer.poll(0)
+    producer.flush(120)
+    return count / (time.perf_counter() - started)
+
+
+def sdk(bootstrap: str, name: str, count: int) -> tuple[float, float, float]:
+    """Events/s of UsageClient.record() until all are acknowledged, and record() p50/p99 (us)."""
+    settings = load_settings(kafka_bootstrap=bootstrap, topic=name)
+    catalogue = load_catalogue(settings.meters_file)
+    durations = []
+    customers = [f"customer-{i}" for i in range(CUSTOMERS)]
+    with UsageClient(settings, catalogue=catalogue) as client:
+        record = client.record
+        started = time.perf_counter()
+        for i in range(count):
+            before = time.perf_counter_ns()
+            record(customers[i % CUSTOMERS], "tokens", i % 1000)
+            durations.append(time.perf_counter_ns() - before)
+        client.flush(120)
+        rate = count / (time.perf_counter() - started)
+    durations.sort()
+    return rate, durations[len(durations) // 2] / 1000, durations[len(durations) * 99 // 100] / 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with broker() as bootstrap:
+        run = uuid.uuid4().hex[:6]
+        bare = bare_producer(bootstrap, topic(bootstrap, f"bench-bare-{run}"), args.events)
+        rate, p50, p99 = sdk(bootstrap, topic(bootstrap, f"bench-sdk-{run}"), args.events)
+    ratio = rate / bare
+    figures = {
+        "events": args.events,
+        "bare_producer_events_per_s": round(bare),
+        "sdk_events_per_s": round(rate),
+        "ratio": round(ratio, 3),
+        "record_p50_us": round(p50, 1),
+        "record_p99_us": round(p99, 1),
+        "targets": {"ratio": 0.3, "sdk_events_per_s": 100_000, "record_p99_us": 50},
+    }
+    save("ingest", figures)
+    table(
+        f"ingest: {args.events:,} events, one thread",
+        [
+            ("bare idempotent producer", f"{bare:,.0f} events/s"),
+            ("UsageClient.record()", f"{rate:,.0f} events/s"),
+            ("ratio (target >= 0.3)", f"{ratio:.2f}"),
+            ("record() p50 / p99", f"{p50:.1f} / {p99:.1f} us (target p99 < 50 us)"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -125,3 +125,50 @@ rejected_events = Table(
     Column("raw", LargeBinary, nullable=False),
     Column("rejected_at", UTCDateTime(), nullable=False),
 )
+
+# --- reporter (stage 3) ----------------------------------------------------------------------
+
+customer_links = Table(
+    "customer_links",
+    metadata,
+    # The application's customer id -> the Stripe customer its usage is billed to. An id that
+    # already starts with "cus_" is a Stripe customer id and needs no link.
+    Column("customer_id", String(200), primary_key=True),
+    Column("stripe_customer_id", String(255), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    # One row per reported revision of a window, written and committed BEFORE the call to
+    # Stripe, so a crash between the call and its answer is resent with the same identifier.
+    Column("customer_id", String(200), primary_key=True),
+    Column("meter", String(100), primary_key=True),
+    Column("window_start", UTCDateTime(), primary_key=True),
+    Column("revision", BigInteger, primary_key=True),
+    Column("window_end", UTCDateTime(), nullable=False),
+    # Order of the rows of one (customer, meter): calls go out in this order, and the newest
+    # row carries the running totals the next difference is computed from.
+    Column("sequence", BigInteger, nullable=False),
+    Column("total", ExactDecimal(), nullable=False),  # the window's exact total at `revision`
+    Column("accounted_total", ExactDecimal(), nullable=False),  # running, after this row
+    Column("units_total", BigInteger, nullable=False),  # whole Stripe units issued, after this row
+    Column("value", BigInteger, nullable=False),  # whole Stripe units of this meter event
+    Column("event_name", String(100), nullable=False),
+    Column("stripe_customer_id", String(255), nullable=False),
+    Column("timestamp", UTCDateTime(), nullable=False),  # the meter event's timestamp
+    Column("identifier", String(100), nullable=False, unique=True),
+    # pending | sent | accepted (v2 stream: 202, validated later) | rejected | carried (0 units)
+    Column("status", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("error_code", String(100), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("stripe_request_id", String(255), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=True),
+)
+Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
+Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)

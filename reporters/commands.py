@@ -2,6 +2,177 @@
 
 from __future__ import annotations
 
-import click
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
-REPORTER_COMMANDS: list[click.Command] = []
+import click
+from sqlalchemy import Engine
+
+from meterstream.db import build_engine, migrate
+from meterstream.errors import MeterstreamError
+from meterstream.meters import Catalogue, load_catalogue
+from meterstream.metrics import ReporterMetrics
+from meterstream.settings import Settings, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except MeterstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator[Engine]:
+    engine = build_engine(settings)
+    try:
+        migrate(engine)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _catalogue(settings: Settings) -> Catalogue:
+    try:
+        return load_catalogue(settings.meters_file)
+    except MeterstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        # Finish the call in hand, record its answer, then leave.
+        logging.getLogger(__name__).info("signal %d: stopping after the call in hand", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+@click.command()
+@click.option(
+    "--once", is_flag=True, help="run one cycle; exit 1 if anything due is unacknowledged"
+)
+def report(once: bool) -> None:
+    """Send the window totals' differences to Stripe meter events, every
+    METERSTREAM_REPORT_INTERVAL_S seconds (or --once, for cron and scripts)."""
+    from prometheus_client import start_http_server
+
+    from reporters.service import build_reporter, connect, log_result, run_schedule
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = _settings()
+    catalogue = _catalogue(settings)
+    stop = _stop_on_signals()
+    metrics = ReporterMetrics()
+    try:
+        with _database(settings) as engine:
+            connected = connect(settings, catalogue, metrics, stop)
+            reporter = build_reporter(connected, engine, catalogue, stop)
+            if once:
+                result = reporter.run_cycle()
+                log_result(result)
+                if result.unacknowledged:
+                    click.echo(
+                        f"{result.unacknowledged} due report(s) not acknowledged by Stripe yet; "
+                        "they stay pending for the next run (see meterstream status)",
+                        err=True,
+                    )
+                    sys.exit(1)
+                return
+            if settings.metrics_port:
+                start_http_server(settings.metrics_port, registry=metrics.registry)
+            run_schedule(reporter, settings.report_interval_s, stop)
+    except MeterstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+def customers() -> None:
+    """Link application customer ids to Stripe customers."""
+
+
+@customers.command("link")
+@click.argument("customer_id")
+@click.argument("stripe_customer_id")
+def customers_link(customer_id: str, stripe_customer_id: str) -> None:
+    """Bill CUSTOMER_ID's usage to STRIPE_CUSTOMER_ID (cus_...); held usage goes out next cycle."""
+    from reporters.customers import link_customer
+
+    settings = _settings()
+    try:
+        with _database(settings) as engine:
+            link_customer(engine, customer_id, stripe_customer_id, datetime.now(UTC))
+    except MeterstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{customer_id} -> {stripe_customer_id}")
+
+
+@customers.command("list")
+def customers_list() -> None:
+    """Every link, application id -> Stripe customer id."""
+    from reporters.customers import load_links
+
+    with _database(_settings()) as engine:
+        links = load_links(engine)
+    for customer_id, stripe_customer_id in sorted(links.items()):
+        click.echo(f"{customer_id} -> {stripe_customer_id}")
+    if not links:
+        click.echo("no links (ids starting with cus_ need none)")
+
+
+@click.command()
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="start of the range (UTC); default: METERSTREAM_HORIZON_DAYS ago",
+)
+def reconcile(since: datetime | None) -> None:
+    """Compare the ledger and the database with Stripe's meter event summaries; exit 1 on drift."""
+    from reporters.reconcile import reconcile as compare
+    from reporters.service import connect, fetch_summary
+
+    settings = _settings()
+    catalogue = _catalogue(settings)
+    now = datetime.now(UTC)
+    start = since.replace(tzinfo=UTC) if since else now - timedelta(days=settings.horizon_days)
+    try:
+        with _database(settings) as engine:
+            connected = connect(settings, catalogue, ReporterMetrics(), threading.Event())
+            lines = compare(
+                engine, catalogue, connected.stripe_meters, fetch_summary(connected), start, now
+            )
+    except MeterstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in lines:
+        click.echo(str(line))
+    drifting = sum(line.drift for line in lines)
+    click.echo(
+        f"{len(lines)} customer meter(s) compared since {start.isoformat()}; {drifting} drift"
+    )
+    if drifting:
+        sys.exit(1)
+
+
+@click.command()
+def status() -> None:
+    """What the reporter has sent, holds, and is behind on."""
+    from reporters.status import format_status, reporter_status
+
+    settings = _settings()
+    catalogue = _catalogue(settings)
+    with _database(settings) as engine:
+        facts = reporter_status(engine, catalogue, datetime.now(UTC))
+    click.echo(format_status(facts))
+
+
+REPORTER_COMMANDS: list[click.Command] = [report, customers, reconcile, status]

@@ -1,0 +1,5 @@
+"""``python -m meterstream``: the command line."""
+
+from meterstream.cli import main
+
+main()

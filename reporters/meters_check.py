@@ -1,0 +1,114 @@
+"""The start-up check: every catalogue meter needs an active Stripe meter it can report to.
+
+Matched by ``event_name == stripe_event_name``. The formulas must fit what we send:
+
+- sum, count, unique_count are sent as differences, to be summed: Stripe formula ``sum``.
+  Stripe's ``count`` counts events and ignores their values, so every difference (and every
+  correction or carried unit) would count as 1: incompatible.
+- max, min, last are sent as the current value: Stripe formula ``last``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meterstream.errors import ConfigError
+from meterstream.meters import Catalogue
+
+
+class MeterCheckError(ConfigError):
+    """Stripe's meters do not fit the catalogue; the message lists every problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class StripeMeter:
+    """The parts of a Stripe meter the reporter uses."""
+
+    id: str
+    event_name: str
+    formula: str
+    status: str
+    customer_key: str = "stripe_customer_id"
+    value_key: str = "value"
+
+
+def parse_meter(obj: Any) -> StripeMeter:
+    """A StripeMeter from a ``billing.meter`` object (SDK object or dict)."""
+    raw: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    mapping = raw.get("customer_mapping") or {}
+    settings = raw.get("value_settings") or {}
+    return StripeMeter(
+        id=str(raw["id"]),
+        event_name=str(raw["event_name"]),
+        formula=str((raw.get("default_aggregation") or {}).get("formula")),
+        status=str(raw.get("status")),
+        customer_key=str(mapping.get("event_payload_key") or "stripe_customer_id"),
+        value_key=str(settings.get("event_payload_key") or "value"),
+    )
+
+
+def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict[str, StripeMeter]:
+    """The Stripe meter for every catalogue meter, by catalogue name.
+
+    Raises MeterCheckError listing each catalogue meter whose Stripe meter is missing,
+    inactive or has an incompatible formula, and what to do about it.
+    """
+    by_event = {m.event_name: m for m in stripe_meters}
+    found: dict[str, StripeMeter] = {}
+    problems: list[str] = []
+    for meter in catalogue:
+        stripe_meter = by_event.get(meter.stripe_event_name)
+        wanted = meter.stripe_formula
+        if stripe_meter is None:
+            problems.append(
+                f"meter {meter.name!r}: no Stripe meter has event_name "
+                f"{meter.stripe_event_name!r}; create one with formula {wanted!r}"
+            )
+        elif stripe_meter.status != "active":
+            problems.append(
+                f"meter {meter.name!r}: Stripe meter {stripe_meter.id} "
+                f"({meter.stripe_event_name!r}) is {stripe_meter.status}; reactivate it"
+            )
+        elif stripe_meter.formula != wanted:
+            problems.append(
+                f"meter {meter.name!r}: Stripe meter {stripe_meter.id} "
+                f"({meter.stripe_event_name!r}) has formula {stripe_meter.formula!r}, "
+                f"needs {wanted!r}; {_why(meter.aggregation, stripe_meter.formula)}"
+            )
+        else:
+            found[meter.name] = stripe_meter
+    if problems:
+        raise MeterCheckError(
+            "the Stripe meters do not fit the catalogue (METERSTREAM_METERS_FILE): "
+            + "; ".join(problems)
+            + ". Stripe meters cannot change formula: create a new meter with the right one "
+            "and point stripe_event_name at its event_name"
+        )
+    return found
+
+
+def _why(aggregation: str, formula: str) -> str:
+    if formula == "count":
+        return (
+            "Stripe's count formula counts events and ignores their values, but the reporter "
+            f"sends each {aggregation} window's difference as one event's value"
+        )
+    if formula == "sum":
+        return f"a {aggregation} meter reports its current value, which Stripe must not add up"
+    return f"a {aggregation} meter reports differences, which Stripe must add up"
+
+
+def list_stripe_meters(call: Callable[[dict[str, Any]], Any]) -> list[StripeMeter]:
+    """Every Stripe meter, following Stripe's cursor pagination; ``call(params)`` is one
+    GET /v1/billing/meters (through the gateway, so it is paced like every call)."""
+    meters: list[StripeMeter] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        page = call(params)
+        batch = [parse_meter(item) for item in page.data]
+        meters.extend(batch)
+        if not page.has_more or not batch:
+            return meters
+        params = {"limit": 100, "starting_after": batch[-1].id}

@@ -1,0 +1,164 @@
+"""Wiring: from Settings to a running Reporter (client, pace, meter check, v1 or stream).
+
+Tests build the same pieces with their own clock, stop event and backoff, side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import stripe
+from sqlalchemy import Engine
+
+from meterstream.errors import ConfigError
+from meterstream.meters import Catalogue
+from meterstream.metrics import ReporterMetrics
+from meterstream.settings import Settings
+from reporters.cycle import CycleResult, Reporter
+from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
+from reporters.ratelimit import TokenBucket
+from reporters.stream import StreamSender
+from reporters.stripe_push import (
+    StripeAuthError,
+    StripeGateway,
+    build_client,
+    classify,
+    require_api_key,
+    send_meter_event,
+)
+
+_log = logging.getLogger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Connected:
+    """A Stripe client, the gateway that paces it, and the checked meters."""
+
+    settings: Settings
+    client: stripe.StripeClient
+    gateway: StripeGateway
+    stripe_meters: dict[str, StripeMeter]
+    metrics: ReporterMetrics
+
+
+def connect(
+    settings: Settings,
+    catalogue: Catalogue,
+    metrics: ReporterMetrics,
+    stop: threading.Event,
+    *,
+    backoff_base_s: float = 0.5,
+) -> Connected:
+    """Build the client and check Stripe's meters against the catalogue.
+
+    Raises ConfigError (no key) or MeterCheckError (meters missing, inactive, wrong formula).
+    """
+    client = build_client(require_api_key(settings), settings, metrics)
+    bucket = TokenBucket(settings.stripe_rate, wait=stop.wait)
+    gateway = StripeGateway(bucket, metrics, stop, backoff_base_s=backoff_base_s)
+
+    def list_page(params: Any) -> Any:
+        return gateway.call(lambda: client.v1.billing.meters.list(params=params))
+
+    try:
+        found = list_stripe_meters(list_page)
+    except stripe.StripeError as exc:
+        outcome = classify(exc, None)  # raises StripeAuthError for a refused key
+        raise ConfigError(
+            f"METERSTREAM_STRIPE_API_BASE={settings.stripe_api_base}: could not list the Stripe "
+            f"meters ({outcome.code or outcome.error}); check the address and that Stripe is up"
+        ) from exc
+    return Connected(settings, client, gateway, check_meters(catalogue, found), metrics)
+
+
+def build_reporter(
+    connected: Connected,
+    engine: Engine,
+    catalogue: Catalogue,
+    stop: threading.Event,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    renew_margin_s: float = 60.0,
+) -> Reporter:
+    """A Reporter over v1 meter events, or the v2 stream when METERSTREAM_STRIPE_STREAM=1."""
+    settings, client, gateway = connected.settings, connected.client, connected.gateway
+    stream = None
+    send_one = None
+    if settings.stripe_stream:
+
+        def session_client(token: str) -> stripe.StripeClient:
+            return build_client(token, settings, connected.metrics)
+
+        stream = StreamSender(client, gateway, session_client, clock, renew_margin_s)
+    else:
+
+        def send_one(row: Any, meter: StripeMeter) -> Any:
+            return send_meter_event(client, gateway, row, meter)
+
+    return Reporter(
+        engine,
+        catalogue,
+        connected.stripe_meters,
+        connected.metrics,
+        send_one=send_one,
+        stream=stream,
+        clock=clock,
+        stop=stop,
+        horizon_days=settings.horizon_days,
+    )
+
+
+def run_schedule(reporter: Reporter, interval_s: float, stop: threading.Event) -> None:
+    """A cycle every ``interval_s`` until ``stop``; a failed cycle is logged and retried."""
+    while not stop.is_set():
+        try:
+            result = reporter.run_cycle()
+            log_result(result)
+        except StripeAuthError:
+            raise  # a wrong key will not fix itself; stop and say so
+        except Exception:
+            # The loop's edge: the ledger already holds every row, so the next cycle resends.
+            _log.exception("report cycle failed; retrying in %.0f s", interval_s)
+        stop.wait(interval_s)
+
+
+def log_result(result: CycleResult) -> None:
+    _log.info(
+        "report cycle: acknowledged %d, rejected %d, carried %d, held %s, unacknowledged %d",
+        result.acknowledged,
+        result.rejected,
+        result.carried,
+        result.held or "none",
+        result.unacknowledged,
+    )
+
+
+def fetch_summary(connected: Connected) -> Callable[[str, str, int, int], Decimal]:
+    """Stripe's aggregated value for one meter and customer over [start_s, end_s)."""
+    client, gateway = connected.client, connected.gateway
+
+    def fetch(meter_id: str, customer: str, start_s: int, end_s: int) -> Decimal:
+        params: Any = {"customer": customer, "start_time": start_s, "end_time": end_s}
+        total = Decimal(0)
+        while True:
+            page = gateway.call(
+                partial(client.v1.billing.meters.event_summaries.list, meter_id, params=params)
+            )
+            for summary in page.data:
+                total += Decimal(str(summary.aggregated_value))
+            if not page.has_more or not page.data:
+                return total
+            params = {**params, "starting_after": page.data[-1].id}
+
+    return fetch

@@ -1,0 +1,148 @@
+"""Facts about the reporter for people: ``meterstream status`` and the billing-lag metric.
+
+:func:`reporter_status` returns plain data, so other stages' status can be printed alongside.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, or_, select
+
+from meterstream.meters import Catalogue
+from meterstream.schema import ledger, window_totals
+from reporters import carry
+from reporters.customers import load_links, stripe_customer_for
+from reporters.ledger import (
+    FINAL,
+    counts_by_status,
+    last_sent_at,
+    latest_row,
+    recent_rejections,
+    window_total,
+)
+from reporters.rows import HELD_NEGATIVE_CORRECTION, HELD_NO_CUSTOMER_LINK
+from reporters.scheduler import due_windows
+
+
+def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
+    """Seconds since the oldest closed window (window_end + grace_s <= now) whose newest
+    revision is not final in the ledger (not sent, accepted, carried or rejected) ended;
+    0 when there is none. Held and pending usage both count: billing is behind on them."""
+    oldest: datetime | None = None
+    wt = window_totals.c
+    with engine.connect() as connection:
+        for meter in catalogue:
+            found = connection.execute(
+                select(func.min(wt.window_end))
+                .select_from(
+                    window_totals.outerjoin(
+                        ledger,
+                        and_(
+                            ledger.c.customer_id == wt.customer_id,
+                            ledger.c.meter == wt.meter,
+                            ledger.c.window_start == wt.window_start,
+                            ledger.c.revision == wt.revision,
+                        ),
+                    )
+                )
+                .where(
+                    wt.meter == meter.name,
+                    wt.window_end <= now - timedelta(seconds=meter.grace_s),
+                    or_(ledger.c.status.is_(None), ledger.c.status.not_in(FINAL)),
+                )
+            ).scalar()
+            # func.min takes its column's type, so this is already an aware UTC datetime.
+            if found is not None and (oldest is None or found < oldest):
+                oldest = found
+    return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+
+
+def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
+    """Due windows the reporter holds back: unlinked customers, forbidden negative corrections."""
+    links = load_links(engine)
+    held: list[dict[str, Any]] = []
+    due = due_windows(engine, (m.name for m in catalogue))
+    with engine.connect() as connection:
+        for (customer_id, meter_name), windows in sorted(due.items()):
+            meter = catalogue.meters[meter_name]
+            linked = stripe_customer_for(customer_id, links) is not None
+            latest = latest_row(connection, customer_id, meter_name)
+            account = (
+                carry.Account(latest.accounted_total, latest.units_total)
+                if latest is not None
+                else carry.Account()
+            )
+            for window in windows:
+                reason = None if linked else HELD_NO_CUSTOMER_LINK
+                if reason is None and meter.stripe_formula == "sum" and not meter.allow_negative:
+                    _, previous = window_total(
+                        connection, customer_id, meter_name, window.window_start
+                    )
+                    value = carry.report("sum", account, previous, window.total, meter.unit_scale)
+                    if value.value < 0:
+                        reason = HELD_NEGATIVE_CORRECTION
+                if reason is not None:
+                    held.append(
+                        {
+                            "customer_id": customer_id,
+                            "meter": meter_name,
+                            "window_start": window.window_start,
+                            "revision": window.revision,
+                            "total": window.total,
+                            "reason": reason,
+                        }
+                    )
+    return held
+
+
+def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict[str, Any]:
+    """The reporter's facts: ledger counts by status, the 10 newest rejections with Stripe's
+    message, held usage, pending rows, billing lag and when Stripe last acknowledged a row."""
+    counts = counts_by_status(engine)
+    return {
+        "ledger": counts,
+        "pending": counts.get("pending", 0),
+        "rejected": [
+            {
+                "customer_id": row.customer_id,
+                "meter": row.meter,
+                "window_start": row.window_start,
+                "revision": row.revision,
+                "value": row.value,
+                "code": row.error_code,
+                "message": row.last_error,
+                "at": row.updated_at,
+            }
+            for row in recent_rejections(engine, 10)
+        ],
+        "held": held_usage(engine, catalogue),
+        "billing_lag_s": billing_lag_s(engine, catalogue, now),
+        "last_sent_at": last_sent_at(engine),
+    }
+
+
+def format_status(facts: dict[str, Any]) -> str:
+    """The facts as lines a person reads."""
+    lines = [
+        "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
+    ]
+    lines.append(f"pending rows: {facts['pending']}")
+    lines.append(f"billing lag: {facts['billing_lag_s']:.0f} s")
+    sent = facts["last_sent_at"]
+    lines.append(f"last sent: {sent.isoformat() if sent else 'never'}")
+    lines.append(f"held: {len(facts['held'])}")
+    for item in facts["held"]:
+        lines.append(
+            f"  {item['reason']}: {item['customer_id']} {item['meter']} "
+            f"window {item['window_start'].isoformat()} revision {item['revision']} "
+            f"total {item['total']}"
+        )
+    lines.append(f"rejected (newest {len(facts['rejected'])}):")
+    for item in facts["rejected"]:
+        lines.append(
+            f"  {item['customer_id']} {item['meter']} window {item['window_start'].isoformat()} "
+            f"revision {item['revision']} value {item['value']}: {item['code']}: {item['message']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Calls to Stripe through the real SDK, and what each answer means for the ledger.
+
+Which errors are retried, and by whom:
+
+- 5xx, 409 and lost connections: the SDK retries them (``max_network_retries=2``) with the same
+  Idempotency-Key; if they still fail the row stays ``pending`` for the next cycle.
+- 429: the SDK does not retry a plain 429, so :class:`StripeGateway` does, with exponential
+  backoff and jitter, a bounded number of times; then the row stays ``pending``.
+- 400 "An event already exists with identifier <ours>": Stripe already has this very event
+  (the answer to an earlier try was lost): the row is ``sent``.
+- any other 400/404: not retried; the row is ``rejected`` with Stripe's code and message.
+- 401/403: the key is wrong, not the row: :class:`StripeAuthError` stops the cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import stripe
+
+from meterstream.errors import ConfigError, MeterstreamError
+from meterstream.metrics import ReporterMetrics
+from meterstream.settings import Settings
+from reporters.ledger import LedgerRow
+from reporters.meters_check import StripeMeter
+from reporters.ratelimit import TokenBucket
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+REQUEST_TIMEOUT_S = 30.0
+SDK_NETWORK_RETRIES = 2
+
+
+class StripeAuthError(MeterstreamError):
+    """Stripe refused the API key itself (401/403): no row is at fault; fix the key."""
+
+
+class StoppedError(MeterstreamError):
+    """A stop was requested while waiting to call Stripe; nothing was sent."""
+
+
+def require_api_key(settings: Settings) -> str:
+    """The secret key, or ConfigError naming the variable (never the key)."""
+    if settings.stripe_api_key is None:
+        raise ConfigError(
+            "METERSTREAM_STRIPE_API_KEY is not set: the reporter needs a Stripe secret key "
+            "(sk_... or a restricted rk_... key with write access to billing meter events)"
+        )
+    return settings.stripe_api_key.get_secret_value()
+
+
+class _CountingHttpClient(stripe.RequestsClient):
+    """The SDK's own HTTP client, telling us when it retries so the retries are counted."""
+
+    def __init__(self, on_retry: Callable[[], None]) -> None:
+        super().__init__(timeout=REQUEST_TIMEOUT_S)
+        self._on_retry = on_retry
+
+    def _should_retry(
+        self,
+        response: Any,
+        api_connection_error: Any,
+        num_retries: int,
+        max_network_retries: int | None,
+    ) -> bool:
+        retry = bool(
+            super()._should_retry(response, api_connection_error, num_retries, max_network_retries)
+        )
+        if retry:
+            self._on_retry()
+        return retry
+
+
+def build_client(api_key: str, settings: Settings, metrics: ReporterMetrics) -> stripe.StripeClient:
+    """A StripeClient for ``settings``' bases, retrying 5xx and lost connections twice."""
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={
+            "api": settings.stripe_api_base,
+            "meter_events": settings.meter_events_base,
+        },
+        max_network_retries=SDK_NETWORK_RETRIES,
+        http_client=_CountingHttpClient(metrics.retried.inc),
+    )
+
+
+class StripeGateway:
+    """Every call to Stripe goes through here: paced by the token bucket, timed, and retried
+    on 429 with backoff and jitter (at most ``max_429_attempts`` tries)."""
+
+    def __init__(
+        self,
+        bucket: TokenBucket,
+        metrics: ReporterMetrics,
+        stop: threading.Event,
+        *,
+        max_429_attempts: int = 5,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 5.0,
+        seed: int | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.metrics = metrics
+        self.stop = stop
+        self.max_429_attempts = max_429_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        # Jitter only spreads retries apart; it needs no cryptographic randomness.
+        self._random = random.Random(seed)  # noqa: S311
+
+    def call(self, request: Callable[[], T]) -> T:
+        """Run ``request``; raises the last RateLimitError, StoppedError, or the SDK's error."""
+        for attempt in range(1, self.max_429_attempts + 1):
+            if self.stop.is_set() or not self.bucket.acquire():
+                raise StoppedError("stop requested before the call")
+            started_s = time.monotonic()
+            try:
+                return request()
+            except stripe.RateLimitError:
+                self.metrics.rate_limited.inc()
+                if attempt == self.max_429_attempts:
+                    raise
+                self.metrics.retried.inc()
+                delay_s = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1))
+                if self.stop.wait(delay_s * self._random.uniform(0.5, 1.0)):
+                    raise StoppedError("stop requested while backing off a 429") from None
+            finally:
+                self.metrics.request_latency.observe(time.monotonic() - started_s)
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What an answer means for a row: ``acknowledged`` (final), ``rejected`` (final, with
+    Stripe's code and message) or ``retry`` (stays pending; ``error`` says why)."""
+
+    kind: str  # acknowledged | rejected | retry
+    request_id: str | None = None
+    code: str | None = None
+    error: str | None = None
+
+
+def meter_event_params(row: LedgerRow, meter: StripeMeter) -> Any:
+    """The v1 request body; every part comes from the row, so a resend is identical."""
+    return {
+        "event_name": row.event_name,
+        "payload": {meter.customer_key: row.stripe_customer_id, meter.value_key: str(row.value)},
+        "identifier": row.identifier,
+        "timestamp": int(row.timestamp.timestamp()),
+    }
+
+
+def send_meter_event(
+    client: stripe.StripeClient, gateway: StripeGateway, row: LedgerRow, meter: StripeMeter
+) -> Outcome:
+    """POST /v1/billing/meter_events for one ledger row; classify the answer (module doc).
+
+    The identifier doubles as the Idempotency-Key, so a resend after a restart replays
+    Stripe's first answer instead of recording the event again.
+    """
+    params = meter_event_params(row, meter)
+    try:
+        answer = gateway.call(
+            lambda: client.v1.billing.meter_events.create(
+                params=params, options={"idempotency_key": row.identifier}
+            )
+        )
+    except stripe.StripeError as exc:
+        return classify(exc, row.identifier)
+    response = answer.last_response
+    return Outcome("acknowledged", request_id=response.request_id if response else None)
+
+
+def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:
+    """What a failed call means for its row(s); raises StripeAuthError for a bad key."""
+    request_id = exc.request_id
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        # Stripe's message echoes part of the key; do not repeat it anywhere.
+        raise StripeAuthError(
+            f"Stripe refused METERSTREAM_STRIPE_API_KEY (HTTP {exc.http_status}): use a live or "
+            "test secret key, or a restricted key allowed to write billing meter events"
+        ) from None
+    message = exc.user_message or type(exc).__name__
+    if isinstance(exc, stripe.InvalidRequestError) and exc.http_status in (400, 404):
+        if identifier and f"An event already exists with identifier {identifier}" in message:
+            return Outcome("acknowledged", request_id=request_id)
+        return Outcome("rejected", request_id, exc.code or "invalid_request_error", message)
+    if isinstance(exc, stripe.IdempotencyError):
+        # Same key, different body: the row changed after it was first sent, which the
+        # ledger forbids. Retrying cannot help; a person must look.
+        return Outcome("rejected", request_id, "idempotency_error", message)
+    return Outcome("retry", request_id, error=f"{type(exc).__name__}: {message}")

@@ -1,0 +1,152 @@
+"""The reporter's command line, run as a real process: kill -9 mid-call, exit codes, links."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from reporters.ledger import all_rows
+from reporters.stripe_emulator import Emulator, run_stripe_emulator
+from tests.reporters.test_reporter import (
+    SECRET,
+    create_stripe_meters,
+    hour_start,
+    put_total,
+    write_catalogue,
+)
+
+METERSTREAM = str(Path(sys.executable).parent / "meterstream")
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with run_stripe_emulator(rate_limit_per_s=None) as running:
+        create_stripe_meters(running)
+        running.state.create_customer(customer_id="cus_a")
+        yield running
+
+
+@pytest.fixture
+def env(emulator: Emulator, database_url: str, tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    return {
+        **clean,
+        "METERSTREAM_DATABASE_URL": database_url,
+        "METERSTREAM_METERS_FILE": str(write_catalogue(tmp_path)),
+        "METERSTREAM_STRIPE_API_KEY": SECRET,
+        "METERSTREAM_STRIPE_API_BASE": emulator.url,
+        "METERSTREAM_METRICS_PORT": "0",
+    }
+
+
+def meterstream(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [METERSTREAM, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def wait_for(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def test_killed_between_call_and_ledger_update_counts_once_after_restart(
+    emulator: Emulator, env: dict[str, str], migrated_engine: Engine
+) -> None:
+    put_total(migrated_engine, "cus_a", "tokens", hour_start(2), "5")
+    emulator.faults.inject("hold", path_prefix="/v1/billing/meter_events")
+    process = subprocess.Popen(
+        [METERSTREAM, "report", "--once"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert emulator.faults.wait_held(1, timeout_s=30)
+        [row] = all_rows(migrated_engine)
+        assert row.status == "pending"  # committed before the call
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    emulator.faults.release()
+    wait_for(lambda: len(emulator.state.events) == 1)  # Stripe got it; its answer was lost
+
+    again = meterstream(env, "report", "--once")
+
+    assert again.returncode == 0, again.stderr
+    [row] = all_rows(migrated_engine)
+    assert row.status == "sent"
+    assert [(e.identifier, e.value) for e in emulator.state.events] == [(row.identifier, 5)]
+    assert SECRET not in again.stderr + again.stdout
+
+
+def test_once_exits_non_zero_while_something_due_is_unacknowledged(
+    emulator: Emulator, env: dict[str, str], migrated_engine: Engine
+) -> None:
+    put_total(migrated_engine, "cus_a", "tokens", hour_start(2), "5")
+    emulator.faults.inject("http_500", count=None, path_prefix="/v1/billing/meter_events")
+
+    failed = meterstream(env, "report", "--once")
+
+    assert failed.returncode == 1
+    assert "1 due report(s) not acknowledged by Stripe yet" in failed.stderr
+    emulator.faults.clear()
+    assert meterstream(env, "report", "--once").returncode == 0
+    assert emulator.state.totals() == {("tokens", "cus_a"): 5}
+
+
+def test_customers_link_then_held_usage_goes_out_and_status_shows_it(
+    emulator: Emulator, env: dict[str, str], migrated_engine: Engine
+) -> None:
+    put_total(migrated_engine, "acme", "tokens", hour_start(2), "3")
+    assert meterstream(env, "report", "--once").returncode == 0
+    held = meterstream(env, "status")
+    assert "no_customer_link: acme tokens" in held.stdout
+
+    bad = meterstream(env, "customers", "link", "acme", "acme-stripe")
+    assert bad.returncode != 0 and "must look like cus_" in bad.stderr
+    assert meterstream(env, "customers", "link", "acme", "cus_a").returncode == 0
+    assert "acme -> cus_a" in meterstream(env, "customers", "list").stdout
+    assert meterstream(env, "report", "--once").returncode == 0
+
+    assert emulator.state.totals() == {("tokens", "cus_a"): 3}
+    status = meterstream(env, "status")
+    assert "ledger: sent=1" in status.stdout and "held: 0" in status.stdout
+    reconciled = meterstream(env, "reconcile")
+    assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+    assert "ok: acme tokens (cus_a): Stripe 3, ledger acknowledged 3" in reconciled.stdout
+
+
+def test_report_refuses_to_start_without_a_key(env: dict[str, str]) -> None:
+    del env["METERSTREAM_STRIPE_API_KEY"]
+    failed = meterstream(env, "report", "--once")
+    assert failed.returncode != 0
+    assert "METERSTREAM_STRIPE_API_KEY is not set" in failed.stderr
+
+
+def test_report_stops_cleanly_on_sigterm(env: dict[str, str]) -> None:
+    with subprocess.Popen(
+        [METERSTREAM, "report"], env=env, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:
+                if "report cycle:" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()

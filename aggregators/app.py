@@ -65,12 +65,9 @@ def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
             settings.aggregate_batch_max_events, within=settings.aggregate_batch_max_wait_s
         )
         async for events in batches:
-            messages = [
-                Message(e.message.topic, e.message.partition, e.message.offset, e.value)
-                for e in events
-            ]
+            messages = [_message(event) for event in events]
             result = await _apply_until_done(app, loop, applier, messages)
-            await _send_dead_letters(dead_letters, result)
+            await _send_dead_letters(app, dead_letters, result)
             # Only now may faust commit these offsets.
             for event in events:
                 await stream.ack(event)
@@ -80,9 +77,7 @@ def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
     async def prune_dedup_keys() -> None:
         # Keys past the horizon can never match again: Stripe refuses such old usage anyway.
         today = datetime.now(UTC).date()
-        dropped = await asyncio.get_running_loop().run_in_executor(
-            None, applier.dedup.prune, today
-        )
+        dropped = await asyncio.get_running_loop().run_in_executor(None, applier.dedup.prune, today)
         if dropped:
             _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
 
@@ -123,8 +118,32 @@ async def _apply_until_done(
             delay = min(delay * 2, _RETRY_MAX_S)
 
 
-async def _send_dead_letters(topic: Any, result: BatchResult) -> None:
-    """Write every rejected message to the dead-letter topic and wait for the broker's ack."""
+def _message(event: Any) -> Message:
+    message = event.message
+    produced_at = datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp > 0 else None
+    return Message(message.topic, message.partition, message.offset, event.value, produced_at)
+
+
+async def _send_dead_letters(app: faust.App, topic: Any, result: BatchResult) -> None:
+    """Write every rejected message to the dead-letter topic and wait for the broker's ack;
+    retry until it is confirmed (the batch is not acked before)."""
+    delay = 0.5
+    while True:
+        try:
+            await _send_dead_letters_once(topic, result)
+            return
+        except Exception:
+            if app.should_stop:
+                _log.critical("stopping while dead letters cannot be written; exiting without ack")
+                os._exit(75)
+            _log.exception(
+                "writing %d dead letter(s) failed; retrying in %.1f s", len(result.rejected), delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX_S)
+
+
+async def _send_dead_letters_once(topic: Any, result: BatchResult) -> None:
     pending = []
     for rejected in result.rejected:
         message, rejection = rejected.message, rejected.rejection

@@ -7,15 +7,17 @@ crash at any moment replays whole batches, and the deduplication keys make the r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Inexact, InvalidOperation, localcontext
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
 from aggregators.aggregation import Partial, WindowKey
 from aggregators.dedup import DedupKeys
@@ -41,6 +43,8 @@ class Message:
     partition: int
     offset: int
     value: bytes | None
+    # The Kafka timestamp: when the producer handed it over (the SDK never back-dates it).
+    produced_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,16 @@ class BatchResult:
     rejected: list[Rejected] = field(default_factory=list)
     changed: list[ChangedWindow] = field(default_factory=list)
     newest_event_time: datetime | None = None
+
+    def merge(self, other: BatchResult) -> None:
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.applied_by_meter.update(other.applied_by_meter)
+        self.late_by_meter.update(other.late_by_meter)
+        self.rejected.extend(other.rejected)
+        self.changed.extend(other.changed)
+        times = [t for t in (self.newest_event_time, other.newest_event_time) if t is not None]
+        self.newest_event_time = max(times, default=None)
 
 
 class BatchApplier:
@@ -80,33 +94,70 @@ class BatchApplier:
         self.dedup = DedupKeys(engine, horizon_days)
 
     def apply(self, messages: Sequence[Message]) -> BatchResult:
-        """Apply ``messages`` in one transaction; return what happened. Retries transient
-        database conflicts; any other error propagates and nothing of the batch is kept."""
+        """Apply ``messages`` in one transaction; return what happened.
+
+        Transient conflicts (deadlocks, a locked SQLite file) are retried. When the database
+        refuses the batch for good (a value it cannot store), the batch is split until the one
+        message at fault is found; it is rejected as ``unstorable`` and the rest applied.
+        Anything else propagates, and nothing of the batch is kept.
+        """
         started = time.perf_counter()
         now = self._clock()
-        accepted: list[Accepted] = []
         result = BatchResult()
+        # Totals can reach 30 digits and more; the default context (28) would round them.
+        with localcontext() as exact:
+            exact.prec = 80
+            exact.traps[Inexact] = True
+            self._apply_splitting(list(messages), now, result)
+        self._count(result, len(messages), time.perf_counter() - started)
+        return result
+
+    def _apply_splitting(self, messages: list[Message], now: datetime, result: BatchResult) -> None:
+        accepted: list[Accepted] = []
+        rejected: list[Rejected] = []
         for message in messages:
             outcome = admit(
-                message.value, self._catalogue, now=now, horizon_days=self._horizon_days
+                message.value,
+                self._catalogue,
+                now=now,
+                produced_at=message.produced_at,
+                horizon_days=self._horizon_days,
             )
             if isinstance(outcome, Rejection):
-                result.rejected.append(Rejected(message, outcome))
+                rejected.append(Rejected(message, outcome))
             else:
                 accepted.append(outcome)
+        try:
+            part = self._apply_retrying(accepted, rejected, now)
+        except (DataError, IntegrityError, InvalidOperation) as exc:
+            if len(messages) == 1:
+                detail = f"the database refused it: {exc}"[:2000]
+                rejection = Rejection("unstorable", detail)
+                part = self._apply_retrying([], [Rejected(messages[0], rejection)], now)
+            else:
+                middle = len(messages) // 2
+                self._apply_splitting(messages[:middle], now, result)
+                self._apply_splitting(messages[middle:], now, result)
+                return
+        result.merge(part)
+
+    def _apply_retrying(
+        self, accepted: list[Accepted], rejected: list[Rejected], now: datetime
+    ) -> BatchResult:
         self.dedup.prepare(a.event.event_time.date() for a in accepted)
         for attempt in range(1, _RETRIES + 1):
             try:
-                self._apply_once(accepted, result, now)
-                break
+                return self._apply_once(accepted, rejected, now)
             except OperationalError as exc:
                 if attempt == _RETRIES or not _transient(exc):
                     raise
                 _log.warning("batch conflicted with another writer (%s); trying again", exc.orig)
-        self._count(result, len(messages), time.perf_counter() - started)
-        return result
+        raise AssertionError("unreachable: the last attempt raises")
 
-    def _apply_once(self, accepted: list[Accepted], result: BatchResult, now: datetime) -> None:
+    def _apply_once(
+        self, accepted: list[Accepted], rejected: list[Rejected], now: datetime
+    ) -> BatchResult:
+        result = BatchResult(rejected=rejected)
         with self._engine.begin() as connection:
             fresh = self.dedup.claim(connection, [a.event for a in accepted])
             partials: dict[WindowKey, Partial] = {}
@@ -138,6 +189,7 @@ class BatchApplier:
         result.applied_by_meter = applied
         result.late_by_meter = late
         result.newest_event_time = max((e.event_time for e in fresh), default=None)
+        return result
 
     def _count(self, result: BatchResult, size: int, seconds: float) -> None:
         metrics = self._metrics
@@ -163,6 +215,7 @@ def _transient(exc: DBAPIError) -> bool:
 
 def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
     message, rejection = rejected.message, rejected.rejection
+    raw = message.value or b""
     return {
         "topic": message.topic,
         "partition": message.partition,
@@ -172,6 +225,7 @@ def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
         "event_id": rejection.event_id,
         "customer_id": rejection.customer_id,
         "meter": rejection.meter,
-        "raw": message.value or b"",
+        "raw": raw,
+        "raw_digest": hashlib.blake2b(raw, digest_size=16).digest(),
         "rejected_at": now,
     }

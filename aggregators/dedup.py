@@ -8,14 +8,16 @@ SQLite keeps one table and deletes old rows.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import Connection, Engine, delete, text
+from sqlalchemy import Connection, Engine, delete, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 
 from aggregators.sql import insert_ignoring_conflicts
 from meterstream.events import UsageEvent
-from meterstream.schema import seen_events
+from meterstream.schema import seen_events, unique_values
+
+_CHUNK = 1000
 
 
 class DedupKeys:
@@ -53,21 +55,55 @@ class DedupKeys:
         A key repeated within ``events`` counts once (its first occurrence); a key already in the
         database (an earlier batch, a replay, a re-send) does not count at all.
         """
-        first: dict[tuple[date, bytes], UsageEvent] = {}
+        first: dict[bytes, UsageEvent] = {}
         for event in events:
-            first.setdefault((event.event_time.date(), event.dedup_key), event)
+            first.setdefault(event.dedup_key, event)
         if not first:
+            return []
+        # A re-send re-stamped by its producer may fall on the next or previous UTC day (say,
+        # 23:59:59 then 00:00:01): look for the key there too.
+        seen = self._seen_on_neighbour_days(connection, first)
+        fresh = {
+            (event.event_time.date(), key): event for key, event in first.items() if key not in seen
+        }
+        if not fresh:
             return []
         statement = insert_ignoring_conflicts(connection, seen_events).returning(
             seen_events.c.event_day, seen_events.c.key
         )
-        rows = [{"event_day": day, "key": key} for day, key in first]
+        rows = [{"event_day": day, "key": key} for day, key in fresh]
         inserted = {(row.event_day, row.key) for row in connection.execute(statement, rows)}
-        return [event for ident, event in first.items() if ident in inserted]
+        return [event for ident, event in fresh.items() if ident in inserted]
+
+    def _seen_on_neighbour_days(
+        self, connection: Connection, first: dict[bytes, UsageEvent]
+    ) -> set[bytes]:
+        probes = [
+            (event.event_time.date() + timedelta(days=shift), key)
+            for key, event in first.items()
+            for shift in (-1, 1)
+        ]
+        pk = tuple_(seen_events.c.event_day, seen_events.c.key)
+        seen: set[bytes] = set()
+        for start in range(0, len(probes), _CHUNK):
+            rows = connection.execute(
+                select(seen_events.c.key).where(pk.in_(probes[start : start + _CHUNK]))
+            )
+            seen.update(row.key for row in rows)
+        return seen
 
     def prune(self, today: date) -> int:
-        """Forget keys older than the horizon; return how many partitions or rows went."""
+        """Forget keys older than the horizon (and unique_count values of windows that no
+        admissible event can reach); return how many key partitions or rows went."""
         cutoff = today - timedelta(days=self._horizon_days + 1)
+        with self._engine.begin() as connection:
+            # unique_count windows are calendar months: one ending before the cutoff is closed
+            # to every event the aggregators still accept.
+            connection.execute(
+                delete(unique_values).where(
+                    unique_values.c.window_start < _as_utc(cutoff - timedelta(days=31))
+                )
+            )
         if not self._partitioned:
             with self._engine.begin() as connection:
                 result = connection.execute(
@@ -89,3 +125,7 @@ class DedupKeys:
                     self._ready_days.discard(day)
                     dropped += 1
         return dropped
+
+
+def _as_utc(day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=UTC)

@@ -41,7 +41,11 @@ class AsyncUsageClient:
         event_id: str | None = None,
         properties: Mapping[str, str] | None = None,
     ) -> str:
-        """See :meth:`UsageClient.record`."""
+        """See :meth:`UsageClient.record`.
+
+        If the task is cancelled while it waits for room, the event may still be queued: pass
+        your own ``event_id`` when you may cancel and retry, so the retry stays a duplicate.
+        """
         event_id, key, payload = self.sync.prepare(
             customer, meter, value, timestamp=timestamp, event_id=event_id, properties=properties
         )

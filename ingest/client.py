@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Self
 
 from ingest.producer import DeliveryFailedCallback, EventProducer
-from meterstream.errors import DeliveryError, InvalidEventError
+from meterstream.errors import DeliveryError, InvalidEventError, UndeliveredEvent
 from meterstream.events import (
     MAX_EVENT_BYTES,
     check_customer,
@@ -25,6 +26,7 @@ from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import IngestMetrics
 from meterstream.settings import Settings, load_settings
 
+_log = logging.getLogger(__name__)
 _EMPTY: Mapping[str, str] = {}
 
 
@@ -52,6 +54,14 @@ class UsageClient:
         self._horizon_days = self._settings.horizon_days
         self._producer = EventProducer(self._settings, self.metrics)
         self._closed = False
+        if self._source == Settings.model_fields["source"].default:
+            # Events of two services that both keep the default source and reuse ids (order
+            # numbers, request ids) would be taken for duplicates of each other.
+            _log.warning(
+                "METERSTREAM_SOURCE is not set: events carry the default source %r; give each "
+                "producing service its own stable name",
+                self._source,
+            )
 
     def record(
         self,
@@ -166,11 +176,17 @@ class UsageClient:
             self._producer.close()
         self._raise_failures()
 
+    def resend(self, events: Iterable[UndeliveredEvent]) -> None:
+        """Queue undelivered events again, byte for byte (see DeliveryError.events), so each
+        keeps its id and event time and is counted once however often it reached Kafka."""
+        for event in events:
+            self.queue(event.key, event.payload)
+
     def _raise_failures(self) -> None:
         failed = self._producer.take_failures()
         if failed:
-            reasons = sorted({reason for _, reason in failed})
-            raise DeliveryError([event_id for event_id, _ in failed], "; ".join(reasons))
+            reasons = "; ".join(sorted({event.reason for event in failed}))
+            raise DeliveryError([event.event_id for event in failed], reasons, failed)
 
     def __enter__(self) -> Self:
         return self

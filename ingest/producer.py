@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from meterstream.errors import BackpressureError, BrokerUnavailableError
+from meterstream.errors import BackpressureError, BrokerUnavailableError, UndeliveredEvent
 from meterstream.kafka import client_config
 from meterstream.metrics import IngestMetrics
 from meterstream.settings import Settings
@@ -40,7 +40,7 @@ class EventProducer:
         self._topic = settings.topic
         self._block_timeout_s = settings.producer_block_timeout_s
         self._lock = threading.Lock()
-        self._failed: list[tuple[str, str]] = []
+        self._failed: list[UndeliveredEvent] = []
         self._fatal: str | None = None
         self._callbacks: list[DeliveryFailedCallback] = []
         # Written only by the delivery thread; pushed to the metrics after each poll.
@@ -99,6 +99,8 @@ class EventProducer:
             self._producer.produce(self._topic, value, key)
         except BufferError:
             return False
+        except KafkaException as exc:
+            raise BrokerUnavailableError(f"the Kafka producer refused the event: {exc}") from exc
         return True
 
     def in_flight(self) -> int:
@@ -113,8 +115,8 @@ class EventProducer:
             time.sleep(0.005)
         return remaining
 
-    def take_failures(self) -> list[tuple[str, str]]:
-        """The (event_id, reason) pairs that failed since the last call."""
+    def take_failures(self) -> list[UndeliveredEvent]:
+        """The events that failed since the last call."""
         with self._lock:
             failed, self._failed = self._failed, []
         return failed
@@ -155,11 +157,12 @@ class EventProducer:
                 if latency is not None:
                     self._metrics.produce_latency.observe(latency)
             return
-        event_id = _event_id_of(message.value())
+        payload: bytes = message.value() or b""
+        event_id = _event_id_of(payload)
         reason = error.str()
         self._metrics.failed.inc()
         with self._lock:
-            self._failed.append((event_id, reason))
+            self._failed.append(UndeliveredEvent(event_id, reason, message.key() or b"", payload))
         for callback in self._callbacks:
             try:
                 callback(event_id, reason)

@@ -13,6 +13,7 @@ MeterstreamError
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class MeterstreamError(Exception):
@@ -51,20 +52,34 @@ class BackpressureError(MeterstreamError):
     accepted, so the caller still owns it and may retry."""
 
 
+@dataclass(frozen=True, slots=True)
+class UndeliveredEvent:
+    """An accepted event Kafka did not acknowledge, with the exact bytes that were produced."""
+
+    event_id: str
+    reason: str
+    key: bytes
+    payload: bytes
+
+
 class DeliveryError(MeterstreamError):
     """Kafka refused events for good after the SDK had accepted them.
 
-    ``event_ids`` lists every undelivered event so the caller can record them again (the same ids
-    keep them deduplicated downstream).
+    ``event_ids`` lists every undelivered event; ``events`` holds their exact bytes. Hand them to
+    ``UsageClient.resend()``: the same id *and* event time keep them deduplicated downstream
+    (recording the id again with a new timestamp may count it twice).
     """
 
-    def __init__(self, event_ids: Sequence[str], reason: str) -> None:
+    def __init__(
+        self, event_ids: Sequence[str], reason: str, events: Sequence[UndeliveredEvent] = ()
+    ) -> None:
         self.event_ids = tuple(event_ids)
+        self.events = tuple(events)
         self.reason = reason
         shown = ", ".join(self.event_ids[:5]) + (" ..." if len(self.event_ids) > 5 else "")
         super().__init__(
             f"{len(self.event_ids)} event(s) were not delivered to Kafka ({reason}): {shown}; "
-            "record them again with the same event_id once the broker is back"
+            "pass exc.events to UsageClient.resend() once the broker is back"
         )
 
 

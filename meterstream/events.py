@@ -14,6 +14,7 @@ Producers in other languages may write the topic too: :func:`decode_event` check
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,10 @@ MAX_PROPERTY_VALUE_CHARS = 1024
 MAX_VALUE = Decimal(10) ** 18
 MAX_FRACTION_DIGITS = 12
 _MAX_INT = 10**18
+_ZERO = Decimal(0)
+_PLAIN_DECIMAL = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?\Z")
+# Control characters (NUL above all) cannot be stored in PostgreSQL text and mean a bug upstream.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Stripe accepts meter events at most 5 minutes ahead (clock drift); so do we.
 MAX_FUTURE = timedelta(minutes=5)
 
@@ -62,12 +67,20 @@ def dedup_key(source: str, event_id: str) -> bytes:
     return hashlib.blake2b(source.encode() + b"\x00" + event_id.encode(), digest_size=16).digest()
 
 
-def check_event_id(event_id: Any) -> str:
+def check_event_id(event_id: Any, field_name: str = "event_id") -> str:
     if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
         raise InvalidEventError(
-            "event_id", f"must be a string of 1 to {MAX_ID_CHARS} characters, got {event_id!r:.80}"
+            field_name, f"must be a string of 1 to {MAX_ID_CHARS} characters, got {event_id!r:.80}"
         )
+    _check_printable(field_name, event_id)
     return event_id
+
+
+def _check_printable(field_name: str, text: str) -> None:
+    if _CONTROL.search(text):
+        raise InvalidEventError(
+            field_name, f"must not contain control characters (such as NUL), got {text!r:.80}"
+        )
 
 
 def check_customer(customer_id: Any) -> str:
@@ -77,6 +90,7 @@ def check_customer(customer_id: Any) -> str:
         raise InvalidEventError(
             "customer", f"must be at most {MAX_CUSTOMER_CHARS} characters, got {len(customer_id)}"
         )
+    _check_printable("customer", customer_id)
     return customer_id
 
 
@@ -104,25 +118,42 @@ def check_value(value: Any, meter: Meter) -> Decimal | int:
         raise InvalidEventError(
             "value", f"must be a Decimal, an int or a decimal string, got {type(value).__name__}"
         )
+    if isinstance(value, str) and not _PLAIN_DECIMAL.match(value):
+        raise InvalidEventError("value", f"not a plain decimal number like '12.5': {value!r:.80}")
     try:
         exact = value if isinstance(value, Decimal) else Decimal(value)
     except (InvalidOperation, TypeError, ValueError):
         raise InvalidEventError("value", f"not a decimal number: {value!r:.80}") from None
+    return _check_exact(exact, meter)
+
+
+def _check_exact(exact: Decimal, meter: Meter) -> Decimal:
+    # Only exact operations here (no abs(), no normalize()): they would round to the context's
+    # 28 digits, and values may have 30.
     if not exact.is_finite():
-        raise InvalidEventError("value", f"must be a finite number, got {value!r}")
-    if exact < 0 and not meter.allow_negative:
+        raise InvalidEventError("value", f"must be a finite number, got {exact}")
+    if exact.is_zero():
+        return _ZERO  # also turns -0 into 0
+    if exact.is_signed() and not meter.allow_negative:
         raise InvalidEventError(
             "value", f"must be >= 0 for meter {meter.name!r} (allow_negative = false), got {exact}"
         )
-    if abs(exact) >= MAX_VALUE:
+    if exact.adjusted() >= 18:
         raise InvalidEventError("value", f"must be below 1e18 in magnitude, got {exact}")
-    # Trailing zeros (0.100000000000000) are harmless; only significant places count.
-    exponent = exact.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and -exponent > MAX_FRACTION_DIGITS:
+    if _fraction_digits(exact) > MAX_FRACTION_DIGITS:
         raise InvalidEventError(
             "value", f"at most {MAX_FRACTION_DIGITS} digits after the point, got {exact}"
         )
     return exact
+
+
+def _fraction_digits(exact: Decimal) -> int:
+    """Significant digits after the point (trailing zeros, as in 0.100000000000000, are not)."""
+    _sign, digits, exponent = exact.as_tuple()
+    if not isinstance(exponent, int):  # NaN and infinities are refused before this
+        return 0
+    trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(0, -(exponent + trailing))
 
 
 def check_event_time(
@@ -170,6 +201,7 @@ def check_properties(properties: Any, meter: Meter) -> dict[str, str]:
                 f"must be a string of at most {MAX_PROPERTY_VALUE_CHARS} characters, "
                 f"got {value!r:.80}",
             )
+        _check_printable(f"properties.{key}", key + value)
     if meter.unique_property is not None and not properties.get(meter.unique_property):
         raise InvalidEventError(
             f"properties.{meter.unique_property}",
@@ -247,40 +279,57 @@ def decode_event(raw: bytes) -> UsageEvent:
     data = doc.get("data")
     if not isinstance(data, dict):
         raise InvalidEventError("data", "expected an object with 'value' and 'properties'")
-    source = doc.get("source")
-    if not isinstance(source, str) or not source:
-        raise InvalidEventError("source", "must be a non-empty string")
-    meter = doc.get("type")
-    if not isinstance(meter, str) or not meter:
-        raise InvalidEventError("type", "must be the meter name")
-    raw_value = data.get("value", "1")
-    if isinstance(raw_value, float):
-        raise InvalidEventError("data.value", "must be a decimal string or an integer, not a float")
-    try:
-        value = Decimal(raw_value) if isinstance(raw_value, str | int) else None
-    except InvalidOperation:
-        value = None
-    if value is None or not value.is_finite():
-        raise InvalidEventError("data.value", f"not a finite decimal: {raw_value!r:.40}")
     properties = data.get("properties") or {}
-    if not isinstance(properties, dict) or not all(isinstance(v, str) for v in properties.values()):
-        raise InvalidEventError("data.properties", "must be an object of strings")
+    if not isinstance(properties, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and not _CONTROL.search(k + v)
+        for k, v in properties.items()
+    ):
+        raise InvalidEventError(
+            "data.properties", "must be an object of strings without control characters"
+        )
     return UsageEvent(
-        event_id=check_event_id(doc.get("id")),
-        source=source,
+        event_id=check_event_id(doc.get("id"), "id"),
+        source=check_event_id(doc.get("source"), "source"),
         customer_id=check_customer(doc.get("subject")),
-        meter=meter,
-        value=value,
+        meter=_decode_meter(doc.get("type")),
+        value=_decode_value(data.get("value")),
         event_time=_parse_time(doc.get("time")),
         properties=properties,
     )
+
+
+def _decode_meter(meter: Any) -> str:
+    if not isinstance(meter, str) or not 0 < len(meter) <= 100 or _CONTROL.search(meter):
+        raise InvalidEventError(
+            "type", f"must be a meter name of 1 to 100 characters: {meter!r:.60}"
+        )
+    return meter
+
+
+def _decode_value(raw: Any) -> Decimal:
+    # A missing value is an error, never 1: a producer writing {"amount": ...} would otherwise be
+    # billed one unit per event in silence.
+    if raw is None:
+        raise InvalidEventError("data.value", "missing; send the value as a decimal string")
+    if isinstance(raw, float):
+        raise InvalidEventError(
+            "data.value",
+            f"a JSON float ({raw!r:.40}) is not exact; send a decimal string (or an integer "
+            "below 2**63)",
+        )
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise InvalidEventError("data.value", f"must be a decimal string, got {raw!r:.40}")
+    if isinstance(raw, str) and not _PLAIN_DECIMAL.match(raw):
+        raise InvalidEventError("data.value", f"not a plain decimal number: {raw!r:.40}")
+    return Decimal(raw)
 
 
 def _parse_time(raw: Any) -> datetime:
     if not isinstance(raw, str):
         raise InvalidEventError("time", "must be an RFC 3339 timestamp")
     try:
-        parsed = datetime.fromisoformat(raw)
+        # RFC 3339 allows a lowercase t and z; fromisoformat does not.
+        parsed = datetime.fromisoformat(raw.upper())
     except ValueError:
         raise InvalidEventError("time", f"not an RFC 3339 timestamp: {raw!r:.40}") from None
     if parsed.tzinfo is None:

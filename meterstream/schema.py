@@ -117,6 +117,8 @@ rejected_events = Table(
     Column("topic", String(255), primary_key=True),
     Column("partition", Integer, primary_key=True),
     Column("offset", BigInteger, primary_key=True),
+    # With the offset, tells apart two messages at one offset of a re-created topic.
+    Column("raw_digest", LargeBinary(16), primary_key=True),
     Column("reason", String(50), nullable=False),
     Column("detail", Text, nullable=False),
     Column("event_id", String(200), nullable=True),

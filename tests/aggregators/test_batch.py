@@ -6,6 +6,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import orjson
 from sqlalchemy import Engine, func, select
 
 from aggregators.batch import BatchApplier, Message
@@ -194,3 +195,120 @@ def test_dedup_keys_past_the_horizon_are_pruned(migrated_engine: Engine) -> None
     with migrated_engine.connect() as connection:
         days = connection.execute(select(func.min(seen_events.c.event_day))).scalar_one()
     assert days >= (NOW + timedelta(days=20) - timedelta(days=36)).date()
+
+
+def test_a_resend_restamped_across_midnight_counts_once(migrated_engine: Engine) -> None:
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    midnight = datetime(2026, 11, 24, 0, 0, tzinfo=UTC)
+    before = UsageEvent("x", "svc", "c", "tokens", Decimal(5), midnight - timedelta(seconds=1))
+    after = UsageEvent("x", "svc", "c", "tokens", Decimal(5), midnight + timedelta(seconds=1))
+    target = applier(migrated_engine, catalogue)
+    assert target.apply(as_messages([before])).applied == 1
+    again = target.apply(as_messages([after], 1))
+    assert (again.applied, again.duplicates) == (0, 1)
+    both = applier(migrated_engine, catalogue).apply(
+        as_messages(
+            [
+                UsageEvent("y", "svc", "c", "tokens", Decimal(5), midnight + timedelta(seconds=5)),
+                UsageEvent("y", "svc", "c", "tokens", Decimal(5), midnight - timedelta(seconds=5)),
+            ],
+            2,
+        )
+    )
+    assert (both.applied, both.duplicates) == (1, 1)
+
+
+def test_thirty_digit_values_and_totals_are_not_rounded(migrated_engine: Engine) -> None:
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    t = NOW - timedelta(minutes=3)
+    values = [Decimal("99999999999999999.999999999999"), Decimal("0.000000000001"), Decimal(1)]
+    events = [UsageEvent(f"e{i}", "s", "c", "tokens", v, t) for i, v in enumerate(values)]
+    applier(migrated_engine, catalogue).apply(as_messages(events))
+    [(value, _count)] = stored_totals(migrated_engine).values()
+    assert value == Decimal("100000000000000001.000000000000")
+    assert str(value).rstrip("0").endswith("1.")
+
+
+def foreign(doc: dict[str, object], offset: int) -> Message:
+    return Message("usage", 0, offset, orjson.dumps(doc))
+
+
+def test_foreign_messages_with_traps_are_dead_lettered_not_miscounted(
+    migrated_engine: Engine,
+) -> None:
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    base = {
+        "specversion": "1.0",
+        "source": "go-service",
+        "type": "tokens",
+        "subject": "c",
+        "time": (NOW - timedelta(minutes=1)).isoformat().replace("+00:00", "z"),
+    }
+    messages = [
+        foreign({**base, "id": "no-value", "data": {"amount": "99"}}, 0),
+        foreign({**base, "id": "bool", "data": {"value": True}}, 1),
+        foreign({**base, "id": "float", "data": {"value": 1.5}}, 2),
+        foreign({**base, "id": "nul", "subject": "c\x00", "data": {"value": "1"}}, 3),
+        foreign({**base, "id": "long-type", "type": "m" * 101, "data": {"value": "1"}}, 4),
+        foreign({**base, "id": "ok", "data": {"value": 7}}, 5),
+    ]
+    result = applier(migrated_engine, catalogue).apply(messages)
+    assert [r.rejection.detail.split(":")[0] for r in result.rejected] == [
+        "data.value",
+        "data.value",
+        "data.value",
+        "customer",
+        "type",
+    ]
+    assert result.applied == 1
+    [(value, count)] = stored_totals(migrated_engine).values()
+    assert (value, count) == (Decimal(7), 1)
+
+
+def test_horizon_is_measured_from_when_the_event_was_produced(migrated_engine: Engine) -> None:
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    old = UsageEvent("old", "s", "c", "tokens", Decimal(1), NOW - timedelta(days=35, hours=1))
+    # Accepted by the SDK two hours ago (34 days 23 hours old then), processed only now.
+    message = Message("usage", 0, 0, encode_event(old), NOW - timedelta(hours=2))
+    assert applier(migrated_engine, catalogue).apply([message]).applied == 1
+    # Four minutes ahead of its producer's clock is fine, however late it is processed.
+    ahead = UsageEvent("ahead", "s", "c", "tokens", Decimal(1), NOW + timedelta(minutes=3))
+    late = Message("usage", 0, 1, encode_event(ahead), NOW - timedelta(minutes=1))
+    assert applier(migrated_engine, catalogue).apply([late]).applied == 1
+
+
+def test_a_message_the_database_refuses_is_isolated_and_the_rest_applied(
+    migrated_engine: Engine,
+) -> None:
+    with migrated_engine.begin() as connection:
+        if migrated_engine.dialect.name == "postgresql":
+            connection.exec_driver_sql(
+                "ALTER TABLE window_totals ADD CONSTRAINT no_poison CHECK (customer_id <> 'poison')"
+            )
+        else:
+            connection.exec_driver_sql(
+                "CREATE TRIGGER no_poison BEFORE INSERT ON window_totals "
+                "WHEN NEW.customer_id = 'poison' BEGIN SELECT RAISE(ABORT, 'no poison'); END"
+            )
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    t = NOW - timedelta(minutes=1)
+    events = [UsageEvent(f"e{i}", "s", f"c{i}", "tokens", Decimal(1), t) for i in range(9)]
+    events.insert(4, UsageEvent("bad", "s", "poison", "tokens", Decimal(1), t))
+    result = applier(migrated_engine, catalogue).apply(as_messages(events))
+    assert result.applied == 9
+    [rejected] = result.rejected
+    assert (rejected.message.offset, rejected.rejection.reason) == (4, "unstorable")
+    assert len(stored_totals(migrated_engine)) == 9
+
+
+def test_two_messages_at_one_offset_of_a_recreated_topic_are_both_kept(
+    migrated_engine: Engine,
+) -> None:
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    target = applier(migrated_engine, catalogue)
+    target.apply([Message("usage", 0, 0, b"first garbage")])
+    target.apply([Message("usage", 0, 0, b"second garbage")])
+    target.apply([Message("usage", 0, 0, b"first garbage")])  # a replay: kept once
+    with migrated_engine.connect() as connection:
+        raws = connection.execute(select(rejected_events.c.raw)).scalars().all()
+    assert sorted(raws) == [b"first garbage", b"second garbage"]

@@ -110,9 +110,6 @@ def test_given_event_id_is_kept_and_returned(
     assert orjson.loads(message.value())["id"] == "order-17/line-3"
 
 
-NOW = datetime.now(UTC)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "field", "reason"),
     [
@@ -123,12 +120,28 @@ NOW = datetime.now(UTC)
         ({"value": Decimal("Infinity")}, "value", "must be a finite number"),
         ({"value": 1.5}, "value", "must be a Decimal, an int or a decimal string"),
         ({"value": True}, "value", "must be a Decimal, an int or a decimal string"),
-        ({"value": "twelve"}, "value", "not a decimal number"),
+        ({"value": "twelve"}, "value", "not a plain decimal number"),
+        ({"value": "1_000"}, "value", "not a plain decimal number"),
+        ({"customer": "cus\x00tomer"}, "customer", "must not contain control characters"),
+        ({"properties": {"k": "v\x00"}}, "properties.k", "must not contain control characters"),
+        (
+            {"value": Decimal("1234567890123456.1234567890123")},
+            "value",
+            "at most 12 digits after the point",
+        ),
         ({"value": -1}, "value", "must be >= 0 for meter 'tokens'"),
         ({"value": Decimal("1e-13")}, "value", "at most 12 digits after the point"),
         ({"value": 10**18}, "value", "must be below 1e18"),
-        ({"timestamp": NOW + timedelta(minutes=6)}, "timestamp", "more than 5 minutes ahead"),
-        ({"timestamp": NOW - timedelta(days=36)}, "timestamp", "older than 35 days"),
+        (
+            {"timestamp": lambda: datetime.now(UTC) + timedelta(minutes=6)},
+            "timestamp",
+            "more than 5 minutes ahead",
+        ),
+        (
+            {"timestamp": lambda: datetime.now(UTC) - timedelta(days=36)},
+            "timestamp",
+            "older than 35 days",
+        ),
         ({"timestamp": datetime(2026, 11, 1)}, "timestamp", "must be timezone-aware"),
         ({"properties": {"k": 1}}, "properties.k", "must be a string"),
         ({"properties": {"k": "v" * 1025}}, "properties.k", "at most 1024 characters"),
@@ -146,7 +159,9 @@ def test_invalid_event_names_the_field_and_reason_and_sends_nothing(
     reason: str,
 ) -> None:
     settings = settings_factory(topic=topic_factory(1))
-    call: dict[str, Any] = {"customer": "c", "meter": "tokens", "value": 1, **kwargs}
+    # Times relative to now are computed now, not when the module was imported.
+    given = {key: value() if callable(value) else value for key, value in kwargs.items()}
+    call: dict[str, Any] = {"customer": "c", "meter": "tokens", "value": 1, **given}
     with UsageClient(settings) as client:
         with pytest.raises(InvalidUsageEvent) as caught:
             client.record(call.pop("customer"), call.pop("meter"), **call)

@@ -58,6 +58,7 @@ def upgrade() -> None:
         sa.Column("topic", sa.String(255), primary_key=True),
         sa.Column("partition", sa.Integer, primary_key=True),
         sa.Column("offset", sa.BigInteger, primary_key=True),
+        sa.Column("raw_digest", sa.LargeBinary(16), primary_key=True),
         sa.Column("reason", sa.String(50), nullable=False),
         sa.Column("detail", sa.Text, nullable=False),
         sa.Column("event_id", sa.String(200), nullable=True),

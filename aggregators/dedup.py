@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from sqlalchemy import Connection, Engine, delete, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 
+from aggregators import postgres
 from aggregators.sql import insert_ignoring_conflicts
 from meterstream.events import UsageEvent
 from meterstream.schema import seen_events, unique_values
@@ -60,6 +61,10 @@ class DedupKeys:
             first.setdefault(event.dedup_key, event)
         if not first:
             return []
+        if self._partitioned:
+            candidates = {(event.event_time.date(), key): event for key, event in first.items()}
+            inserted = postgres.claim_keys(connection, list(candidates))
+            return [event for ident, event in candidates.items() if ident in inserted]
         # A re-send re-stamped by its producer may fall on the next or previous UTC day (say,
         # 23:59:59 then 00:00:01): look for the key there too.
         seen = self._seen_on_neighbour_days(connection, first)

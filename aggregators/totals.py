@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, bindparam, select, tuple_, update
 
+from aggregators import postgres
 from aggregators.aggregation import EMPTY, Partial, Stored, WindowKey, merge
 from aggregators.sql import insert_ignoring_conflicts
 from meterstream.meters import Catalogue
@@ -42,6 +43,34 @@ def apply_partials(
         return []
     keys = sorted(partials)
     new_distinct = _record_distinct_values(connection, partials, catalogue)
+    fast = connection.dialect.name == "postgresql"
+    if fast:
+        postgres.create_placeholders(connection, keys, [partials[k].window_end for k in keys], now)
+        stored = postgres.lock_and_read(connection, keys)
+    else:
+        stored = _create_lock_and_read(connection, keys, partials, now)
+    merged: dict[WindowKey, Stored] = {}
+    changed = []
+    for key in keys:
+        meter = catalogue.meters[key[1]]
+        before = stored.get(key, EMPTY)
+        after = merge(meter.aggregation, before, partials[key], new_distinct[key])
+        merged[key] = after
+        if after.revision != before.revision:
+            changed.append(ChangedWindow(key, after.value, after.revision))
+    if fast:
+        postgres.write_totals(connection, merged, now)
+    else:
+        _write_totals(connection, merged, now)
+    return changed
+
+
+def _create_lock_and_read(
+    connection: Connection,
+    keys: list[WindowKey],
+    partials: Mapping[WindowKey, Partial],
+    now: datetime,
+) -> dict[WindowKey, Stored]:
     connection.execute(
         insert_ignoring_conflicts(connection, window_totals),
         [
@@ -59,29 +88,10 @@ def apply_partials(
             for key in keys
         ],
     )
-    stored = _lock_and_read(connection, keys)
-    updates = []
-    changed = []
-    for key in keys:
-        meter = catalogue.meters[key[1]]
-        partial = partials[key]
-        before = stored.get(key, EMPTY)
-        after = merge(meter.aggregation, before, partial, new_distinct[key])
-        updates.append(
-            {
-                "k_customer": key[0],
-                "k_meter": key[1],
-                "k_start": key[2],
-                "value": after.value,
-                "events": after.events,
-                "revision": after.revision,
-                "last_event_time": after.last_event_time,
-                "last_event_id": after.last_event_id,
-                "updated_at": now,
-            }
-        )
-        if after.revision != before.revision:
-            changed.append(ChangedWindow(key, after.value, after.revision))
+    return _lock_and_read(connection, keys)
+
+
+def _write_totals(connection: Connection, totals: dict[WindowKey, Stored], now: datetime) -> None:
     connection.execute(
         update(window_totals)
         .where(
@@ -97,9 +107,21 @@ def apply_partials(
             last_event_id=bindparam("last_event_id"),
             updated_at=bindparam("updated_at"),
         ),
-        updates,
+        [
+            {
+                "k_customer": key[0],
+                "k_meter": key[1],
+                "k_start": key[2],
+                "value": after.value,
+                "events": after.events,
+                "revision": after.revision,
+                "last_event_time": after.last_event_time,
+                "last_event_id": after.last_event_id,
+                "updated_at": now,
+            }
+            for key, after in totals.items()
+        ],
     )
-    return changed
 
 
 def _lock_and_read(connection: Connection, keys: list[WindowKey]) -> dict[WindowKey, Stored]:
@@ -135,7 +157,7 @@ def _record_distinct_values(
 ) -> Counter[WindowKey]:
     """Insert unique_count values; count, per window, the ones it had not seen before."""
     rows = [
-        {"customer_id": key[0], "meter": key[1], "window_start": key[2], "value": value}
+        (key[0], key[1], key[2], value)
         for key, partial in partials.items()
         if catalogue.meters[key[1]].aggregation == "unique_count"
         for value in sorted(partial.distinct)
@@ -143,9 +165,15 @@ def _record_distinct_values(
     fresh: Counter[WindowKey] = Counter()
     if not rows:
         return fresh
+    if connection.dialect.name == "postgresql":
+        fresh.update(postgres.insert_distinct(connection, rows))
+        return fresh
     statement = insert_ignoring_conflicts(connection, unique_values).returning(
         unique_values.c.customer_id, unique_values.c.meter, unique_values.c.window_start
     )
-    for row in connection.execute(statement, rows):
+    parameters = [
+        {"customer_id": c, "meter": m, "window_start": s, "value": v} for c, m, s, v in rows
+    ]
+    for row in connection.execute(statement, parameters):
         fresh[(row.customer_id, row.meter, row.window_start)] += 1
     return fresh

@@ -18,6 +18,8 @@ from tests.aggregators.reference import Totals, reference_totals
 from tests.conftest import EXAMPLE_METERS
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+# Ids that need quoting in SQL array literals and CSV alike.
+CUSTOMERS = [f"c{i}" for i in range(6)] + ["c,7", 'c"8', "c\\9", "{c10}", "NULL", " c 11 ", "ü12"]
 
 
 def stored_totals(engine: Engine) -> Totals:
@@ -44,7 +46,7 @@ def random_events(rng: random.Random, count: int, catalogue: Catalogue) -> list[
             UsageEvent(
                 event_id=f"e{i}",
                 source="svc",
-                customer_id=f"c{rng.randint(0, 9)}",
+                customer_id=rng.choice(CUSTOMERS),
                 meter=meter.name,
                 value=value,
                 event_time=NOW - timedelta(seconds=rng.randint(0, 3 * 86_400)),

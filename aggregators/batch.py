@@ -92,6 +92,7 @@ class BatchApplier:
         self._horizon_days = horizon_days
         self._clock = clock
         self.dedup = DedupKeys(engine, horizon_days)
+        self._last_now = datetime.min.replace(tzinfo=UTC)
 
     def apply(self, messages: Sequence[Message]) -> BatchResult:
         """Apply ``messages`` in one transaction; return what happened.
@@ -102,7 +103,10 @@ class BatchApplier:
         Anything else propagates, and nothing of the batch is kept.
         """
         started = time.perf_counter()
-        now = self._clock()
+        # Strictly later than the last batch's time: a window's updated_at then says which
+        # batch last changed it.
+        now = max(self._clock(), self._last_now + timedelta(microseconds=1))
+        self._last_now = now
         result = BatchResult()
         # Totals can reach 30 digits and more; the default context (28) would round them.
         with localcontext() as exact:

@@ -10,14 +10,14 @@ against one reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection
 
-from aggregators.aggregation import Stored, WindowKey
+from aggregators.aggregation import WindowKey
 
 _CLAIM = """
 WITH input AS (
@@ -34,36 +34,42 @@ ON CONFLICT DO NOTHING
 RETURNING event_day, key
 """
 
-_PLACEHOLDERS = """
-INSERT INTO window_totals (customer_id, meter, window_start, window_end, value, events,
-                           revision, first_applied_at, updated_at)
-SELECT c, m, s, e, 0, 0, 0, %(now)s, %(now)s
-FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(e)s::timestamptz[])
-     AS k(c, m, s, e)
+# The merge of aggregation.merge(), in SQL, so one statement creates or updates each window:
+# ON CONFLICT DO UPDATE locks the row and sees its latest committed version, so workers that
+# share a window during a rebalance serialise on it. "proposed" is what the batch alone gives
+# the window (its sum, count, new distinct values, max, min or newest value). Event ids compare
+# in code-point order (COLLATE "C"), as Python compares them.
+# updated_at moves only when the value changes, to this batch's time (strictly later than the
+# last batch's), which tells RETURNING which windows changed.
+_UPSERT = """
+INSERT INTO window_totals AS w (customer_id, meter, window_start, window_end, value, events,
+                                revision, last_event_time, last_event_id, first_applied_at,
+                                updated_at)
+SELECT c, m, s, e, proposed, n, 1, lt, lid, %(now)s, %(now)s
+FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(e)s::timestamptz[],
+            %(proposed)s::numeric[], %(n)s::bigint[], %(lt)s::timestamptz[], %(lid)s::text[])
+     AS u(c, m, s, e, proposed, n, lt, lid)
 ORDER BY c, m, s
-ON CONFLICT DO NOTHING
+ON CONFLICT (customer_id, meter, window_start) DO UPDATE SET
+    value = {merged},
+    revision = w.revision + CASE WHEN {merged} <> w.value THEN 1 ELSE 0 END,
+    events = w.events + excluded.events,
+    last_event_time = CASE WHEN {newer} THEN excluded.last_event_time ELSE w.last_event_time END,
+    last_event_id = CASE WHEN {newer} THEN excluded.last_event_id ELSE w.last_event_id END,
+    updated_at = CASE WHEN {merged} <> w.value THEN excluded.updated_at ELSE w.updated_at END
+RETURNING customer_id, meter, window_start, value, revision, updated_at = %(now)s AS changed
 """
-
-_LOCK_AND_READ = """
-SELECT w.customer_id, w.meter, w.window_start, w.value, w.events, w.revision,
-       w.last_event_time, w.last_event_id
-FROM window_totals w
-JOIN unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[]) AS k(c, m, s)
-  ON w.customer_id = k.c AND w.meter = k.m AND w.window_start = k.s
-ORDER BY w.customer_id, w.meter, w.window_start
-FOR UPDATE OF w
-"""
-
-_UPDATE = """
-UPDATE window_totals w
-SET value = u.value, events = u.events, revision = u.revision,
-    last_event_time = u.last_event_time, last_event_id = u.last_event_id, updated_at = %(now)s
-FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(value)s::numeric[],
-            %(events)s::bigint[], %(revision)s::bigint[], %(last_time)s::timestamptz[],
-            %(last_id)s::text[])
-     AS u(c, m, s, value, events, revision, last_event_time, last_event_id)
-WHERE w.customer_id = u.c AND w.meter = u.m AND w.window_start = u.s
-"""
+_NEWER = (
+    '(excluded.last_event_time, excluded.last_event_id COLLATE "C") '
+    '> (w.last_event_time, w.last_event_id COLLATE "C")'
+)
+_MERGED = f"""(CASE
+    WHEN w.meter = ANY(%(additive)s::text[]) THEN w.value + excluded.value
+    WHEN w.meter = ANY(%(maximum)s::text[]) THEN GREATEST(w.value, excluded.value)
+    WHEN w.meter = ANY(%(minimum)s::text[]) THEN LEAST(w.value, excluded.value)
+    WHEN {_NEWER} THEN excluded.value
+    ELSE w.value END)"""
+_UPSERT = _UPSERT.format(merged=_MERGED, newer=_NEWER)
 
 _DISTINCT = """
 INSERT INTO unique_values (customer_id, meter, window_start, value)
@@ -85,38 +91,36 @@ def claim_keys(connection: Connection, rows: list[tuple[date, bytes]]) -> set[tu
     return {(row[0], bytes(row[1])) for row in result}
 
 
-def create_placeholders(
-    connection: Connection, keys: list[WindowKey], ends: list[datetime], now: datetime
-) -> None:
-    connection.exec_driver_sql(
-        _PLACEHOLDERS, {**_columns(keys), "e": _array(e.isoformat() for e in ends), "now": now}
-    )
-
-
-def lock_and_read(connection: Connection, keys: list[WindowKey]) -> dict[WindowKey, Stored]:
-    stored: dict[WindowKey, Stored] = {}
-    for row in connection.exec_driver_sql(_LOCK_AND_READ, _columns(keys)):
-        key = (row[0], row[1], row[2].astimezone(UTC))
-        last_time = row[6].astimezone(UTC) if row[6] is not None else None
-        stored[key] = Stored(Decimal(row[3]), row[4], row[5], last_time, row[7])
-    return stored
-
-
-def write_totals(connection: Connection, totals: dict[WindowKey, Stored], now: datetime) -> None:
-    keys = list(totals)
-    values = [totals[key] for key in keys]
-    connection.exec_driver_sql(
-        _UPDATE,
+def upsert_totals(
+    connection: Connection,
+    rows: Sequence[tuple[WindowKey, datetime, Decimal, int, datetime, str]],
+    meters_by_kind: dict[str, list[str]],
+    now: datetime,
+) -> list[tuple[WindowKey, Decimal, int]]:
+    """Create or merge each window: rows of (key, window end, proposed value, events, newest
+    event time, newest event id). Returns (key, value, revision) of the windows whose value
+    changed (or that were created)."""
+    keys = [row[0] for row in rows]
+    result = connection.exec_driver_sql(
+        _UPSERT,
         {
             **_columns(keys),
-            "value": _array(format(v.value, "f") for v in values),
-            "events": _array(str(v.events) for v in values),
-            "revision": _array(str(v.revision) for v in values),
-            "last_time": _array(_iso(v.last_event_time) for v in values),
-            "last_id": _array(v.last_event_id for v in values),
+            "e": _array(row[1].isoformat() for row in rows),
+            "proposed": _array(format(row[2], "f") for row in rows),
+            "n": _array(str(row[3]) for row in rows),
+            "lt": _array(row[4].isoformat() for row in rows),
+            "lid": _array(row[5] for row in rows),
+            "additive": _array(meters_by_kind["additive"]),
+            "maximum": _array(meters_by_kind["max"]),
+            "minimum": _array(meters_by_kind["min"]),
             "now": now,
         },
     )
+    return [
+        ((row[0], row[1], row[2].astimezone(UTC)), Decimal(row[3]), row[4])
+        for row in result
+        if row[5]
+    ]
 
 
 def insert_distinct(

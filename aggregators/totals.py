@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, bindparam, select, tuple_, update
+from sqlalchemy import Connection, bindparam, case, select, tuple_, update
 
 from aggregators import postgres
 from aggregators.aggregation import EMPTY, Partial, Stored, WindowKey, merge
@@ -43,12 +43,9 @@ def apply_partials(
         return []
     keys = sorted(partials)
     new_distinct = _record_distinct_values(connection, partials, catalogue)
-    fast = connection.dialect.name == "postgresql"
-    if fast:
-        postgres.create_placeholders(connection, keys, [partials[k].window_end for k in keys], now)
-        stored = postgres.lock_and_read(connection, keys)
-    else:
-        stored = _create_lock_and_read(connection, keys, partials, now)
+    if connection.dialect.name == "postgresql":
+        return _upsert_on_postgres(connection, keys, partials, new_distinct, catalogue, now)
+    stored = _create_lock_and_read(connection, keys, partials, now)
     merged: dict[WindowKey, Stored] = {}
     changed = []
     for key in keys:
@@ -58,11 +55,35 @@ def apply_partials(
         merged[key] = after
         if after.revision != before.revision:
             changed.append(ChangedWindow(key, after.value, after.revision))
-    if fast:
-        postgres.write_totals(connection, merged, now)
-    else:
-        _write_totals(connection, merged, now)
+    _write_totals(connection, merged, now)
     return changed
+
+
+def _upsert_on_postgres(
+    connection: Connection,
+    keys: list[WindowKey],
+    partials: Mapping[WindowKey, Partial],
+    new_distinct: Counter[WindowKey],
+    catalogue: Catalogue,
+    now: datetime,
+) -> list[ChangedWindow]:
+    rows = []
+    for key in keys:
+        partial = partials[key]
+        aggregation = catalogue.meters[key[1]].aggregation
+        # What the batch alone gives this window (aggregation.merge on an empty window).
+        proposed = merge(aggregation, EMPTY, partial, new_distinct[key]).value
+        rows.append(
+            (key, partial.window_end, proposed, partial.events, partial.last_time, partial.last_id)
+        )
+    kinds: dict[str, list[str]] = {"additive": [], "max": [], "min": []}
+    for meter in catalogue:
+        if meter.aggregation in ("sum", "count", "unique_count"):
+            kinds["additive"].append(meter.name)
+        elif meter.aggregation in ("max", "min"):
+            kinds[meter.aggregation].append(meter.name)
+    changed = postgres.upsert_totals(connection, rows, kinds, now)
+    return [ChangedWindow(key, value, revision) for key, value, revision in changed]
 
 
 def _create_lock_and_read(
@@ -105,7 +126,10 @@ def _write_totals(connection: Connection, totals: dict[WindowKey, Stored], now: 
             revision=bindparam("revision"),
             last_event_time=bindparam("last_event_time"),
             last_event_id=bindparam("last_event_id"),
-            updated_at=bindparam("updated_at"),
+            updated_at=case(
+                (window_totals.c.revision != bindparam("revision"), bindparam("updated_at")),
+                else_=window_totals.c.updated_at,
+            ),
         ),
         [
             {

@@ -91,6 +91,7 @@ window_totals = Table(
     Column("last_event_time", UTCDateTime(), nullable=True),
     Column("last_event_id", String(200), nullable=True),
     Column("first_applied_at", UTCDateTime(), nullable=False),
+    # When the value last changed (the time of the batch that made the current revision).
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 Index("window_totals_by_update", window_totals.c.updated_at)
@@ -163,8 +164,12 @@ ledger = Table(
     Column("timestamp", UTCDateTime(), nullable=False),  # the meter event's timestamp
     Column("identifier", String(100), nullable=False, unique=True),
     # pending | sent | accepted (v2 stream: 202, validated later) | rejected | carried (0 units)
+    # | unknown (first call too long ago to resend safely; reconcile decides)
     Column("status", String(20), nullable=False),
+    # Calls started, each committed BEFORE its call, so "never called" and "called, then
+    # crashed" can be told apart after a restart.
     Column("attempts", Integer, nullable=False),
+    Column("first_attempt_at", UTCDateTime(), nullable=True),
     Column("error_code", String(100), nullable=True),
     Column("last_error", Text, nullable=True),
     Column("stripe_request_id", String(255), nullable=True),

@@ -84,8 +84,8 @@ def claim_keys(connection: Connection, rows: list[tuple[date, bytes]]) -> set[tu
     result = connection.exec_driver_sql(
         _CLAIM,
         {
-            "days": _array(day.isoformat() for day, _ in rows),
-            "keys": _array(key.hex() for _, key in rows),
+            "days": _plain_array(day.isoformat() for day, _ in rows),
+            "keys": _plain_array(key.hex() for _, key in rows),
         },
     )
     return {(row[0], bytes(row[1])) for row in result}
@@ -105,10 +105,10 @@ def upsert_totals(
         _UPSERT,
         {
             **_columns(keys),
-            "e": _array(row[1].isoformat() for row in rows),
-            "proposed": _array(format(row[2], "f") for row in rows),
-            "n": _array(str(row[3]) for row in rows),
-            "lt": _array(row[4].isoformat() for row in rows),
+            "e": _plain_array(row[1].isoformat() for row in rows),
+            "proposed": _plain_array(format(row[2], "f") for row in rows),
+            "n": _plain_array(str(row[3]) for row in rows),
+            "lt": _plain_array(row[4].isoformat() for row in rows),
             "lid": _array(row[5] for row in rows),
             "additive": _array(meters_by_kind["additive"]),
             "maximum": _array(meters_by_kind["max"]),
@@ -132,7 +132,7 @@ def insert_distinct(
         {
             "c": _array(r[0] for r in rows),
             "m": _array(r[1] for r in rows),
-            "s": _array(r[2].isoformat() for r in rows),
+            "s": _plain_array(r[2].isoformat() for r in rows),
             "v": _array(r[3] for r in rows),
         },
     )
@@ -143,13 +143,19 @@ def _columns(keys: list[WindowKey]) -> dict[str, Any]:
     return {
         "c": _array(k[0] for k in keys),
         "m": _array(k[1] for k in keys),
-        "s": _array(k[2].isoformat() for k in keys),
+        "s": _plain_array(k[2].isoformat() for k in keys),
     }
 
 
 def _array(items: Iterable[str | None]) -> str:
     """A PostgreSQL array literal of text: every element quoted, NULL for None."""
     return "{" + ",".join(_element(item) for item in items) + "}"
+
+
+def _plain_array(items: Iterable[str]) -> str:
+    """An array literal of elements that never need quoting: digits, hex, ISO dates and times
+    (no comma, brace, quote, backslash or white space, and never the word NULL)."""
+    return "{" + ",".join(items) + "}"
 
 
 def _element(item: str | None) -> str:

@@ -152,6 +152,8 @@ def _fraction_digits(exact: Decimal) -> int:
     _sign, digits, exponent = exact.as_tuple()
     if not isinstance(exponent, int):  # NaN and infinities are refused before this
         return 0
+    if exponent >= -MAX_FRACTION_DIGITS:
+        return -exponent if exponent < 0 else 0  # the common case: no need to strip zeros
     trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
     return max(0, -(exponent + trailing))
 

@@ -17,11 +17,14 @@ from typing import Any
 import faust
 
 from aggregators.batch import BatchApplier, BatchResult, Message
+from aggregators.status import unreported_windows
+from meterstream.lag import consumer_lag
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
 _RETRY_MAX_S = 30.0
 _PRUNE_INTERVAL_S = 3600.0
+_GAUGE_INTERVAL_S = 10.0
 
 
 def dead_letter_topic(settings: Settings) -> str:
@@ -82,7 +85,28 @@ def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
             _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
 
     app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune_dedup_keys)
+
+    async def refresh_gauges() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, _refresh_gauges, settings, applier)
+
+    app.timer(_GAUGE_INTERVAL_S, name="meterstream.gauges")(refresh_gauges)
     return app
+
+
+def _refresh_gauges(settings: Settings, applier: BatchApplier) -> None:
+    """Consumer lag from the broker, and the database's view of what awaits the reporter."""
+    metrics = applier.metrics
+    try:
+        lag = consumer_lag(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
+        for partition, behind in lag.items():
+            metrics.consumer_lag.labels(settings.topic, str(partition)).set(behind)
+        metrics.unreported_windows.set(unreported_windows(applier.engine))
+        newest = applier.newest_event_time
+        if newest is not None:
+            metrics.event_time_lag.set((datetime.now(UTC) - newest).total_seconds())
+    except Exception:
+        # Gauges are best effort; a broker or database hiccup must not stop the agent.
+        _log.warning("could not refresh the lag gauges", exc_info=True)
 
 
 async def _apply_until_done(

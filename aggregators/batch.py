@@ -86,9 +86,10 @@ class BatchApplier:
         horizon_days: int,
         clock: Clock = lambda: datetime.now(UTC),
     ) -> None:
-        self._engine = engine
+        self.engine = engine
         self._catalogue = catalogue
-        self._metrics = metrics
+        self.metrics = metrics
+        self.newest_event_time: datetime | None = None
         self._horizon_days = horizon_days
         self._clock = clock
         self.dedup = DedupKeys(engine, horizon_days)
@@ -162,7 +163,7 @@ class BatchApplier:
         self, accepted: list[Accepted], rejected: list[Rejected], now: datetime
     ) -> BatchResult:
         result = BatchResult(rejected=rejected)
-        with self._engine.begin() as connection:
+        with self.engine.begin() as connection:
             fresh = self.dedup.claim(connection, [a.event for a in accepted])
             partials: dict[WindowKey, Partial] = {}
             applied: Counter[str] = Counter()
@@ -196,7 +197,7 @@ class BatchApplier:
         return result
 
     def _count(self, result: BatchResult, size: int, seconds: float) -> None:
-        metrics = self._metrics
+        metrics = self.metrics
         for meter, count in result.applied_by_meter.items():
             metrics.applied.labels(meter).inc(count)
         for meter, count in result.late_by_meter.items():
@@ -207,7 +208,13 @@ class BatchApplier:
         metrics.batch_size.observe(size)
         metrics.batch_latency.observe(seconds)
         if result.newest_event_time is not None:
-            lag = (self._clock() - result.newest_event_time).total_seconds()
+            newest = self.newest_event_time
+            self.newest_event_time = (
+                result.newest_event_time
+                if newest is None
+                else max(newest, result.newest_event_time)
+            )
+            lag = (self._clock() - self.newest_event_time).total_seconds()
             metrics.event_time_lag.set(max(lag, 0.0))
 
 

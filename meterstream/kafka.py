@@ -105,3 +105,18 @@ def end_offsets(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int
         return result
     finally:
         consumer.close()
+
+
+def start_offsets(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """The low watermark (the first retained offset) of every partition of ``topic``."""
+    consumer = Consumer({**client_config(bootstrap), "group.id": "meterstream-offsets-probe"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        return {
+            partition: consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout_s
+            )[0]
+            for partition in metadata.partitions
+        }
+    finally:
+        consumer.close()

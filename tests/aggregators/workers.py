@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,24 +20,27 @@ from meterstream.settings import Settings
 MeterstreamCommand = [sys.executable, "-c", "from meterstream.cli import main; main()"]
 
 
-def environment(settings: Settings) -> dict[str, str]:
-    """The METERSTREAM_* variables that make a process see ``settings``."""
+def environment(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
+    """The METERSTREAM_* variables that make a process see ``settings`` (metrics off unless a
+    port is given, so parallel processes never fight over one)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     for name, value in settings.model_dump(exclude_none=True).items():
         if name == "stripe_api_key":
             value = settings.stripe_api_key.get_secret_value() if settings.stripe_api_key else ""
         env[f"METERSTREAM_{name.upper()}"] = str(value)
-    env["METERSTREAM_METRICS_PORT"] = "0"
+    env["METERSTREAM_METRICS_PORT"] = str(metrics_port)
     return env
 
 
 @contextmanager
-def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, log: Path, metrics_port: int = 0
+) -> Iterator[subprocess.Popen[bytes]]:
     """A running worker; stopped (SIGTERM, then SIGKILL) by its pid on exit."""
     with log.open("ab") as out:
         process = subprocess.Popen(
             [*MeterstreamCommand, "aggregate", "--loglevel", "warning"],
-            env=environment(settings),
+            env=environment(settings, metrics_port),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -71,3 +75,19 @@ def events_applied(engine: Engine) -> int:
     with engine.connect() as connection:
         total = connection.execute(select(func.coalesce(func.sum(window_totals.c.events), 0)))
         return int(total.scalar_one())
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample a /metrics endpoint serves: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

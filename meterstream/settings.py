@@ -6,6 +6,7 @@ nothing else in meterstream reads ``os.environ``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from meterstream.errors import ConfigError
 
 ENV_PREFIX = "METERSTREAM_"
+# Stripe secret and restricted keys: sk_ or rk_, the mode, then letters and digits only (e.g.
+# sk_test_51H...). Anything else, a trailing newline or \r included, would be sent in an HTTP
+# header, where requests refuses it with an error that quotes the whole key.
+STRIPE_API_KEY_PATTERN = re.compile(r"(?:sk|rk)_(?:test|live)_[A-Za-z0-9]+")
 
 
 class Settings(BaseSettings):
@@ -91,9 +96,14 @@ class Settings(BaseSettings):
     @field_validator("stripe_api_key")
     @classmethod
     def _stripe_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
-        # Never echo the key itself: it is a secret.
-        if value is not None and not value.get_secret_value().startswith(("sk_", "rk_")):
-            raise ValueError("expected a Stripe secret key starting with sk_ or rk_")
+        # Never echo the key itself: it is a secret. fullmatch, not match: "$" would let a
+        # trailing newline through.
+        if value is not None and not STRIPE_API_KEY_PATTERN.fullmatch(value.get_secret_value()):
+            raise ValueError(
+                "expected a Stripe secret key: sk_test_, sk_live_, rk_test_ or rk_live_ then "
+                "letters and digits only (no spaces, newline or carriage return; check how the "
+                "variable was written, e.g. a file read with its trailing newline)"
+            )
         return value
 
     @property

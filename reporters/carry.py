@@ -18,12 +18,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Context, Decimal, localcontext
+from decimal import (
+    ROUND_FLOOR,
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
 
 from meterstream.meters import StripeFormula
 
-# 60 digits hold any NUMERIC total times any unit_scale we accept without rounding.
-_EXACT = Context(prec=60, rounding=ROUND_FLOOR)
+# 60 digits hold any NUMERIC total times any unit_scale we accept without rounding; Inexact is
+# trapped so that, were that ever false, we raise instead of billing a rounded number.
+_EXACT = Context(
+    prec=60, rounding=ROUND_FLOOR, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow]
+)
 
 
 def whole_units(total: Decimal, unit_scale: Decimal) -> int:

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy import Engine
@@ -18,6 +19,9 @@ from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from reporters.cycle import CycleResult
 
 
 def _settings() -> Settings:
@@ -57,13 +61,30 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+EXIT_UNACKNOWLEDGED = 1
+EXIT_NEEDS_A_PERSON = 3
+
+
 @click.command()
 @click.option(
-    "--once", is_flag=True, help="run one cycle; exit 1 if anything due is unacknowledged"
+    "--once",
+    is_flag=True,
+    help="run one cycle; exit 1 if due usage is still unacknowledged (run again later), "
+    "3 if usage is held, unknown or was rejected in this cycle (a person must act)",
 )
 def report(once: bool) -> None:
     """Send the window totals' differences to Stripe meter events, every
-    METERSTREAM_REPORT_INTERVAL_S seconds (or --once, for cron and scripts)."""
+    METERSTREAM_REPORT_INTERVAL_S seconds (or --once, for cron and scripts).
+
+    \b
+    Exit codes of --once:
+      0  everything due is acknowledged by Stripe
+      1  due usage is still pending (Stripe down, 429, lost answers): run again later
+      3  usage needs a person: held (unlinked customer: meterstream customers link;
+         negative correction the meter does not allow; revision went back), unknown
+         (first sent over 20 h ago with no answer: run meterstream reconcile), or
+         rejected by Stripe in this cycle (see meterstream status). 3 wins over 1.
+    """
     from prometheus_client import start_http_server
 
     from reporters.service import build_reporter, connect, log_result, run_schedule
@@ -80,19 +101,38 @@ def report(once: bool) -> None:
             if once:
                 result = reporter.run_cycle()
                 log_result(result)
-                if result.unacknowledged:
-                    click.echo(
-                        f"{result.unacknowledged} due report(s) not acknowledged by Stripe yet; "
-                        "they stay pending for the next run (see meterstream status)",
-                        err=True,
-                    )
-                    sys.exit(1)
-                return
+                sys.exit(_once_exit_code(result))
             if settings.metrics_port:
                 start_http_server(settings.metrics_port, registry=metrics.registry)
             run_schedule(reporter, settings.report_interval_s, stop)
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _once_exit_code(result: CycleResult) -> int:
+    """Say why --once fails, on stderr, and return its exit code (see ``report --help``)."""
+    if result.unacknowledged:
+        click.echo(
+            f"{result.unacknowledged} due report(s) not acknowledged by Stripe yet; "
+            "they stay pending for the next run (see meterstream status)",
+            err=True,
+        )
+    for reason, count in sorted(result.held.items()):
+        click.echo(f"{count} report(s) held: {reason} (see meterstream status)", err=True)
+    if result.rejected:
+        click.echo(
+            f"{result.rejected} report(s) rejected in this cycle (see meterstream status)",
+            err=True,
+        )
+    if result.unknown:
+        click.echo(
+            f"{result.unknown} report(s) unknown: first sent too long ago to resend safely; "
+            "run meterstream reconcile",
+            err=True,
+        )
+    if result.needs_a_person:
+        return EXIT_NEEDS_A_PERSON
+    return EXIT_UNACKNOWLEDGED if result.unacknowledged else 0
 
 
 @click.group()
@@ -136,8 +176,17 @@ def customers_list() -> None:
     default=None,
     help="start of the range (UTC); default: METERSTREAM_HORIZON_DAYS ago",
 )
-def reconcile(since: datetime | None) -> None:
-    """Compare the ledger and the database with Stripe's meter event summaries; exit 1 on drift."""
+@click.option(
+    "--settle-minutes",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="end the range this many minutes ago: Stripe counts asynchronously",
+)
+def reconcile(since: datetime | None, settle_minutes: int) -> None:
+    """Compare the database, the ledger and Stripe's meter event summaries per Stripe customer
+    and meter; exit 1 on drift. First decides unknown rows (sent or pending again) and
+    confirms v2 stream rows Stripe's summaries cover (accepted -> sent)."""
     from reporters.reconcile import reconcile as compare
     from reporters.service import connect, fetch_summary
 
@@ -148,18 +197,27 @@ def reconcile(since: datetime | None) -> None:
     try:
         with _database(settings) as engine:
             connected = connect(settings, catalogue, ReporterMetrics(), threading.Event())
-            lines = compare(
-                engine, catalogue, connected.stripe_meters, fetch_summary(connected), start, now
+            found = compare(
+                engine,
+                catalogue,
+                connected.stripe_meters,
+                fetch_summary(connected),
+                start,
+                now,
+                settle_minutes,
             )
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc
-    for line in lines:
+    for decided in found.settled:
+        click.echo(decided)
+    for line in found.lines:
         click.echo(str(line))
-    drifting = sum(line.drift for line in lines)
     click.echo(
-        f"{len(lines)} customer meter(s) compared since {start.isoformat()}; {drifting} drift"
+        f"{len(found.lines)} Stripe customer meter(s) compared over "
+        f"[{start.isoformat()}, {found.end.isoformat() if found.end else '?'}); "
+        f"{found.drifting} drift"
     )
-    if drifting:
+    if found.drifting:
         sys.exit(1)
 
 

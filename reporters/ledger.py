@@ -3,10 +3,18 @@
 A row is written and committed before its call, then updated from the answer. Statuses:
 
 - ``pending``   written, not yet acknowledged; resent (same identifier, same body) until it is.
+                Each call is stamped first (``attempts`` + 1, ``first_attempt_at``) in its own
+                committed write, so after a crash the ledger knows whether Stripe may have it.
+- ``unknown``   pending, but its first call was more than ``UNKNOWN_AFTER`` ago: Stripe only
+                promises to deduplicate an identifier for about 24 h, so a resend could bill
+                twice. Never resent blindly; ``meterstream reconcile`` asks Stripe's summaries
+                and marks it ``sent`` or back to ``pending``, or leaves it for a person.
 - ``sent``      Stripe acknowledged it (v1: 200, or "already exists" for our own identifier).
-- ``accepted``  the v2 stream answered 202: Stripe took it but validates later. A bad event
-                then shows in Stripe's ``v1.billing.meter.error_report_triggered`` events and in
-                ``meterstream reconcile``, not here.
+- ``accepted``  the v2 stream answered 202: Stripe took it but validates later, so it is
+                *unconfirmed*: not final for billing lag and status until ``meterstream
+                reconcile`` finds it in Stripe's summaries and marks it ``sent``. Consuming
+                Stripe's ``v1.billing.meter.error_report_triggered`` events is not implemented;
+                a bad event shows as an ``accepted`` row that reconcile cannot confirm.
 - ``rejected``  Stripe refused it for good (400), or it was too old to send; ``error_code`` and
                 ``last_error`` say why. Its units stay accounted: a person decides.
 - ``carried``   a sum-meter row worth 0 whole units; nothing to send, its fraction is carried.
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -24,10 +32,13 @@ from sqlalchemy import Connection, Engine, func, select, update
 
 from meterstream.schema import ledger
 
-Status = Literal["pending", "sent", "accepted", "rejected", "carried"]
+Status = Literal["pending", "sent", "accepted", "rejected", "carried", "unknown"]
 ACKNOWLEDGED: tuple[Status, ...] = ("sent", "accepted")
-# Stripe has said its last word (or nothing needs saying): no more calls for the row.
-FINAL: tuple[Status, ...] = ("sent", "accepted", "rejected", "carried")
+# Stripe has said its last word (or nothing needs saying), and it is confirmed: no more calls
+# for the row, and billing is not behind on it. ``accepted`` is not here: see the docstring.
+FINAL: tuple[Status, ...] = ("sent", "rejected", "carried")
+# Stripe deduplicates identifiers and Idempotency-Keys for "at least 24 h"; 4 h of margin.
+UNKNOWN_AFTER = timedelta(hours=20)
 
 
 def identifier_for(
@@ -36,7 +47,10 @@ def identifier_for(
     """The meter event's identifier: deterministic, so a resend after a crash is recognised.
 
     A hash of the parts (customer ids may be long or hold any character), 52 characters, well
-    under Stripe's 100.
+    under Stripe's 100. It holds no deployment namespace (no setting names one): two
+    deployments reporting the same customer, meter and window to one Stripe account would
+    collide, and the second would be taken as "already exists". Use one Stripe account (or
+    distinct meters) per deployment.
     """
     parts = "\x1f".join(
         (customer_id, meter, window_start.isoformat(), window_end.isoformat(), str(revision))
@@ -65,6 +79,7 @@ class LedgerRow:
     identifier: str
     status: str
     attempts: int
+    first_attempt_at: datetime | None
     error_code: str | None
     last_error: str | None
     stripe_request_id: str | None
@@ -109,6 +124,27 @@ def window_total(
     return (0, Decimal(0)) if found is None else (int(found[0]), found[1])
 
 
+def latest_window_row(
+    connection: Connection, customer_id: str, meter: str, window_start: datetime
+) -> LedgerRow | None:
+    """The newest row of one window (its highest revision)."""
+    found = (
+        connection.execute(
+            select(ledger)
+            .where(
+                ledger.c.customer_id == customer_id,
+                ledger.c.meter == meter,
+                ledger.c.window_start == window_start,
+            )
+            .order_by(ledger.c.revision.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    return None if found is None else _row(found)
+
+
 def insert_row(connection: Connection, row: LedgerRow) -> None:
     connection.execute(ledger.insert().values(**asdict(row)))
 
@@ -124,14 +160,32 @@ def pending_rows(engine: Engine) -> list[LedgerRow]:
         return [_row(mapping) for mapping in found]
 
 
-def mark_acknowledged(
-    engine: Engine, identifier: str, status: Status, request_id: str | None, now: datetime
-) -> None:
-    _update(
+def start_attempt(engine: Engine, identifier: str, now: datetime) -> bool:
+    """Record, committed, that a call for a pending row is about to start; False if the row
+    is no longer pending (another reporter or a late answer settled it): then do not call."""
+    return _update(
         engine,
         identifier,
-        status=status,
+        "pending",
         attempts=ledger.c.attempts + 1,
+        first_attempt_at=func.coalesce(ledger.c.first_attempt_at, now),
+        updated_at=now,
+    )
+
+
+def mark_acknowledged(
+    engine: Engine,
+    identifier: str,
+    status: Status,
+    request_id: str | None,
+    now: datetime,
+    expected: Status = "pending",
+) -> bool:
+    return _update(
+        engine,
+        identifier,
+        expected,
+        status=status,
         stripe_request_id=request_id,
         last_error=None,
         error_code=None,
@@ -147,12 +201,12 @@ def mark_rejected(
     message: str,
     request_id: str | None,
     now: datetime,
-) -> None:
-    _update(
+) -> bool:
+    return _update(
         engine,
         identifier,
+        "pending",
         status="rejected",
-        attempts=ledger.c.attempts + 1,
         error_code=code,
         last_error=message,
         stripe_request_id=request_id,
@@ -160,14 +214,63 @@ def mark_rejected(
     )
 
 
-def mark_attempt(engine: Engine, identifier: str, error: str, now: datetime) -> None:
+def mark_attempt(engine: Engine, identifier: str, error: str, now: datetime) -> bool:
     """A failed try that may succeed later: the row stays pending."""
-    _update(engine, identifier, attempts=ledger.c.attempts + 1, last_error=error, updated_at=now)
+    return _update(engine, identifier, "pending", last_error=error, updated_at=now)
 
 
-def _update(engine: Engine, identifier: str, **values: Any) -> None:
+def mark_unknown(engine: Engine, identifier: str, reason: str, now: datetime) -> bool:
+    """A pending row too old to resend blindly (UNKNOWN_AFTER); reconcile decides."""
+    return _update(
+        engine,
+        identifier,
+        "pending",
+        status="unknown",
+        error_code="resend_window_expired",
+        last_error=reason,
+        updated_at=now,
+    )
+
+
+def mark_pending_again(engine: Engine, identifier: str, now: datetime) -> bool:
+    """An unknown row Stripe's summaries show it never recorded: safe to send afresh."""
+    return _update(
+        engine,
+        identifier,
+        "unknown",
+        status="pending",
+        first_attempt_at=None,
+        error_code=None,
+        last_error="reconcile: not in Stripe's summaries; sending again",
+        updated_at=now,
+    )
+
+
+def confirm_accepted(engine: Engine, identifier: str, now: datetime) -> bool:
+    """An ``accepted`` (v2 stream) row that Stripe's summaries show counted: ``sent``."""
+    return _update(engine, identifier, "accepted", status="sent", updated_at=now)
+
+
+def _update(engine: Engine, identifier: str, expected: Status, **values: Any) -> bool:
+    """Update one row only while it has status ``expected``, so a late answer or a second
+    reporter cannot overwrite a settled row; True if the row was updated."""
     with engine.begin() as connection:
-        connection.execute(update(ledger).where(ledger.c.identifier == identifier).values(values))
+        done = connection.execute(
+            update(ledger)
+            .where(ledger.c.identifier == identifier, ledger.c.status == expected)
+            .values(values)
+        )
+        return bool(done.rowcount)
+
+
+def rows_with_status(engine: Engine, status: Status) -> list[LedgerRow]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger)
+            .where(ledger.c.status == status)
+            .order_by(ledger.c.customer_id, ledger.c.meter, ledger.c.sequence)
+        ).mappings()
+        return [_row(mapping) for mapping in found]
 
 
 def rows_for(engine: Engine, customer_id: str, meter: str) -> list[LedgerRow]:

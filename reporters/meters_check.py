@@ -5,7 +5,13 @@ Matched by ``event_name == stripe_event_name``. The formulas must fit what we se
 - sum, count, unique_count are sent as differences, to be summed: Stripe formula ``sum``.
   Stripe's ``count`` counts events and ignores their values, so every difference (and every
   correction or carried unit) would count as 1: incompatible.
-- max, min, last are sent as the current value: Stripe formula ``last``.
+- max, min, last are sent as the current value: Stripe formula ``last``. Stripe bills the
+  newest value of the billing period, so a max/min meter must use ``window = "1mo"``: with
+  shorter windows Stripe would bill the newest window's max, not the month's.
+
+And the meter must count every event (``event_time_window`` null: a ``hour``/``day`` meter
+keeps only the newest event per window, so our differences would overwrite each other) and map
+customers ``by_id`` (the only mapping the reporter writes).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class StripeMeter:
     status: str
     customer_key: str = "stripe_customer_id"
     value_key: str = "value"
+    event_time_window: str | None = None
+    customer_mapping_type: str = "by_id"
 
 
 def parse_meter(obj: Any) -> StripeMeter:
@@ -46,6 +54,8 @@ def parse_meter(obj: Any) -> StripeMeter:
         status=str(raw.get("status")),
         customer_key=str(mapping.get("event_payload_key") or "stripe_customer_id"),
         value_key=str(settings.get("event_payload_key") or "value"),
+        event_time_window=raw.get("event_time_window") or None,
+        customer_mapping_type=str(mapping.get("type") or "by_id"),
     )
 
 
@@ -61,6 +71,13 @@ def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict
     for meter in catalogue:
         stripe_meter = by_event.get(meter.stripe_event_name)
         wanted = meter.stripe_formula
+        if meter.aggregation in ("max", "min") and meter.window != "1mo":
+            problems.append(
+                f"meter {meter.name!r}: window {meter.window!r}: max/min meters are reported "
+                'to a Stripe `last` meter; use window = "1mo" so the value Stripe bills is '
+                "the month's max"
+            )
+            continue
         if stripe_meter is None:
             problems.append(
                 f"meter {meter.name!r}: no Stripe meter has event_name "
@@ -77,14 +94,29 @@ def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict
                 f"({meter.stripe_event_name!r}) has formula {stripe_meter.formula!r}, "
                 f"needs {wanted!r}; {_why(meter.aggregation, stripe_meter.formula)}"
             )
+        elif stripe_meter.event_time_window is not None:
+            problems.append(
+                f"meter {meter.name!r}: Stripe meter {stripe_meter.id} "
+                f"({meter.stripe_event_name!r}) has event_time_window "
+                f"{stripe_meter.event_time_window!r}: it keeps only the newest event per "
+                "window, so the reporter's differences would overwrite each other; create a "
+                "meter without event_time_window"
+            )
+        elif stripe_meter.customer_mapping_type != "by_id":
+            problems.append(
+                f"meter {meter.name!r}: Stripe meter {stripe_meter.id} "
+                f"({meter.stripe_event_name!r}) maps customers by "
+                f"{stripe_meter.customer_mapping_type!r}; the reporter sends Stripe customer "
+                "ids: create a meter with customer_mapping type by_id"
+            )
         else:
             found[meter.name] = stripe_meter
     if problems:
         raise MeterCheckError(
             "the Stripe meters do not fit the catalogue (METERSTREAM_METERS_FILE): "
             + "; ".join(problems)
-            + ". Stripe meters cannot change formula: create a new meter with the right one "
-            "and point stripe_event_name at its event_name"
+            + ". Stripe meters cannot change formula, window or mapping: create a new meter "
+            "with the right ones and point stripe_event_name at its event_name"
         )
     return found
 

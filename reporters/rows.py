@@ -21,6 +21,7 @@ from reporters.ledger import (
     identifier_for,
     insert_row,
     latest_row,
+    latest_window_row,
     window_total,
 )
 from reporters.scheduler import DueWindow
@@ -28,6 +29,30 @@ from reporters.scheduler import DueWindow
 TOO_OLD_CODE = "timestamp_too_old"
 HELD_NO_CUSTOMER_LINK = "no_customer_link"
 HELD_NEGATIVE_CORRECTION = "negative_correction"
+HELD_NO_LATER_TIMESTAMP = "no_later_timestamp"
+HELD_REVISION_WENT_BACK = "revision_went_back"
+# Stripe refuses timestamps older than 35 days (METERSTREAM_HORIZON_DAYS). We stop a day short,
+# and check again before every call (a row can wait while Stripe is down): an event that
+# crosses the limit between our check and Stripe's (queueing, clock skew, the v2 stream's
+# asynchronous validation) would otherwise be lost without a word.
+SEND_MARGIN = timedelta(days=1)
+
+
+def send_limit(now: datetime, horizon_days: int) -> datetime:
+    """The oldest timestamp the reporter still sends at ``now``."""
+    return now - timedelta(days=horizon_days) + SEND_MARGIN
+
+
+def too_old_reason(
+    window_start: datetime, window_end: datetime, timestamp: datetime, value: int, horizon_days: int
+) -> str:
+    return (
+        f"too old for Stripe: the window [{window_start.isoformat()}, "
+        f"{window_end.isoformat()}) has its event timestamp {timestamp.isoformat()}, within "
+        f"{SEND_MARGIN.days} day of the {horizon_days}-day limit (METERSTREAM_HORIZON_DAYS) or "
+        f"past it; Stripe would refuse or drop it, so bill these {value} units by hand "
+        "(invoice item or credit note)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +64,24 @@ class Held:
     value: int = 0
 
 
-def event_timestamp(window: DueWindow, now: datetime) -> datetime:
+def event_timestamp(
+    window: DueWindow, now: datetime, after: datetime | None = None
+) -> datetime | None:
     """The window's newest event time, kept inside the window and never after ``now``;
-    whole seconds (Stripe's unit)."""
+    whole seconds (Stripe's unit).
+
+    ``after``: the timestamp of this window's previous revision, for a ``last`` meter. Stripe
+    keeps the event with the newest timestamp and does not say how it orders equal ones, so a
+    revision must be at least a second later; None if that cannot fit in the window by ``now``.
+    """
     newest = window.last_event_time or window.window_start
-    inside = min(max(newest, window.window_start), window.window_end - timedelta(seconds=1))
-    return min(inside, now).replace(microsecond=0)
+    if after is not None:
+        newest = max(newest, after + timedelta(seconds=1))
+    last_second = min(window.window_end - timedelta(seconds=1), now).replace(microsecond=0)
+    stamp = min(max(newest, window.window_start), last_second).replace(microsecond=0)
+    if after is not None and stamp <= after:
+        return None
+    return stamp
 
 
 def write_row(
@@ -71,8 +108,12 @@ def write_row(
         reported_revision, previous_total = window_total(
             connection, window.customer_id, window.meter, window.window_start
         )
-        if reported_revision >= window.revision:
+        if reported_revision == window.revision:
             return None
+        if reported_revision > window.revision:
+            # The aggregators' revision went backwards (table rebuilt?): the ledger's running
+            # totals no longer describe window_totals. A person must look.
+            return Held(window, HELD_REVISION_WENT_BACK)
         report = carry.report(
             meter.stripe_formula, account, previous_total, window.total, meter.unit_scale
         )
@@ -80,19 +121,22 @@ def write_row(
             # Sending it would invent a credit the catalogue forbids; dropping it would lose
             # it. Hold it: the window stays due until its total rises again or a person acts.
             return Held(window, HELD_NEGATIVE_CORRECTION, report.value)
-        timestamp = event_timestamp(window, now)
+        previous = None
+        if meter.stripe_formula == "last":
+            previous = latest_window_row(
+                connection, window.customer_id, window.meter, window.window_start
+            )
+        timestamp = event_timestamp(window, now, previous.timestamp if previous else None)
+        if timestamp is None:
+            return Held(window, HELD_NO_LATER_TIMESTAMP, report.value)
         status: Status = "pending"
         error_code = last_error = None
         if meter.stripe_formula == "sum" and report.value == 0:
             status = "carried"
-        elif timestamp < now - timedelta(days=horizon_days):
+        elif timestamp < send_limit(now, horizon_days):
             status, error_code = "rejected", TOO_OLD_CODE
-            last_error = (
-                f"too old for Stripe: the window [{window.window_start.isoformat()}, "
-                f"{window.window_end.isoformat()}) has its newest event at "
-                f"{timestamp.isoformat()}, more than {horizon_days} days ago "
-                "(METERSTREAM_HORIZON_DAYS); Stripe refuses it, so bill these "
-                f"{report.value} units by hand (invoice item or credit note)"
+            last_error = too_old_reason(
+                window.window_start, window.window_end, timestamp, report.value, horizon_days
             )
         row = LedgerRow(
             customer_id=window.customer_id,
@@ -117,6 +161,7 @@ def write_row(
             ),
             status=status,
             attempts=0,
+            first_attempt_at=None,
             error_code=error_code,
             last_error=last_error,
             stripe_request_id=None,

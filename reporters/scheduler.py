@@ -1,4 +1,7 @@
-"""Which windows are due: their revision in window_totals is newer than the ledger's newest.
+"""Which windows are due: their revision in window_totals differs from the ledger's newest.
+
+A revision *older* than the ledger's (the aggregators' table was rebuilt, say) is returned too,
+so the reporter can hold it loudly instead of skipping it in silence.
 
 A window is due whether open or closed: each cycle sends what changed since the last report, so
 Stripe's view lags the database by at most one interval. The aggregators bump ``revision``
@@ -71,7 +74,7 @@ def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWind
         )
         .where(
             wt.meter.in_(list(meters)),
-            or_(reported.c.revision.is_(None), wt.revision > reported.c.revision),
+            or_(reported.c.revision.is_(None), wt.revision != reported.c.revision),
         )
         .order_by(wt.customer_id, wt.meter, wt.window_start)
     )

@@ -78,7 +78,7 @@ def connect(
         raise ConfigError(
             f"METERSTREAM_STRIPE_API_BASE={settings.stripe_api_base}: could not list the Stripe "
             f"meters ({outcome.code or outcome.error}); check the address and that Stripe is up"
-        ) from exc
+        ) from None  # the SDK error may quote the Authorization header
     return Connected(settings, client, gateway, check_meters(catalogue, found), metrics)
 
 

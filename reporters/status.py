@@ -15,21 +15,32 @@ from meterstream.schema import ledger, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
 from reporters.ledger import (
+    ACKNOWLEDGED,
     FINAL,
     counts_by_status,
     last_sent_at,
     latest_row,
     recent_rejections,
+    rows_with_status,
     window_total,
 )
-from reporters.rows import HELD_NEGATIVE_CORRECTION, HELD_NO_CUSTOMER_LINK
+from reporters.rows import (
+    HELD_NEGATIVE_CORRECTION,
+    HELD_NO_CUSTOMER_LINK,
+    HELD_REVISION_WENT_BACK,
+)
 from reporters.scheduler import due_windows
+
+# Stripe bills a period's usage when the period ends (plus about an hour of grace): an event
+# sent more than a day after its timestamp may belong to a period already invoiced.
+LATE_AFTER = timedelta(days=1)
 
 
 def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
     """Seconds since the oldest closed window (window_end + grace_s <= now) whose newest
-    revision is not final in the ledger (not sent, accepted, carried or rejected) ended;
-    0 when there is none. Held and pending usage both count: billing is behind on them."""
+    revision is not final in the ledger (not sent, carried or rejected) ended; 0 when there is
+    none. Held, pending, unknown and accepted-but-unconfirmed (v2 stream, until reconcile
+    confirms it) usage all count: billing is behind on them."""
     oldest: datetime | None = None
     wt = window_totals.c
     with engine.connect() as connection:
@@ -76,6 +87,9 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
             )
             for window in windows:
                 reason = None if linked else HELD_NO_CUSTOMER_LINK
+                reported, _ = window_total(connection, customer_id, meter_name, window.window_start)
+                if reported > window.revision:
+                    reason = HELD_REVISION_WENT_BACK
                 if reason is None and meter.stripe_formula == "sum" and not meter.allow_negative:
                     _, previous = window_total(
                         connection, customer_id, meter_name, window.window_start
@@ -118,9 +132,39 @@ def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict
             for row in recent_rejections(engine, 10)
         ],
         "held": held_usage(engine, catalogue),
+        "unknown": [
+            {
+                "customer_id": row.customer_id,
+                "meter": row.meter,
+                "window_start": row.window_start,
+                "revision": row.revision,
+                "value": row.value,
+                "first_attempt_at": row.first_attempt_at,
+            }
+            for row in rows_with_status(engine, "unknown")
+        ],
+        "unconfirmed": counts.get("accepted", 0),
+        "sent_late": sent_late(engine, catalogue),
         "billing_lag_s": billing_lag_s(engine, catalogue, now),
         "last_sent_at": last_sent_at(engine),
     }
+
+
+def sent_late(engine: Engine, catalogue: Catalogue) -> int:
+    """Rows Stripe acknowledged more than a day (plus the meter's grace) after their
+    timestamp: their period may already be invoiced, so they may never be billed."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger.c.meter, ledger.c.timestamp, ledger.c.sent_at).where(
+                ledger.c.status.in_(ACKNOWLEDGED), ledger.c.sent_at.is_not(None)
+            )
+        ).all()
+    late = 0
+    for meter_name, timestamp, sent_at in found:
+        meter = catalogue.get(meter_name)
+        grace = timedelta(seconds=meter.grace_s if meter else 0)
+        late += sent_at - timestamp > LATE_AFTER + grace
+    return late
 
 
 def format_status(facts: dict[str, Any]) -> str:
@@ -129,6 +173,21 @@ def format_status(facts: dict[str, Any]) -> str:
         "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
     ]
     lines.append(f"pending rows: {facts['pending']}")
+    lines.append(
+        f"unconfirmed (v2 stream accepted, not yet confirmed by reconcile): {facts['unconfirmed']}"
+        " (Stripe's error_report_triggered events are not consumed; run meterstream reconcile)"
+    )
+    lines.append(
+        f"sent late: {facts['sent_late']} row(s) sent with a timestamp before the current "
+        "billing period may not be invoiced (sent more than 1 day + grace after their timestamp)"
+    )
+    lines.append(f"unknown (not resent; run meterstream reconcile): {len(facts['unknown'])}")
+    for item in facts["unknown"]:
+        lines.append(
+            f"  {item['customer_id']} {item['meter']} window {item['window_start'].isoformat()} "
+            f"revision {item['revision']} value {item['value']}: first sent "
+            f"{item['first_attempt_at'].isoformat() if item['first_attempt_at'] else '?'}"
+        )
     lines.append(f"billing lag: {facts['billing_lag_s']:.0f} s")
     sent = facts["last_sent_at"]
     lines.append(f"last sent: {sent.isoformat() if sent else 'never'}")

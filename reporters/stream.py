@@ -6,8 +6,10 @@ that token. The session is renewed ``renew_margin_s`` before it expires, and onc
 says it expired anyway (clock skew).
 
 Stripe validates stream events asynchronously: a 202 means "accepted", not "valid". Rows are
-therefore marked ``accepted`` (not ``sent``): an event Stripe refuses later shows up in its
-``v1.billing.meter.error_report_triggered`` events and as drift in ``meterstream reconcile``.
+therefore marked ``accepted`` (not ``sent``) and count as unconfirmed (status, billing lag)
+until ``meterstream reconcile`` finds them in Stripe's summaries and marks them ``sent``. An
+event Stripe refuses later stays ``accepted`` and shows as drift; consuming Stripe's
+``v1.billing.meter.error_report_triggered`` events is not implemented.
 A resend after a crash is harmless: each event's identifier is deduplicated by Stripe.
 """
 

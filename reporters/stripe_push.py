@@ -3,12 +3,19 @@
 Which errors are retried, and by whom:
 
 - 5xx, 409 and lost connections: the SDK retries them (``max_network_retries=2``) with the same
-  Idempotency-Key; if they still fail the row stays ``pending`` for the next cycle.
+  Idempotency-Key; if they still fail the row stays ``pending`` for the next cycle. A 409 is
+  "another request with this Idempotency-Key is in progress" (a slow call still running at
+  Stripe): the SDK raises IdempotencyError for it, but it is never final.
 - 429: the SDK does not retry a plain 429, so :class:`StripeGateway` does, with exponential
   backoff and jitter, a bounded number of times; then the row stays ``pending``.
 - 400 "An event already exists with identifier <ours>": Stripe already has this very event
   (the answer to an earlier try was lost): the row is ``sent``.
+- 400 idempotency_error (same key, different body): final, ``rejected``; a person must look.
 - any other 400/404: not retried; the row is ``rejected`` with Stripe's code and message.
+
+Every message taken from the SDK goes through :func:`scrub` first: the SDK's network errors
+quote the request headers (``Authorization: Bearer sk_...``), and Stripe's 401 echoes part of
+the key. SDK exceptions are never chained into ours for the same reason.
 - 401/403: the key is wrong, not the row: :class:`StripeAuthError` stops the cycle.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +34,7 @@ import stripe
 
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.metrics import ReporterMetrics
-from meterstream.settings import Settings
+from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.ratelimit import TokenBucket
@@ -35,6 +43,15 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 REQUEST_TIMEOUT_S = 30.0
 SDK_NETWORK_RETRIES = 2
+# Anything that may be a credential: secret and restricted keys (whole or cut short, e.g.
+# "sk_test_51H8****"), v2 session tokens, and whatever follows "Bearer".
+_CREDENTIAL = re.compile(r"(?:sk|rk|pk)_(?:test|live)_\S*|mes_tok_\S*|Bearer\s+\S*", re.IGNORECASE)
+_ALREADY_EXISTS = re.compile(r"An event already exists with identifier (\S+?)\.?$")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every credential-looking token replaced by ``[redacted]``."""
+    return _CREDENTIAL.sub("[redacted]", text)
 
 
 class StripeAuthError(MeterstreamError):
@@ -52,7 +69,14 @@ def require_api_key(settings: Settings) -> str:
             "METERSTREAM_STRIPE_API_KEY is not set: the reporter needs a Stripe secret key "
             "(sk_... or a restricted rk_... key with write access to billing meter events)"
         )
-    return settings.stripe_api_key.get_secret_value()
+    key = settings.stripe_api_key.get_secret_value()
+    # Settings validates the shape, but a Settings built with model_copy(update=...) skips that.
+    if not STRIPE_API_KEY_PATTERN.fullmatch(key):
+        raise ConfigError(
+            "METERSTREAM_STRIPE_API_KEY is malformed: expected sk_test_, sk_live_, rk_test_ or "
+            "rk_live_ then letters and digits only (no whitespace or trailing newline)"
+        )
+    return key
 
 
 class _CountingHttpClient(stripe.RequestsClient):
@@ -178,7 +202,10 @@ def send_meter_event(
 
 
 def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:
-    """What a failed call means for its row(s); raises StripeAuthError for a bad key."""
+    """What a failed call means for its row(s); raises StripeAuthError for a bad key.
+
+    Messages in the Outcome are scrubbed of credentials (module docstring).
+    """
     request_id = exc.request_id
     if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
         # Stripe's message echoes part of the key; do not repeat it anywhere.
@@ -186,13 +213,23 @@ def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:
             f"Stripe refused METERSTREAM_STRIPE_API_KEY (HTTP {exc.http_status}): use a live or "
             "test secret key, or a restricted key allowed to write billing meter events"
         ) from None
-    message = exc.user_message or type(exc).__name__
+    message = scrub(exc.user_message or type(exc).__name__)
+    if exc.http_status == 409:
+        # Another call with this Idempotency-Key is still running at Stripe (a slow call the
+        # SDK gave up on and retried): its answer decides the row, so try again later.
+        return Outcome("retry", request_id, error=f"{type(exc).__name__} (409): {message}")
     if isinstance(exc, stripe.InvalidRequestError) and exc.http_status in (400, 404):
-        if identifier and f"An event already exists with identifier {identifier}" in message:
+        if identifier and _existing_identifier(message) == identifier:
             return Outcome("acknowledged", request_id=request_id)
         return Outcome("rejected", request_id, exc.code or "invalid_request_error", message)
-    if isinstance(exc, stripe.IdempotencyError):
+    if isinstance(exc, stripe.IdempotencyError) and exc.http_status == 400:
         # Same key, different body: the row changed after it was first sent, which the
         # ledger forbids. Retrying cannot help; a person must look.
         return Outcome("rejected", request_id, "idempotency_error", message)
     return Outcome("retry", request_id, error=f"{type(exc).__name__}: {message}")
+
+
+def _existing_identifier(message: str) -> str | None:
+    """The identifier named by Stripe's "An event already exists with identifier X." (exact)."""
+    found = _ALREADY_EXISTS.search(message.strip())
+    return found.group(1) if found else None

@@ -100,6 +100,14 @@ class StripeApi:
                 )
             if fault == "http_429":
                 raise limits.rate_limit_error()
+            if fault == "http_409":
+                raise StripeApiError(
+                    409,
+                    "There is currently another in-progress request using this "
+                    f"Idempotency-Key '{request.headers.get('idempotency-key', '')}'. "
+                    "Please try again later.",
+                    type="idempotency_error",
+                )
             call = Call(request, path_ids, self.faults.stall if fault == "hold" else _no_stall)
             key = request.headers.get("idempotency-key")
             if request.method == "POST" and key:

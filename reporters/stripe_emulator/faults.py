@@ -3,6 +3,9 @@
 Kinds:
 - `http_500`: answer 500 `api_error` before doing anything (the SDK retries it).
 - `http_429`: answer 429 `rate_limit_error` before doing anything (the SDK does not retry).
+- `http_409`: answer 409 `idempotency_error` "another in-progress request" before doing
+  anything, as Stripe does while an earlier call with the same Idempotency-Key still runs
+  (a slow call the client timed out on and retried).
 - `drop_connection`: do the work (record the event, save the idempotent reply), then close
   the socket without answering, as when a response is lost on the way back.
 - `hold`: stall the call while it does its work (holding its customer-and-meter slot) until
@@ -19,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-FaultKind = Literal["http_500", "http_429", "drop_connection", "hold"]
+FaultKind = Literal["http_500", "http_429", "http_409", "drop_connection", "hold"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 

@@ -93,17 +93,25 @@ class Meter:
     created: int
     updated: int
     deactivated_at: int | None
+    # Seeded only (EmulatorState.create_meter), never through the API: the emulator does not
+    # apply a pre-aggregation window or another mapping; it only shows them, so a client's
+    # start-up check can be tested.
+    event_time_window: str | None = None
+    customer_mapping_type: str = "by_id"
 
     def to_stripe(self) -> JsonObject:
         return {
             "id": self.id,
             "object": "billing.meter",
             "created": self.created,
-            "customer_mapping": {"event_payload_key": self.customer_key, "type": "by_id"},
+            "customer_mapping": {
+                "event_payload_key": self.customer_key,
+                "type": self.customer_mapping_type,
+            },
             "default_aggregation": {"formula": self.formula},
             "display_name": self.display_name,
             "event_name": self.event_name,
-            "event_time_window": None,
+            "event_time_window": self.event_time_window,
             "livemode": False,
             "status": self.status,
             "status_transitions": {"deactivated_at": self.deactivated_at},

@@ -134,8 +134,13 @@ class EmulatorState:
         formula: str | None = "sum",
         customer_key: str = "stripe_customer_id",
         value_key: str = "value",
+        event_time_window: str | None = None,
+        customer_mapping_type: str = "by_id",
     ) -> Meter:
-        """Create an active meter; an event name belongs to exactly one meter."""
+        """Create an active meter; an event name belongs to exactly one meter.
+
+        ``event_time_window`` and ``customer_mapping_type`` are for seeding only: the emulator
+        shows them on the meter but does not apply them (the API refuses them on create)."""
         for param, given in (
             ("display_name", display_name),
             ("event_name", event_name),
@@ -171,6 +176,8 @@ class EmulatorState:
                 created=now,
                 updated=now,
                 deactivated_at=None,
+                event_time_window=event_time_window,
+                customer_mapping_type=customer_mapping_type,
             )
             self._meters[meter.id] = meter
             return meter

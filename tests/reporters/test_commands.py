@@ -111,7 +111,9 @@ def test_customers_link_then_held_usage_goes_out_and_status_shows_it(
     emulator: Emulator, env: dict[str, str], migrated_engine: Engine
 ) -> None:
     put_total(migrated_engine, "acme", "tokens", hour_start(2), "3")
-    assert meterstream(env, "report", "--once").returncode == 0
+    held_once = meterstream(env, "report", "--once")
+    assert held_once.returncode == 3  # held usage needs a person
+    assert "1 report(s) held: no_customer_link" in held_once.stderr
     held = meterstream(env, "status")
     assert "no_customer_link: acme tokens" in held.stdout
 
@@ -126,7 +128,9 @@ def test_customers_link_then_held_usage_goes_out_and_status_shows_it(
     assert "ledger: sent=1" in status.stdout and "held: 0" in status.stdout
     reconciled = meterstream(env, "reconcile")
     assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
-    assert "ok: acme tokens (cus_a): Stripe 3, ledger acknowledged 3" in reconciled.stdout
+    assert "ok: cus_a tokens (acme): Stripe 3, ledger acknowledged 3, database 3" in (
+        reconciled.stdout
+    )
 
 
 def test_report_refuses_to_start_without_a_key(env: dict[str, str]) -> None:
@@ -150,3 +154,31 @@ def test_report_stops_cleanly_on_sigterm(env: dict[str, str]) -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_once_exits_3_when_usage_is_rejected_in_the_cycle_and_says_why(
+    emulator: Emulator, env: dict[str, str], migrated_engine: Engine
+) -> None:
+    put_total(migrated_engine, "cus_nobody", "tokens", hour_start(2), "5")
+
+    rejected = meterstream(env, "report", "--once")
+
+    assert rejected.returncode == 3
+    assert "1 report(s) rejected in this cycle" in rejected.stderr
+    # Rejected for good, so not again: a rerun has nothing left to do.
+    assert meterstream(env, "report", "--once").returncode == 0
+    assert "3  usage needs a person" in meterstream(env, "report", "--help").stdout
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r", " "])
+def test_key_with_trailing_whitespace_fails_at_start_without_the_key(
+    env: dict[str, str], tail: str
+) -> None:
+    env["METERSTREAM_STRIPE_API_KEY"] = SECRET + tail
+
+    failed = meterstream(env, "report", "--once")
+
+    assert failed.returncode != 0
+    assert "METERSTREAM_STRIPE_API_KEY" in failed.stderr
+    assert SECRET not in failed.stderr + failed.stdout
+    assert SECRET[8:] not in failed.stderr + failed.stdout

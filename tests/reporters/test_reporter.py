@@ -31,7 +31,7 @@ from reporters.ledger import all_rows, rows_for
 from reporters.service import build_reporter, connect
 from reporters.stripe_emulator import Emulator, ManualClock, run_stripe_emulator
 
-SECRET = "sk_test_reporter_secret_51H8xyzzy"  # noqa: S105  # a fake key the tests hunt for
+SECRET = "sk_test_51H8reporterSecretXyzzy"  # noqa: S105  # a fake key the tests hunt for
 CATALOGUE = """
 [meters.tokens]
 aggregation = "sum"
@@ -53,7 +53,7 @@ grace_s = 0
 
 [meters.peak]
 aggregation = "max"
-window = "1h"
+window = "1mo"
 stripe_event_name = "peak"
 """
 STRIPE_METERS = {"tokens": "sum", "storage_mb": "sum", "api_calls": "sum", "peak": "last"}
@@ -63,6 +63,13 @@ HOUR = timedelta(hours=1)
 def hour_start(hours_ago: int = 0) -> datetime:
     now = datetime.now(UTC)
     return now.replace(minute=0, second=0, microsecond=0) - hours_ago * HOUR
+
+
+def month_window() -> tuple[datetime, timedelta]:
+    """This calendar month: (window_start, length), as a window = "1mo" meter keeps it."""
+    start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end - start
 
 
 def put_total(
@@ -260,14 +267,19 @@ def test_negative_correction_is_sent_where_the_meter_allows_it(world: World) -> 
     assert world.totals() == {("storage_mb", "cus_a"): 500}
 
 
-def test_last_meter_sends_the_current_value_of_each_revision(world: World) -> None:
-    window = hour_start(2)
-    put_total(world.engine, "cus_a", "peak", window, "7.9")
+def test_last_meter_sends_each_revision_a_second_later_than_the_one_before(world: World) -> None:
+    start, length = month_window()
+    newest = datetime.now(UTC) - timedelta(minutes=5)
+    put_total(world.engine, "cus_a", "peak", start, "7.9", window=length, last_event_time=newest)
     world.cycle()
-    put_total(world.engine, "cus_a", "peak", window, "12")
+    # A late event raises the max without a newer event time: same last_event_time.
+    put_total(world.engine, "cus_a", "peak", start, "12", window=length, last_event_time=newest)
     world.cycle()
 
-    assert [e.value for e in world.emulator.state.events] == [7, 12]
+    events = world.emulator.state.events
+    assert [e.value for e in events] == [7, 12]
+    # Stripe keeps the newest timestamp and does not say how it orders equal ones.
+    assert events[1].timestamp == events[0].timestamp + 1
 
 
 # -- customers, timestamps, rejections -------------------------------------------------------
@@ -465,7 +477,7 @@ def test_secret_key_never_reaches_logs_ledger_or_errors(
     put_total(world.engine, "cus_nobody", "tokens", hour_start(2), "4")
     world.cycle()
     world.cycle()
-    rejected_key = "sk_live_wrong_key_value_123456"
+    rejected_key = "sk_live_wrongKeyValue123456"
     settings = world.settings.model_copy(update={"stripe_api_key": stripe_secret(rejected_key)})
     with pytest.raises(Exception, match="Stripe refused METERSTREAM_STRIPE_API_KEY") as caught:
         connect(settings, world.catalogue, world.metrics, world.stop)
@@ -562,17 +574,20 @@ def _reconcile(world: World) -> list[Any]:
         fetch_summary(connected),
         now - timedelta(days=2),
         now,
-    )
+    ).lines
 
 
 def test_reconcile_agrees_after_reports_and_finds_drift(world: World) -> None:
     put_total(world.engine, "cus_a", "storage", hour_start(2), "1.2345")
-    put_total(world.engine, "cus_a", "peak", hour_start(2), "5")
+    start, length = month_window()
+    put_total(
+        world.engine, "cus_a", "peak", start, "5", window=length, last_event_time=hour_start(1)
+    )
     world.cycle()
 
     lines = _reconcile(world)
     assert [(line.meter, line.drift) for line in lines] == [("peak", False), ("storage", False)]
-    assert "floor(1.2345 x 1000) = 1234 = acknowledged 1234" in str(lines[1])
+    assert "Stripe 1234, ledger acknowledged 1234, database 1234" in str(lines[1])
 
     stripe.StripeClient(
         SECRET, base_addresses={"api": world.emulator.url}
@@ -580,11 +595,12 @@ def test_reconcile_agrees_after_reports_and_finds_drift(world: World) -> None:
         params={
             "event_name": "storage_mb",
             "payload": {"stripe_customer_id": "cus_a", "value": "3"},
+            "timestamp": int(hour_start(1).timestamp()),
         }
     )
     drifting = [line for line in _reconcile(world) if line.drift]
     assert [str(line).split(";")[0] for line in drifting] == [
-        "DRIFT: cus_a storage (cus_a): Stripe 1237, ledger acknowledged 1234"
+        "DRIFT: cus_a storage (cus_a): Stripe 1237, ledger acknowledged 1234, database 1234"
     ]
 
 

@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("identifier", sa.String(100), nullable=False, unique=True),
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("first_attempt_at", UTCDateTime(), nullable=True),
         sa.Column("error_code", sa.String(100), nullable=True),
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("stripe_request_id", sa.String(255), nullable=True),

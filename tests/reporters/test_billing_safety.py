@@ -1,0 +1,351 @@
+"""The billing engineer's review: each fix with the test that failed before it.
+
+Real stripe SDK over HTTP to the emulator, real PostgreSQL and SQLite; time moves through an
+injected reporter clock, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import stripe
+from prometheus_client import CollectorRegistry
+
+from meterstream.errors import ConfigError
+from meterstream.meters import load_catalogue
+from meterstream.metrics import ReporterMetrics
+from meterstream.settings import load_settings
+from reporters.customers import link_customer
+from reporters.cycle import Reporter
+from reporters.ledger import all_rows, rows_for
+from reporters.reconcile import Reconciliation, reconcile
+from reporters.service import build_reporter, connect, fetch_summary
+from reporters.status import format_status, reporter_status
+from reporters.stripe_emulator import Emulator
+from reporters.stripe_push import build_client, classify
+from tests.reporters.test_reporter import (
+    SECRET,
+    STRIPE_METERS,
+    World,
+    hour_start,
+    put_total,
+    world_settings,
+)
+
+
+class StepClock:
+    """The reporter's clock: real time plus an offset a test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+def reporter_with(world: World, clock: Callable[[], datetime], **overrides: object) -> Reporter:
+    settings = world.settings.model_copy(update=overrides) if overrides else world.settings
+    connected = connect(settings, world.catalogue, world.metrics, world.stop, backoff_base_s=0.01)
+    return build_reporter(connected, world.engine, world.catalogue, world.stop, clock=clock)
+
+
+def reconcile_now(world: World, settle_minutes: int = 5) -> Reconciliation:
+    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
+    now = datetime.now(UTC)
+    return reconcile(
+        world.engine,
+        world.catalogue,
+        connected.stripe_meters,
+        fetch_summary(connected),
+        now - timedelta(days=3),
+        now,
+        settle_minutes,
+    )
+
+
+# -- 1. a 409 "in progress" is never final ---------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_409_in_progress_keeps_rows_pending_then_they_go_out(world: World, stream: bool) -> None:
+    path = "/v2/billing/meter_event_stream" if stream else "/v1/billing/meter_events"
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "3")
+    put_total(world.engine, "cus_a", "tokens", hour_start(3), "4")
+    # Every SDK try (1 + 2 retries) of the first call meets a slow twin still running.
+    world.emulator.faults.inject("http_409", count=3, path_prefix=path)
+    reporter = world.reporter(stripe_stream=stream)
+
+    first = reporter.run_cycle()
+
+    assert first.rejected == 0
+    assert {r.status for r in all_rows(world.engine)} == {"pending"}
+    second = reporter.run_cycle()
+    assert second.unacknowledged == 0
+    assert {r.status for r in all_rows(world.engine)} == {"accepted" if stream else "sent"}
+    assert world.totals() == {("tokens", "cus_a"): 7}
+
+
+# -- 2. the secret key never leaks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r", "\r\n", " "])
+def test_key_with_trailing_newline_fails_at_start_naming_the_variable(tail: str) -> None:
+    with pytest.raises(ConfigError, match="METERSTREAM_STRIPE_API_KEY") as caught:
+        load_settings(stripe_api_key=SECRET + tail)
+    assert SECRET not in str(caught.value) and SECRET[8:] not in repr(caught.value)
+    assert caught.value.__cause__ is None
+
+
+def test_sdk_errors_quoting_the_key_are_scrubbed(world: World) -> None:
+    # A key the SDK sends as is (settings would refuse it): requests raises InvalidHeader,
+    # and the SDK's APIConnectionError quotes 'Bearer sk_test_...\n'.
+    client = build_client(SECRET + "\n", world.settings, world.metrics)
+    with pytest.raises(stripe.StripeError) as caught:
+        client.v1.billing.meters.list()
+    assert SECRET in str(caught.value)  # the leak the reporter must not pass on
+
+    outcome = classify(caught.value, None)
+
+    assert outcome.kind == "retry"
+    assert SECRET not in (outcome.error or "") and "Bearer sk_" not in (outcome.error or "")
+    assert "[redacted]" in (outcome.error or "")
+    bad = world.settings.model_copy(update={"stripe_api_key": _secret(SECRET + "\n")})
+    with pytest.raises(ConfigError, match="METERSTREAM_STRIPE_API_KEY is malformed") as refused:
+        connect(bad, world.catalogue, world.metrics, world.stop)
+    assert SECRET not in str(refused.value)
+
+
+def _secret(value: str) -> object:
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+def test_already_exists_for_another_identifier_is_not_taken_as_ours() -> None:
+    error = stripe.InvalidRequestError(
+        "An event already exists with identifier ms1_abcdef.",
+        "identifier",
+        code="duplicate_meter_event",
+        http_status=400,
+    )
+    assert classify(error, "ms1_abc").kind == "rejected"
+    assert classify(error, "ms1_abcdef").kind == "acknowledged"
+
+
+# -- 3. no blind resend after Stripe's dedup window ------------------------------------------
+
+
+def test_row_first_sent_over_20_h_ago_is_unknown_not_resent_then_reconcile_finds_it(
+    world: World,
+) -> None:
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()  # Stripe recorded it; every answer was lost
+    [row] = all_rows(world.engine)
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.first_attempt_at is not None and row.first_attempt_at >= row.created_at
+
+    clock.offset = timedelta(hours=21)
+    result = reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert row.status == "unknown" and result.unknown == 1 and result.needs_a_person
+    assert len(world.emulator.state.events) == 1
+    assert row.attempts == 1  # not called again
+    facts = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
+    assert "unknown (not resent; run meterstream reconcile): 1" in format_status(facts)
+    held = "meterstream_reporter_meter_events_held_total"
+    assert world.metric(held, reason="resend_window_expired") == 1
+
+    settled = reconcile_now(world)
+
+    assert settled.settled == [f"{row.identifier}: Stripe has it; marked sent"]
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert world.totals() == {("tokens", "cus_a"): 5}
+
+
+def test_unknown_row_stripe_never_recorded_is_sent_again_after_reconcile(world: World) -> None:
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("http_500", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    clock.offset = timedelta(hours=21)
+    reporter.run_cycle()
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+
+    reconcile_now(world)
+    assert [r.status for r in all_rows(world.engine)] == ["pending"]
+    reporter.run_cycle()
+
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert world.totals() == {("tokens", "cus_a"): 5}
+
+
+# -- 5. the 35-day horizon, with a margin, checked before every send -------------------------
+
+
+def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: World) -> None:
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("http_500", count=None, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    world.emulator.faults.clear()
+
+    clock.offset = timedelta(days=34)  # Stripe was down; the row crossed 35 days - 1 day
+    result = reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert (row.status, row.error_code) == ("rejected", "timestamp_too_old")
+    assert "bill these 5 units by hand" in (row.last_error or "")
+    assert world.emulator.state.events == ()
+    assert result.rejected == 1
+    code = "timestamp_too_old"
+    assert world.metric("meterstream_reporter_meter_events_rejected_total", code=code) == 1
+
+
+def test_usage_within_a_day_of_the_35_day_limit_is_not_sent(world: World) -> None:
+    put_total(world.engine, "cus_a", "tokens", hour_start(34 * 24 + 12), "9")
+
+    world.cycle()
+
+    assert world.emulator.state.events == ()
+    assert [(r.status, r.error_code) for r in all_rows(world.engine)] == [
+        ("rejected", "timestamp_too_old")
+    ]
+
+
+# -- 4 and 7a. meters the reporter cannot report to correctly --------------------------------
+
+
+def test_start_refuses_pre_aggregated_or_non_by_id_meters_and_short_max_windows(
+    bare_emulator: Emulator, tmp_path: Path
+) -> None:
+    for event_name, formula in STRIPE_METERS.items():
+        bare_emulator.state.create_meter(
+            display_name=event_name,
+            event_name=event_name,
+            formula=formula,
+            event_time_window="hour" if event_name == "tokens" else None,
+            customer_mapping_type="by_email" if event_name == "api_calls" else "by_id",
+        )
+    settings = world_settings(bare_emulator, f"sqlite:///{tmp_path / 'm.db'}", tmp_path)
+    text = settings.meters_file.read_text().replace('window = "1mo"', 'window = "1h"')
+    settings.meters_file.write_text(text)
+
+    with pytest.raises(ConfigError, match="do not fit the catalogue") as caught:
+        connect(
+            settings,
+            load_catalogue(settings.meters_file),
+            ReporterMetrics(CollectorRegistry()),
+            threading.Event(),
+        )
+
+    message = str(caught.value)
+    assert "meter 'tokens'" in message and "has event_time_window 'hour'" in message
+    assert "meter 'api_calls'" in message and "maps customers by 'by_email'" in message
+    assert (
+        "meter 'peak': window '1h': max/min meters are reported to a Stripe `last` meter; "
+        'use window = "1mo" so the value Stripe bills is the month\'s max'
+    ) in message
+    assert "meter 'storage'" not in message
+
+
+# -- 6. reconcile per Stripe customer, with the database compared ----------------------------
+
+
+def test_reconcile_groups_by_stripe_customer_and_lists_unbilled_database_usage(
+    world: World,
+) -> None:
+    now = datetime.now(UTC)
+    link_customer(world.engine, "app1", "cus_a", now)
+    link_customer(world.engine, "app2", "cus_a", now)
+    put_total(world.engine, "app1", "tokens", hour_start(3), "2")
+    put_total(world.engine, "app2", "tokens", hour_start(2), "3")
+    put_total(world.engine, "acme", "tokens", hour_start(2), "7")  # never linked
+    put_total(world.engine, "cus_nobody", "tokens", hour_start(2), "4")  # Stripe refuses
+    world.cycle()
+
+    found = reconcile_now(world)
+
+    by_key = {(line.stripe_customer_id, line.meter): line for line in found.lines}
+    shared = by_key[("cus_a", "tokens")]
+    assert (shared.customers, shared.stripe_value, shared.ledger_value) == (
+        ("app1", "app2"),
+        5,
+        5,
+    )
+    assert not shared.drift
+    unlinked = by_key[("(unlinked)", "tokens")]
+    assert unlinked.drift and unlinked.database_value == 7
+    assert "acme held: no_customer_link: 1 window(s), 7 unit(s)" in str(unlinked)
+    refused = by_key[("cus_nobody", "tokens")]
+    assert refused.drift and "cus_nobody rejected 4" in str(refused)
+    assert found.drifting == 2
+    assert found.end is not None and found.end <= now - timedelta(minutes=5)
+
+
+# -- 10. v2 stream rows are unconfirmed until reconcile -------------------------------------
+
+
+def test_accepted_stream_rows_stay_unconfirmed_until_reconcile_confirms_them(
+    world: World,
+) -> None:
+    put_total(world.engine, "cus_a", "api_calls", hour_start(3), "4")
+    world.reporter(stripe_stream=True).run_cycle()
+    assert [r.status for r in all_rows(world.engine)] == ["accepted"]
+
+    before = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
+    assert before["unconfirmed"] == 1
+    assert before["billing_lag_s"] >= 2 * 3600
+
+    found = reconcile_now(world)
+
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert len(found.settled) == 1 and "confirmed" in found.settled[0]
+    after = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
+    assert (after["unconfirmed"], after["billing_lag_s"]) == (0, 0.0)
+
+
+# -- 8. usage sent long after its timestamp is flagged ---------------------------------------
+
+
+def test_status_counts_rows_sent_more_than_a_day_after_their_timestamp(world: World) -> None:
+    put_total(world.engine, "cus_a", "tokens", hour_start(3 * 24), "2")
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "2")
+    world.cycle()
+
+    facts = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
+
+    assert facts["sent_late"] == 1
+    assert "sent late: 1 row(s) sent with a timestamp before the current billing period" in (
+        format_status(facts)
+    )
+
+
+# -- nits -------------------------------------------------------------------------------------
+
+
+def test_revision_going_backwards_is_held_loudly_not_skipped(world: World) -> None:
+    window = hour_start(2)
+    put_total(world.engine, "cus_a", "tokens", window, "3")
+    put_total(world.engine, "cus_a", "tokens", window, "4")
+    world.cycle()
+    from meterstream.schema import window_totals
+
+    with world.engine.begin() as connection:  # the aggregators' table rebuilt from scratch
+        connection.execute(window_totals.update().values(revision=1, value=5))
+
+    result = world.cycle()
+
+    assert result.held == {"revision_went_back": 1}
+    assert [r.revision for r in rows_for(world.engine, "cus_a", "tokens")] == [2]
+    held = "meterstream_reporter_meter_events_held_total"
+    assert world.metric(held, reason="revision_went_back") == 1

@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/meterstream demo
 
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -46,7 +46,7 @@ def aggregator_status(settings: Settings, engine: Engine, now: datetime) -> dict
     """Consumer lag (from the broker), event-time lag, totals and dead letters."""
     try:
         lag: dict[int, int] | str = consumer_lag(
-            settings.kafka_bootstrap, settings.consumer_group, settings.topic
+            settings.kafka_bootstrap, settings.consumer_group, settings.topic, timeout_s=3.0
         )
     except Exception as exc:  # the status must still print what the database knows
         lag = f"unavailable ({exc})"

@@ -86,6 +86,102 @@ def migrate() -> None:
     click.echo(f"schema is up to date on {engine.url.render_as_string(hide_password=True)}")
 
 
+@cli.command()
+def status() -> None:
+    """Where usage is right now: consumer lag, event-time lag, dead letters, what Stripe has
+    acknowledged, what is pending or held, and how far billing is behind."""
+    from datetime import UTC, datetime
+
+    from aggregators.status import aggregator_status, format_aggregator_status
+    from meterstream.db import build_engine
+    from meterstream.meters import load_catalogue
+    from reporters.status import format_status, reporter_status
+
+    settings = _settings()
+    catalogue = load_catalogue(settings.meters_file)
+    engine = build_engine(settings)
+    now = datetime.now(UTC)
+    try:
+        aggregated = aggregator_status(settings, engine, now)
+        reported = reporter_status(engine, catalogue, now)
+    finally:
+        engine.dispose()
+    click.echo(format_aggregator_status(aggregated))
+    click.echo("reporter")
+    click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
+
+
+@cli.command()
+@click.option("--customers", type=int, default=200, show_default=True, help="demo customers")
+@click.option("--events", type=int, default=20_000, show_default=True, help="usage events to send")
+@click.option("--duplicates", type=float, default=0.05, show_default=True, help="share re-sent")
+@click.option("--late", type=float, default=0.05, show_default=True, help="share hours late")
+@click.option(
+    "--bootstrap",
+    envvar="METERSTREAM_KAFKA_BOOTSTRAP",
+    default=None,
+    help="a real Kafka instead of the embedded broker [env: METERSTREAM_KAFKA_BOOTSTRAP]",
+)
+@click.option(
+    "--database-url",
+    envvar="METERSTREAM_DATABASE_URL",
+    default=None,
+    help="e.g. postgresql+psycopg://postgres@127.0.0.1/demo instead of a throw-away SQLite "
+    "file [env: METERSTREAM_DATABASE_URL]",
+)
+@click.option(
+    "--stripe-api-key",
+    envvar="METERSTREAM_STRIPE_API_KEY",
+    default=None,
+    help="a Stripe TEST key (sk_test_...) instead of the local emulator; the demo creates "
+    "customers and meters in that account [env: METERSTREAM_STRIPE_API_KEY]",
+)
+@click.option(
+    "--meters-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=Path("examples/meters.toml"),
+    show_default=True,
+)
+def demo(
+    customers: int,
+    events: int,
+    duplicates: float,
+    late: float,
+    bootstrap: str | None,
+    database_url: str | None,
+    stripe_api_key: str | None,
+    meters_file: Path,
+) -> None:
+    """Run the whole pipeline end to end and check Stripe against the database.
+
+    By default everything is embedded: a Kafka-protocol broker, an SQLite file and the local
+    Stripe emulator; nothing is left running. Exits non-zero when the totals differ.
+
+    \b
+    Larger traffic:   meterstream demo --customers 1000 --events 200000
+    Real parts:       meterstream demo --bootstrap kafka:9092 \\
+                        --database-url postgresql+psycopg://postgres@db/demo \\
+                        --stripe-api-key sk_test_...
+    """
+    from meterstream.demo import DemoOptions, run_demo
+
+    if stripe_api_key is not None and not stripe_api_key.startswith(("sk_test_", "rk_test_")):
+        raise click.BadParameter(
+            "the demo sends made-up usage: use a TEST key", param_hint="--stripe-api-key"
+        )
+    options = DemoOptions(
+        customers=customers,
+        events=events,
+        duplicate_share=duplicates,
+        late_share=late,
+        bootstrap=bootstrap,
+        database_url=database_url,
+        stripe_api_key=stripe_api_key,
+        meters_file=meters_file,
+    )
+    sys.exit(run_demo(options))
+
+
 def _register_stage_commands() -> None:
     # The command line is the one place that knows every stage; the stages never import each
     # other.

@@ -221,16 +221,4 @@ def reconcile(since: datetime | None, settle_minutes: int) -> None:
         sys.exit(1)
 
 
-@click.command()
-def status() -> None:
-    """What the reporter has sent, holds, and is behind on."""
-    from reporters.status import format_status, reporter_status
-
-    settings = _settings()
-    catalogue = _catalogue(settings)
-    with _database(settings) as engine:
-        facts = reporter_status(engine, catalogue, datetime.now(UTC))
-    click.echo(format_status(facts))
-
-
-REPORTER_COMMANDS: list[click.Command] = [report, customers, reconcile, status]
+REPORTER_COMMANDS: list[click.Command] = [report, customers, reconcile]

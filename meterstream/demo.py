@@ -1,0 +1,418 @@
+"""``meterstream demo``: the whole pipeline on embedded defaults, checked end to end.
+
+Starts an embedded broker, an SQLite database and the local Stripe emulator (or uses the real
+ones it is given), one aggregator worker and the reporter; sends realistic traffic through the
+SDK (duplicates and late events included); then compares, per meter, the exact totals in the
+database with what Stripe holds. Everything it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_FLOOR, Decimal, localcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import click
+import stripe
+from sqlalchemy import Engine, func, select
+
+from meterstream.db import build_engine, migrate
+from meterstream.embedded import embedded_broker, free_port
+from meterstream.meters import Catalogue, Meter, load_catalogue
+from meterstream.schema import ledger, window_totals
+from meterstream.settings import Settings, load_settings
+
+Echo = Callable[[str], None]
+_DEMO_KEY = "sk_test_meterstreamdemo"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    customers: int = 200
+    events: int = 20_000
+    duplicate_share: float = 0.05
+    late_share: float = 0.05
+    seed: int = 7
+    bootstrap: str | None = None
+    database_url: str | None = None
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    meters_file: Path = Path("examples/meters.toml")
+
+
+@dataclass
+class Traffic:
+    sent: int = 0
+    unique: int = 0
+    duplicates: int = 0
+    late: int = 0
+
+
+def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
+    """Run the demo; return 0 when the database and Stripe agree on every meter, else 1."""
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meterstream-")))
+        topic = f"meterstream.demo.{uuid.uuid4().hex[:8]}"
+        bootstrap = options.bootstrap
+        if bootstrap is None:
+            broker = stack.enter_context(embedded_broker(topics={topic: 8}, log_dir=workdir))
+            bootstrap = broker.bootstrap
+            echo(f"embedded broker      {bootstrap} (pid {broker.pid})")
+        api_base, key = options.stripe_api_base, options.stripe_api_key
+        # Stripe's sandbox takes about 25 calls/s; the local emulator far more.
+        stripe_rate = 25.0
+        if key is None:
+            from reporters.stripe_emulator import run_stripe_emulator
+
+            emulator = stack.enter_context(run_stripe_emulator(rate_limit_per_s=None))
+            api_base, key, stripe_rate = emulator.url, _DEMO_KEY, 1000.0
+            echo(f"Stripe emulator      {api_base}")
+        settings = load_settings(
+            kafka_bootstrap=bootstrap,
+            topic=topic,
+            consumer_group=f"{topic}.aggregators",
+            database_url=options.database_url or f"sqlite:///{workdir / 'meterstream.db'}",
+            meters_file=options.meters_file,
+            stripe_api_key=key,
+            stripe_api_base=api_base or "https://api.stripe.com",
+            source="meterstream-demo",
+            stripe_rate=stripe_rate,
+            kafka_session_timeout_s=6.0,
+            metrics_port=0,
+        )
+        echo(f"database             {settings.database_url.split('@')[-1]}")
+        engine = build_engine(settings)
+        stack.callback(engine.dispose)
+        migrate(engine)
+        catalogue = load_catalogue(settings.meters_file)
+        client = stripe.StripeClient(
+            key,
+            base_addresses={
+                "api": settings.stripe_api_base,
+                "meter_events": settings.meter_events_base,
+            },
+            max_network_retries=2,
+        )
+        customers = _prepare_stripe(client, catalogue, engine, options.customers)
+        metrics_port = free_port()
+        stack.enter_context(
+            _process(settings, ["aggregate", "--loglevel", "error"], workdir, metrics_port)
+        )
+        echo("aggregator worker    started (joining the consumer group takes a few seconds)")
+        traffic = _send_traffic(settings, catalogue, customers, options)
+        _wait_for_totals(engine, traffic.unique, echo)
+        reported = _report_until_done(settings, workdir, echo)
+        rows = _compare(client, catalogue, engine, customers)
+        facts = {
+            **_database_facts(engine),
+            "cycles": reported,
+            "duplicates_skipped": _scrape_counter(
+                metrics_port, "meterstream_aggregator_duplicates_skipped_total"
+            ),
+        }
+    return _print_table(echo, traffic, facts, rows)
+
+
+def _database_facts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        windows = connection.execute(
+            select(func.count()).where(window_totals.c.revision > 0)
+        ).scalar_one()
+        by_status: dict[str, int] = {
+            str(status): int(count)
+            for status, count in connection.execute(
+                select(ledger.c.status, func.count()).group_by(ledger.c.status)
+            )
+        }
+    return {
+        "windows": int(windows),
+        "reported": by_status.get("sent", 0) + by_status.get("accepted", 0),
+        "carried": by_status.get("carried", 0),
+    }
+
+
+def _prepare_stripe(
+    client: stripe.StripeClient, catalogue: Catalogue, engine: Engine, count: int
+) -> dict[str, str]:
+    """Create the Stripe meters the catalogue needs (if missing) and one Stripe customer per
+    demo customer, linked in the database. Returns app customer id -> Stripe customer id."""
+    from reporters.customers import link_customer
+
+    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).data}
+    for meter in catalogue:
+        if meter.stripe_event_name not in existing:
+            client.v1.billing.meters.create(
+                {
+                    "display_name": meter.description or meter.name,
+                    "event_name": meter.stripe_event_name,
+                    "default_aggregation": {"formula": meter.stripe_formula},
+                }
+            )
+    links = {}
+    now = datetime.now(UTC)
+    for number in range(count):
+        app_id = f"customer-{number:04d}"
+        created = client.v1.customers.create({"name": app_id})
+        link_customer(engine, app_id, created.id, now)
+        links[app_id] = created.id
+    return links
+
+
+def _send_traffic(
+    settings: Settings, catalogue: Catalogue, customers: dict[str, str], options: DemoOptions
+) -> Traffic:
+    from ingest import UsageClient
+
+    rng = random.Random(options.seed)  # noqa: S311 - made-up traffic, not secrets
+    meters = list(catalogue)
+    ids = list(customers)
+    traffic = Traffic()
+    recorded: list[tuple[str, str, Any, datetime, str, dict[str, str]]] = []
+    now = datetime.now(UTC)
+    with (
+        UsageClient(settings, catalogue=catalogue) as client,
+        click.progressbar(length=options.events, label="sending usage       ") as bar,
+    ):
+        for _ in range(options.events):
+            if recorded and rng.random() < options.duplicate_share:
+                # The same event again, as a producer retrying after a timeout would send it.
+                customer, meter_name, value, moment, event_id, properties = rng.choice(recorded)
+                client.record(
+                    customer,
+                    meter_name,
+                    value,
+                    timestamp=moment,
+                    event_id=event_id,
+                    properties=properties,
+                )
+                traffic.duplicates += 1
+            else:
+                meter = rng.choice(meters)
+                customer = rng.choice(ids)
+                late = rng.random() < options.late_share
+                moment = now - timedelta(hours=rng.uniform(2, 20) if late else rng.uniform(0, 0.05))
+                value = _value(rng, meter)
+                properties = {
+                    "user_id": f"user-{rng.randint(1, 40)}",
+                    "region": rng.choice(["eu", "us"]),
+                }
+                event_id = client.record(
+                    customer, meter.name, value, timestamp=moment, properties=properties
+                )
+                recorded.append((customer, meter.name, value, moment, event_id, properties))
+                traffic.unique += 1
+                traffic.late += late
+            traffic.sent += 1
+            bar.update(1)
+    return traffic
+
+
+def _value(rng: random.Random, meter: Meter) -> Any:
+    if meter.aggregation == "sum" and meter.unit_scale != 1:
+        # GB-hours with three decimals, and now and then a credit.
+        amount = Decimal(rng.randint(1, 5_000)) / 1000
+        return -amount / 10 if meter.allow_negative and rng.random() < 0.05 else amount
+    if meter.aggregation in ("max", "min", "last"):
+        return rng.randint(1, 500)
+    return rng.randint(1, 2_000)
+
+
+def _wait_for_totals(engine: Engine, expected: int, echo: Echo, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    with click.progressbar(length=expected, label="aggregating         ") as bar:
+        applied = 0
+        while applied < expected:
+            if time.monotonic() > deadline:
+                raise click.ClickException(
+                    f"only {applied} of {expected} events reached the database in {timeout_s:g} s"
+                )
+            with engine.connect() as connection:
+                now_applied = int(
+                    connection.execute(
+                        select(func.coalesce(func.sum(window_totals.c.events), 0))
+                    ).scalar_one()
+                )
+            bar.update(now_applied - applied)
+            applied = now_applied
+            time.sleep(0.2)
+
+
+def _report_until_done(settings: Settings, workdir: Path, echo: Echo) -> int:
+    for attempt in range(1, 11):
+        code = subprocess.run(
+            [sys.executable, "-m", "meterstream", "report", "--once"],
+            env=_environment(settings),
+            stdout=(workdir / "report.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+        if code == 0:
+            echo(f"reporter             every due window acknowledged by Stripe (cycle {attempt})")
+            return attempt
+        echo(f"reporter             cycle {attempt} left usage unacknowledged (exit {code}); again")
+    raise click.ClickException(f"the reporter did not finish; see {workdir / 'report.log'}")
+
+
+@dataclass(frozen=True)
+class MeterRow:
+    meter: str
+    formula: str
+    database: int
+    stripe: int
+    customers_differing: int
+
+
+def _compare(
+    client: stripe.StripeClient, catalogue: Catalogue, engine: Engine, customers: dict[str, str]
+) -> list[MeterRow]:
+    """Per meter: the database's exact totals in Stripe units beside Stripe's event summaries."""
+    stripe_meters = {m.event_name: m.id for m in client.v1.billing.meters.list({"limit": 100}).data}
+    now = datetime.now(UTC)
+    start = (now - timedelta(days=34)).replace(second=0, microsecond=0)
+    end = now.replace(second=0, microsecond=0) + timedelta(minutes=2)
+    expected = _database_units(engine, catalogue)
+
+    def stripe_units(meter: Meter, stripe_id: str) -> int:
+        summaries = client.v1.billing.meters.event_summaries.list(
+            stripe_meters[meter.stripe_event_name],
+            {
+                "customer": stripe_id,
+                "start_time": int(start.timestamp()),
+                "end_time": int(end.timestamp()),
+            },
+        ).data
+        return int(sum(Decimal(str(s.aggregated_value)) for s in summaries))
+
+    rows = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for meter in catalogue:
+            got = pool.map(partial(stripe_units, meter), customers.values())
+            database_total = stripe_total = differing = 0
+            for app_id, units in zip(customers, got, strict=True):
+                want = expected.get((app_id, meter.name), 0)
+                database_total += want
+                stripe_total += units
+                differing += want != units
+            rows.append(
+                MeterRow(meter.name, meter.stripe_formula, database_total, stripe_total, differing)
+            )
+    return rows
+
+
+def _database_units(engine: Engine, catalogue: Catalogue) -> dict[tuple[str, str], int]:
+    """What Stripe should hold per (customer, meter): for additive meters the floor of the exact
+    total over all windows in Stripe units; for last-formula meters the newest window's value."""
+    c = window_totals.c
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(c.customer_id, c.meter, c.window_start, c.value)
+            .where(c.revision > 0)
+            .order_by(c.customer_id, c.meter, c.window_start)
+        ).all()
+    exact: dict[tuple[str, str], Decimal] = {}
+    with localcontext() as context:
+        context.prec = 80
+        for row in rows:
+            meter = catalogue.meters[row.meter]
+            key = (row.customer_id, row.meter)
+            if meter.stripe_formula == "sum":
+                exact[key] = exact.get(key, Decimal(0)) + row.value * meter.unit_scale
+            else:
+                exact[key] = row.value * meter.unit_scale  # ordered: the newest window wins
+        return {key: int(value.to_integral_value(ROUND_FLOOR)) for key, value in exact.items()}
+
+
+def _print_table(echo: Echo, traffic: Traffic, facts: dict[str, Any], rows: list[MeterRow]) -> int:
+    skipped = facts["duplicates_skipped"]
+    echo("")
+    echo(
+        f"events sent              {traffic.sent:>10,}  ({traffic.duplicates:,} re-sent "
+        f"duplicates, {traffic.late:,} late by hours)"
+    )
+    echo(f"duplicates skipped       {'-' if skipped is None else f'{skipped:,}':>10}")
+    echo(f"windows aggregated       {facts['windows']:>10,}")
+    echo(
+        f"meter events reported    {facts['reported']:>10,}  ({facts['carried']:,} below one "
+        f"Stripe unit, carried; {facts['cycles']} report cycle(s))"
+    )
+    echo("")
+    echo(f"{'meter':<20} {'formula':<8} {'database':>14} {'Stripe':>14}  verdict")
+    bad = 0
+    for row in rows:
+        verdict = (
+            "match"
+            if row.database == row.stripe
+            else (f"DIFFER by {row.stripe - row.database:+,} ({row.customers_differing} customers)")
+        )
+        bad += row.database != row.stripe
+        echo(f"{row.meter:<20} {row.formula:<8} {row.database:>14,} {row.stripe:>14,}  {verdict}")
+    echo("")
+    if bad:
+        echo(f"VERDICT: {bad} meter(s) differ between the database and Stripe")
+        return 1
+    echo("VERDICT: the database and Stripe agree on every meter")
+    return 0
+
+
+def _scrape_counter(port: int, name: str) -> int | None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return int(sample.value)
+    return None
+
+
+def _environment(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if name == "stripe_api_key" and settings.stripe_api_key is not None:
+            value = settings.stripe_api_key.get_secret_value()
+        env[f"METERSTREAM_{name.upper()}"] = str(value)
+    env["METERSTREAM_METRICS_PORT"] = str(metrics_port)
+    return env
+
+
+@contextmanager
+def _process(
+    settings: Settings, arguments: list[str], workdir: Path, metrics_port: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = (workdir / f"{arguments[0]}.log").open("ab")
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and command
+        [sys.executable, "-m", "meterstream", *arguments],
+        env=_environment(settings, metrics_port),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -33,8 +35,12 @@ def dead_letter_topic(settings: Settings) -> str:
 
 def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
     """A faust App (not started) whose one agent applies the usage topic to the database."""
+    faust_data = Path(tempfile.gettempdir()) / "meterstream-faust"
+    faust_data.mkdir(exist_ok=True)  # faust creates only the last level
     app = faust.App(
         settings.consumer_group,
+        # faust creates this even with memory-only tables; keep it out of the working directory.
+        datadir=faust_data / "{conf.name}",
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
         store="memory://",
         autodiscover=False,
@@ -94,19 +100,27 @@ def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
 
 
 def _refresh_gauges(settings: Settings, applier: BatchApplier) -> None:
-    """Consumer lag from the broker, and the database's view of what awaits the reporter."""
+    """Consumer lag from the broker, and the database's view of what awaits the reporter.
+
+    Each gauge is refreshed on its own: one that cannot be read is cleared (its series
+    vanishes, which the absent() alerts see) rather than left showing an old, calm value.
+    """
     metrics = applier.metrics
+    newest = applier.newest_event_time
+    if newest is not None:
+        metrics.event_time_lag.set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
     try:
         lag = consumer_lag(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
+    except Exception:
+        metrics.consumer_lag.clear()
+        _log.warning("could not read the consumer lag from the broker", exc_info=True)
+    else:
         for partition, behind in lag.items():
             metrics.consumer_lag.labels(settings.topic, str(partition)).set(behind)
+    try:
         metrics.unreported_windows.set(unreported_windows(applier.engine))
-        newest = applier.newest_event_time
-        if newest is not None:
-            metrics.event_time_lag.set((datetime.now(UTC) - newest).total_seconds())
     except Exception:
-        # Gauges are best effort; a broker or database hiccup must not stop the agent.
-        _log.warning("could not refresh the lag gauges", exc_info=True)
+        _log.warning("could not count the windows awaiting the reporter", exc_info=True)
 
 
 async def _apply_until_done(

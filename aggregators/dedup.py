@@ -62,6 +62,11 @@ class DedupKeys:
         if not first:
             return []
         if self._partitioned:
+            # Known limit: the neighbour-day probe sees committed keys only. Two workers applying
+            # both copies of a re-send re-stamped across midnight at the same moment would both
+            # count it. Key = customer puts both copies on one partition, and faust finishes a
+            # revoked partition's batch before another worker takes it, so only a zombie worker
+            # (one whose session expired mid-batch) could do that.
             candidates = {(event.event_time.date(), key): event for key, event in first.items()}
             inserted = postgres.claim_keys(connection, list(candidates))
             return [event for ident, event in candidates.items() if ident in inserted]

@@ -60,8 +60,8 @@ ON CONFLICT (customer_id, meter, window_start) DO UPDATE SET
 RETURNING customer_id, meter, window_start, value, revision, updated_at = %(now)s AS changed
 """
 _NEWER = (
-    '(excluded.last_event_time, excluded.last_event_id COLLATE "C") '
-    '> (w.last_event_time, w.last_event_id COLLATE "C")'
+    '(w.last_event_time IS NULL OR (excluded.last_event_time, excluded.last_event_id COLLATE "C") '
+    '> (w.last_event_time, w.last_event_id COLLATE "C"))'
 )
 _MERGED = f"""(CASE
     WHEN w.meter = ANY(%(additive)s::text[]) THEN w.value + excluded.value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ def main() -> None:
         group,
         broker=f"kafka://{bootstrap}",
         store="memory://",
+        datadir=f"{tempfile.gettempdir()}/meterstream-faust/{{conf.name}}",
         autodiscover=False,
         web_enabled=False,
         topic_disable_leader=True,

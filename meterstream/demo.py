@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal, localcontext
 from functools import partial
@@ -29,8 +30,10 @@ import click
 import stripe
 from sqlalchemy import Engine, func, select
 
+from aggregators.reference import Totals, reference_totals
 from meterstream.db import build_engine, migrate
 from meterstream.embedded import embedded_broker, free_port
+from meterstream.events import UsageEvent
 from meterstream.meters import Catalogue, Meter, load_catalogue
 from meterstream.schema import ledger, window_totals
 from meterstream.settings import Settings, load_settings
@@ -59,10 +62,13 @@ class Traffic:
     unique: int = 0
     duplicates: int = 0
     late: int = 0
+    events: list[UsageEvent] = field(default_factory=list)
 
 
 def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
     """Run the demo; return 0 when the database and Stripe agree on every meter, else 1."""
+    # A SIGTERM unwinds like Ctrl-C, so everything started below is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meterstream-")))
         topic = f"meterstream.demo.{uuid.uuid4().hex[:8]}"
@@ -85,7 +91,7 @@ def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
             topic=topic,
             consumer_group=f"{topic}.aggregators",
             database_url=options.database_url or f"sqlite:///{workdir / 'meterstream.db'}",
-            meters_file=options.meters_file,
+            meters_file=options.meters_file.resolve(),
             stripe_api_key=key,
             stripe_api_base=api_base or "https://api.stripe.com",
             source="meterstream-demo",
@@ -108,16 +114,22 @@ def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
         )
         customers = _prepare_stripe(client, catalogue, engine, options.customers)
         metrics_port = free_port()
-        stack.enter_context(
+        worker = stack.enter_context(
             _process(settings, ["aggregate", "--loglevel", "error"], workdir, metrics_port)
         )
         echo("aggregator worker    started (joining the consumer group takes a few seconds)")
         traffic = _send_traffic(settings, catalogue, customers, options)
-        _wait_for_totals(engine, traffic.unique, echo)
+        stored = _wait_for_totals(engine, customers, traffic.unique, worker, workdir)
+        # The database against an independent reference of what was sent: each event once.
+        reference = reference_totals(traffic.events, catalogue)
+        windows_wrong = sum(stored.get(key) != want for key, want in reference.items()) + len(
+            set(stored) - set(reference)
+        )
         reported = _report_until_done(settings, workdir, echo)
         rows = _compare(client, catalogue, engine, customers)
         facts = {
             **_database_facts(engine),
+            "windows_wrong": windows_wrong,
             "cycles": reported,
             "duplicates_skipped": _scrape_counter(
                 metrics_port, "meterstream_aggregator_duplicates_skipped_total"
@@ -163,8 +175,9 @@ def _prepare_stripe(
             )
     links = {}
     now = datetime.now(UTC)
+    run = uuid.uuid4().hex[:6]  # a database reused across runs keeps each run's customers apart
     for number in range(count):
-        app_id = f"customer-{number:04d}"
+        app_id = f"customer-{run}-{number:04d}"
         created = client.v1.customers.create({"name": app_id})
         link_customer(engine, app_id, created.id, now)
         links[app_id] = created.id
@@ -213,6 +226,17 @@ def _send_traffic(
                     customer, meter.name, value, timestamp=moment, properties=properties
                 )
                 recorded.append((customer, meter.name, value, moment, event_id, properties))
+                traffic.events.append(
+                    UsageEvent(
+                        event_id,
+                        settings.source,
+                        customer,
+                        meter.name,
+                        Decimal(value),
+                        moment,
+                        properties,
+                    )
+                )
                 traffic.unique += 1
                 traffic.late += late
             traffic.sent += 1
@@ -230,23 +254,44 @@ def _value(rng: random.Random, meter: Meter) -> Any:
     return rng.randint(1, 2_000)
 
 
-def _wait_for_totals(engine: Engine, expected: int, echo: Echo, timeout_s: float = 180) -> None:
+def _stored_totals(engine: Engine, customers: dict[str, str]) -> Totals:
+    c = window_totals.c
+    query = select(c.customer_id, c.meter, c.window_start, c.value, c.events).where(
+        c.revision > 0, c.customer_id.in_(list(customers))
+    )
+    with engine.connect() as connection:
+        return {
+            (r.customer_id, r.meter, r.window_start): (r.value, r.events)
+            for r in connection.execute(query)
+        }
+
+
+def _wait_for_totals(
+    engine: Engine,
+    customers: dict[str, str],
+    expected: int,
+    worker: subprocess.Popen[bytes],
+    workdir: Path,
+    timeout_s: float = 180,
+) -> Totals:
+    """Wait until this run's events are all in the database; return its window totals."""
     deadline = time.monotonic() + timeout_s
     with click.progressbar(length=expected, label="aggregating         ") as bar:
         applied = 0
-        while applied < expected:
+        while True:
+            stored = _stored_totals(engine, customers)
+            now_applied = sum(events for _value, events in stored.values())
+            bar.update(now_applied - applied)
+            applied = now_applied
+            if applied >= expected:
+                return stored
+            if worker.poll() is not None:
+                log = (workdir / "aggregate.log").read_text(errors="replace")[-2000:]
+                raise click.ClickException(f"the aggregator worker stopped:\n{log}")
             if time.monotonic() > deadline:
                 raise click.ClickException(
                     f"only {applied} of {expected} events reached the database in {timeout_s:g} s"
                 )
-            with engine.connect() as connection:
-                now_applied = int(
-                    connection.execute(
-                        select(func.coalesce(func.sum(window_totals.c.events), 0))
-                    ).scalar_one()
-                )
-            bar.update(now_applied - applied)
-            applied = now_applied
             time.sleep(0.2)
 
 
@@ -343,7 +388,14 @@ def _print_table(echo: Echo, traffic: Traffic, facts: dict[str, Any], rows: list
         f"duplicates, {traffic.late:,} late by hours)"
     )
     echo(f"duplicates skipped       {'-' if skipped is None else f'{skipped:,}':>10}")
-    echo(f"windows aggregated       {facts['windows']:>10,}")
+    echo(
+        f"windows aggregated       {facts['windows']:>10,}  "
+        + (
+            "(each equal to the events sent, counted once)"
+            if not facts["windows_wrong"]
+            else f"({facts['windows_wrong']:,} DIFFER from the events sent)"
+        )
+    )
     echo(
         f"meter events reported    {facts['reported']:>10,}  ({facts['carried']:,} below one "
         f"Stripe unit, carried; {facts['cycles']} report cycle(s))"
@@ -357,9 +409,12 @@ def _print_table(echo: Echo, traffic: Traffic, facts: dict[str, Any], rows: list
             if row.database == row.stripe
             else (f"DIFFER by {row.stripe - row.database:+,} ({row.customers_differing} customers)")
         )
-        bad += row.database != row.stripe
+        bad += row.customers_differing > 0
         echo(f"{row.meter:<20} {row.formula:<8} {row.database:>14,} {row.stripe:>14,}  {verdict}")
     echo("")
+    if facts["windows_wrong"]:
+        echo(f"VERDICT: {facts['windows_wrong']} window(s) differ from the events sent")
+        return 1
     if bad:
         echo(f"VERDICT: {bad} meter(s) differ between the database and Stripe")
         return 1
@@ -405,6 +460,7 @@ def _process(
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        cwd=workdir,
     )
     try:
         yield process

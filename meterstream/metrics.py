@@ -103,7 +103,8 @@ class AggregatorMetrics:
         )
         self.unreported_windows = Gauge(
             "meterstream_aggregator_unreported_windows",
-            "Windows whose total changed and is not yet acknowledged by Stripe.",
+            "Windows whose latest revision the reporter has not taken up yet (no ledger row); "
+            "what it sent but Stripe has not acknowledged is meterstream_reporter_*.",
             registry=self.registry,
         )
 

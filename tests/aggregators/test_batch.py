@@ -10,11 +10,11 @@ import orjson
 from sqlalchemy import Engine, func, select
 
 from aggregators.batch import BatchApplier, Message
+from aggregators.reference import Totals, reference_totals
 from meterstream.events import UsageEvent, encode_event
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import AggregatorMetrics
 from meterstream.schema import rejected_events, seen_events, window_totals
-from tests.aggregators.reference import Totals, reference_totals
 from tests.conftest import EXAMPLE_METERS
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

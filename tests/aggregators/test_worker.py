@@ -15,6 +15,7 @@ import orjson
 from confluent_kafka import Producer
 from sqlalchemy import Engine, select
 
+from aggregators.reference import reference_totals
 from ingest import UsageClient
 from meterstream.db import build_engine, migrate
 from meterstream.events import UsageEvent
@@ -22,7 +23,6 @@ from meterstream.kafka import client_config
 from meterstream.meters import load_catalogue
 from meterstream.schema import rejected_events
 from meterstream.settings import Settings
-from tests.aggregators.reference import reference_totals
 from tests.aggregators.test_batch import stored_totals
 from tests.aggregators.workers import (
     MeterstreamCommand,

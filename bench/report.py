@@ -2,10 +2,9 @@
 per million raw events.
 
     python -m bench.report [--windows N] [--customers C] [--postgres URL] [--profile]
-                           [--stock-emulator]
 
 The emulator (no rate limit) runs in a process of its own, so the reporter and the emulator do
-not share one GIL, with TCP_NODELAY on (see _serve_emulator; --stock-emulator leaves it off).
+not share one GIL (its handler sets TCP_NODELAY: see reporters/stripe_emulator/server.py).
 Each run starts from a freshly seeded emulator account.
 1. v1: a bare http.client posting pre-encoded form bodies to /v1/billing/meter_events from as
    many threads as the reporter's pool, one window per (customer, meter) like the reporter's
@@ -84,18 +83,8 @@ SESSION_RENEW_S = 15 * 60 - 60  # a v2 session lives 15 min; renewed 60 s early
 # -- the emulator, in its own process --------------------------------------------------------
 
 
-def _serve_emulator(conn: Connection, nodelay: bool) -> None:
-    """Child process: run the emulator and obey (command, argument) pairs from ``conn``.
-
-    ``nodelay``: set TCP_NODELAY on the emulator's sockets (socketserver's own switch). Its
-    handler writes the headers and the body of each answer in two send() calls, so without it
-    Nagle's algorithm holds the body until the client's delayed ACK (about 40 ms): every
-    connection, bare client or reporter, then tops out near 25 calls/s, whatever the caller.
-    """
-    if nodelay:
-        from reporters.stripe_emulator import server
-
-        server._Handler.disable_nagle_algorithm = True
+def _serve_emulator(conn: Connection) -> None:
+    """Child process: run the emulator and obey (command, argument) pairs from ``conn``."""
     with run_stripe_emulator(rate_limit_per_s=None) as emulator:
         conn.send(emulator.url)
         while True:
@@ -137,10 +126,10 @@ class EmulatorProcess:
 
 
 @contextmanager
-def emulator_process(catalogue: Catalogue, nodelay: bool) -> Iterator[EmulatorProcess]:
+def emulator_process(catalogue: Catalogue) -> Iterator[EmulatorProcess]:
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=_serve_emulator, args=(child, nodelay), daemon=True)
+    process = context.Process(target=_serve_emulator, args=(child,), daemon=True)
     process.start()
     try:
         yield EmulatorProcess(str(parent.recv()), parent, catalogue)
@@ -682,17 +671,12 @@ def main() -> None:
         default=os.environ.get("METERSTREAM_BENCH_POSTGRES_URL"),
         help="admin URL of a PostgreSQL server (default: throw-away SQLite files)",
     )
-    parser.add_argument(
-        "--stock-emulator",
-        action="store_true",
-        help="leave Nagle's algorithm on in the emulator (about 25 calls/s per connection)",
-    )
     parser.add_argument("--profile", action="store_true", help="py-spy the reporter cycles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     catalogue = load_catalogue(METERS_FILE)
     backend = "PostgreSQL" if args.postgres else "SQLite"
-    with emulator_process(catalogue, not args.stock_emulator) as emulator:
+    with emulator_process(catalogue) as emulator:
         v1_windows = throughput_windows(catalogue, args.windows, "v1")
         customers = sorted({w.customer_id for w in v1_windows})
         emulator.seed(customers)
@@ -728,7 +712,6 @@ def main() -> None:
         "windows": args.windows,
         "reporter_threads": THREADS,
         "stripe_rate_setting": STRIPE_RATE,
-        "emulator_tcp_nodelay": not args.stock_emulator,
         "bare_v1_events_per_s": round(bare1.per_s),
         "reporter_v1_events_per_s": round(rep1.per_s),
         "reporter_v1_cpu_ms_per_event": round(cpu1, 2),

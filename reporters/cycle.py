@@ -1,22 +1,31 @@
 """One report cycle: resend what is pending, write and send a row per due window.
 
+The (customer, meter) pairs with work are cut into chunks of KEYS_PER_CHUNK, run in a thread
+pool (SEND_THREADS) and all paced by one token bucket. A chunk first writes the rows of all its
+due windows in one transaction (bulk statements; every row is committed before any call).
+
 Per (customer, meter) everything goes in ledger order, one call at a time (Stripe allows one
 call in flight per customer and meter, and a ``last`` meter must see its revisions in order):
-pending rows first, then the due windows oldest first. A row that is still not acknowledged
-stops its (customer, meter) for this cycle. Different (customer, meter) pairs run in a small
-thread pool, all paced by one token bucket. In stream mode rows are written first, then sent
-in batches of 100 in the same order.
+pending rows first, then the new rows. v1 sends a chunk in rounds: the next row of each of its
+pairs is stamped (one committed statement), called one after the other, and the answers are
+recorded (acknowledgements in one statement). A row that is still not acknowledged stops its
+(customer, meter) for this cycle. In stream mode, once every chunk is written, the rows go in
+batches of 100 in the same order, each batch stamped in one statement before its call and
+acknowledged in one after it.
 
 Before every call, resends included, a row is checked again: too old for Stripe now (it may
 have waited while Stripe was down) -> ``rejected``; first called more than UNKNOWN_AFTER ago
 -> ``unknown`` (Stripe may have forgotten its identifier: a resend could bill twice). Then the
-attempt is stamped in a committed write, and only then is Stripe called.
+attempt is stamped in a committed write, and only then is Stripe called. A crash between the
+calls and the acknowledgement leaves rows pending: they are resent with the same identifier and
+Idempotency-Key, and Stripe's "already exists" for our identifier marks them sent.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,17 +46,26 @@ from reporters.rows import (
     SEND_MARGIN,
     TOO_OLD_CODE,
     Held,
+    RowJob,
     send_limit,
     too_old_reason,
     write_row,
+    write_rows,
 )
-from reporters.scheduler import DueWindow, Key, due_windows
+from reporters.scheduler import DueWindow, Key, count_due_windows, due_windows
 from reporters.status import billing_lag_s
 from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
 from reporters.stripe_push import Outcome, StoppedError, StripeAuthError
 
 _log = logging.getLogger(__name__)
 SendOne = Callable[[LedgerRow, StripeMeter], Outcome]
+# Threads calling Stripe (v1) at once; the token bucket still paces them all. Each holds one
+# keep-alive connection, and waits on the network most of the time.
+SEND_THREADS = 8
+# (customer, meter) pairs whose rows are written, stamped and acknowledged together; a crash
+# between the calls and the acknowledgement resends at most this many rows per thread (Stripe
+# answers "already exists" for each).
+KEYS_PER_CHUNK = 100
 
 
 @dataclass
@@ -84,7 +102,7 @@ class Reporter:
         clock: Callable[[], datetime],
         stop: threading.Event,
         horizon_days: int,
-        workers: int = 4,
+        workers: int = SEND_THREADS,
     ) -> None:
         if (send_one is None) == (stream is None):
             raise ValueError("give exactly one of send_one (v1) and stream (v2)")
@@ -116,83 +134,144 @@ class Reporter:
         for row in ledger.pending_rows(self.engine):
             pending.setdefault((row.customer_id, row.meter), []).append(row)
         keys = sorted(set(due) | set(pending))
+        chunks = [keys[i : i + KEYS_PER_CHUNK] for i in range(0, len(keys), KEYS_PER_CHUNK)]
         with ThreadPoolExecutor(self._workers, thread_name_prefix="reporter") as pool:
             futures = [
-                pool.submit(self._run_key, pending.get(k, []), due.get(k, []), links, result)
-                for k in keys
+                pool.submit(self._run_chunk, chunk, pending, due, links, result) for chunk in chunks
             ]
             errors = [f.exception() for f in futures]
         if self._stream is not None and not self._stop.is_set():
-            self._send_stream(result)
+            queues = [f.result() for f in futures if f.exception() is None]
+            self._send_stream([row for queue in queues for row in queue], result)
         for error in errors:
             if isinstance(error, StripeAuthError):
                 raise error
         for error in errors:
             if error is not None:
-                _log.error("report cycle failed for one customer and meter", exc_info=error)
+                _log.error("report cycle failed for some customers and meters", exc_info=error)
         self._finish(result)
         return result
 
-    def _run_key(
+    def _run_chunk(
         self,
-        pending: Sequence[LedgerRow],
-        windows: Sequence[DueWindow],
+        keys: Sequence[Key],
+        pending: Mapping[Key, Sequence[LedgerRow]],
+        due: Mapping[Key, Sequence[DueWindow]],
         links: Mapping[str, str],
         result: CycleResult,
-    ) -> None:
-        sending = self._send_one is not None
-        for row in pending if sending else ():
-            if not self._send(row, result):
-                return
-        for window in windows:
-            if self._stop.is_set():
-                return
-            meter = self.catalogue.meters[window.meter]
-            stripe_customer_id = stripe_customer_for(window.customer_id, links)
-            if stripe_customer_id is None:
-                self._hold(Held(window, HELD_NO_CUSTOMER_LINK), result)
+    ) -> list[LedgerRow]:
+        """Write the rows of ``keys``' due windows; in v1 send them (and the pending rows) too.
+        Returns the rows to send, in ledger order, for the stream."""
+        written = self._write_chunk(keys, due, links, result)
+        queues = {key: [*pending.get(key, ()), *written.get(key, ())] for key in keys}
+        if self._send_one is not None:
+            self._send_rounds(queues, result)
+            return []
+        return [row for key in keys for row in queues[key]]
+
+    def _write_chunk(
+        self,
+        keys: Sequence[Key],
+        due: Mapping[Key, Sequence[DueWindow]],
+        links: Mapping[str, str],
+        result: CycleResult,
+    ) -> dict[Key, list[LedgerRow]]:
+        """Write the rows of ``keys``' due windows in one transaction; the pending ones, per
+        (customer, meter), in ledger order."""
+        jobs: list[RowJob] = []
+        for key in keys:
+            for window in due.get(key, ()):
+                stripe_customer_id = stripe_customer_for(window.customer_id, links)
+                if stripe_customer_id is None:
+                    self._hold(Held(window, HELD_NO_CUSTOMER_LINK), result)
+                    continue
+                meter = self.catalogue.meters[window.meter]
+                event_name = self.stripe_meters[window.meter].event_name
+                jobs.append(RowJob(window, meter, event_name, stripe_customer_id))
+        if self._stop.is_set() or not jobs:
+            return {}
+        try:
+            outcomes = write_rows(self.engine, jobs, self._clock(), self._horizon_days)
+        except IntegrityError:
+            # The unique (customer, meter, sequence) index refused a second writer somewhere
+            # in the chunk (nothing was written): write key by key to skip only that one.
+            outcomes = self._write_one_by_one(jobs)
+        written: dict[Key, list[LedgerRow]] = {}
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, Held):
+                self._hold(outcome, result)
+            elif outcome is not None:
+                self._count_written(outcome, result)
+                if outcome.status == "pending":
+                    written.setdefault(job.window.key, []).append(outcome)
+        return written
+
+    def _write_one_by_one(self, jobs: Sequence[RowJob]) -> list[LedgerRow | Held | None]:
+        outcomes: list[LedgerRow | Held | None] = []
+        refused: set[Key] = set()
+        for job in jobs:
+            window = job.window
+            if window.key in refused:
+                outcomes.append(None)
                 continue
             try:
-                written = write_row(
-                    self.engine,
-                    window,
-                    meter,
-                    self.stripe_meters[window.meter].event_name,
-                    stripe_customer_id,
-                    self._clock(),
-                    self._horizon_days,
+                outcomes.append(
+                    write_row(
+                        self.engine,
+                        window,
+                        job.meter,
+                        job.event_name,
+                        job.stripe_customer_id,
+                        self._clock(),
+                        self._horizon_days,
+                    )
                 )
             except IntegrityError:
-                # The unique (customer, meter, sequence) index refused a second writer.
                 _log.warning(
                     "another reporter is writing %s %s: skipped here this cycle (run one "
                     "reporter per database)",
                     window.customer_id,
                     window.meter,
                 )
-                return
-            if isinstance(written, Held):
-                self._hold(written, result)
-            elif written is not None:
-                self._count_written(written, result)
-                if written.status == "pending" and sending and not self._send(written, result):
-                    return
+                refused.add(window.key)
+                outcomes.append(None)
+        return outcomes
 
-    def _send(self, row: LedgerRow, result: CycleResult) -> bool:
-        """Send one row and record the answer; False if its (customer, meter) must wait."""
+    def _send_rounds(self, queues: Mapping[Key, Sequence[LedgerRow]], result: CycleResult) -> None:
+        """v1: send each (customer, meter)'s rows in order, a round at a time: the next row of
+        every pair is stamped in one statement, called, and acknowledged in one statement."""
         assert self._send_one is not None  # noqa: S101  # only called in v1 mode
-        if not self._may_call(row, result):
-            return True
-        try:
-            outcome = self._send_one(row, self.stripe_meters[row.meter])
-        except StoppedError:
-            return False
-        self._record([row], outcome, "sent", result)
-        return outcome.kind != "retry"
+        waiting = {key: deque(rows) for key, rows in queues.items() if rows}
+        while waiting and not self._stop.is_set():
+            heads: dict[Key, LedgerRow] = {}
+            for key, rows in list(waiting.items()):
+                while rows:
+                    row = rows.popleft()
+                    if self._may_call(row, result):
+                        heads[key] = row
+                        break
+                if not rows:
+                    del waiting[key]
+            stamped = ledger.start_attempts(
+                self.engine, [row.identifier for row in heads.values()], self._clock()
+            )
+            answers: list[tuple[LedgerRow, Outcome]] = []
+            try:
+                for key, row in heads.items():
+                    if row.identifier not in stamped:
+                        continue  # settled elsewhere since it was read: not called
+                    outcome = self._send_one(row, self.stripe_meters[row.meter])
+                    answers.append((row, outcome))
+                    if outcome.kind == "retry":
+                        waiting.pop(key, None)  # its later rows wait for the next cycle
+            except StoppedError:
+                return
+            finally:
+                self._record(answers, "sent", result)
 
     def _may_call(self, row: LedgerRow, result: CycleResult) -> bool:
-        """Check a pending row just before its call and stamp the attempt (committed);
-        False if it must not be called: too old now, first called too long ago, or settled."""
+        """Check a pending row just before its call (the caller then stamps the attempt,
+        committed); False if it must not be called: too old now, or first called too long ago."""
         now = self._clock()
         if row.timestamp < send_limit(now, self._horizon_days):
             reason = too_old_reason(
@@ -215,37 +294,46 @@ class Reporter:
                     "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
                 )
             return False
-        return ledger.start_attempt(self.engine, row.identifier, now)
+        return True
 
-    def _send_stream(self, result: CycleResult) -> None:
+    def _send_stream(self, rows: Sequence[LedgerRow], result: CycleResult) -> None:
+        """Rows in ledger order, 100 a call; each batch stamped before, acknowledged after."""
         assert self._stream is not None  # noqa: S101  # only called in stream mode
-        rows = [r for r in ledger.pending_rows(self.engine) if self._may_call(r, result)]
+        rows = [r for r in rows if self._may_call(r, result)]
         for start in range(0, len(rows), MAX_EVENTS_PER_CALL):
             batch = rows[start : start + MAX_EVENTS_PER_CALL]
+            stamped = ledger.start_attempts(
+                self.engine, [row.identifier for row in batch], self._clock()
+            )
+            batch = [row for row in batch if row.identifier in stamped]
+            if not batch:
+                continue
             try:
                 outcome = self._stream.send_batch(batch, self.stripe_meters)
             except StoppedError:
                 return
-            self._record(batch, outcome, "accepted", result)
+            self._record([(row, outcome) for row in batch], "accepted", result)
             if outcome.kind == "retry":
                 return  # later batches wait: per (customer, meter) order must hold
 
     def _record(
         self,
-        rows: Sequence[LedgerRow],
-        outcome: Outcome,
+        answers: Sequence[tuple[LedgerRow, Outcome]],
         status: ledger.Status,
         result: CycleResult,
     ) -> None:
+        """Record the answers: acknowledgements in one statement, the rest row by row."""
         now = self._clock()
-        for row in rows:
+        acknowledged = {
+            row.identifier: outcome.request_id
+            for row, outcome in answers
+            if outcome.kind == "acknowledged"
+        }
+        marked = ledger.mark_all_acknowledged(self.engine, acknowledged, status, now)
+        for row, outcome in answers:
             if outcome.kind == "acknowledged":
-                if ledger.mark_acknowledged(
-                    self.engine, row.identifier, status, outcome.request_id, now
-                ):
+                if row.identifier in marked:
                     self.metrics.sent.labels(meter=row.meter).inc()
-                    with self._lock:
-                        result.acknowledged += 1
                 else:
                     _log.warning("meter event %s was settled elsewhere", row.identifier)
             elif outcome.kind == "rejected":
@@ -263,6 +351,8 @@ class Reporter:
                     row.meter,
                     outcome.error,
                 )
+        with self._lock:
+            result.acknowledged += len(marked)
 
     def _count_rejected(self, row: LedgerRow, code: str, message: str, result: CycleResult) -> None:
         self.metrics.rejected.labels(code=code).inc()
@@ -307,10 +397,10 @@ class Reporter:
 
     def _finish(self, result: CycleResult) -> None:
         now = self._clock()
-        pending = len(ledger.pending_rows(self.engine))
-        unwritten = sum(len(w) for w in due_windows(self.engine, self.stripe_meters).values())
+        pending = ledger.count_with_status(self.engine, "pending")
+        unwritten = count_due_windows(self.engine, self.stripe_meters)
         result.unacknowledged = pending + max(0, unwritten - sum(result.held.values()))
-        result.unknown = len(ledger.rows_with_status(self.engine, "unknown"))
+        result.unknown = ledger.count_with_status(self.engine, "unknown")
         self.metrics.pending.set(pending)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
         self.metrics.last_cycle.set(now.timestamp())

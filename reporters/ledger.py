@@ -3,8 +3,9 @@
 A row is written and committed before its call, then updated from the answer. Statuses:
 
 - ``pending``   written, not yet acknowledged; resent (same identifier, same body) until it is.
-                Each call is stamped first (``attempts`` + 1, ``first_attempt_at``) in its own
-                committed write, so after a crash the ledger knows whether Stripe may have it.
+                Each call is stamped first (``attempts`` + 1, ``first_attempt_at``) in a
+                committed write (one statement for a round or batch of rows), so after a
+                crash the ledger knows whether Stripe may have it.
 - ``unknown``   pending, but its first call was more than ``UNKNOWN_AFTER`` ago: Stripe only
                 promises to deduplicate an identifier for about 24 h, so a resend could bill
                 twice. Never resent blindly; ``meterstream reconcile`` asks Stripe's summaries
@@ -23,12 +24,13 @@ A row is written and committed before its call, then updated from the answer. St
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, literal, select, update
 
 from meterstream.schema import ledger
 
@@ -88,8 +90,15 @@ class LedgerRow:
     sent_at: datetime | None
 
 
+_FIELDS: tuple[str, ...] = LedgerRow.__slots__
+
+
 def _row(mapping: Any) -> LedgerRow:
-    return LedgerRow(**{name: mapping[name] for name in LedgerRow.__slots__})
+    return LedgerRow(**{name: mapping[name] for name in _FIELDS})
+
+
+def _values(row: LedgerRow) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _FIELDS}
 
 
 def latest_row(connection: Connection, customer_id: str, meter: str) -> LedgerRow | None:
@@ -146,7 +155,132 @@ def latest_window_row(
 
 
 def insert_row(connection: Connection, row: LedgerRow) -> None:
-    connection.execute(ledger.insert().values(**asdict(row)))
+    connection.execute(ledger.insert().values(**_values(row)))
+
+
+# -- bulk: the same reads and writes for many (customer, meter) pairs in one statement ---------
+
+_l = ledger.c
+_OTHER = ledger.alias("newer")
+_LATEST_ROWS = select(ledger).where(
+    _l.customer_id.in_(bindparam("customers", expanding=True)),
+    _l.meter.in_(bindparam("meters", expanding=True)),
+    _l.sequence
+    == select(func.max(_OTHER.c.sequence))
+    .where(_OTHER.c.customer_id == _l.customer_id, _OTHER.c.meter == _l.meter)
+    .scalar_subquery(),
+)
+_WINDOW_ROWS = select(
+    _l.customer_id, _l.meter, _l.window_start, _l.revision, _l.total, _l.timestamp
+).where(
+    _l.customer_id.in_(bindparam("customers", expanding=True)),
+    _l.meter.in_(bindparam("meters", expanding=True)),
+    _l.window_start.in_(bindparam("starts", expanding=True)),
+)
+WindowKey = tuple[str, str, datetime]  # (customer_id, meter, window_start)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowHead:
+    """The newest ledger row of one window: what write_row reads of it."""
+
+    revision: int
+    total: Decimal
+    timestamp: datetime
+
+
+def latest_rows(
+    connection: Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], LedgerRow]:
+    """latest_row for every (customer, meter) of ``keys``, in one query."""
+    if not keys:
+        return {}
+    found = connection.execute(
+        _LATEST_ROWS,
+        {"customers": sorted({k[0] for k in keys}), "meters": sorted({k[1] for k in keys})},
+    ).mappings()
+    rows = (_row(mapping) for mapping in found)
+    return {(r.customer_id, r.meter): r for r in rows if (r.customer_id, r.meter) in keys}
+
+
+def window_heads(
+    connection: Connection, windows: Collection[WindowKey]
+) -> dict[WindowKey, WindowHead]:
+    """The newest row (highest revision) of every window of ``windows`` that has one."""
+    if not windows:
+        return {}
+    found = connection.execute(
+        _WINDOW_ROWS,
+        {
+            "customers": sorted({w[0] for w in windows}),
+            "meters": sorted({w[1] for w in windows}),
+            "starts": sorted({w[2] for w in windows}),
+        },
+    )
+    heads: dict[WindowKey, WindowHead] = {}
+    for customer_id, meter, window_start, revision, total, timestamp in found:
+        key = (customer_id, meter, window_start)
+        if key in windows and (key not in heads or revision > heads[key].revision):
+            heads[key] = WindowHead(int(revision), total, timestamp)
+    return heads
+
+
+def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
+    values = [_values(row) for row in rows]
+    if values:
+        connection.execute(ledger.insert(), values)
+
+
+_STAMP = (
+    update(ledger)
+    .where(_l.identifier.in_(bindparam("identifiers", expanding=True)), _l.status == "pending")
+    .values(
+        attempts=_l.attempts + 1,
+        first_attempt_at=func.coalesce(_l.first_attempt_at, bindparam("now")),
+        updated_at=bindparam("now"),
+    )
+    .returning(_l.identifier)
+)
+
+
+def start_attempts(engine: Engine, identifiers: Collection[str], now: datetime) -> set[str]:
+    """start_attempt for many rows in one committed statement; the identifiers stamped (the
+    others are no longer pending: do not call them)."""
+    if not identifiers:
+        return set()
+    with engine.begin() as connection:
+        found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
+        return {str(identifier) for (identifier,) in found}
+
+
+def mark_all_acknowledged(
+    engine: Engine, request_ids: Mapping[str, str | None], status: Status, now: datetime
+) -> set[str]:
+    """mark_acknowledged for many pending rows (identifier -> Stripe's request id) in one
+    committed statement; the identifiers updated (the others were settled elsewhere)."""
+    if not request_ids:
+        return set()
+    distinct = set(request_ids.values())
+    request_id: Any = (
+        literal(next(iter(distinct)), ledger.c.stripe_request_id.type)
+        if len(distinct) == 1
+        else case(dict(request_ids), value=_l.identifier, else_=_l.stripe_request_id)
+    )
+    with engine.begin() as connection:
+        found = connection.execute(
+            update(ledger)
+            .where(_l.identifier.in_(list(request_ids)), _l.status == "pending")
+            .values(
+                status=status,
+                stripe_request_id=request_id,
+                last_error=None,
+                error_code=None,
+                updated_at=now,
+                sent_at=now,
+            )
+            .returning(_l.identifier)
+        )
+        return {str(identifier) for (identifier,) in found}
 
 
 def pending_rows(engine: Engine) -> list[LedgerRow]:
@@ -158,6 +292,15 @@ def pending_rows(engine: Engine) -> list[LedgerRow]:
             .order_by(ledger.c.customer_id, ledger.c.meter, ledger.c.sequence)
         ).mappings()
         return [_row(mapping) for mapping in found]
+
+
+def count_with_status(engine: Engine, status: Status) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                select(func.count()).select_from(ledger).where(ledger.c.status == status)
+            ).scalar_one()
+        )
 
 
 def start_attempt(engine: Engine, identifier: str, now: datetime) -> bool:

@@ -8,8 +8,10 @@ it double-count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from sqlalchemy import Engine
 
@@ -18,10 +20,14 @@ from reporters import carry
 from reporters.ledger import (
     LedgerRow,
     Status,
+    WindowHead,
     identifier_for,
     insert_row,
+    insert_rows,
     latest_row,
+    latest_rows,
     latest_window_row,
+    window_heads,
     window_total,
 )
 from reporters.scheduler import DueWindow
@@ -100,74 +106,133 @@ def write_row(
     """
     with engine.begin() as connection:
         latest = latest_row(connection, window.customer_id, window.meter)
-        account = (
-            carry.Account(latest.accounted_total, latest.units_total)
-            if latest is not None
-            else carry.Account()
-        )
         reported_revision, previous_total = window_total(
             connection, window.customer_id, window.meter, window.window_start
         )
-        if reported_revision == window.revision:
-            return None
-        if reported_revision > window.revision:
-            # The aggregators' revision went backwards (table rebuilt?): the ledger's running
-            # totals no longer describe window_totals. A person must look.
-            return Held(window, HELD_REVISION_WENT_BACK)
-        report = carry.report(
-            meter.stripe_formula, account, previous_total, window.total, meter.unit_scale
-        )
-        if meter.stripe_formula == "sum" and report.value < 0 and not meter.allow_negative:
-            # Sending it would invent a credit the catalogue forbids; dropping it would lose
-            # it. Hold it: the window stays due until its total rises again or a person acts.
-            return Held(window, HELD_NEGATIVE_CORRECTION, report.value)
         previous = None
         if meter.stripe_formula == "last":
             previous = latest_window_row(
                 connection, window.customer_id, window.meter, window.window_start
             )
-        timestamp = event_timestamp(window, now, previous.timestamp if previous else None)
-        if timestamp is None:
-            return Held(window, HELD_NO_LATER_TIMESTAMP, report.value)
-        status: Status = "pending"
-        error_code = last_error = None
-        if meter.stripe_formula == "sum" and report.value == 0:
-            status = "carried"
-        elif timestamp < send_limit(now, horizon_days):
-            status, error_code = "rejected", TOO_OLD_CODE
-            last_error = too_old_reason(
-                window.window_start, window.window_end, timestamp, report.value, horizon_days
+        head = None
+        if reported_revision:
+            head = WindowHead(
+                reported_revision, previous_total, previous.timestamp if previous else now
             )
-        row = LedgerRow(
-            customer_id=window.customer_id,
-            meter=window.meter,
-            window_start=window.window_start,
-            window_end=window.window_end,
-            revision=window.revision,
-            sequence=(latest.sequence + 1) if latest is not None else 1,
-            total=window.total,
-            accounted_total=report.account.accounted_total,
-            units_total=report.account.units_total,
-            value=report.value,
-            event_name=event_name,
-            stripe_customer_id=stripe_customer_id,
-            timestamp=timestamp,
-            identifier=identifier_for(
-                window.customer_id,
-                window.meter,
-                window.window_start,
-                window.window_end,
-                window.revision,
-            ),
-            status=status,
-            attempts=0,
-            first_attempt_at=None,
-            error_code=error_code,
-            last_error=last_error,
-            stripe_request_id=None,
-            created_at=now,
-            updated_at=now,
-            sent_at=None,
-        )
-        insert_row(connection, row)
+        job = RowJob(window, meter, event_name, stripe_customer_id)
+        row = decide_row(job, latest, head, now, horizon_days)
+        if isinstance(row, LedgerRow):
+            insert_row(connection, row)
         return row
+
+
+@dataclass(frozen=True, slots=True)
+class RowJob:
+    """A due window to write, with what its row needs besides the ledger."""
+
+    window: DueWindow
+    meter: Meter
+    event_name: str
+    stripe_customer_id: str
+
+
+def write_rows(
+    engine: Engine, jobs: Sequence[RowJob], now: datetime, horizon_days: int
+) -> list[LedgerRow | Held | None]:
+    """write_row for many windows in one transaction (a few bulk statements), in order: the
+    windows of one (customer, meter) must come oldest first, as due_windows gives them.
+
+    Raises IntegrityError (nothing written) if another writer got to one of them first.
+    """
+    keys = {(j.window.customer_id, j.window.meter) for j in jobs}
+    starts = {(j.window.customer_id, j.window.meter, j.window.window_start) for j in jobs}
+    results: list[LedgerRow | Held | None] = []
+    with engine.begin() as connection:
+        latest = latest_rows(connection, keys)
+        heads = window_heads(connection, starts)
+        for job in jobs:
+            window = job.window
+            key = (window.customer_id, window.meter)
+            start = (window.customer_id, window.meter, window.window_start)
+            row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days)
+            if isinstance(row, LedgerRow):
+                latest[key] = row
+                heads[start] = WindowHead(row.revision, row.total, row.timestamp)
+            results.append(row)
+        insert_rows(connection, (r for r in results if isinstance(r, LedgerRow)))
+    return results
+
+
+def decide_row(
+    job: RowJob,
+    latest: LedgerRow | None,
+    head: WindowHead | None,
+    now: datetime,
+    horizon_days: int,
+) -> LedgerRow | Held | None:
+    """The row for ``job`` (not written), given the newest row of its (customer, meter) and
+    of its window; Held or None as write_row says."""
+    window, meter = job.window, job.meter
+    account = (
+        carry.Account(latest.accounted_total, latest.units_total)
+        if latest is not None
+        else carry.Account()
+    )
+    reported_revision, previous_total = (head.revision, head.total) if head else (0, Decimal(0))
+    if reported_revision == window.revision:
+        return None
+    if reported_revision > window.revision:
+        # The aggregators' revision went backwards (table rebuilt?): the ledger's running
+        # totals no longer describe window_totals. A person must look.
+        return Held(window, HELD_REVISION_WENT_BACK)
+    report = carry.report(
+        meter.stripe_formula, account, previous_total, window.total, meter.unit_scale
+    )
+    if meter.stripe_formula == "sum" and report.value < 0 and not meter.allow_negative:
+        # Sending it would invent a credit the catalogue forbids; dropping it would lose
+        # it. Hold it: the window stays due until its total rises again or a person acts.
+        return Held(window, HELD_NEGATIVE_CORRECTION, report.value)
+    previous = head.timestamp if head is not None and meter.stripe_formula == "last" else None
+    timestamp = event_timestamp(window, now, previous)
+    if timestamp is None:
+        return Held(window, HELD_NO_LATER_TIMESTAMP, report.value)
+    status: Status = "pending"
+    error_code = last_error = None
+    if meter.stripe_formula == "sum" and report.value == 0:
+        status = "carried"
+    elif timestamp < send_limit(now, horizon_days):
+        status, error_code = "rejected", TOO_OLD_CODE
+        last_error = too_old_reason(
+            window.window_start, window.window_end, timestamp, report.value, horizon_days
+        )
+    return LedgerRow(
+        customer_id=window.customer_id,
+        meter=window.meter,
+        window_start=window.window_start,
+        window_end=window.window_end,
+        revision=window.revision,
+        sequence=(latest.sequence + 1) if latest is not None else 1,
+        total=window.total,
+        accounted_total=report.account.accounted_total,
+        units_total=report.account.units_total,
+        value=report.value,
+        event_name=job.event_name,
+        stripe_customer_id=job.stripe_customer_id,
+        timestamp=timestamp,
+        identifier=identifier_for(
+            window.customer_id,
+            window.meter,
+            window.window_start,
+            window.window_end,
+            window.revision,
+        ),
+        status=status,
+        attempts=0,
+        first_attempt_at=None,
+        error_code=error_code,
+        last_error=last_error,
+        stripe_request_id=None,
+        created_at=now,
+        updated_at=now,
+        sent_at=None,
+    )

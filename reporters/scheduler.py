@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, Select, and_, func, or_, select
 
 from meterstream.schema import ledger, window_totals
 
@@ -39,8 +40,7 @@ class DueWindow:
         return (self.customer_id, self.meter)
 
 
-def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWindow]]:
-    """The due windows of ``meters``, per (customer, meter), oldest window first."""
+def _due_query(meters: Iterable[str]) -> Select[Any]:
     reported = (
         select(
             ledger.c.customer_id,
@@ -76,8 +76,21 @@ def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWind
             wt.meter.in_(list(meters)),
             or_(reported.c.revision.is_(None), wt.revision != reported.c.revision),
         )
-        .order_by(wt.customer_id, wt.meter, wt.window_start)
     )
+    return query
+
+
+def count_due_windows(engine: Engine, meters: Iterable[str]) -> int:
+    """How many windows due_windows would return."""
+    with engine.connect() as connection:
+        query = select(func.count()).select_from(_due_query(meters).subquery())
+        return int(connection.execute(query).scalar_one())
+
+
+def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWindow]]:
+    """The due windows of ``meters``, per (customer, meter), oldest window first."""
+    wt = window_totals.c
+    query = _due_query(meters).order_by(wt.customer_id, wt.meter, wt.window_start)
     due: dict[Key, list[DueWindow]] = {}
     with engine.connect() as connection:
         for row in connection.execute(query):

@@ -6,6 +6,7 @@ Tests build the same pieces with their own clock, stop event and backoff, side b
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from meterstream.errors import ConfigError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings
-from reporters.cycle import CycleResult, Reporter
+from reporters.cycle import SEND_THREADS, CycleResult, Reporter
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
 from reporters.ratelimit import TokenBucket
 from reporters.stream import StreamSender
@@ -116,6 +117,8 @@ def build_reporter(
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
+        # More threads than calls a second allowed would only queue at the token bucket.
+        workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate))),
     )
 
 

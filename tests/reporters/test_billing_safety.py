@@ -23,6 +23,8 @@ from reporters.customers import link_customer
 from reporters.cycle import Reporter
 from reporters.ledger import all_rows, rows_for
 from reporters.reconcile import Reconciliation, reconcile
+from reporters.rows import RowJob, write_rows
+from reporters.scheduler import due_windows
 from reporters.service import build_reporter, connect, fetch_summary
 from reporters.status import format_status, reporter_status
 from reporters.stripe_emulator import Emulator
@@ -349,3 +351,76 @@ def test_revision_going_backwards_is_held_loudly_not_skipped(world: World) -> No
     assert [r.revision for r in rows_for(world.engine, "cus_a", "tokens")] == [2]
     held = "meterstream_reporter_meter_events_held_total"
     assert world.metric(held, reason="revision_went_back") == 1
+
+
+# -- 9. bulk ledger writes: a crash at any point sends each event once -----------------------
+
+_PATHS = {False: "/v1/billing/meter_events", True: "/v2/billing/meter_event_stream"}
+
+
+def _six_windows(world: World) -> dict[tuple[str, str], int]:
+    """Two windows for each of three customers; Stripe's expected totals."""
+    for n, customer in enumerate(("cus_a", "cus_b", "cus_c")):
+        for hours_ago in (2, 3):
+            put_total(world.engine, customer, "tokens", hour_start(hours_ago), str(n + hours_ago))
+    return {("tokens", "cus_a"): 5, ("tokens", "cus_b"): 7, ("tokens", "cus_c"): 9}
+
+
+def _assert_each_event_once(world: World, expected: dict[tuple[str, str], int]) -> None:
+    identifiers = [e.identifier for e in world.emulator.state.events]
+    rows = all_rows(world.engine)
+    assert sorted(identifiers) == sorted(r.identifier for r in rows)
+    assert world.totals() == expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_crash_after_the_bulk_write_before_any_call_sends_each_row_once(
+    world: World, stream: bool
+) -> None:
+    expected = _six_windows(world)
+    # What a cycle commits before its first call: every row of the chunk, in one transaction.
+    # Then the process dies.
+    jobs = [
+        RowJob(window, world.catalogue.meters[window.meter], "tokens", window.customer_id)
+        for windows in due_windows(world.engine, ["tokens"]).values()
+        for window in windows
+    ]
+    write_rows(world.engine, jobs, datetime.now(UTC), world.settings.horizon_days)
+    assert [(r.status, r.attempts) for r in all_rows(world.engine)] == [("pending", 0)] * 6
+    assert world.emulator.state.events == ()
+
+    result = world.reporter(stripe_stream=stream).run_cycle()
+
+    assert (result.acknowledged, result.unacknowledged) == (6, 0)
+    final = "accepted" if stream else "sent"
+    assert [(r.status, r.attempts) for r in all_rows(world.engine)] == [(final, 1)] * 6
+    _assert_each_event_once(world, expected)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_crash_after_the_calls_before_the_bulk_acknowledgement_resends_each_row_once(
+    world: World, stream: bool
+) -> None:
+    expected = _six_windows(world)
+    # Stripe records every call and every answer is lost: the ledger is left as by a crash
+    # between the calls and the statement that acknowledges them (pending, attempt stamped).
+    world.emulator.faults.inject("drop_connection", count=None, path_prefix=_PATHS[stream])
+    reporter = world.reporter(stripe_stream=stream)
+    first = reporter.run_cycle()
+    called = [r for r in all_rows(world.engine) if r.attempts]
+    assert first.acknowledged == 0 and called
+    assert {r.status for r in all_rows(world.engine)} == {"pending"}
+    assert all(r.first_attempt_at is not None for r in called)
+    assert len(world.emulator.state.events) == len(called)
+
+    world.emulator.faults.clear()
+    second = reporter.run_cycle()
+
+    assert (second.acknowledged, second.unacknowledged) == (6, 0)
+    assert {r.status for r in all_rows(world.engine)} == {"accepted" if stream else "sent"}
+    assert all(
+        r.attempts == 2
+        for r in all_rows(world.engine)
+        if r.identifier in {c.identifier for c in called}
+    )
+    _assert_each_event_once(world, expected)

@@ -36,7 +36,7 @@ from meterstream.db import build_engine, migrate
 from meterstream.events import UsageEvent, encode_event
 from meterstream.kafka import client_config
 from meterstream.schema import window_totals
-from meterstream.settings import Settings, load_settings
+from meterstream.settings import Settings, environment_of, load_settings
 
 METERS = ("tokens", "api_calls", "peak_connections")
 CUSTOMERS = 10_000
@@ -120,17 +120,16 @@ def bare_faust(bootstrap: str, name: str, count: int) -> float:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    env.update(
-        METERSTREAM_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        METERSTREAM_TOPIC=settings.topic,
-        METERSTREAM_DATABASE_URL=settings.database_url,
-        METERSTREAM_CONSUMER_GROUP=settings.consumer_group,
-        METERSTREAM_KAFKA_SESSION_TIMEOUT_S="6",
-        METERSTREAM_METRICS_PORT="0",
-        METERSTREAM_METERS_FILE=str(ROOT / "examples" / "meters.toml"),
+    return environment_of(
+        settings.model_copy(
+            update={
+                "kafka_session_timeout_s": 6.0,
+                "metrics_port": 0,
+                "meters_file": ROOT / "examples" / "meters.toml",
+            }
+        ),
+        os.environ,
     )
-    return env
 
 
 def rss_kib(pid: int) -> int:

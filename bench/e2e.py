@@ -24,26 +24,18 @@ from bench.common import broker, save, table, topic
 from ingest import UsageClient
 from meterstream.db import build_engine, migrate
 from meterstream.meters import load_catalogue
-from meterstream.settings import Settings, load_settings
+from meterstream.processes import stop_process
+from meterstream.settings import Settings, environment_of, load_settings
 from reporters.stripe_emulator import run_stripe_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOMERS = 1_000
 
 
-def environment(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    for name, value in settings.model_dump(exclude_none=True).items():
-        if name == "stripe_api_key" and settings.stripe_api_key is not None:
-            value = settings.stripe_api_key.get_secret_value()
-        env[f"METERSTREAM_{name.upper()}"] = str(value)
-    return env
-
-
 def start(settings: Settings, *arguments: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "meterstream", *arguments],
-        env=environment(settings),
+        env=environment_of(settings, os.environ),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -52,14 +44,7 @@ def start(settings: Settings, *arguments: str) -> subprocess.Popen[bytes]:
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
     for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ from meterstream.db import build_engine, migrate
 from meterstream.embedded import embedded_broker, free_port
 from meterstream.events import UsageEvent
 from meterstream.meters import Catalogue, Meter, load_catalogue
+from meterstream.processes import stop_process
 from meterstream.schema import ledger, window_totals
-from meterstream.settings import Settings, load_settings
+from meterstream.settings import Settings, environment_of, load_settings
 
 Echo = Callable[[str], None]
 _DEMO_KEY = "sk_test_meterstreamdemo"
@@ -299,7 +300,7 @@ def _report_until_done(settings: Settings, workdir: Path, echo: Echo) -> int:
     for attempt in range(1, 11):
         code = subprocess.run(
             [sys.executable, "-m", "meterstream", "report", "--once"],
-            env=_environment(settings),
+            env=environment_of(settings, os.environ),
             stdout=(workdir / "report.log").open("ab"),
             stderr=subprocess.STDOUT,
             check=False,
@@ -439,16 +440,6 @@ def _scrape_counter(port: int, name: str) -> int | None:
     return None
 
 
-def _environment(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    for name, value in settings.model_dump(exclude_none=True).items():
-        if name == "stripe_api_key" and settings.stripe_api_key is not None:
-            value = settings.stripe_api_key.get_secret_value()
-        env[f"METERSTREAM_{name.upper()}"] = str(value)
-    env["METERSTREAM_METRICS_PORT"] = str(metrics_port)
-    return env
-
-
 @contextmanager
 def _process(
     settings: Settings, arguments: list[str], workdir: Path, metrics_port: int
@@ -456,7 +447,7 @@ def _process(
     log = (workdir / f"{arguments[0]}.log").open("ab")
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and command
         [sys.executable, "-m", "meterstream", *arguments],
-        env=_environment(settings, metrics_port),
+        env=environment_of(settings.model_copy(update={"metrics_port": metrics_port}), os.environ),
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -465,10 +456,5 @@ def _process(
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()

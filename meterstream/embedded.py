@@ -7,7 +7,6 @@ development, tests and the demo; production points METERSTREAM_KAFKA_BOOTSTRAP a
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from meterstream.errors import BrokerUnavailableError
 from meterstream.kafka import ensure_topic, wait_for_broker
+from meterstream.processes import stop_process
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +75,7 @@ def start_broker(port: int, log_path: Path) -> subprocess.Popen[bytes]:
 
 def stop_broker(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """Stop the broker by its pid and wait for it to exit, so its port is free again."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
+    stop_process(process, timeout_s)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -7,6 +7,7 @@ nothing else in meterstream reads ``os.environ``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,14 @@ def load_settings(**overrides: Any) -> Settings:
             shown = "" if "api_key" in name.lower() or isinstance(given, dict) else f"={given!s}"
             problems.append(f"{name}{shown}: {error['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def environment_of(settings: Settings, inherit: Mapping[str, str]) -> dict[str, str]:
+    """The variables that make a child process read ``settings``: ``inherit`` (say, os.environ)
+    without its METERSTREAM_* entries, plus one METERSTREAM_* variable per setting."""
+    environment = {k: v for k, v in inherit.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if name == "stripe_api_key" and settings.stripe_api_key is not None:
+            value = settings.stripe_api_key.get_secret_value()
+        environment[ENV_PREFIX + name.upper()] = str(value)
+    return environment

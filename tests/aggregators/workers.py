@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,8 +13,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
+from meterstream.processes import stop_process
 from meterstream.schema import window_totals
-from meterstream.settings import Settings
+from meterstream.settings import Settings, environment_of
 
 MeterstreamCommand = [sys.executable, "-c", "from meterstream.cli import main; main()"]
 
@@ -23,13 +23,7 @@ MeterstreamCommand = [sys.executable, "-c", "from meterstream.cli import main; m
 def environment(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
     """The METERSTREAM_* variables that make a process see ``settings`` (metrics off unless a
     port is given, so parallel processes never fight over one)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    for name, value in settings.model_dump(exclude_none=True).items():
-        if name == "stripe_api_key":
-            value = settings.stripe_api_key.get_secret_value() if settings.stripe_api_key else ""
-        env[f"METERSTREAM_{name.upper()}"] = str(value)
-    env["METERSTREAM_METRICS_PORT"] = str(metrics_port)
-    return env
+    return environment_of(settings.model_copy(update={"metrics_port": metrics_port}), os.environ)
 
 
 @contextmanager
@@ -48,17 +42,7 @@ def worker(
     try:
         yield process
     finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:

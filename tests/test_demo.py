@@ -34,17 +34,13 @@ def test_demo_runs_the_pipeline_and_finds_stripe_matches_the_database() -> None:
         assert f"\n{meter} " in done.stdout
 
 
+FACTS = {"duplicates_skipped": 0, "windows": 2, "reported": 2, "carried": 0, "cycles": 1}
+
+
 def test_a_difference_is_reported_with_its_size_and_fails() -> None:
     lines: list[str] = []
     rows = [MeterRow("tokens", "sum", 100, 100, 0), MeterRow("api_calls", "sum", 10, 7, 2)]
-    facts = {
-        "duplicates_skipped": 0,
-        "windows": 2,
-        "reported": 2,
-        "carried": 0,
-        "cycles": 1,
-        "windows_wrong": 0,
-    }
+    facts = {**FACTS, "windows_wrong": 0}
     assert _print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
     assert any("DIFFER by -3 (2 customers)" in line for line in lines)
     assert lines[-1] == "VERDICT: 1 meter(s) differ between the database and Stripe"
@@ -53,27 +49,13 @@ def test_a_difference_is_reported_with_its_size_and_fails() -> None:
 def test_differences_that_cancel_out_across_customers_still_fail() -> None:
     lines: list[str] = []
     rows = [MeterRow("tokens", "sum", 100, 100, customers_differing=2)]
-    facts = {
-        "duplicates_skipped": 0,
-        "windows": 2,
-        "reported": 2,
-        "carried": 0,
-        "cycles": 1,
-        "windows_wrong": 0,
-    }
+    facts = {**FACTS, "windows_wrong": 0}
     assert _print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
 
 
 def test_a_window_unlike_the_events_sent_fails_even_when_stripe_agrees() -> None:
     lines: list[str] = []
     rows = [MeterRow("tokens", "sum", 100, 100, 0)]
-    facts = {
-        "duplicates_skipped": 0,
-        "windows": 2,
-        "reported": 2,
-        "carried": 0,
-        "cycles": 1,
-        "windows_wrong": 1,
-    }
+    facts = {**FACTS, "windows_wrong": 1}
     assert _print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
     assert lines[-1] == "VERDICT: 1 window(s) differ from the events sent"

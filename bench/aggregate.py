@@ -35,8 +35,9 @@ from bench.common import broker, save, table, topic
 from meterstream.db import build_engine, migrate
 from meterstream.events import UsageEvent, encode_event
 from meterstream.kafka import client_config
+from meterstream.processes import start_meterstream
 from meterstream.schema import window_totals
-from meterstream.settings import Settings, environment_of, load_settings
+from meterstream.settings import Settings, load_settings
 
 METERS = ("tokens", "api_calls", "peak_connections")
 CUSTOMERS = 10_000
@@ -119,16 +120,13 @@ def bare_faust(bootstrap: str, name: str, count: int) -> float:
         return float(Path(out.name).read_text())
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    return environment_of(
-        settings.model_copy(
-            update={
-                "kafka_session_timeout_s": 6.0,
-                "metrics_port": 0,
-                "meters_file": ROOT / "examples" / "meters.toml",
-            }
-        ),
-        os.environ,
+def worker_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "kafka_session_timeout_s": 6.0,
+            "metrics_port": 0,
+            "meters_file": ROOT / "examples" / "meters.toml",
+        }
     )
 
 
@@ -143,13 +141,7 @@ def run_workers(settings: Settings, count: int, workers: int) -> tuple[float, li
     """Events/s from the first applied event to the last, and each sample of worker RSS (KiB)."""
     engine = build_engine(settings)
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "meterstream", "aggregate", "--loglevel", "error"],
-            env=worker_env(settings),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        start_meterstream(worker_settings(settings), "aggregate", "--loglevel", "error")
         for _ in range(workers)
     ]
     rss: list[int] = []
@@ -178,13 +170,7 @@ def delay_at_rate(settings: Settings, rate: int, seconds: int) -> tuple[float, f
     """Produce ``rate`` events/s for ``seconds`` with a probe customer every 0.1 s; the delay
     is from producing a probe to seeing its total. Returns (p50, p99) in seconds."""
     engine = build_engine(settings)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meterstream", "aggregate", "--loglevel", "error"],
-        env=worker_env(settings),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_meterstream(worker_settings(settings), "aggregate", "--loglevel", "error")
     producer = Producer({**client_config(settings.kafka_bootstrap), "linger.ms": 5})
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 import uuid
 from decimal import Decimal
@@ -24,22 +23,12 @@ from bench.common import broker, save, table, topic
 from ingest import UsageClient
 from meterstream.db import build_engine, migrate
 from meterstream.meters import load_catalogue
-from meterstream.processes import stop_process
-from meterstream.settings import Settings, environment_of, load_settings
+from meterstream.processes import start_meterstream, stop_process
+from meterstream.settings import Settings, load_settings
 from reporters.stripe_emulator import run_stripe_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOMERS = 1_000
-
-
-def start(settings: Settings, *arguments: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meterstream", *arguments],
-        env=environment_of(settings, os.environ),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -88,8 +77,8 @@ def main() -> None:
                 source="bench-e2e",
             )
             migrate(build_engine(settings))
-            processes.append(start(settings, "aggregate", "--loglevel", "error"))
-            processes.append(start(settings, "report"))
+            processes.append(start_meterstream(settings, "aggregate", "--loglevel", "error"))
+            processes.append(start_meterstream(settings, "report"))
             try:
                 sent, seen, produced = run_load(settings, emulator, customers, probes, args)
             finally:

@@ -8,7 +8,6 @@ database with what Stripe holds. Everything it starts, it stops.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -35,9 +34,10 @@ from meterstream.db import build_engine, migrate
 from meterstream.embedded import embedded_broker, free_port
 from meterstream.events import UsageEvent
 from meterstream.meters import Catalogue, Meter, load_catalogue
-from meterstream.processes import stop_process
+from meterstream.metrics import scrape
+from meterstream.processes import start_meterstream, stop_process
 from meterstream.schema import ledger, window_totals
-from meterstream.settings import Settings, environment_of, load_settings
+from meterstream.settings import Settings, load_settings
 
 Echo = Callable[[str], None]
 _DEMO_KEY = "sk_test_meterstreamdemo"
@@ -194,23 +194,22 @@ def _send_traffic(
     meters = list(catalogue)
     ids = list(customers)
     traffic = Traffic()
-    recorded: list[tuple[str, str, Any, datetime, str, dict[str, str]]] = []
     now = datetime.now(UTC)
     with (
         UsageClient(settings, catalogue=catalogue) as client,
         click.progressbar(length=options.events, label="sending usage       ") as bar,
     ):
         for _ in range(options.events):
-            if recorded and rng.random() < options.duplicate_share:
+            if traffic.events and rng.random() < options.duplicate_share:
                 # The same event again, as a producer retrying after a timeout would send it.
-                customer, meter_name, value, moment, event_id, properties = rng.choice(recorded)
+                again = rng.choice(traffic.events)
                 client.record(
-                    customer,
-                    meter_name,
-                    value,
-                    timestamp=moment,
-                    event_id=event_id,
-                    properties=properties,
+                    again.customer_id,
+                    again.meter,
+                    again.value,
+                    timestamp=again.event_time,
+                    event_id=again.event_id,
+                    properties=again.properties,
                 )
                 traffic.duplicates += 1
             else:
@@ -226,7 +225,6 @@ def _send_traffic(
                 event_id = client.record(
                     customer, meter.name, value, timestamp=moment, properties=properties
                 )
-                recorded.append((customer, meter.name, value, moment, event_id, properties))
                 traffic.events.append(
                     UsageEvent(
                         event_id,
@@ -298,13 +296,8 @@ def _wait_for_totals(
 
 def _report_until_done(settings: Settings, workdir: Path, echo: Echo) -> int:
     for attempt in range(1, 11):
-        code = subprocess.run(
-            [sys.executable, "-m", "meterstream", "report", "--once"],
-            env=environment_of(settings, os.environ),
-            stdout=(workdir / "report.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            check=False,
-        ).returncode
+        with (workdir / "report.log").open("ab") as log:
+            code = start_meterstream(settings, "report", "--once", output=log).wait()
         if code == 0:
             echo(f"reporter             every due window acknowledged by Stripe (cycle {attempt})")
             return attempt
@@ -424,37 +417,22 @@ def _print_table(echo: Echo, traffic: Traffic, facts: dict[str, Any], rows: list
 
 
 def _scrape_counter(port: int, name: str) -> int | None:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return int(sample.value)
-    return None
+    samples = scrape(port)
+    return int(samples[(name, ())]) if (name, ()) in samples else None
 
 
 @contextmanager
 def _process(
     settings: Settings, arguments: list[str], workdir: Path, metrics_port: int
 ) -> Iterator[subprocess.Popen[bytes]]:
-    log = (workdir / f"{arguments[0]}.log").open("ab")
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter and command
-        [sys.executable, "-m", "meterstream", *arguments],
-        env=environment_of(settings.model_copy(update={"metrics_port": metrics_port}), os.environ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=workdir,
-    )
-    try:
-        yield process
-    finally:
-        stop_process(process)
-        log.close()
+    with (workdir / f"{arguments[0]}.log").open("ab") as log:
+        process = start_meterstream(
+            settings.model_copy(update={"metrics_port": metrics_port}),
+            *arguments,
+            output=log,
+            cwd=workdir,
+        )
+        try:
+            yield process
+        finally:
+            stop_process(process)

@@ -217,11 +217,6 @@ def format_value(value: Decimal | int) -> str:
     return str(value) if type(value) is int else format(value, "f")
 
 
-def format_time(event_time: datetime) -> str:
-    """RFC 3339 UTC with microseconds, e.g. ``2026-11-24T10:00:00.123456Z``."""
-    return event_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def encode_event(event: UsageEvent) -> bytes:
     """The CloudEvents structured JSON of ``event`` (the Kafka message value)."""
     return encode_fields(

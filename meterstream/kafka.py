@@ -65,12 +65,21 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float =
 
 
 def end_offsets(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """The high watermark (the offset after the last message) of every partition of ``topic``.
+    """The high watermark (the offset after the last message) of every partition of ``topic``."""
+    return {
+        partition: high
+        for partition, (_low, high) in watermarks(bootstrap, topic, timeout_s).items()
+    }
 
-    Read from a Fetch response, not from ListOffsets alone: the embedded broker (Tansu 0.6)
-    answers ListOffsets(latest) with the last *batch's* base offset + 1, which undercounts
-    whenever that batch holds several messages. Fetching from just before that offset returns
-    the last batch, and the Fetch response carries the true watermark (on Apache Kafka too).
+
+def watermarks(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
+    """(first retained offset, offset after the last message) of every partition of ``topic``.
+
+    The high watermark is read from a Fetch response, not from ListOffsets alone: the embedded
+    broker (Tansu 0.6) answers ListOffsets(latest) with the last *batch's* base offset + 1, which
+    undercounts whenever that batch holds several messages. Fetching from just before that offset
+    returns the last batch, and the Fetch response carries the true watermark (on Apache Kafka
+    too).
     """
     consumer = Consumer(
         {
@@ -90,7 +99,6 @@ def end_offsets(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int
         probe = [
             TopicPartition(topic, p, high - 1) for p, (low, high) in listed.items() if high > low
         ]
-        result = {p: high for p, (_low, high) in listed.items()}
         if probe:
             consumer.assign(probe)
             waiting = {tp.partition for tp in probe}
@@ -100,23 +108,9 @@ def end_offsets(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int
                     waiting.discard(message.partition())
             for tp in probe:
                 _low, high = consumer.get_watermark_offsets(tp, cached=True)
-                if high is not None and high >= 0:
-                    result[tp.partition] = max(result[tp.partition], high)
-        return result
-    finally:
-        consumer.close()
-
-
-def start_offsets(bootstrap: str, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """The low watermark (the first retained offset) of every partition of ``topic``."""
-    consumer = Consumer({**client_config(bootstrap), "group.id": "meterstream-offsets-probe"})
-    try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-        return {
-            partition: consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=timeout_s
-            )[0]
-            for partition in metadata.partitions
-        }
+                low, listed_high = listed[tp.partition]
+                if high is not None and high > listed_high:
+                    listed[tp.partition] = (low, high)
+        return listed
     finally:
         consumer.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from meterstream.kafka import client_config, end_offsets, start_offsets
+from meterstream.kafka import client_config, watermarks
 
 
 def consumer_lag(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
@@ -15,16 +15,15 @@ def consumer_lag(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0
 
     A partition the group never committed counts from its first retained message.
     """
-    ends = end_offsets(bootstrap, topic, timeout_s)
-    starts = start_offsets(bootstrap, topic, timeout_s)
+    offsets = watermarks(bootstrap, topic, timeout_s)
     admin = AdminClient(client_config(bootstrap))
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in ends])
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in offsets])
     committed: dict[int, int] = {}
     for future in admin.list_consumer_group_offsets([request]).values():
         for tp in future.result(timeout=timeout_s).topic_partitions:
             if tp.offset >= 0:
                 committed[tp.partition] = tp.offset
     return {
-        partition: max(0, end - committed.get(partition, starts.get(partition, 0)))
-        for partition, end in ends.items()
+        partition: max(0, high - committed.get(partition, low))
+        for partition, (low, high) in offsets.items()
     }

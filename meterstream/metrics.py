@@ -6,7 +6,12 @@ No default REGISTRY: tests and the demo build as many stages side by side as the
 
 from __future__ import annotations
 
+import urllib.request
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -163,3 +168,18 @@ class ReporterMetrics:
             "When the last report cycle finished (Unix time).",
             registry=self.registry,
         )
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> Samples:
+    """Every sample a /metrics endpoint serves, as (name, sorted labels) -> value; empty when
+    nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+from meterstream.settings import Settings, environment_of
+
+
+def start_meterstream(
+    settings: Settings,
+    *arguments: str,
+    output: IO[bytes] | int = subprocess.DEVNULL,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``meterstream ARGUMENTS`` in this interpreter, reading ``settings``; the caller
+    stops it (stop_process)."""
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and command
+        [sys.executable, "-m", "meterstream", *arguments],
+        env=environment_of(settings, os.environ),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

@@ -14,8 +14,9 @@ from meterstream.db import build_engine, migrate
 from meterstream.embedded import free_port
 from meterstream.kafka import client_config
 from meterstream.lag import consumer_lag
+from meterstream.metrics import scrape
 from meterstream.settings import Settings
-from tests.aggregators.workers import events_applied, scrape, wait_until, worker
+from tests.aggregators.workers import events_applied, wait_until, worker
 
 SettingsFactory = Callable[..., Settings]
 

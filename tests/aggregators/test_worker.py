@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -25,7 +26,6 @@ from meterstream.schema import rejected_events
 from meterstream.settings import Settings
 from tests.aggregators.test_batch import stored_totals
 from tests.aggregators.workers import (
-    MeterstreamCommand,
     environment,
     events_applied,
     wait_until,
@@ -217,7 +217,7 @@ def test_totals_command_prints_json(settings_factory: SettingsFactory, database_
         ]
     )
     output = subprocess.run(
-        [*MeterstreamCommand, "totals", "--customer", "c1", "--json"],
+        [sys.executable, "-m", "meterstream", "totals", "--customer", "c1", "--json"],
         env=environment(settings),
         capture_output=True,
         check=True,

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
-from meterstream.processes import stop_process
+from meterstream.processes import start_meterstream, stop_process
 from meterstream.schema import window_totals
 from meterstream.settings import Settings, environment_of
-
-MeterstreamCommand = [sys.executable, "-c", "from meterstream.cli import main; main()"]
 
 
 def environment(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
@@ -32,12 +28,12 @@ def worker(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A running worker; stopped (SIGTERM, then SIGKILL) by its pid on exit."""
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            [*MeterstreamCommand, "aggregate", "--loglevel", "warning"],
-            env=environment(settings, metrics_port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+        process = start_meterstream(
+            settings.model_copy(update={"metrics_port": metrics_port}),
+            "aggregate",
+            "--loglevel",
+            "warning",
+            output=out,
         )
     try:
         yield process
@@ -59,19 +55,3 @@ def events_applied(engine: Engine) -> int:
     with engine.connect() as connection:
         total = connection.execute(select(func.coalesce(func.sum(window_totals.c.events), 0)))
         return int(total.scalar_one())
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample a /metrics endpoint serves: (name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    except OSError:
-        return {}
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }

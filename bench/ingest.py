@@ -1,14 +1,20 @@
 """SDK throughput against a bare idempotent confluent-kafka producer, in the same run.
 
-    python -m bench.ingest [--events N]
+    python -m bench.ingest [--events N] [--rounds R]
 
 Targets (issue #3): the SDK reaches 0.3 of the bare producer and 100,000 events/s on one thread,
 and record() stays non-blocking (p99 under 50 us while the broker keeps up).
+
+The bare producer and the SDK take turns for R rounds on one broker (it gets faster as it warms
+up), and the median of each is compared. The rate loop is not instrumented (two clock reads and
+an append per call cost about a third of a record()); record()'s latency is measured in a
+separate pass of the same size, every call timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import uuid
 from datetime import UTC, datetime
@@ -68,50 +74,73 @@ def bare_producer(bootstrap: str, name: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def sdk(bootstrap: str, name: str, count: int) -> tuple[float, float, float]:
-    """Events/s of UsageClient.record() until all are acknowledged, and record() p50/p99 (us)."""
-    settings = load_settings(kafka_bootstrap=bootstrap, topic=name)
+def sdk(bootstrap: str, name: str, count: int) -> float:
+    """Events/s of UsageClient.record() until all are acknowledged."""
+    settings = load_settings(kafka_bootstrap=bootstrap, topic=name, source="bench")
     catalogue = load_catalogue(settings.meters_file)
-    durations = []
     customers = [f"customer-{i}" for i in range(CUSTOMERS)]
     with UsageClient(settings, catalogue=catalogue) as client:
         record = client.record
         started = time.perf_counter()
         for i in range(count):
+            record(customers[i % CUSTOMERS], "tokens", i % 1000)
+        client.flush(120)
+        return count / (time.perf_counter() - started)
+
+
+def record_latency(bootstrap: str, name: str, count: int) -> tuple[float, float]:
+    """record() p50 and p99 in microseconds, every call timed."""
+    settings = load_settings(kafka_bootstrap=bootstrap, topic=name, source="bench")
+    catalogue = load_catalogue(settings.meters_file)
+    durations = []
+    customers = [f"customer-{i}" for i in range(CUSTOMERS)]
+    with UsageClient(settings, catalogue=catalogue) as client:
+        record = client.record
+        for i in range(count):
             before = time.perf_counter_ns()
             record(customers[i % CUSTOMERS], "tokens", i % 1000)
             durations.append(time.perf_counter_ns() - before)
         client.flush(120)
-        rate = count / (time.perf_counter() - started)
     durations.sort()
-    return rate, durations[len(durations) // 2] / 1000, durations[len(durations) * 99 // 100] / 1000
+    return durations[len(durations) // 2] / 1000, durations[len(durations) * 99 // 100] / 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    bares, rates = [], []
     with broker() as bootstrap:
         run = uuid.uuid4().hex[:6]
-        bare = bare_producer(bootstrap, topic(bootstrap, f"bench-bare-{run}"), args.events)
-        rate, p50, p99 = sdk(bootstrap, topic(bootstrap, f"bench-sdk-{run}"), args.events)
+        for turn in range(args.rounds):
+            bares.append(
+                bare_producer(bootstrap, topic(bootstrap, f"bench-bare-{run}-{turn}"), args.events)
+            )
+            rates.append(sdk(bootstrap, topic(bootstrap, f"bench-sdk-{run}-{turn}"), args.events))
+        p50, p99 = record_latency(bootstrap, topic(bootstrap, f"bench-latency-{run}"), args.events)
+    bare, rate = statistics.median(bares), statistics.median(rates)
     ratio = rate / bare
     figures = {
         "events": args.events,
+        "rounds": args.rounds,
         "bare_producer_events_per_s": round(bare),
+        "bare_producer_rounds": [round(each) for each in bares],
         "sdk_events_per_s": round(rate),
+        "sdk_rounds": [round(each) for each in rates],
         "ratio": round(ratio, 3),
+        "ratio_rounds": [round(s / b, 3) for s, b in zip(rates, bares, strict=True)],
         "record_p50_us": round(p50, 1),
         "record_p99_us": round(p99, 1),
         "targets": {"ratio": 0.3, "sdk_events_per_s": 100_000, "record_p99_us": 50},
     }
     save("ingest", figures)
     table(
-        f"ingest: {args.events:,} events, one thread",
+        f"ingest: {args.events:,} events, one thread, median of {args.rounds} rounds",
         [
             ("bare idempotent producer", f"{bare:,.0f} events/s"),
-            ("UsageClient.record()", f"{rate:,.0f} events/s"),
-            ("ratio (target >= 0.3)", f"{ratio:.2f}"),
+            ("UsageClient.record()", f"{rate:,.0f} events/s (target >= 100,000)"),
+            ("ratio (target >= 0.3)", f"{ratio:.2f}  (rounds: {figures['ratio_rounds']})"),
             ("record() p50 / p99", f"{p50:.1f} / {p99:.1f} us (target p99 < 50 us)"),
         ],
     )

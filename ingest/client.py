@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -54,6 +56,12 @@ class UsageClient:
         self._horizon_days = self._settings.horizon_days
         self._producer = EventProducer(self._settings, self.metrics)
         self._closed = False
+        # Generated ids: a random prefix per client and a counter (a getrandom() call per event
+        # was a tenth of record()). A forked child takes a new prefix so it never repeats an id
+        # of its parent's, which the aggregators would drop as a duplicate.
+        self._renew_id_prefix()
+        client = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _renew_id_prefix_of(client()))
         if self._source == Settings.model_fields["source"].default:
             # Events of two services that both keep the default source and reuse ids (order
             # numbers, request ids) would be taken for duplicates of each other.
@@ -83,8 +91,8 @@ class UsageClient:
         event_id, key, payload = self.prepare(
             customer, meter, value, timestamp=timestamp, event_id=event_id, properties=properties
         )
-        self._producer.produce(key, payload)
-        self.metrics.recorded.inc()
+        if not self._producer.produce_nowait(key, payload):
+            self._producer.produce(key, payload)  # the queue is full: wait for room
         return event_id
 
     def prepare(
@@ -118,7 +126,11 @@ class UsageClient:
                 if properties or found.unique_property
                 else _EMPTY
             )
-            event_id = os.urandom(16).hex() if event_id is None else check_event_id(event_id)
+            event_id = (
+                f"{self._id_prefix}{next(self._id_counter):012x}"
+                if event_id is None
+                else check_event_id(event_id)
+            )
             payload = encode_fields(
                 event_id, self._source, customer, meter, exact, event_time, props
             )
@@ -134,15 +146,11 @@ class UsageClient:
 
     def try_queue(self, key: bytes, payload: bytes) -> bool:
         """Queue a prepared event without waiting; False when the producer's queue is full."""
-        if self._producer.produce_nowait(key, payload):
-            self.metrics.recorded.inc()
-            return True
-        return False
+        return self._producer.produce_nowait(key, payload)
 
     def queue(self, key: bytes, payload: bytes) -> None:
         """Queue a prepared event, waiting for room as :meth:`record` does."""
         self._producer.produce(key, payload)
-        self.metrics.recorded.inc()
 
     def on_delivery_failed(self, callback: DeliveryFailedCallback) -> None:
         """Call ``callback(event_id, reason)`` (from the delivery thread) for each event Kafka
@@ -182,6 +190,10 @@ class UsageClient:
         for event in events:
             self.queue(event.key, event.payload)
 
+    def _renew_id_prefix(self) -> None:
+        self._id_prefix = os.urandom(10).hex()  # 80 random bits: 32 hex characters in all
+        self._id_counter = itertools.count()
+
     def _raise_failures(self) -> None:
         failed = self._producer.take_failures()
         if failed:
@@ -198,3 +210,8 @@ class UsageClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _renew_id_prefix_of(client: UsageClient | None) -> None:
+    if client is not None:
+        client._renew_id_prefix()

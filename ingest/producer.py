@@ -1,8 +1,11 @@
 """The Kafka side of the SDK: an idempotent producer, back-pressure and delivery tracking.
 
-One background thread serves every delivery report, so ``record()`` never waits on the network
-and the reports' bookkeeping needs no lock. Failed deliveries are kept (by event id) until the
-caller collects them with ``flush()``.
+One background thread serves the delivery reports, so ``record()`` never waits on the network.
+librdkafka reports only failures (``delivery.report.only.error``): a Python callback per
+acknowledged message would cost every caller about a microsecond through the GIL. What was
+delivered is counted instead as produced - failed - still in flight, and the produce latency is
+read from librdkafka's statistics. Failed deliveries are kept (by event id) until the caller
+collects them with ``flush()``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,44 @@ _log = logging.getLogger(__name__)
 DeliveryFailedCallback = Callable[[str, str], None]
 """Called with (event_id, reason) for each accepted event that Kafka refused for good."""
 
-# Observing every acknowledgement's latency would cost the delivery thread (and so, through the
-# GIL, the callers) about a microsecond per event; one in 16 describes the distribution as well.
-_LATENCY_SAMPLE_MASK = 15
+_POLL_S = 0.05
+# librdkafka's latency windows (microseconds) that add up to the time from produce() to the ack:
+# waiting in the partition queue, waiting in the broker's output buffer, the round trip.
+_LATENCY_WINDOWS = ("int_latency", "outbuf_latency", "rtt")
+_QUANTILES = {"0.5": "p50", "0.99": "p99"}
+
+
+class ThreadTally:
+    """A count that many threads add to without a lock: each thread owns the cell it adds to,
+    and only the reader sums the cells (a plain ``+= 1`` shared by threads can lose updates)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._cells: list[tuple[threading.Thread, list[int]]] = []
+        self._retired = 0
+
+    def cell(self) -> list[int]:
+        """The calling thread's cell: add to ``cell()[0]``."""
+        try:
+            cell: list[int] = self._local.cell
+        except AttributeError:
+            cell = [0]
+            with self._lock:
+                self._cells.append((threading.current_thread(), cell))
+            self._local.cell = cell
+        return cell
+
+    def total(self) -> int:
+        with self._lock:
+            live = []
+            for thread, cell in self._cells:
+                if thread.is_alive():
+                    live.append((thread, cell))
+                else:  # a finished thread adds nothing more: fold its cell in and let it go
+                    self._retired += cell[0]
+            self._cells = live
+            return self._retired + sum(cell[0] for _, cell in live)
 
 
 class EventProducer:
@@ -43,8 +81,10 @@ class EventProducer:
         self._failed: list[UndeliveredEvent] = []
         self._fatal: str | None = None
         self._callbacks: list[DeliveryFailedCallback] = []
+        self._produced = ThreadTally()
         # Written only by the delivery thread; pushed to the metrics after each poll.
-        self._delivered = 0
+        self._failed_count = 0
+        self._produced_reported = 0
         self._delivered_reported = 0
         self._producer = Producer(
             {
@@ -56,8 +96,11 @@ class EventProducer:
                 "queue.buffering.max.messages": settings.producer_queue_max_events,
                 "message.timeout.ms": int(settings.producer_delivery_timeout_s * 1000),
                 "compression.type": "lz4",
+                "delivery.report.only.error": True,
                 "on_delivery": self._on_delivery,
                 "error_cb": self._on_error,
+                "statistics.interval.ms": int(settings.producer_statistics_interval_s * 1000),
+                "stats_cb": self._on_statistics,
             }
         )
         self._running = True
@@ -101,6 +144,7 @@ class EventProducer:
             return False
         except KafkaException as exc:
             raise BrokerUnavailableError(f"the Kafka producer refused the event: {exc}") from exc
+        self._produced.cell()[0] += 1
         return True
 
     def in_flight(self) -> int:
@@ -134,7 +178,7 @@ class EventProducer:
 
     def _poll_loop(self) -> None:
         while True:
-            self._producer.poll(0.05)
+            self._producer.poll(_POLL_S)
             self._publish_counts()
             if not self._running:
                 # One last round so that reports already due are not left unserved.
@@ -143,20 +187,48 @@ class EventProducer:
                 return
 
     def _publish_counts(self) -> None:
-        delivered = self._delivered
-        if delivered != self._delivered_reported:
+        """Runs on the delivery thread only, where failures are served, so the failed count
+        cannot move underneath. Read produced before in flight: a message produced in between
+        then makes ``delivered`` smaller for one round, never larger."""
+        produced = self._produced.total()
+        in_flight = len(self._producer)
+        if produced != self._produced_reported:
+            self._metrics.recorded.inc(produced - self._produced_reported)
+            self._produced_reported = produced
+        delivered = produced - self._failed_count - in_flight
+        if delivered > self._delivered_reported:
             self._metrics.delivered.inc(delivered - self._delivered_reported)
             self._delivered_reported = delivered
-        self._metrics.queue_depth.set(len(self._producer))
+        self._metrics.queue_depth.set(in_flight)
+
+    def _on_statistics(self, statistics: str) -> None:
+        """Produce latency p50/p99 over the last statistics interval, from librdkafka's own
+        windows: the slowest broker's queue wait + output-buffer wait + round trip."""
+        try:
+            brokers = orjson.loads(statistics).get("brokers", {}).values()
+            found: dict[str, float] = {}
+            for broker in brokers:
+                windows = [broker.get(name, {}) for name in _LATENCY_WINDOWS]
+                if broker.get("nodeid", -1) < 0 or not windows[-1].get("cnt"):
+                    continue  # a bootstrap entry, or a broker that acknowledged nothing lately
+                for label, key in _QUANTILES.items():
+                    seconds = sum(window.get(key, 0) for window in windows) / 1_000_000
+                    found[label] = max(found.get(label, 0.0), seconds)
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            _log.warning("could not read librdkafka's statistics", exc_info=True)
+            return
+        latency = self._metrics.produce_latency
+        for label in _QUANTILES:
+            if label in found:
+                latency.labels(label).set(found[label])
+            else:  # nothing acknowledged in the interval: no figure rather than an old one
+                latency.remove(label)
 
     def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        # Only failures are reported (delivery.report.only.error).
         if error is None:
-            self._delivered += 1
-            if not self._delivered & _LATENCY_SAMPLE_MASK:
-                latency = message.latency()
-                if latency is not None:
-                    self._metrics.produce_latency.observe(latency)
             return
+        self._failed_count += 1
         payload: bytes = message.value() or b""
         event_id = _event_id_of(payload)
         reason = error.str()

@@ -47,10 +47,13 @@ class IngestMetrics:
             "Events queued in the producer and not yet acknowledged.",
             registry=self.registry,
         )
-        self.produce_latency = Histogram(
+        # A gauge by quantile, not a histogram: librdkafka measures the latency itself (see
+        # ingest/producer.py), which spares the callers a Python callback per message.
+        self.produce_latency = Gauge(
             "meterstream_ingest_produce_latency_seconds",
-            "Time from record() to Kafka's acknowledgement.",
-            buckets=_LATENCY_BUCKETS,
+            "Time from record() to Kafka's acknowledgement over the last statistics interval "
+            "(librdkafka: queue + output buffer + round trip, slowest broker), by quantile.",
+            ["quantile"],
             registry=self.registry,
         )
 

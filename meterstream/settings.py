@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     producer_block_timeout_s: float = Field(5.0, ge=0.0, le=3600.0)
     producer_delivery_timeout_s: float = Field(120.0, gt=0.0, le=86_400.0)
     producer_linger_ms: int = Field(5, ge=0, le=10_000)
+    # How often librdkafka reports the produce latency (the latency metric's window).
+    producer_statistics_interval_s: float = Field(5.0, ge=0.1, le=3600.0)
 
     # --- Storage and catalogue
     database_url: str = Field("sqlite:///meterstream.db", min_length=1)

@@ -204,7 +204,9 @@ def test_many_threads_recording_at_once_lose_and_duplicate_nothing(
         for thread in threads:
             thread.join()
         assert client.flush(30) == 0
-        assert client.metrics.delivered._value.get() == 16_000
+    # The delivery thread publishes the counts; after close() they are final.
+    assert client.metrics.recorded._value.get() == 16_000
+    assert client.metrics.delivered._value.get() == 16_000
     recorded = [event_id for slot in ids for event_id in slot]
     messages = read_topic(settings.kafka_bootstrap, settings.topic, len(recorded))
     assert sorted(orjson.loads(m.value())["id"] for m in messages) == sorted(recorded)
@@ -245,9 +247,10 @@ def test_broker_stopped_mid_stream_reports_every_undelivered_id(
         client.flush(30)
     assert sorted(caught.value.event_ids) == sorted(stranded)
     assert sorted(failures) == sorted(stranded)
+    client.close(timeout=1)
     assert client.metrics.failed._value.get() == 500
     assert client.metrics.delivered._value.get() == 1_000
-    client.close(timeout=1)
+    assert client.metrics.recorded._value.get() == 1_500
 
 
 def test_full_queue_blocks_then_raises_and_never_drops_what_it_accepted(
@@ -263,7 +266,9 @@ def test_full_queue_blocks_then_raises_and_never_drops_what_it_accepted(
     accepted = [client.record("c", "api_calls") for _ in range(10)]
     with pytest.raises(BackpressureError, match=r"stayed full for 0\.2 s"):
         client.record("c", "api_calls")
-    assert client.metrics.recorded._value.get() == 10
     with pytest.raises(DeliveryError) as caught:
         client.close(timeout=0.5)
     assert sorted(caught.value.event_ids) == sorted(accepted)
+    assert client.metrics.recorded._value.get() == 10
+    assert client.metrics.failed._value.get() == 10
+    assert client.metrics.delivered._value.get() == 0

@@ -1,11 +1,11 @@
 """The Kafka side of the SDK: an idempotent producer, back-pressure and delivery tracking.
 
 One background thread serves the delivery reports, so ``record()`` never waits on the network.
-librdkafka reports only failures (``delivery.report.only.error``): a Python callback per
-acknowledged message would cost every caller about a microsecond through the GIL. What was
-delivered is counted instead as produced - failed - still in flight, and the produce latency is
-read from librdkafka's statistics. Failed deliveries are kept (by event id) until the caller
-collects them with ``flush()``.
+Only failures reach Python (``delivery.report.only.error``, which confluent-kafka applies in its
+C layer): a Python callback per acknowledged message would cost every caller about a
+microsecond through the GIL. What was delivered is counted instead as produced - failed - still
+in flight, and the produce latency is read from librdkafka's statistics. Failed deliveries are
+kept (by event id) until the caller collects them with ``flush()``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,12 @@ _LATENCY_WINDOWS = ("int_latency", "outbuf_latency", "rtt")
 _QUANTILES = {"0.5": "p50", "0.99": "p99"}
 
 
+class _Owner:
+    """Lives only in one thread's thread-local storage: once it is gone, so is the thread."""
+
+    __slots__ = ("__weakref__",)
+
+
 class ThreadTally:
     """A count that many threads add to without a lock: each thread owns the cell it adds to,
     and only the reader sums the cells (a plain ``+= 1`` shared by threads can lose updates)."""
@@ -43,7 +50,7 @@ class ThreadTally:
     def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._cells: list[tuple[threading.Thread, list[int]]] = []
+        self._cells: list[tuple[weakref.ref[_Owner], list[int]]] = []
         self._retired = 0
 
     def cell(self) -> list[int]:
@@ -51,19 +58,19 @@ class ThreadTally:
         try:
             cell: list[int] = self._local.cell
         except AttributeError:
-            cell = [0]
+            owner, cell = _Owner(), [0]
             with self._lock:
-                self._cells.append((threading.current_thread(), cell))
-            self._local.cell = cell
+                self._cells.append((weakref.ref(owner), cell))
+            self._local.owner, self._local.cell = owner, cell
         return cell
 
     def total(self) -> int:
         with self._lock:
             live = []
-            for thread, cell in self._cells:
-                if thread.is_alive():
-                    live.append((thread, cell))
-                else:  # a finished thread adds nothing more: fold its cell in and let it go
+            for owner, cell in self._cells:
+                if owner() is not None:
+                    live.append((owner, cell))
+                else:  # the thread ended (its locals are gone): fold its cell in, let it go
                     self._retired += cell[0]
             self._cells = live
             return self._retired + sum(cell[0] for _, cell in live)
@@ -82,6 +89,7 @@ class EventProducer:
         self._fatal: str | None = None
         self._callbacks: list[DeliveryFailedCallback] = []
         self._produced = ThreadTally()
+        self._latency_labels: set[str] = set()
         # Written only by the delivery thread; pushed to the metrics after each poll.
         self._failed_count = 0
         self._produced_reported = 0
@@ -149,13 +157,13 @@ class EventProducer:
 
     def in_flight(self) -> int:
         """Messages queued, or acknowledged but with their report not yet served."""
-        return len(self._producer)
+        return len(self._producer) if self._running else 0
 
     def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` until every queued message is reported; return how many are
         still in flight. The delivery thread serves the reports; this only waits."""
         deadline = time.monotonic() + timeout_s
-        while (remaining := len(self._producer)) and time.monotonic() < deadline:
+        while (remaining := self.in_flight()) and time.monotonic() < deadline:
             time.sleep(0.005)
         return remaining
 
@@ -173,25 +181,33 @@ class EventProducer:
         self.flush(timeout_s)
 
     def close(self) -> None:
+        """Stop the delivery thread, then give up whatever is still queued (each such message
+        is reported as failed, served here) and release librdkafka, whose statistics would
+        otherwise pile up unserved."""
         self._running = False
         self._poller.join()
+        self._producer.purge(in_queue=True, in_flight=True)
+        self._producer.close()  # nothing is outstanding now: serves the last reports here
+        self._publish_counts(in_flight=0)
 
     def _poll_loop(self) -> None:
         while True:
-            self._producer.poll(_POLL_S)
-            self._publish_counts()
-            if not self._running:
-                # One last round so that reports already due are not left unserved.
-                self._producer.poll(0)
+            try:
+                self._producer.poll(_POLL_S)
                 self._publish_counts()
+            except Exception:
+                # This thread must outlive any error: it alone serves the failure reports.
+                _log.exception("serving the producer's reports failed; carrying on")
+            if not self._running:
                 return
 
-    def _publish_counts(self) -> None:
-        """Runs on the delivery thread only, where failures are served, so the failed count
-        cannot move underneath. Read produced before in flight: a message produced in between
-        then makes ``delivered`` smaller for one round, never larger."""
+    def _publish_counts(self, in_flight: int | None = None) -> None:
+        """Runs where failures are served (the delivery thread, then close()), so the failed
+        count cannot move underneath. Read produced before in flight: a message produced in
+        between then makes ``delivered`` smaller for one round, never larger."""
         produced = self._produced.total()
-        in_flight = len(self._producer)
+        if in_flight is None:
+            in_flight = len(self._producer)
         if produced != self._produced_reported:
             self._metrics.recorded.inc(produced - self._produced_reported)
             self._produced_reported = produced
@@ -203,29 +219,37 @@ class EventProducer:
 
     def _on_statistics(self, statistics: str) -> None:
         """Produce latency p50/p99 over the last statistics interval, from librdkafka's own
-        windows: the slowest broker's queue wait + output-buffer wait + round trip."""
+        windows: the slowest broker's queue wait + output-buffer wait + round trip (a sum of
+        per-stage quantiles, so an upper estimate of the end-to-end one).
+
+        Runs inside poll(): nothing may escape it, or it would end the delivery thread.
+        """
         try:
             brokers = orjson.loads(statistics).get("brokers", {}).values()
             found: dict[str, float] = {}
             for broker in brokers:
                 windows = [broker.get(name, {}) for name in _LATENCY_WINDOWS]
-                if broker.get("nodeid", -1) < 0 or not windows[-1].get("cnt"):
-                    continue  # a bootstrap entry, or a broker that acknowledged nothing lately
+                if broker.get("nodeid", -1) < 0 or not windows[0].get("cnt"):
+                    continue  # a bootstrap entry, or a broker that took no message lately
                 for label, key in _QUANTILES.items():
                     seconds = sum(window.get(key, 0) for window in windows) / 1_000_000
                     found[label] = max(found.get(label, 0.0), seconds)
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
-            _log.warning("could not read librdkafka's statistics", exc_info=True)
-            return
-        latency = self._metrics.produce_latency
-        for label in _QUANTILES:
-            if label in found:
-                latency.labels(label).set(found[label])
-            else:  # nothing acknowledged in the interval: no figure rather than an old one
-                latency.remove(label)
+            latency = self._metrics.produce_latency
+            for label in _QUANTILES:
+                if label in found:
+                    latency.labels(label).set(found[label])
+                    self._latency_labels.add(label)
+                elif label in self._latency_labels:
+                    # Nothing produced in the interval: no figure rather than an old one.
+                    latency.remove(label)
+                    self._latency_labels.discard(label)
+        except Exception:
+            _log.warning(
+                "could not read the produce latency from librdkafka's statistics", exc_info=True
+            )
 
     def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
-        # Only failures are reported (delivery.report.only.error).
+        # Only failures reach here (delivery.report.only.error).
         if error is None:
             return
         self._failed_count += 1
@@ -254,5 +278,5 @@ def _event_id_of(value: bytes | None) -> str:
     try:
         doc = orjson.loads(value or b"{}")
         return str(doc.get("id", "?"))
-    except orjson.JSONDecodeError:
+    except Exception:  # the failure is recorded all the same, with its bytes
         return "?"

@@ -51,8 +51,9 @@ class IngestMetrics:
         # ingest/producer.py), which spares the callers a Python callback per message.
         self.produce_latency = Gauge(
             "meterstream_ingest_produce_latency_seconds",
-            "Time from record() to Kafka's acknowledgement over the last statistics interval "
-            "(librdkafka: queue + output buffer + round trip, slowest broker), by quantile.",
+            "Time from record() to Kafka's acknowledgement over the last statistics interval, "
+            "by quantile: librdkafka's queue + output buffer + round trip quantiles added "
+            "(an upper estimate), slowest broker; one client per IngestMetrics.",
             ["quantile"],
             registry=self.registry,
         )

@@ -7,8 +7,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from ingest import UsageClient
+import pytest
+
+from ingest import DeliveryError, UsageClient
 from ingest.producer import ThreadTally
 from meterstream.embedded import free_port
 from meterstream.settings import Settings
@@ -78,3 +81,44 @@ def test_generated_ids_are_unique_across_clients_and_in_a_forked_child(
         ids += [first.prepare("c", "api_calls")[0] for _ in range(5)] + from_child
     assert len(set(ids)) == len(ids) == 1010
     assert all(len(event_id) == 32 for event_id in ids)
+
+
+class _PollFailsThrice:
+    """Stands in for the librdkafka producer: its first three poll() calls raise."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer, self.failures_left = producer, 3
+
+    def poll(self, timeout: float) -> int:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("a report could not be served")
+        return int(self._producer.poll(timeout))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+
+def test_errors_while_serving_reports_do_not_stop_failures_being_reported(
+    settings_factory: SettingsFactory,
+) -> None:
+    settings = settings_factory(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",  # nothing listens: every event fails
+        producer_delivery_timeout_s=1,
+        producer_statistics_interval_s=0.1,
+    )
+    client = UsageClient(settings)
+    patched = _PollFailsThrice(client._producer._producer)
+    client._producer._producer = patched  # type: ignore[assignment]
+    client._producer._on_statistics("not JSON {")  # nothing escapes the statistics callback
+    client._producer._on_statistics('{"brokers": {"b": {"nodeid": 1, "int_latency": 7}}}')
+    accepted = [client.record("c", "api_calls") for _ in range(5)]
+    with pytest.raises(DeliveryError) as caught:
+        client.flush(30)
+    assert patched.failures_left == 0
+    assert sorted(caught.value.event_ids) == sorted(accepted)
+    client.close(timeout=1)
+    assert client.metrics.failed._value.get() == 5

@@ -102,6 +102,7 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
         slots = asyncio.Semaphore(_IN_FLIGHT)
         taken: asyncio.Queue[_Batch | None] = asyncio.Queue()
         acker = asyncio.create_task(_ack_in_order(app, stream, dead_letters, state, taken, slots))
+        acker.add_done_callback(_exit_if_failed)
         sequence = 0
         try:
             batches = stream.noack_take(
@@ -218,6 +219,14 @@ async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> Applied
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
         applied = state.pipeline.submit(batch.sequence, batch.raw)
+
+
+def _exit_if_failed(acker: asyncio.Task[None]) -> None:
+    if not acker.cancelled() and acker.exception() is not None:
+        # Batches taken after this one would never be acked, and faust would wait for them
+        # forever; leave instead: everything not acked is read again by the next worker.
+        _log.critical("acknowledging batches failed; exiting", exc_info=acker.exception())
+        os._exit(70)
 
 
 def _raw(event: Any) -> RawMessage:

@@ -149,7 +149,6 @@ async def _ack_in_order(
     """Acknowledge each batch after its commit and its dead letters, in the order taken."""
     while (batch := await taken.get()) is not None:
         applied = await _applied(app, state, batch)
-        state.pipeline.committed(applied)
         await _send_dead_letters(app, dead_letters, applied.result)
         # Only now may faust commit these offsets.
         for event in batch.events:

@@ -8,9 +8,11 @@ the raw values and commits each batch in its own transaction.
 Order: every batch carries a sequence number, and the child applies batch ``n`` only after
 batch ``n - 1`` committed. A batch that arrives early (its predecessor failed, or the child was
 replaced) is refused with ``OutOfOrderError`` without touching the database, and the worker
-sends it again after its predecessor. A child that dies fails every batch it had (broken pool);
-a new child starts at the first batch the worker has not seen committed, so a batch committed
-just before the crash is applied again, which the deduplication keys make a no-op.
+sends it again after its predecessor. A batch sent again after it committed is applied again,
+which the deduplication keys make a no-op. The child records the last sequence it committed in
+memory shared with the worker (after the commit), so a child that dies is replaced by one that
+starts right after it: never past a batch that did not commit, and never before one the worker
+will not send again (which would stall the worker, every later batch being refused).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from ctypes import c_longlong
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TypeVar
@@ -52,6 +55,14 @@ class OutOfOrderError(MeterstreamError):
         self.sequence = sequence
         self.expected = expected
 
+    def __reduce__(self) -> tuple[type[OutOfOrderError], tuple[int, int]]:
+        # It travels back from the child pickled; the default would call __init__(message).
+        return (OutOfOrderError, (self.sequence, self.expected))
+
+
+class BatchFailedError(MeterstreamError):
+    """The child could not apply a batch (nothing of it was kept); the worker retries it."""
+
 
 @dataclass(frozen=True, slots=True)
 class AppliedBatch:
@@ -66,25 +77,27 @@ class AppliedBatch:
 class _Child:
     """The child process's state: one BatchApplier, and the next sequence number it takes."""
 
-    def __init__(self, settings: Settings, next_sequence: int) -> None:
+    def __init__(self, settings: Settings, committed: c_longlong) -> None:
         engine = build_engine(settings)
         catalogue = load_catalogue(settings.meters_file)
         # Its counters are not exposed: the worker counts what each AppliedBatch reports.
         self.applier = BatchApplier(
             engine, catalogue, AggregatorMetrics(), horizon_days=settings.horizon_days
         )
-        self.next_sequence = next_sequence
+        self._committed = committed
 
     def apply(self, sequence: int, raw: list[RawMessage]) -> AppliedBatch:
-        if sequence != self.next_sequence:
-            raise OutOfOrderError(sequence, self.next_sequence)
+        expected = self._committed.value + 1
+        if sequence > expected:
+            raise OutOfOrderError(sequence, expected)
         started = time.perf_counter()
         messages = [
             Message(topic, partition, offset, value, _produced_at(timestamp_s))
             for topic, partition, offset, value, timestamp_s in raw
         ]
         result = self.applier.apply(messages)
-        self.next_sequence = sequence + 1
+        # A crash before this line replays a committed batch: a no-op, never a loss.
+        self._committed.value = max(self._committed.value, sequence)
         # The reporter reads changed windows from the database; don't ship thousands back.
         result.changed = []
         return AppliedBatch(sequence, result, len(raw), time.perf_counter() - started)
@@ -95,14 +108,14 @@ class _Child:
 _child: _Child | None = None
 
 
-def _start_child(settings: Settings, next_sequence: int) -> None:
+def _start_child(settings: Settings, committed: c_longlong) -> None:
     global _child
     # The worker decides when to stop: Ctrl-C reaches the whole process group, and the child
     # must finish the batch in hand rather than die in the middle of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
-    _child = _Child(settings, next_sequence)
+    _child = _Child(settings, committed)
     threading.Thread(target=_exit_with_parent, name="meterstream-parent-watch", daemon=True).start()
 
 
@@ -118,7 +131,14 @@ def _exit_with_parent() -> None:
 
 def _apply_in_child(sequence: int, raw: list[RawMessage]) -> AppliedBatch:
     assert _child is not None, "the pool's initializer builds _child"  # noqa: S101
-    return _child.apply(sequence, raw)
+    try:
+        return _child.apply(sequence, raw)
+    except OutOfOrderError:
+        raise
+    except Exception as exc:
+        # Database errors do not all survive pickling, and one that does not breaks the pool
+        # (and costs a new child) instead of reaching the worker's retry as an error.
+        raise BatchFailedError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _prune_in_child(today: date) -> int:
@@ -140,7 +160,9 @@ class ApplyPipeline:
         self._settings = settings
         # spawn, not fork: the worker runs threads (faust, Prometheus), which fork does not copy.
         self._context = multiprocessing.get_context("spawn")
-        self._applied_through = 0
+        # The last batch sequence committed; written by the child, outlives it. No lock: one
+        # child writes it at a time, and a child killed holding a lock would stall the next.
+        self._committed: c_longlong = self._context.Value("q", 0, lock=False)
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -148,17 +170,13 @@ class ApplyPipeline:
             max_workers=1,
             mp_context=self._context,
             initializer=_start_child,
-            initargs=(self._settings, self._applied_through + 1),
+            initargs=(self._settings, self._committed),
         )
 
     def submit(self, sequence: int, raw: list[RawMessage]) -> asyncio.Future[AppliedBatch]:
         """Start applying batch ``sequence``; the future fails with OutOfOrderError if it must
         be sent again after its predecessor, or BrokenProcessPool if the child died."""
         return asyncio.wrap_future(self._submit(_apply_in_child, sequence, raw))
-
-    def committed(self, applied: AppliedBatch) -> None:
-        """Note that ``applied`` committed: a new child starts after it."""
-        self._applied_through = max(self._applied_through, applied.sequence)
 
     async def prune(self, today: date) -> int:
         """Drop deduplication keys past the horizon (in the child, which caches partitions)."""

@@ -5,17 +5,23 @@ Real broker, real PostgreSQL, real worker processes; faults are real too (SIGKIL
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 
 import psycopg
+import pytest
 from sqlalchemy import Engine
 
+from aggregators.pipeline import ApplyPipeline, OutOfOrderError, RawMessage
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine, migrate
+from meterstream.events import UsageEvent, encode_event
 from meterstream.kafka import watermarks
 from meterstream.lag import consumer_lag
 from meterstream.meters import load_catalogue
@@ -54,7 +60,7 @@ def _applied_at_least(engine: Engine, count: int) -> bool:
     return events_applied(engine) >= count
 
 
-def test_applying_process_killed_mid_stream_loses_nothing(
+def test_applying_process_killed_mid_stream_loses_nothing_and_the_worker_carries_on(
     settings_factory: SettingsFactory,
     topic_factory: Callable[..., str],
     postgres_url: str,
@@ -67,7 +73,7 @@ def test_applying_process_killed_mid_stream_loses_nothing(
     events = record_stream(settings, 20_000, seed=7)
     with worker(settings, tmp_path / "worker.log") as process:
         killed: list[int] = []
-        for threshold in (1, 6_000):
+        for threshold in (1, 5_000, 10_000):
             wait_until(partial(_applied_at_least, engine, threshold), 120, f"{threshold} applied")
             child = applying_child(process.pid)
             assert child is not None and child not in killed
@@ -143,4 +149,46 @@ def test_acks_never_get_ahead_of_commits_while_the_database_blocks(
         wait_until(lambda: events_applied(engine) >= 4_000, 120, "all 4,000 events")
     catalogue = load_catalogue(EXAMPLE_METERS)
     assert stored_totals(engine) == reference_totals(first + second, catalogue)
+    engine.dispose()
+
+
+def _batch(first: int, count: int) -> list[RawMessage]:
+    now = datetime.now(UTC)
+    return [
+        (
+            "usage",
+            0,
+            offset,
+            encode_event(UsageEvent(f"e{offset}", "s", "c1", "tokens", Decimal(1), now)),
+            now.timestamp(),
+        )
+        for offset in range(first, first + count)
+    ]
+
+
+def test_batches_commit_in_sequence_and_a_resent_batch_is_a_no_op(
+    settings_factory: SettingsFactory, postgres_url: str
+) -> None:
+    settings = settings_factory(database_url=postgres_url)
+    engine = migrated(settings)
+
+    async def scenario() -> None:
+        pipeline = ApplyPipeline(settings)
+        try:
+            # Batch 2 before batch 1 committed: refused, and nothing of it is applied.
+            with pytest.raises(OutOfOrderError):
+                await pipeline.submit(2, _batch(10, 10))
+            assert events_applied(engine) == 0
+            first = await pipeline.submit(1, _batch(0, 10))
+            assert (first.result.applied, first.size) == (10, 10)
+            # Sent again (its result was lost with a child, say): applied again, counted once.
+            again = await pipeline.submit(1, _batch(0, 10))
+            assert (again.result.applied, again.result.duplicates) == (0, 10)
+            second = await pipeline.submit(2, _batch(10, 10))
+            assert second.result.applied == 10
+        finally:
+            pipeline.close()
+
+    asyncio.run(scenario())
+    assert events_applied(engine) == 20
     engine.dispose()

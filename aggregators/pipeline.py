@@ -75,7 +75,8 @@ class AppliedBatch:
 
 
 class _Child:
-    """The child process's state: one BatchApplier, and the next sequence number it takes."""
+    """The child process's state: one BatchApplier, and the shared record of the last batch
+    sequence committed (which says which batch it may apply next)."""
 
     def __init__(self, settings: Settings, committed: c_longlong) -> None:
         engine = build_engine(settings)

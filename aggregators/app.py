@@ -1,9 +1,13 @@
-"""The faust application: a batch of usage messages in, one database transaction, then ack.
+"""The faust application: batches of usage messages in, one database transaction each, then ack.
 
-Events are taken with ``noack_take`` and acknowledged only after the batch's transaction has
+Events are taken with ``noack_take`` and acknowledged only after their batch's transaction has
 committed (and its rejects are confirmed on the dead-letter topic), so faust never commits an
 offset whose event is not in the database. A failed batch is retried, never skipped: the worker
 stalls, the lag metric rises, and nothing is lost.
+
+Batches are pipelined: while the child process (aggregators.pipeline) applies one, the agent
+already takes the next, up to ``_IN_FLIGHT`` batches. They are acknowledged strictly in the order
+they were taken, each only after its own commit.
 """
 
 from __future__ import annotations
@@ -12,28 +16,54 @@ import asyncio
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faust
+from sqlalchemy import Engine
 
-from aggregators.batch import BatchApplier, BatchResult, Message
+from aggregators.batch import BatchResult, count_batch, note_newest_event_time
+from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
 from aggregators.status import unreported_windows
 from meterstream.lag import consumer_lag
+from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
 _RETRY_MAX_S = 30.0
 _PRUNE_INTERVAL_S = 3600.0
 _GAUGE_INTERVAL_S = 10.0
+# One batch committing while the next is applied and a third is taken: more would only hold
+# more events unacknowledged.
+_IN_FLIGHT = 2
 
 
 def dead_letter_topic(settings: Settings) -> str:
     return f"{settings.topic}.dlq"
 
 
-def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
+@dataclass(slots=True)
+class WorkerState:
+    """What the worker process keeps besides faust: the pipeline, an engine for the gauges,
+    and the metrics it exposes."""
+
+    pipeline: ApplyPipeline
+    engine: Engine
+    metrics: AggregatorMetrics
+    newest_event_time: datetime | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    sequence: int
+    events: list[Any]
+    raw: list[RawMessage]
+    applied: asyncio.Future[AppliedBatch]
+
+
+def build_app(settings: Settings, state: WorkerState) -> faust.App:
     """A faust App (not started) whose one agent applies the usage topic to the database."""
     faust_data = Path(tempfile.gettempdir()) / "meterstream-faust"
     faust_data.mkdir(exist_ok=True)  # faust creates only the last level
@@ -69,44 +99,78 @@ def build_app(settings: Settings, applier: BatchApplier) -> faust.App:
     )
 
     async def aggregate(stream: Any) -> None:
-        loop = asyncio.get_running_loop()
-        batches = stream.noack_take(
-            settings.aggregate_batch_max_events, within=settings.aggregate_batch_max_wait_s
-        )
-        async for events in batches:
-            messages = [_message(event) for event in events]
-            result = await _apply_until_done(app, loop, applier, messages)
-            await _send_dead_letters(app, dead_letters, result)
-            # Only now may faust commit these offsets.
-            for event in events:
-                await stream.ack(event)
+        slots = asyncio.Semaphore(_IN_FLIGHT)
+        taken: asyncio.Queue[_Batch | None] = asyncio.Queue()
+        acker = asyncio.create_task(_ack_in_order(app, stream, dead_letters, state, taken, slots))
+        acker.add_done_callback(_exit_if_failed)
+        sequence = 0
+        try:
+            batches = stream.noack_take(
+                settings.aggregate_batch_max_events, within=settings.aggregate_batch_max_wait_s
+            )
+            async for events in batches:
+                await slots.acquire()
+                sequence += 1
+                raw = [_raw(event) for event in events]
+                taken.put_nowait(
+                    _Batch(sequence, events, raw, state.pipeline.submit(sequence, raw))
+                )
+        finally:
+            # Stopping: the batches taken are still applied and acknowledged (faust waits for
+            # every event it handed out to be acked before it leaves the group).
+            taken.put_nowait(None)
+            await asyncio.shield(acker)
 
     app.agent(source, name="meterstream.aggregate")(aggregate)
 
     async def prune_dedup_keys() -> None:
         # Keys past the horizon can never match again: Stripe refuses such old usage anyway.
-        today = datetime.now(UTC).date()
-        dropped = await asyncio.get_running_loop().run_in_executor(None, applier.dedup.prune, today)
+        dropped = await state.pipeline.prune(datetime.now(UTC).date())
         if dropped:
             _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
 
     app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune_dedup_keys)
 
     async def refresh_gauges() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, _refresh_gauges, settings, applier)
+        await asyncio.get_running_loop().run_in_executor(None, _refresh_gauges, settings, state)
 
     app.timer(_GAUGE_INTERVAL_S, name="meterstream.gauges")(refresh_gauges)
     return app
 
 
-def _refresh_gauges(settings: Settings, applier: BatchApplier) -> None:
+async def _ack_in_order(
+    app: faust.App,
+    stream: Any,
+    dead_letters: Any,
+    state: WorkerState,
+    taken: asyncio.Queue[_Batch | None],
+    slots: asyncio.Semaphore,
+) -> None:
+    """Acknowledge each batch after its commit and its dead letters, in the order taken."""
+    while (batch := await taken.get()) is not None:
+        applied = await _applied(app, state, batch)
+        await _send_dead_letters(app, dead_letters, applied.result)
+        # Only now may faust commit these offsets.
+        for event in batch.events:
+            await stream.ack(event)
+        count_batch(state.metrics, applied.result, applied.size, applied.seconds)
+        state.newest_event_time = note_newest_event_time(
+            state.metrics,
+            state.newest_event_time,
+            applied.result.newest_event_time,
+            datetime.now(UTC),
+        )
+        slots.release()
+
+
+def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
     """Consumer lag from the broker, and the database's view of what awaits the reporter.
 
     Each gauge is refreshed on its own: one that cannot be read is cleared (its series
     vanishes, which the absent() alerts see) rather than left showing an old, calm value.
     """
-    metrics = applier.metrics
-    newest = applier.newest_event_time
+    metrics = state.metrics
+    newest = state.newest_event_time
     if newest is not None:
         metrics.event_time_lag.set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
     try:
@@ -118,48 +182,55 @@ def _refresh_gauges(settings: Settings, applier: BatchApplier) -> None:
         for partition, behind in lag.items():
             metrics.consumer_lag.labels(settings.topic, str(partition)).set(behind)
     try:
-        metrics.unreported_windows.set(unreported_windows(applier.engine))
+        metrics.unreported_windows.set(unreported_windows(state.engine))
     except Exception:
         _log.warning("could not count the windows awaiting the reporter", exc_info=True)
 
 
-async def _apply_until_done(
-    app: faust.App,
-    loop: asyncio.AbstractEventLoop,
-    applier: BatchApplier,
-    messages: list[Message],
-) -> BatchResult:
+async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> AppliedBatch:
+    """Wait for ``batch`` to commit, sending it again for as long as it fails."""
     delay = 0.5
+    applied = batch.applied
     while True:
         try:
-            # The database work runs in a thread so faust keeps fetching meanwhile.
-            return await loop.run_in_executor(None, applier.apply, messages)
+            return await applied
+        except OutOfOrderError:
+            # Its predecessor has committed by now (batches are awaited in order).
+            pass
         except Exception:
             if app.should_stop:
                 # faust's shutdown waits for every event to be acked, forever; this batch was
                 # not applied, so leave without acking: the next worker reads it again.
                 _log.critical("stopping while a batch keeps failing; exiting without ack")
                 os._exit(75)
-            first, last = messages[0], messages[-1]
+            first, last = batch.raw[0], batch.raw[-1]
             _log.exception(
                 "batch of %d messages (%s[%d]@%d .. [%d]@%d) failed; retrying in %.1f s, "
                 "nothing is acknowledged until it succeeds",
-                len(messages),
-                first.topic,
-                first.partition,
-                first.offset,
-                last.partition,
-                last.offset,
+                len(batch.raw),
+                first[0],
+                first[1],
+                first[2],
+                last[1],
+                last[2],
                 delay,
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
+        applied = state.pipeline.submit(batch.sequence, batch.raw)
 
 
-def _message(event: Any) -> Message:
+def _exit_if_failed(acker: asyncio.Task[None]) -> None:
+    if not acker.cancelled() and acker.exception() is not None:
+        # Batches taken after this one would never be acked, and faust would wait for them
+        # forever; leave instead: everything not acked is read again by the next worker.
+        _log.critical("acknowledging batches failed; exiting", exc_info=acker.exception())
+        os._exit(70)
+
+
+def _raw(event: Any) -> RawMessage:
     message = event.message
-    produced_at = datetime.fromtimestamp(message.timestamp, UTC) if message.timestamp > 0 else None
-    return Message(message.topic, message.partition, message.offset, event.value, produced_at)
+    return (message.topic, message.partition, message.offset, event.value, message.timestamp)
 
 
 async def _send_dead_letters(app: faust.App, topic: Any, result: BatchResult) -> None:

@@ -197,25 +197,37 @@ class BatchApplier:
         return result
 
     def _count(self, result: BatchResult, size: int, seconds: float) -> None:
-        metrics = self.metrics
-        for meter, count in result.applied_by_meter.items():
-            metrics.applied.labels(meter).inc(count)
-        for meter, count in result.late_by_meter.items():
-            metrics.late.labels(meter).inc(count)
-        metrics.duplicates.inc(result.duplicates)
-        for rejected in result.rejected:
-            metrics.dead_lettered.labels(rejected.rejection.reason).inc()
-        metrics.batch_size.observe(size)
-        metrics.batch_latency.observe(seconds)
-        if result.newest_event_time is not None:
-            newest = self.newest_event_time
-            self.newest_event_time = (
-                result.newest_event_time
-                if newest is None
-                else max(newest, result.newest_event_time)
-            )
-            lag = (self._clock() - self.newest_event_time).total_seconds()
-            metrics.event_time_lag.set(max(lag, 0.0))
+        count_batch(self.metrics, result, size, seconds)
+        self.newest_event_time = note_newest_event_time(
+            self.metrics, self.newest_event_time, result.newest_event_time, self._clock()
+        )
+
+
+def count_batch(metrics: AggregatorMetrics, result: BatchResult, size: int, seconds: float) -> None:
+    """Add one applied batch of ``size`` messages, applied in ``seconds``, to the counters."""
+    for meter, count in result.applied_by_meter.items():
+        metrics.applied.labels(meter).inc(count)
+    for meter, count in result.late_by_meter.items():
+        metrics.late.labels(meter).inc(count)
+    metrics.duplicates.inc(result.duplicates)
+    for rejected in result.rejected:
+        metrics.dead_lettered.labels(rejected.rejection.reason).inc()
+    metrics.batch_size.observe(size)
+    metrics.batch_latency.observe(seconds)
+
+
+def note_newest_event_time(
+    metrics: AggregatorMetrics,
+    newest: datetime | None,
+    candidate: datetime | None,
+    now: datetime,
+) -> datetime | None:
+    """The newest event time applied so far; sets the event-time lag gauge from it."""
+    if candidate is None:
+        return newest
+    newest = candidate if newest is None else max(newest, candidate)
+    metrics.event_time_lag.set(max((now - newest).total_seconds(), 0.0))
+    return newest
 
 
 def _transient(exc: DBAPIError) -> bool:

@@ -8,8 +8,8 @@ import faust
 from prometheus_client import start_http_server
 from sqlalchemy import Engine, inspect
 
-from aggregators.app import build_app, dead_letter_topic
-from aggregators.batch import BatchApplier
+from aggregators.app import WorkerState, build_app, dead_letter_topic
+from aggregators.pipeline import ApplyPipeline
 from meterstream.db import build_engine
 from meterstream.errors import ConfigError
 from meterstream.kafka import ensure_topic, wait_for_broker
@@ -39,7 +39,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
 
     # uvloop lifts faust's ceiling; it must be chosen before the app creates its loop.
     mode.loop.use("uvloop")
-    catalogue = load_catalogue(settings.meters_file)
+    load_catalogue(settings.meters_file)  # fail here, not in the child, on a bad catalogue
     engine = build_engine(settings)
     check_schema(engine)
     wait_for_broker(settings.kafka_bootstrap)
@@ -48,11 +48,12 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     metrics = AggregatorMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)  # noqa: S104 - Prometheus scrapes it from another host
-    applier = BatchApplier(engine, catalogue, metrics, horizon_days=settings.horizon_days)
-    app = build_app(settings, applier)
+    pipeline = ApplyPipeline(settings)
+    app = build_app(settings, WorkerState(pipeline, engine, metrics))
     where = engine.url.render_as_string(hide_password=True)
     _log.info("aggregating %s into %s", settings.topic, where)
     try:
         faust.Worker(app, loglevel=loglevel).execute_from_commandline()
     finally:
+        pipeline.close()
         engine.dispose()

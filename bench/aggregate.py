@@ -5,7 +5,7 @@
 Pushes N events (10,000 customers, 3 meters) through the real broker, then reads them:
 1. a bare aiokafka consumer that only decodes (the machine's limit);
 2. a bare faust agent that only decodes (the framework's ceiling);
-3. one meterstream worker into PostgreSQL (exact totals), with its peak RSS;
+3. one meterstream worker into PostgreSQL (exact totals), with its peak RSS (its processes);
 4. two meterstream workers in one group.
 Then the delay from produce to visible total at a steady 5,000 events/s (p50, p99).
 Targets (issue #4): 3 >= 0.7 x 2 and >= 10,000 events/s; RSS flat; p99 delay < 5 s.
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -131,10 +132,16 @@ def worker_settings(settings: Settings) -> Settings:
 
 
 def rss_kib(pid: int) -> int:
+    """RSS of ``pid`` and its children (the worker applies batches in a child process)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            total += int(line.split()[1])
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        with suppress(FileNotFoundError):  # it ended between the listing and the read
+            total += rss_kib(int(child))
+    return total
 
 
 def run_workers(settings: Settings, count: int, workers: int) -> tuple[float, list[int]]:

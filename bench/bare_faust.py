@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -20,11 +21,13 @@ def main() -> None:
     bootstrap, topic, group, events, out = sys.argv[1:6]
     expected = int(events)
     mode.loop.use("uvloop")  # as the meterstream worker does
+    faust_data = Path(tempfile.gettempdir()) / "meterstream-faust"
+    faust_data.mkdir(exist_ok=True)  # faust creates only the last level (as build_app does)
     app = faust.App(
         group,
         broker=f"kafka://{bootstrap}",
         store="memory://",
-        datadir=f"{tempfile.gettempdir()}/meterstream-faust/{{conf.name}}",
+        datadir=faust_data / "{conf.name}",
         autodiscover=False,
         web_enabled=False,
         topic_disable_leader=True,

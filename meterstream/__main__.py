@@ -2,4 +2,6 @@
 
 from meterstream.cli import main
 
-main()
+# Guarded: the aggregator's applying child (multiprocessing, spawn) imports this module again.
+if __name__ == "__main__":
+    main()

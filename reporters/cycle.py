@@ -1,8 +1,10 @@
 """One report cycle: resend what is pending, write and send a row per due window.
 
 The (customer, meter) pairs with work are cut into chunks of KEYS_PER_CHUNK, run in a thread
-pool (SEND_THREADS) and all paced by one token bucket. A chunk first writes the rows of all its
-due windows in one transaction (bulk statements; every row is committed before any call).
+pool (SEND_THREADS; one thread in stream mode, which only writes there) and all paced by one
+token bucket. A chunk first writes the rows of all its due windows in one transaction (bulk
+statements; every row is committed before any call). On SQLite the pool's ledger writes take
+turns on an in-process lock (SQLite has a single writer).
 
 Per (customer, meter) everything goes in ledger order, one call at a time (Stripe allows one
 call in flight per customer and meter, and a ``last`` meter must see its revisions in order):

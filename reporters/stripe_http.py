@@ -29,6 +29,7 @@ import threading
 import urllib.parse
 import urllib.request
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
@@ -78,7 +79,7 @@ class KeepAliveClient(stripe.HTTPClient):
         # verify against the SDK's CA bundle, as the requests client does
         self._tls = ssl.create_default_context(cafile=stripe.ca_bundle_path)
         self._lock = threading.Lock()
-        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[_Key, deque[http.client.HTTPConnection]] = {}
         self._keys: dict[tuple[str, str], _Key] = {}
         # Close idle sockets when the client is dropped (no ResourceWarning, no leaked fds).
         weakref.finalize(self, _close_all, self._idle, self._lock)
@@ -161,13 +162,15 @@ class KeepAliveClient(stripe.HTTPClient):
         return key, "/" + path if slash else "/"
 
     def _take(self, key: _Key) -> http.client.HTTPConnection:
-        with self._lock:
-            idle = self._idle.get(key)
-            while idle:
-                connection = idle.pop()
-                if not _dropped(connection):
-                    return connection
-                connection.close()
+        idle = self._idle.get(key)
+        while idle:
+            try:
+                connection = idle.pop()  # deque.pop is atomic: no lock on the hot path
+            except IndexError:
+                break
+            if not _dropped(connection):
+                return connection
+            connection.close()
         scheme, host, port = key
         if scheme == "https":
             return http.client.HTTPSConnection(
@@ -176,8 +179,11 @@ class KeepAliveClient(stripe.HTTPClient):
         return http.client.HTTPConnection(host, port, timeout=self._timeout_s)
 
     def _give_back(self, key: _Key, connection: http.client.HTTPConnection) -> None:
-        with self._lock:
-            self._idle.setdefault(key, []).append(connection)
+        idle = self._idle.get(key)
+        if idle is None:
+            with self._lock:
+                idle = self._idle.setdefault(key, deque())
+        idle.append(connection)
 
 
 def _dropped(connection: http.client.HTTPConnection) -> bool:
@@ -196,12 +202,15 @@ def _dropped(connection: http.client.HTTPConnection) -> bool:
         return True
 
 
-def _close_all(idle: dict[_Key, list[http.client.HTTPConnection]], lock: threading.Lock) -> None:
+def _close_all(idle: dict[_Key, deque[http.client.HTTPConnection]], lock: threading.Lock) -> None:
     with lock:
-        connections = [c for pooled in idle.values() for c in pooled]
-        idle.clear()
-    for connection in connections:
-        connection.close()
+        pools = list(idle.values())
+    for pooled in pools:
+        while pooled:
+            try:
+                pooled.pop().close()
+            except IndexError:
+                break
 
 
 def _raise_connection_error(exc: Exception) -> NoReturn:

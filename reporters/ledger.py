@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, bindparam, case, func, literal, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
 from meterstream.schema import ledger
 
@@ -253,34 +253,55 @@ def start_attempts(engine: Engine, identifiers: Collection[str], now: datetime) 
         return {str(identifier) for (identifier,) in found}
 
 
+_STILL_PENDING = (
+    select(_l.identifier)
+    .where(_l.identifier.in_(bindparam("identifiers", expanding=True)), _l.status == "pending")
+    .with_for_update()
+)
+_ACKNOWLEDGE = (
+    update(ledger)
+    .where(_l.identifier == bindparam("row_identifier"), _l.status == "pending")
+    .values(
+        status=bindparam("new_status"),
+        stripe_request_id=bindparam("request_id"),
+        last_error=None,
+        error_code=None,
+        updated_at=bindparam("now"),
+        sent_at=bindparam("now"),
+    )
+)
+
+
 def mark_all_acknowledged(
     engine: Engine, request_ids: Mapping[str, str | None], status: Status, now: datetime
 ) -> set[str]:
     """mark_acknowledged for many pending rows (identifier -> Stripe's request id) in one
-    committed statement; the identifiers updated (the others were settled elsewhere)."""
+    committed transaction; the identifiers updated (the others were settled elsewhere).
+
+    Two statements that compile once and stay cached (a CASE over 100 request ids compiled
+    anew every time was a tenth of the v1 reporter's CPU): the rows still pending, locked
+    (PostgreSQL; SQLite's writer already holds the database), then one update per row in
+    one executemany, each still guarded by ``status = 'pending'``.
+    """
     if not request_ids:
         return set()
-    distinct = set(request_ids.values())
-    request_id: Any = (
-        literal(next(iter(distinct)), ledger.c.stripe_request_id.type)
-        if len(distinct) == 1
-        else case(dict(request_ids), value=_l.identifier, else_=_l.stripe_request_id)
-    )
     with engine.begin() as connection:
-        found = connection.execute(
-            update(ledger)
-            .where(_l.identifier.in_(list(request_ids)), _l.status == "pending")
-            .values(
-                status=status,
-                stripe_request_id=request_id,
-                last_error=None,
-                error_code=None,
-                updated_at=now,
-                sent_at=now,
+        found = connection.execute(_STILL_PENDING, {"identifiers": list(request_ids)})
+        pending = {str(identifier) for (identifier,) in found}
+        if pending:
+            connection.execute(
+                _ACKNOWLEDGE,
+                [
+                    {
+                        "row_identifier": identifier,
+                        "new_status": status,
+                        "request_id": request_ids[identifier],
+                        "now": now,
+                    }
+                    for identifier in pending
+                ],
             )
-            .returning(_l.identifier)
-        )
-        return {str(identifier) for (identifier,) in found}
+        return pending
 
 
 def pending_rows(engine: Engine) -> list[LedgerRow]:

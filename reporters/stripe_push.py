@@ -38,6 +38,7 @@ from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.ratelimit import TokenBucket
+from reporters.stripe_http import KeepAliveClient, proxy_configured
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,8 +80,9 @@ def require_api_key(settings: Settings) -> str:
     return key
 
 
-class _CountingHttpClient(stripe.RequestsClient):
-    """The SDK's own HTTP client, telling us when it retries so the retries are counted."""
+class _CountingRequestsClient(stripe.RequestsClient):
+    """The SDK's requests client, telling us when it retries so the retries are counted; used
+    only when a proxy is configured (KeepAliveClient does not speak to proxies)."""
 
     def __init__(self, on_retry: Callable[[], None]) -> None:
         super().__init__(timeout=REQUEST_TIMEOUT_S)
@@ -102,7 +104,15 @@ class _CountingHttpClient(stripe.RequestsClient):
 
 
 def build_client(api_key: str, settings: Settings, metrics: ReporterMetrics) -> stripe.StripeClient:
-    """A StripeClient for ``settings``' bases, retrying 5xx and lost connections twice."""
+    """A StripeClient for ``settings``' bases, retrying 5xx and lost connections twice, on
+    pooled keep-alive connections (reporters/stripe_http.py), or through requests when the
+    environment names a proxy for those bases."""
+    bases = (settings.stripe_api_base, settings.meter_events_base)
+    http_client: stripe.HTTPClient
+    if any(proxy_configured(base) for base in bases):
+        http_client = _CountingRequestsClient(metrics.retried.inc)
+    else:
+        http_client = KeepAliveClient(REQUEST_TIMEOUT_S, on_retry=metrics.retried.inc)
     return stripe.StripeClient(
         api_key,
         base_addresses={
@@ -110,7 +120,7 @@ def build_client(api_key: str, settings: Settings, metrics: ReporterMetrics) -> 
             "meter_events": settings.meter_events_base,
         },
         max_network_retries=SDK_NETWORK_RETRIES,
-        http_client=_CountingHttpClient(metrics.retried.inc),
+        http_client=http_client,
     )
 
 

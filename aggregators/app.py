@@ -116,8 +116,9 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
                     _Batch(sequence, events, raw, state.pipeline.submit(sequence, raw))
                 )
         finally:
-            # Stopping: the batches taken are still applied and acknowledged (faust waits for
-            # every event it handed out to be acked before it leaves the group).
+            # Stopping: the batches taken are still applied and acknowledged. faust may have
+            # made its last commit already; then the next worker reads them again, and the
+            # deduplication keys make that a no-op.
             taken.put_nowait(None)
             await asyncio.shield(acker)
 
@@ -125,7 +126,12 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
 
     async def prune_dedup_keys() -> None:
         # Keys past the horizon can never match again: Stripe refuses such old usage anyway.
-        dropped = await state.pipeline.prune(datetime.now(UTC).date())
+        try:
+            dropped = await state.pipeline.prune(datetime.now(UTC).date())
+        except Exception:
+            # An error escaping a faust timer crashes the worker; pruning can wait an hour.
+            _log.exception("pruning deduplication keys failed; trying again in an hour")
+            return
         if dropped:
             _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
 
@@ -190,13 +196,22 @@ def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
 async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> AppliedBatch:
     """Wait for ``batch`` to commit, sending it again for as long as it fails."""
     delay = 0.5
+    refused = 0
     applied = batch.applied
     while True:
         try:
             return await applied
-        except OutOfOrderError:
-            # Its predecessor has committed by now (batches are awaited in order).
-            pass
+        except OutOfOrderError as exc:
+            # Its predecessor has committed by now (batches are awaited in order), so the
+            # first resend goes at once; a refusal after that means the record of what was
+            # committed and this worker disagree: wait, and say so, rather than spin.
+            refused += 1
+            if refused > 1:
+                _log.error(
+                    "batch %d refused again (%s); retrying in %.1f s", batch.sequence, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
         except Exception:
             if app.should_stop:
                 # faust's shutdown waits for every event to be acked, forever; this batch was

@@ -144,7 +144,11 @@ def _apply_in_child(sequence: int, raw: list[RawMessage]) -> AppliedBatch:
 
 def _prune_in_child(today: date) -> int:
     assert _child is not None, "the pool's initializer builds _child"  # noqa: S101
-    return _child.applier.dedup.prune(today)
+    try:
+        return _child.applier.dedup.prune(today)
+    except Exception as exc:
+        # As in _apply_in_child: an error that does not pickle would break the pool.
+        raise BatchFailedError(f"pruning failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _produced_at(timestamp_s: float) -> datetime | None:
@@ -188,10 +192,36 @@ class ApplyPipeline:
             return self._executor.submit(function, *arguments)
         except BrokenProcessPool:
             _log.error("the applying process died; starting a new one")
+            # A pool breaks also when a result cannot be read back, with its child alive; it
+            # then only sends SIGTERM, which the child ignores. Two children at once would
+            # race on the committed record, so the old one is killed first.
+            _kill_children(self._executor)
             self._executor.shutdown(wait=False)
             self._executor = self._new_executor()
             return self._executor.submit(function, *arguments)
 
-    def close(self) -> None:
-        """Wait for the batch in hand, then stop the child."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Let the child finish the batch in hand (up to ``timeout_s``), then stop it. A batch
+        cut short is not acknowledged, so the next worker reads it again."""
+        processes = list(_children(self._executor))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                _log.error("the applying process did not stop within %.0f s; killing it", timeout_s)
+                process.kill()
+                process.join()
+
+
+def _children(executor: ProcessPoolExecutor) -> list[multiprocessing.process.BaseProcess]:
+    # ProcessPoolExecutor keeps its processes in _processes (CPython 3.11-3.13); without it,
+    # nothing is killed, which only matters for a child that ignores SIGTERM and hangs.
+    processes = getattr(executor, "_processes", None) or {}
+    return list(processes.values())
+
+
+def _kill_children(executor: ProcessPoolExecutor) -> None:
+    for process in _children(executor):
+        process.kill()  # a no-op for a process already gone
+        process.join()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
@@ -164,6 +166,52 @@ def _batch(first: int, count: int) -> list[RawMessage]:
         )
         for offset in range(first, first + count)
     ]
+
+
+class _Unreadable:
+    """Pickles in the child, cannot be unpickled in the worker: that breaks the pool while
+    its child lives on (as a database error that does not unpickle would)."""
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return (_refuse_to_unpickle, ())
+
+
+def _refuse_to_unpickle() -> None:
+    raise RuntimeError("this result cannot be read back")
+
+
+def _unreadable() -> _Unreadable:
+    return _Unreadable()
+
+
+def test_a_pool_broken_while_its_child_lives_kills_that_child_before_starting_another(
+    settings_factory: SettingsFactory, postgres_url: str
+) -> None:
+    settings = settings_factory(database_url=postgres_url)
+    engine = migrated(settings)
+
+    async def scenario() -> None:
+        pipeline = ApplyPipeline(settings)
+        try:
+            old_child = await asyncio.wrap_future(pipeline._submit(os.getpid))
+            unreadable = asyncio.wrap_future(pipeline._submit(_unreadable))
+            # Queued behind it, so the old child is busy (not idle) when the pool breaks.
+            busy = asyncio.wrap_future(pipeline._submit(time.sleep, 30))
+            with pytest.raises(BrokenProcessPool):
+                await unreadable
+            with pytest.raises(BrokenProcessPool):
+                await busy
+            # The child ignores SIGTERM (the pool's way of ending it): only a kill ends it.
+            applied = await pipeline.submit(1, _batch(0, 10))
+            assert applied.result.applied == 10
+            assert not Path(f"/proc/{old_child}").exists()
+            assert await asyncio.wrap_future(pipeline._submit(os.getpid)) != old_child
+        finally:
+            pipeline.close()
+
+    asyncio.run(scenario())
+    assert events_applied(engine) == 10
+    engine.dispose()
 
 
 def test_batches_commit_in_sequence_and_a_resent_batch_is_a_no_op(

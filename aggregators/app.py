@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import faust
 from sqlalchemy import Engine
 
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
+from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
 from aggregators.status import unreported_windows
 from meterstream.lag import consumer_lag
@@ -47,12 +48,13 @@ def dead_letter_topic(settings: Settings) -> str:
 @dataclass(slots=True)
 class WorkerState:
     """What the worker process keeps besides faust: the pipeline, an engine for the gauges,
-    and the metrics it exposes."""
+    the metrics it exposes, and the offsets applied (which cap faust's commits)."""
 
     pipeline: ApplyPipeline
     engine: Engine
     metrics: AggregatorMetrics
     newest_event_time: datetime | None = None
+    applied: AppliedOffsets = field(default_factory=AppliedOffsets)
 
 
 @dataclass(slots=True)
@@ -87,6 +89,8 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
         stream_buffer_maxsize=max(4096, settings.aggregate_batch_max_events * 2),
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
+    # faust would otherwise commit past events it skipped after a rebalance (aggregators.offsets).
+    use_applied_offsets(app, state.applied)
     source = app.topic(
         settings.topic,
         key_type=bytes,
@@ -156,7 +160,8 @@ async def _ack_in_order(
     while (batch := await taken.get()) is not None:
         applied = await _applied(app, state, batch)
         await _send_dead_letters(app, dead_letters, applied.result)
-        # Only now may faust commit these offsets.
+        # Only now may faust commit these offsets: raise the cap first, then ack.
+        state.applied.note(batch.raw)
         for event in batch.events:
             await stream.ack(event)
         count_batch(state.metrics, applied.result, applied.size, applied.seconds)

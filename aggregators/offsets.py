@@ -1,0 +1,121 @@
+"""Offset commits capped at what this worker applied, because faust acks events it skips.
+
+After a consumer-group generation change, faust skips the messages of the old generation still
+in a stream and acknowledges them itself (``faust/streams.py``, ``Stream._py_aiter``:
+``do_ack or value is skipped_value``). It commits the longest run of consecutive acknowledged
+offsets (``Consumer._new_offset`` in ``faust/transport/consumer.py``). So after a rebalance the
+stale copies of events are acked while their new copies are still buffered or being applied; once
+our earlier batch is acked too, the run reaches past them, faust commits it, and a crash then
+loses those events: the next owner of the partition starts after them.
+
+``CappedConsumer`` caps every commit of a partition at (the highest offset this worker applied
+for it) + 1, as recorded by ``AppliedOffsets`` after each batch's transaction committed. A cap
+never exceeds what is in the database: faust hands a partition's messages to the stream in
+offset order from the committed offset it was assigned at, a skip lasts until the next
+generation (whose fetch starts again at the committed offset), and batches commit in the order
+they were taken. So once the batch holding offset ``o`` committed, every offset below ``o`` is
+in the database, even when that batch finished after its partition was revoked. A cap that is
+too low only delays a commit; the events read again are no-ops for the deduplication keys.
+
+Depends on faust internals, checked against faust-streaming 0.15.3 (aiokafka driver):
+``Consumer._new_offset``, ``Consumer._acked`` / ``_acked_index`` (the acked offsets it consumes),
+``Consumer.on_partitions_revoked``, ``Transport.Consumer`` (the class a transport builds) and the
+``App.transport`` setter. Check them again when upgrading faust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka
+
+from aggregators.pipeline import RawMessage
+
+__all__ = ["AppliedOffsets", "CappedConsumer", "use_applied_offsets"]
+
+# (topic, partition): faust's and aiokafka's TopicPartition are both namedtuples of these.
+_Partition = tuple[str, int]
+
+
+class AppliedOffsets:
+    """Per partition, the next offset after the highest one this worker applied since the
+    partition was last revoked: the most a commit may claim.
+
+    Not thread-safe: used from the worker's event loop only (faust commits there too).
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[_Partition, int] = {}
+
+    def note(self, raw: Iterable[RawMessage]) -> None:
+        """Record a batch whose transaction committed (call before acknowledging it)."""
+        highest: dict[_Partition, int] = {}
+        for topic, partition, offset, _value, _timestamp_s in raw:
+            key = (topic, partition)
+            if offset >= highest.get(key, -1):
+                highest[key] = offset
+        for key, offset in highest.items():
+            # max: batches commit in order, but a late one (taken before a rebalance) may
+            # report offsets below those of a newer one; it must not lower the cap.
+            self._next[key] = max(self._next.get(key, 0), offset + 1)
+
+    def cap(self, topic: str, partition: int) -> int | None:
+        """The highest offset a commit may name, or None when nothing was applied."""
+        return self._next.get((topic, partition))
+
+    def forget(self, partitions: Iterable[Any]) -> None:
+        """Drop revoked partitions: their next owner may move them on; we start over."""
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+
+
+class CappedConsumer(aiokafka.Consumer):
+    """faust's aiokafka consumer, committing no offset past what ``AppliedOffsets`` records."""
+
+    def __init__(self, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(transport, *args, **kwargs)
+        self.applied: AppliedOffsets = transport.applied
+
+    def _new_offset(self, tp: Any) -> int | None:
+        cap = self.applied.cap(tp.topic, tp.partition)
+        if cap is None:
+            # Leave the acked offsets for a later commit, once a batch of this partition applied.
+            return None
+        # faust removes the offsets it commits from _acked, and later refuses to commit across
+        # a hole at the head of _acked: hide the offsets at or above the cap from it rather
+        # than let it drop them, so they are committed once the cap has moved past them.
+        acked: list[int] = self._acked[tp]
+        held = [offset for offset in acked if offset >= cap]
+        if held:
+            acked[:] = [offset for offset in acked if offset < cap]
+        try:
+            offset: int | None = super()._new_offset(tp)
+        finally:
+            acked.extend(held)  # _acked_index still has them; faust sorts _acked on each call
+        # faust's run of consecutive offsets cannot reach the hidden ones: _gap intervals (offsets
+        # that do not exist) merged into it lie between acked offsets below the cap. min() only
+        # guards against a faust upgrade changing that.
+        return None if offset is None else min(offset, cap)
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        try:
+            # faust waits here for the events in hand to be acked and commits them (capped).
+            await super().on_partitions_revoked(revoked)
+        finally:
+            self.applied.forget(revoked)
+
+
+class _CappedTransport(aiokafka.Transport):
+    Consumer = CappedConsumer
+
+    def __init__(self, url: Any, app: faust.App, applied: AppliedOffsets) -> None:
+        super().__init__(url, app)
+        self.applied = applied
+
+
+def use_applied_offsets(app: faust.App, applied: AppliedOffsets) -> None:
+    """Make ``app`` (not started) commit no offset past what ``applied`` records."""
+    # Before anything reads app.transport (declaring topics and agents builds it).
+    app.transport = _CappedTransport(app.conf.broker_consumer, app, applied)

@@ -95,8 +95,10 @@ def report(once: bool) -> None:
     stop = _stop_on_signals()
     metrics = ReporterMetrics()
     try:
-        with _database(settings) as engine:
-            connected = connect(settings, catalogue, metrics, stop)
+        with (
+            _database(settings) as engine,
+            contextlib.closing(connect(settings, catalogue, metrics, stop)) as connected,
+        ):
             reporter = build_reporter(connected, engine, catalogue, stop)
             if once:
                 result = reporter.run_cycle()
@@ -195,8 +197,12 @@ def reconcile(since: datetime | None, settle_minutes: int) -> None:
     now = datetime.now(UTC)
     start = since.replace(tzinfo=UTC) if since else now - timedelta(days=settings.horizon_days)
     try:
-        with _database(settings) as engine:
-            connected = connect(settings, catalogue, ReporterMetrics(), threading.Event())
+        with (
+            _database(settings) as engine,
+            contextlib.closing(
+                connect(settings, catalogue, ReporterMetrics(), threading.Event())
+            ) as connected,
+        ):
             found = compare(
                 engine,
                 catalogue,

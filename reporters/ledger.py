@@ -253,9 +253,15 @@ def start_attempts(engine: Engine, identifiers: Collection[str], now: datetime) 
         return {str(identifier) for (identifier,) in found}
 
 
+class AcknowledgementMismatchError(RuntimeError):
+    """mark_all_acknowledged updated another number of rows than it found pending."""
+
+
 _STILL_PENDING = (
     select(_l.identifier)
     .where(_l.identifier.in_(bindparam("identifiers", expanding=True)), _l.status == "pending")
+    # Locked in one order, so two writers locking overlapping rows cannot deadlock.
+    .order_by(_l.identifier)
     .with_for_update()
 )
 _ACKNOWLEDGE = (
@@ -279,9 +285,13 @@ def mark_all_acknowledged(
     committed transaction; the identifiers updated (the others were settled elsewhere).
 
     Two statements that compile once and stay cached (a CASE over 100 request ids compiled
-    anew every time was a tenth of the v1 reporter's CPU): the rows still pending, locked
-    (PostgreSQL; SQLite's writer already holds the database), then one update per row in
-    one executemany, each still guarded by ``status = 'pending'``.
+    anew every time was a tenth of the v1 reporter's CPU): the rows still pending, locked in
+    identifier order (PostgreSQL; SQLite's writer already holds the database), then one update
+    per row in one executemany, each still guarded by ``status = 'pending'``. The rows the
+    updates changed, summed, must be the rows selected: the identifiers returned are those
+    updated. If not (a row changed despite the lock), AcknowledgementMismatchError, and the
+    transaction is rolled back: nothing is marked, the rows stay pending and are resent under
+    their identifiers, which Stripe deduplicates.
     """
     if not request_ids:
         return set()
@@ -289,7 +299,7 @@ def mark_all_acknowledged(
         found = connection.execute(_STILL_PENDING, {"identifiers": list(request_ids)})
         pending = {str(identifier) for (identifier,) in found}
         if pending:
-            connection.execute(
+            updated = connection.execute(
                 _ACKNOWLEDGE,
                 [
                     {
@@ -300,7 +310,12 @@ def mark_all_acknowledged(
                     }
                     for identifier in pending
                 ],
-            )
+            ).rowcount
+            if updated != len(pending):
+                raise AcknowledgementMismatchError(
+                    f"acknowledging {len(pending)} pending ledger row(s) updated {updated}; "
+                    "rolled back, the rows stay pending (is another writer bypassing the lock?)"
+                )
         return pending
 
 

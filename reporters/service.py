@@ -30,6 +30,7 @@ from reporters.stripe_push import (
     StripeAuthError,
     StripeGateway,
     build_client,
+    build_http_client,
     classify,
     require_api_key,
     send_meter_event,
@@ -44,13 +45,18 @@ def utc_now() -> datetime:
 
 @dataclass
 class Connected:
-    """A Stripe client, the gateway that paces it, and the checked meters."""
+    """A Stripe client, the gateway that paces it, and the checked meters. ``close()`` when
+    done: it closes the connections to Stripe (those of a call in flight when it ends)."""
 
     settings: Settings
     client: stripe.StripeClient
     gateway: StripeGateway
     stripe_meters: dict[str, StripeMeter]
     metrics: ReporterMetrics
+    http_client: stripe.HTTPClient
+
+    def close(self) -> None:
+        self.http_client.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
 
 
 def connect(
@@ -63,9 +69,26 @@ def connect(
 ) -> Connected:
     """Build the client and check Stripe's meters against the catalogue.
 
-    Raises ConfigError (no key) or MeterCheckError (meters missing, inactive, wrong formula).
+    Raises ConfigError (no key) or MeterCheckError (meters missing, inactive, wrong formula);
+    the connections are closed then.
     """
-    client = build_client(require_api_key(settings), settings, metrics)
+    http_client = build_http_client(settings, metrics)
+    try:
+        return _connect(settings, catalogue, metrics, stop, http_client, backoff_base_s)
+    except BaseException:
+        http_client.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+        raise
+
+
+def _connect(
+    settings: Settings,
+    catalogue: Catalogue,
+    metrics: ReporterMetrics,
+    stop: threading.Event,
+    http_client: stripe.HTTPClient,
+    backoff_base_s: float,
+) -> Connected:
+    client = build_client(require_api_key(settings), settings, metrics, http_client)
     bucket = TokenBucket(settings.stripe_rate, wait=stop.wait)
     gateway = StripeGateway(bucket, metrics, stop, backoff_base_s=backoff_base_s)
 
@@ -80,7 +103,8 @@ def connect(
             f"METERSTREAM_STRIPE_API_BASE={settings.stripe_api_base}: could not list the Stripe "
             f"meters ({outcome.code or outcome.error}); check the address and that Stripe is up"
         ) from None  # the SDK error may quote the Authorization header
-    return Connected(settings, client, gateway, check_meters(catalogue, found), metrics)
+    stripe_meters = check_meters(catalogue, found)
+    return Connected(settings, client, gateway, stripe_meters, metrics, http_client)
 
 
 def build_reporter(
@@ -99,7 +123,8 @@ def build_reporter(
     if settings.stripe_stream:
 
         def session_client(token: str) -> stripe.StripeClient:
-            return build_client(token, settings, connected.metrics)
+            # on the same connections, so that closing ``connected`` closes them all
+            return build_client(token, settings, connected.metrics, connected.http_client)
 
         stream = StreamSender(client, gateway, session_client, clock, renew_margin_s)
     else:

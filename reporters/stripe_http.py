@@ -8,15 +8,16 @@ GIL. This client implements what ``stripe.HTTPClient`` asks of a subclass (``req
 each request, sets the Idempotency-Key once and reuses it across its own retries
 (``max_network_retries``), and decides what to retry (``_should_retry``). Like the requests
 client, a failed connection, a lost answer or a timeout is raised as APIConnectionError with
-``should_retry=True`` (the SDK then retries with the same key); a certificate error is not
-retried.
+``should_retry=True`` (the SDK then retries with the same key); any other TLS error (a refused
+certificate, a failed handshake) and a local error (a bad URL or header) are not retried.
 
 Connections are kept per (scheme, host, port) in a pool shared by the threads: a thread takes
 an idle one (or opens one) for a call and gives it back after reading the whole answer, so a
 connection serves one call at a time and outlives the reporter's per-cycle threads. One the
 server closed while idle is noticed before reuse (its socket reads as ready) and replaced,
-instead of costing a failed call and a retry. It does not use HTTP(S)_PROXY:
-:func:`proxy_configured` tells the caller to keep the requests client then.
+instead of costing a failed call and a retry. :meth:`KeepAliveClient.close` closes the
+idle connections and, from then on, each connection whose call ends. It speaks to no proxy:
+:func:`proxy_configured` tells the caller to keep the requests client when one applies.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import select
 import ssl
 import threading
 import urllib.parse
-import urllib.request
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
+import requests.utils  # the stripe SDK's own dependency
 import stripe
 
 _Key = tuple[str, str, int]  # (scheme, host, port)
@@ -41,12 +42,18 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 class ResponseHeaders(Mapping[str, str]):
     """Response headers looked up regardless of case (the SDK asks for both "Request-Id"
-    and "request-id", as requests' CaseInsensitiveDict allows)."""
+    and "request-id", as requests' CaseInsensitiveDict allows); a header sent more than once
+    reads as its values joined with ", ", in the order received, as requests gives it."""
 
     __slots__ = ("_by_name",)
 
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self._by_name = {name.lower(): value for name, value in pairs}
+        by_name: dict[str, str] = {}
+        for name, value in pairs:
+            lowered = name.lower()
+            seen = by_name.get(lowered)
+            by_name[lowered] = value if seen is None else f"{seen}, {value}"
+        self._by_name = by_name
 
     def __getitem__(self, name: str) -> str:
         return self._by_name[name.lower()]
@@ -59,9 +66,11 @@ class ResponseHeaders(Mapping[str, str]):
 
 
 def proxy_configured(url: str) -> bool:
-    """True if the environment names a proxy for ``url``'s scheme (requests would use it)."""
-    scheme = url.split(":", 1)[0].lower()
-    return bool(urllib.request.getproxies().get(scheme))
+    """True if requests would send a call to ``url`` through a proxy named in the environment:
+    the scheme's own (HTTPS_PROXY, ...) or ALL_PROXY, unless NO_PROXY lists the host. Decided
+    by requests' own functions, so the answer is the requests client's."""
+    proxies = requests.utils.get_environ_proxies(url)
+    return requests.utils.select_proxy(url, proxies) is not None
 
 
 class KeepAliveClient(stripe.HTTPClient):
@@ -81,6 +90,7 @@ class KeepAliveClient(stripe.HTTPClient):
         self._lock = threading.Lock()
         self._idle: dict[_Key, deque[http.client.HTTPConnection]] = {}
         self._keys: dict[tuple[str, str], _Key] = {}
+        self._closed = False
         # Close idle sockets when the client is dropped (no ResourceWarning, no leaked fds).
         weakref.finalize(self, _close_all, self._idle, self._lock)
 
@@ -98,13 +108,17 @@ class KeepAliveClient(stripe.HTTPClient):
         key, target = self._target(url)
         body = post_data.encode("utf-8") if isinstance(post_data, str) else post_data
         connection = self._take(key)
+        connecting = connection.sock is None
         try:
+            if connecting:
+                connection.connect()  # apart, so a failure here is known to have sent nothing
+                connecting = False
             connection.request(method.upper(), target, body, dict(headers or {}))
             response = connection.getresponse()
             content = response.read()
         except Exception as exc:
             connection.close()  # its state is unknown: never reuse it
-            _raise_connection_error(exc)
+            _raise_connection_error(exc, connecting=connecting)
         except BaseException:
             connection.close()
             raise
@@ -125,8 +139,10 @@ class KeepAliveClient(stripe.HTTPClient):
         return io.BytesIO(content), status, found
 
     def close(self) -> None:
-        """Close every idle connection (one in use is closed when its call ends with an
-        error, or stays pooled for the next call)."""
+        """Close every idle connection, and from now on each connection whose call ends (a
+        call in flight finishes on its own connection, which is then closed, not pooled). A
+        later call still works, on a connection of its own that is closed after it."""
+        self._closed = True  # before the sweep: see _give_back
         _close_all(self._idle, self._lock)
 
     def _should_retry(
@@ -179,11 +195,19 @@ class KeepAliveClient(stripe.HTTPClient):
         return http.client.HTTPConnection(host, port, timeout=self._timeout_s)
 
     def _give_back(self, key: _Key, connection: http.client.HTTPConnection) -> None:
+        if self._closed:
+            connection.close()
+            return
         idle = self._idle.get(key)
         if idle is None:
             with self._lock:
                 idle = self._idle.setdefault(key, deque())
         idle.append(connection)
+        if self._closed:
+            # close() ran between the check above and the append, and its sweep may have
+            # missed this connection: sweep again (close() sets the flag before sweeping, so
+            # one of the two sweeps sees every connection given back).
+            _close_all(self._idle, self._lock)
 
 
 def _dropped(connection: http.client.HTTPConnection) -> bool:
@@ -213,15 +237,35 @@ def _close_all(idle: dict[_Key, deque[http.client.HTTPConnection]], lock: thread
                 break
 
 
-def _raise_connection_error(exc: Exception) -> NoReturn:
-    """APIConnectionError for a failed call. Retried (same Idempotency-Key) when the network
-    failed: refused, reset, timed out, cut off mid-answer; not for a refused certificate or a
-    local error (a bad header, say), as the requests client decides."""
-    retry = isinstance(exc, OSError | http.client.HTTPException) and not isinstance(
-        exc, ssl.SSLCertVerificationError
+# Failures of the network during a call, retried under the same Idempotency-Key as the
+# requests client retries them (its ConnectionError and Timeout): reset or closed mid-call
+# (ConnectionError covers refused, reset, aborted and broken pipe; RemoteDisconnected is a
+# reset), a TLS connection cut off (SSLEOFError, SSLZeroReturnError), an answer cut short
+# (IncompleteRead), a timeout. Anything else is not retried: another TLS error (a refused
+# certificate, a failed handshake) would fail the same way again, and a local error
+# (InvalidURL, a bad header, any other HTTPException or OSError) is ours to fix.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+    ConnectionError,
+    http.client.RemoteDisconnected,
+    http.client.IncompleteRead,
+    TimeoutError,
+)
+
+
+def _raise_connection_error(exc: Exception, *, connecting: bool) -> NoReturn:
+    """APIConnectionError for a failed call, retried (same Idempotency-Key) only when the
+    network failed (_RETRYABLE), as the requests client decides. While connecting (nothing
+    sent yet), any socket error but a TLS one is the network's too, as requests' "failed to
+    establish a new connection" is: a name that did not resolve, no route to the host."""
+    retry = isinstance(exc, _RETRYABLE) or (
+        connecting and isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)
     )
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = "Could not verify Stripe's TLS certificate; is something intercepting it?"
+    elif isinstance(exc, ssl.SSLError) and not retry:
+        message = "The TLS connection to Stripe failed (not retried: it would fail again)."
     elif retry:
         message = "Unexpected error communicating with Stripe."
     else:

@@ -103,16 +103,25 @@ class _CountingRequestsClient(stripe.RequestsClient):
         return retry
 
 
-def build_client(api_key: str, settings: Settings, metrics: ReporterMetrics) -> stripe.StripeClient:
-    """A StripeClient for ``settings``' bases, retrying 5xx and lost connections twice, on
-    pooled keep-alive connections (reporters/stripe_http.py), or through requests when the
-    environment names a proxy for those bases."""
+def build_http_client(settings: Settings, metrics: ReporterMetrics) -> stripe.HTTPClient:
+    """Pooled keep-alive connections (reporters/stripe_http.py), or requests when the
+    environment sends calls to ``settings``' bases through a proxy. Close it when done."""
     bases = (settings.stripe_api_base, settings.meter_events_base)
-    http_client: stripe.HTTPClient
     if any(proxy_configured(base) for base in bases):
-        http_client = _CountingRequestsClient(metrics.retried.inc)
-    else:
-        http_client = KeepAliveClient(REQUEST_TIMEOUT_S, on_retry=metrics.retried.inc)
+        return _CountingRequestsClient(metrics.retried.inc)
+    return KeepAliveClient(REQUEST_TIMEOUT_S, on_retry=metrics.retried.inc)
+
+
+def build_client(
+    api_key: str,
+    settings: Settings,
+    metrics: ReporterMetrics,
+    http_client: stripe.HTTPClient | None = None,
+) -> stripe.StripeClient:
+    """A StripeClient for ``settings``' bases, retrying 5xx and lost connections twice, on
+    ``http_client`` (a new :func:`build_http_client` if not given)."""
+    if http_client is None:
+        http_client = build_http_client(settings, metrics)
     return stripe.StripeClient(
         api_key,
         base_addresses={

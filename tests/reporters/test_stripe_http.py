@@ -10,13 +10,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 import stripe
+from prometheus_client import CollectorRegistry
 
+from meterstream.metrics import ReporterMetrics
 from reporters.stripe_emulator import Emulator, run_stripe_emulator
-from reporters.stripe_http import KeepAliveClient, ResponseHeaders
+from reporters.stripe_http import KeepAliveClient, ResponseHeaders, proxy_configured
+from reporters.stripe_push import build_http_client
+from tests.reporters.test_reporter import world_settings
 
 SECRET = "sk_test_51H8lean0client"  # noqa: S105  # a fake key
 PATH = "/v1/billing/meter_events"
@@ -174,3 +179,136 @@ def test_response_headers_are_found_regardless_of_case() -> None:
     assert "stripe-should-retry" in headers
     assert headers.get("idempotency-key") is None
     assert dict(headers) == {"request-id": "req_1", "stripe-should-retry": "false"}
+
+
+def test_a_header_sent_twice_reads_as_both_values_joined() -> None:
+    headers = ResponseHeaders([("Vary", "Origin"), ("Request-Id", "req_1"), ("vary", "Accept")])
+
+    assert headers["Vary"] == "Origin, Accept"  # as requests joins them
+    assert len(headers) == 2
+
+
+def test_invalid_url_is_a_local_error_and_not_retried(emulator: Emulator) -> None:
+    retries = Retries()
+    http_client = KeepAliveClient(10.0, on_retry=retries)
+    try:
+        with pytest.raises(stripe.APIConnectionError) as raised:
+            # a space in the path: http.client refuses it (InvalidURL) before sending
+            http_client.request_with_retries(
+                "post", f"{emulator.url}{PATH}/bad path", {}, b"", max_network_retries=2
+            )
+    finally:
+        http_client.close()
+
+    assert not raised.value.should_retry
+    assert "InvalidURL" in str(raised.value)
+    assert retries.count == 0
+    assert not emulator.state.events
+
+
+def test_a_failed_tls_handshake_is_not_retried(emulator: Emulator) -> None:
+    retries = Retries()
+    client = sdk_client(
+        emulator.url.replace("http://", "https://"), KeepAliveClient(10.0, on_retry=retries)
+    )
+
+    # TLS to a server that speaks plain HTTP: an SSLError that is no cut connection
+    with pytest.raises(stripe.APIConnectionError) as raised:
+        create_event(client, f"ev_{uuid.uuid4().hex}")
+
+    assert not raised.value.should_retry
+    assert retries.count == 0
+
+
+class _HeldKeepAlive(BaseHTTPRequestHandler):
+    """Answers a meter event once the test lets it, and keeps the connection open after."""
+
+    protocol_version = "HTTP/1.1"
+    received: threading.Event
+    answer: threading.Event
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.set()
+        assert type(self).answer.wait(timeout=30)
+        body = json.dumps({"object": "billing.meter_event", "identifier": "ev_1"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+def test_close_during_a_call_closes_its_connection_when_the_call_ends() -> None:
+    handler = type(
+        "Handler", (_HeldKeepAlive,), {"received": threading.Event(), "answer": threading.Event()}
+    )
+    server = _ClosingServer()
+    server.RequestHandlerClass = handler
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    http_client = KeepAliveClient(10.0)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            create_event(
+                sdk_client(f"http://127.0.0.1:{server.server_address[1]}", http_client), "ev_1"
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    calling = threading.Thread(target=call)
+    try:
+        calling.start()
+        assert handler.received.wait(timeout=30)
+        http_client.close()  # the call is in flight: its connection is not idle yet
+        handler.answer.set()
+        calling.join(timeout=30)
+        assert not errors
+        # The client closed the connection after the answer instead of pooling it, so the
+        # server sees it end (it would otherwise stay open, idle, until the process exits).
+        assert server.closed.acquire(timeout=30)
+    finally:
+        handler.answer.set()
+        calling.join(timeout=30)
+        server.shutdown()
+        server.server_close()
+        serving.join()
+
+
+@pytest.fixture
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+def test_a_proxy_named_only_in_all_proxy_keeps_the_requests_client(
+    no_proxy_environment: pytest.MonkeyPatch, emulator: Emulator, tmp_path: Path
+) -> None:
+    no_proxy_environment.setenv("ALL_PROXY", "http://proxy.internal:3128")
+    settings = world_settings(emulator, f"sqlite:///{tmp_path / 'm.db'}", tmp_path)
+
+    assert proxy_configured("https://api.stripe.com")
+    http_client = build_http_client(settings, ReporterMetrics(CollectorRegistry()))
+    assert isinstance(http_client, stripe.RequestsClient)
+
+
+def test_a_host_in_no_proxy_keeps_the_lean_client(
+    no_proxy_environment: pytest.MonkeyPatch, emulator: Emulator, tmp_path: Path
+) -> None:
+    no_proxy_environment.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    no_proxy_environment.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    no_proxy_environment.setenv("NO_PROXY", "stripe.com,127.0.0.1")
+    settings = world_settings(emulator, f"sqlite:///{tmp_path / 'm.db'}", tmp_path)
+
+    assert not proxy_configured("https://api.stripe.com")
+    assert proxy_configured("https://example.com")
+    http_client = build_http_client(settings, ReporterMetrics(CollectorRegistry()))
+    assert isinstance(http_client, KeepAliveClient)
+    http_client.close()

@@ -30,8 +30,10 @@ from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka
+from faust.types.tuples import ack_lock
 
 from aggregators.pipeline import RawMessage
+from meterstream.errors import ConfigError
 
 __all__ = ["AppliedOffsets", "CappedConsumer", "use_applied_offsets"]
 
@@ -86,17 +88,19 @@ class CappedConsumer(aiokafka.Consumer):
         # faust removes the offsets it commits from _acked, and later refuses to commit across
         # a hole at the head of _acked: hide the offsets at or above the cap from it rather
         # than let it drop them, so they are committed once the cap has moved past them.
-        acked: list[int] = self._acked[tp]
-        held = [offset for offset in acked if offset >= cap]
-        if held:
-            acked[:] = [offset for offset in acked if offset < cap]
-        try:
-            offset: int | None = super()._new_offset(tp)
-        finally:
-            acked.extend(held)  # _acked_index still has them; faust sorts _acked on each call
-        # faust's run of consecutive offsets cannot reach the hidden ones: _gap intervals (offsets
-        # that do not exist) merged into it lie between acked offsets below the cap. min() only
-        # guards against a faust upgrade changing that.
+        # Under ack_lock, as faust's own ack() is: acking from another thread is its public API.
+        with ack_lock:
+            acked: list[int] = self._acked[tp]
+            held = [offset for offset in acked if offset >= cap]
+            if held:
+                acked[:] = [offset for offset in acked if offset < cap]
+            try:
+                offset: int | None = super()._new_offset(tp)
+            finally:
+                acked.extend(held)  # _acked_index still has them; faust sorts _acked each call
+        # faust merges _gap intervals (offsets that do not exist) only up to the largest acked
+        # offset it sees, which is below the cap; min() guards against a faust upgrade
+        # changing that.
         return None if offset is None else min(offset, cap)
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
@@ -105,6 +109,13 @@ class CappedConsumer(aiokafka.Consumer):
             await super().on_partitions_revoked(revoked)
         finally:
             self.applied.forget(revoked)
+            # Skip-acks that arrived while faust waited above are held back by the cap and
+            # would stay forever (no cap, no commit, for a partition gone): drop them, as
+            # faust's own revocation does; their next owner reads them again.
+            for tp in revoked:
+                self._acked.pop(tp, None)
+                self._acked_index.pop(tp, None)
+                self._gap.pop(tp, None)
 
 
 class _CappedTransport(aiokafka.Transport):
@@ -118,4 +129,10 @@ class _CappedTransport(aiokafka.Transport):
 def use_applied_offsets(app: faust.App, applied: AppliedOffsets) -> None:
     """Make ``app`` (not started) commit no offset past what ``applied`` records."""
     # Before anything reads app.transport (declaring topics and agents builds it).
-    app.transport = _CappedTransport(app.conf.broker_consumer, app, applied)
+    urls = app.conf.broker_consumer
+    if any(url.scheme != "kafka" for url in urls):
+        raise ConfigError(
+            "METERSTREAM_KAFKA_BOOTSTRAP: the aggregator runs on faust's aiokafka driver only; "
+            f"give host:port pairs, got {', '.join(str(url) for url in urls)}"
+        )
+    app.transport = _CappedTransport(urls, app, applied)

@@ -73,7 +73,27 @@ def proxy_configured(url: str) -> bool:
     return requests.utils.select_proxy(url, proxies) is not None
 
 
-class KeepAliveClient(stripe.HTTPClient):
+class CountsRetries(stripe.HTTPClient):
+    """Calls ``_on_retry`` each time the SDK decides to retry a call (to count retries)."""
+
+    _on_retry: Callable[[], None] | None = None
+
+    def _should_retry(
+        self,
+        response: Any,
+        api_connection_error: Any,
+        num_retries: int,
+        max_network_retries: int | None,
+    ) -> bool:
+        retry = bool(
+            super()._should_retry(response, api_connection_error, num_retries, max_network_retries)
+        )
+        if retry and self._on_retry is not None:
+            self._on_retry()
+        return retry
+
+
+class KeepAliveClient(CountsRetries):
     """A stripe.HTTPClient on http.client with pooled keep-alive connections (module doc).
 
     ``on_retry`` is called each time the SDK decides to retry a call (to count retries).
@@ -144,20 +164,6 @@ class KeepAliveClient(stripe.HTTPClient):
         later call still works, on a connection of its own that is closed after it."""
         self._closed = True  # before the sweep: see _give_back
         _close_all(self._idle, self._lock)
-
-    def _should_retry(
-        self,
-        response: Any,
-        api_connection_error: Any,
-        num_retries: int,
-        max_network_retries: int | None,
-    ) -> bool:
-        retry = bool(
-            super()._should_retry(response, api_connection_error, num_retries, max_network_retries)
-        )
-        if retry and self._on_retry is not None:
-            self._on_retry()
-        return retry
 
     def _target(self, url: str) -> tuple[_Key, str]:
         """((scheme, host, port), path and query) of ``url``; the parse is cached per base."""

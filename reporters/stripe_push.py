@@ -38,7 +38,7 @@ from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.ratelimit import TokenBucket
-from reporters.stripe_http import KeepAliveClient, proxy_configured
+from reporters.stripe_http import CountsRetries, KeepAliveClient, proxy_configured
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,27 +80,13 @@ def require_api_key(settings: Settings) -> str:
     return key
 
 
-class _CountingRequestsClient(stripe.RequestsClient):
+class _CountingRequestsClient(CountsRetries, stripe.RequestsClient):
     """The SDK's requests client, telling us when it retries so the retries are counted; used
     only when a proxy is configured (KeepAliveClient does not speak to proxies)."""
 
     def __init__(self, on_retry: Callable[[], None]) -> None:
         super().__init__(timeout=REQUEST_TIMEOUT_S)
         self._on_retry = on_retry
-
-    def _should_retry(
-        self,
-        response: Any,
-        api_connection_error: Any,
-        num_retries: int,
-        max_network_retries: int | None,
-    ) -> bool:
-        retry = bool(
-            super()._should_retry(response, api_connection_error, num_retries, max_network_retries)
-        )
-        if retry:
-            self._on_retry()
-        return retry
 
 
 def build_http_client(settings: Settings, metrics: ReporterMetrics) -> stripe.HTTPClient:

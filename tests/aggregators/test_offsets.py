@@ -185,5 +185,11 @@ def test_acked_offsets_above_the_cap_are_committed_once_applied_across_a_gap(
 ) -> None:
     settings = settings_factory(topic=topic_factory(1))
     engine = build_engine(settings)
-    assert asyncio.run(_commits_of_a_partition_with_a_gap(settings, engine)) == [None, 12, 13, 21, 22]
+    assert asyncio.run(_commits_of_a_partition_with_a_gap(settings, engine)) == [
+        None,
+        12,
+        13,
+        21,
+        22,
+    ]
     engine.dispose()

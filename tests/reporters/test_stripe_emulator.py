@@ -474,6 +474,10 @@ def test_v2_meter_event_is_validated_synchronously(account: Account) -> None:
 
 def test_serve_forever_runs_until_interrupted() -> None:
     script = (
+        # A background job of a non-interactive shell (a CI runner, say) starts with SIGINT
+        # ignored, and Python then leaves it ignored: Ctrl-C is what this test is about.
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from reporters.stripe_emulator import serve_forever\n"
         "serve_forever('127.0.0.1', 0, on_ready=lambda e: print(e.url, flush=True))\n"
     )

@@ -26,13 +26,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
-from meterstream.schema import ledger
+from meterstream.schema import ExactDecimal, UTCDateTime, ledger
 
 Status = Literal["pending", "sent", "accepted", "rejected", "carried", "unknown"]
 ACKNOWLEDGED: tuple[Status, ...] = ("sent", "accepted")
@@ -226,9 +227,71 @@ def window_heads(
 
 
 def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
-    values = [_values(row) for row in rows]
+    """Insert many rows in ``connection``'s transaction: one executemany of the driver, with
+    the values converted here as the schema's types convert them (driver_values), which is
+    several times cheaper than SQLAlchemy's per-row processing. Errors are SQLAlchemy's
+    (IntegrityError for a second writer), as with ledger.insert()."""
+    dialect = connection.dialect
+    values = driver_values(dialect.name, rows)
     if values:
-        connection.execute(ledger.insert(), values)
+        placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+        connection.exec_driver_sql(
+            f"INSERT INTO ledger ({_INSERT_COLUMNS}) "  # noqa: S608  # fixed column names
+            f"VALUES ({', '.join([placeholder] * len(_FIELDS))})",
+            values,
+        )
+
+
+_INSERT_COLUMNS = ", ".join(f'"{name}"' for name in _FIELDS)
+# The columns of a ledger row that the schema's types convert (UTCDateTime, ExactDecimal); the
+# others (strings and integers) go to the driver as they are. test_ledger checks this against
+# SQLAlchemy's own bind processors on SQLite and PostgreSQL.
+_TIME_COLUMNS = frozenset(
+    c.name for c in ledger.columns if isinstance(c.type, UTCDateTime) and c.name in _FIELDS
+)
+_DECIMAL_COLUMNS = frozenset(
+    c.name for c in ledger.columns if isinstance(c.type, ExactDecimal) and c.name in _FIELDS
+)
+
+
+def driver_values(dialect_name: str, rows: Iterable[LedgerRow]) -> list[tuple[Any, ...]]:
+    """The rows as the driver receives them from SQLAlchemy, columns in _FIELDS order.
+
+    UTCDateTime: a naive datetime is refused (ValueError); else the UTC time, aware for
+    PostgreSQL, and on SQLite the text SQLAlchemy's SQLite DATETIME writes
+    ('YYYY-MM-DD HH:MM:SS.ffffff' of the naive UTC time). ExactDecimal: unchanged for
+    PostgreSQL, format(value, "f") on SQLite. Each distinct time is converted once per call.
+    """
+    sqlite = dialect_name == "sqlite"
+    times: dict[datetime, Any] = {}
+
+    def time(value: datetime | None) -> Any:
+        if value is None:
+            return None
+        found = times.get(value)
+        # Equal aware datetimes are the same instant, hence the same UTC value; a naive one
+        # is never equal to an aware one, so it cannot hit an aware entry (and vice versa).
+        if found is None:
+            if value.tzinfo is None:
+                raise ValueError(f"naive datetime {value!r}: meterstream stores UTC times only")
+            utc = value.astimezone(UTC)
+            found = utc.replace(tzinfo=None).isoformat(" ", "microseconds") if sqlite else utc
+            times[value] = found
+        return found
+
+    def decimal(value: Decimal | None) -> Any:
+        return format(value, "f") if sqlite and value is not None else value
+
+    converters = [
+        time if name in _TIME_COLUMNS else decimal if name in _DECIMAL_COLUMNS else None
+        for name in _FIELDS
+    ]
+    getters = [attrgetter(name) for name in _FIELDS]
+    plan = list(zip(getters, converters, strict=True))
+    return [
+        tuple(get(row) if convert is None else convert(get(row)) for get, convert in plan)
+        for row in rows
+    ]
 
 
 _STAMP = (

@@ -329,15 +329,20 @@ _STILL_PENDING = (
 )
 _ACKNOWLEDGE = (
     update(ledger)
-    .where(_l.identifier == bindparam("row_identifier"), _l.status == "pending")
+    .where(_l.identifier.in_(bindparam("identifiers", expanding=True)), _l.status == "pending")
     .values(
         status=bindparam("new_status"),
-        stripe_request_id=bindparam("request_id"),
+        stripe_request_id=None,
         last_error=None,
         error_code=None,
         updated_at=bindparam("now"),
         sent_at=bindparam("now"),
     )
+)
+_SET_REQUEST_ID = (
+    update(ledger)
+    .where(_l.identifier == bindparam("row_identifier"), _l.status == bindparam("new_status"))
+    .values(stripe_request_id=bindparam("request_id"))
 )
 
 
@@ -347,11 +352,12 @@ def mark_all_acknowledged(
     """mark_acknowledged for many pending rows (identifier -> Stripe's request id) in one
     committed transaction; the identifiers updated (the others were settled elsewhere).
 
-    Two statements that compile once and stay cached (a CASE over 100 request ids compiled
-    anew every time was a tenth of the v1 reporter's CPU): the rows still pending, locked in
-    identifier order (PostgreSQL; SQLite's writer already holds the database), then one update
-    per row in one executemany, each still guarded by ``status = 'pending'``. The rows the
-    updates changed, summed, must be the rows selected: the identifiers returned are those
+    Statements that compile once and stay cached (a CASE over 100 request ids compiled anew
+    every time was a tenth of the v1 reporter's CPU): the rows still pending, locked in
+    identifier order (PostgreSQL; SQLite's writer already holds the database); one update of
+    them all, still guarded by ``status = 'pending'``, with no request id; then, in one
+    executemany, the request id of each row that has one (the stream's rows have none). The
+    rows each update changed must be the rows it meant to: the identifiers returned are those
     updated. If not (a row changed despite the lock), AcknowledgementMismatchError, and the
     transaction is rolled back: nothing is marked, the rows stay pending and are resent under
     their identifiers, which Stripe deduplicates.
@@ -364,20 +370,19 @@ def mark_all_acknowledged(
         if pending:
             updated = connection.execute(
                 _ACKNOWLEDGE,
-                [
-                    {
-                        "row_identifier": identifier,
-                        "new_status": status,
-                        "request_id": request_ids[identifier],
-                        "now": now,
-                    }
-                    for identifier in pending
-                ],
+                {"identifiers": sorted(pending), "new_status": status, "now": now},
             ).rowcount
-            if updated != len(pending):
+            with_ids = [
+                {"row_identifier": i, "new_status": status, "request_id": request_ids[i]}
+                for i in sorted(pending)
+                if request_ids[i] is not None
+            ]
+            ids_set = connection.execute(_SET_REQUEST_ID, with_ids).rowcount if with_ids else 0
+            if updated != len(pending) or ids_set != len(with_ids):
                 raise AcknowledgementMismatchError(
-                    f"acknowledging {len(pending)} pending ledger row(s) updated {updated}; "
-                    "rolled back, the rows stay pending (is another writer bypassing the lock?)"
+                    f"acknowledging {len(pending)} pending ledger row(s) updated {updated} "
+                    f"(request ids: {ids_set} of {len(with_ids)}); rolled back, the rows stay "
+                    "pending (is another writer bypassing the lock?)"
                 )
         return pending
 

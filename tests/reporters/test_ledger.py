@@ -74,6 +74,28 @@ def test_acknowledgement_reports_the_rows_it_updated(migrated_engine: Engine) ->
     }
 
 
+def test_acknowledgement_without_a_request_id_leaves_it_empty(migrated_engine: Engine) -> None:
+    identifiers = insert_pending(migrated_engine, 3)
+    with migrated_engine.begin() as connection:
+        connection.execute(update(ledger_table).values(stripe_request_id="req_old"))
+
+    marked = ledger.mark_all_acknowledged(
+        migrated_engine,
+        {identifiers[0]: None, identifiers[1]: "req_1", identifiers[2]: None},
+        "accepted",
+        NOW,
+    )
+
+    assert marked == set(identifiers)
+    assert [
+        (r.status, r.stripe_request_id, r.sent_at, r.updated_at) for r in all_rows(migrated_engine)
+    ] == [
+        ("accepted", None, NOW, NOW),
+        ("accepted", "req_1", NOW, NOW),
+        ("accepted", None, NOW, NOW),
+    ]
+
+
 def test_acknowledgement_updating_fewer_rows_than_found_raises_and_rolls_back(
     migrated_engine: Engine,
 ) -> None:

@@ -3,13 +3,16 @@ loudly (rolling back) when the updates do not match the rows it found pending.""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import dataclasses
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy.exc import IntegrityError
 
 from meterstream.schema import ledger as ledger_table
 from reporters import ledger
@@ -71,6 +74,28 @@ def test_acknowledgement_reports_the_rows_it_updated(migrated_engine: Engine) ->
     }
 
 
+def test_acknowledgement_without_a_request_id_leaves_it_empty(migrated_engine: Engine) -> None:
+    identifiers = insert_pending(migrated_engine, 3)
+    with migrated_engine.begin() as connection:
+        connection.execute(update(ledger_table).values(stripe_request_id="req_old"))
+
+    marked = ledger.mark_all_acknowledged(
+        migrated_engine,
+        {identifiers[0]: None, identifiers[1]: "req_1", identifiers[2]: None},
+        "accepted",
+        NOW,
+    )
+
+    assert marked == set(identifiers)
+    assert [
+        (r.status, r.stripe_request_id, r.sent_at, r.updated_at) for r in all_rows(migrated_engine)
+    ] == [
+        ("accepted", None, NOW, NOW),
+        ("accepted", "req_1", NOW, NOW),
+        ("accepted", None, NOW, NOW),
+    ]
+
+
 def test_acknowledgement_updating_fewer_rows_than_found_raises_and_rolls_back(
     migrated_engine: Engine,
 ) -> None:
@@ -106,3 +131,104 @@ def test_postgresql_locks_the_pending_rows_in_identifier_order() -> None:
     sql = str(ledger._STILL_PENDING.compile(dialect=postgresql.dialect()))
 
     assert sql.endswith("ORDER BY ledger.identifier FOR UPDATE")
+
+
+# -- insert_rows goes to the driver directly: it must store what SQLAlchemy stores ------------
+
+PLUS_5 = timezone(timedelta(hours=5, minutes=30))
+
+
+def varied_rows() -> list[LedgerRow]:
+    """Rows with the values a conversion could get wrong: times in other zones, microseconds,
+    shared and distinct times, None, decimals with exponents, fractions and negative signs."""
+    rows = []
+    decimals = [Decimal("3"), Decimal("0.000001"), Decimal("1E+3"), Decimal("-2.50"), Decimal(0)]
+    for n, total in enumerate(decimals):
+        base = pending_row(n)
+        start = base.window_start.astimezone(PLUS_5) if n % 2 else base.window_start
+        rows.append(
+            dataclasses.replace(
+                base,
+                window_start=start,
+                total=total,
+                accounted_total=total * 3 + Decimal("0.125"),
+                timestamp=base.timestamp + timedelta(microseconds=123_456 * n),
+                status=("pending", "rejected", "sent", "carried", "unknown")[n],
+                attempts=n,
+                first_attempt_at=None if n % 2 else NOW.astimezone(PLUS_5),
+                error_code="timestamp_too_old" if n == 1 else None,
+                last_error="trop vieux — « 1 € »" if n == 1 else None,
+                stripe_request_id=f"req_{n}" if n == 2 else None,
+                created_at=NOW,
+                updated_at=NOW.astimezone(PLUS_5),
+                sent_at=NOW + timedelta(seconds=n) if n == 2 else None,
+            )
+        )
+    return rows
+
+
+def stored_text(engine: Engine) -> list[tuple[Any, ...]]:
+    """Every stored value as the database holds it: SQLite's quote() shows the storage class
+    and the exact text; PostgreSQL's ::text shows a numeric's scale."""
+    if engine.dialect.name == "sqlite":
+        columns = ", ".join(f'typeof("{c}"), quote("{c}")' for c in ledger._FIELDS)
+    else:
+        columns = ", ".join(f'"{c}"::text' for c in ledger._FIELDS)
+    with engine.connect() as connection:
+        return [
+            tuple(r)
+            for r in connection.exec_driver_sql(
+                f"SELECT {columns} FROM ledger ORDER BY sequence"  # noqa: S608
+            )
+        ]
+
+
+def test_insert_rows_stores_exactly_what_sqlalchemy_stores(migrated_engine: Engine) -> None:
+    rows = varied_rows()
+    with migrated_engine.begin() as connection:
+        connection.execute(ledger_table.insert(), [ledger._values(row) for row in rows])
+    by_sqlalchemy, stored_by_sqlalchemy = all_rows(migrated_engine), stored_text(migrated_engine)
+    with migrated_engine.begin() as connection:
+        connection.execute(ledger_table.delete())
+    with migrated_engine.begin() as connection:
+        ledger.insert_rows(connection, rows)
+
+    assert all_rows(migrated_engine) == by_sqlalchemy
+    assert stored_text(migrated_engine) == stored_by_sqlalchemy
+    assert len(by_sqlalchemy) == len(rows)
+
+
+@pytest.mark.parametrize("dialect", [sqlite.dialect(), psycopg_dialect.dialect()])
+def test_driver_values_are_sqlalchemys_bind_processing(dialect: Any) -> None:
+    rows = varied_rows()
+    columns = [ledger_table.c[name] for name in ledger._FIELDS]
+    processors = [column.type._cached_bind_processor(dialect) for column in columns]
+    expected = [
+        tuple(
+            value if process is None else process(value)
+            for value, process in zip(ledger._values(row).values(), processors, strict=True)
+        )
+        for row in rows
+    ]
+
+    got = ledger.driver_values(dialect.name, rows)
+
+    assert got == expected
+    assert [[type(v) for v in row] for row in got] == [[type(v) for v in row] for row in expected]
+    # Every column the raw path passes through unchanged has no SQLAlchemy conversion.
+    for name, process in zip(ledger._FIELDS, processors, strict=True):
+        if name not in ledger._TIME_COLUMNS | ledger._DECIMAL_COLUMNS:
+            assert process is None, name
+
+
+def test_insert_rows_refuses_a_naive_time_and_reports_a_second_writer(
+    migrated_engine: Engine,
+) -> None:
+    naive = dataclasses.replace(pending_row(0), created_at=NOW.replace(tzinfo=None))
+    with pytest.raises(ValueError, match="naive datetime"), migrated_engine.begin() as connection:
+        ledger.insert_rows(connection, [naive])
+    insert_pending(migrated_engine, 2)
+    with pytest.raises(IntegrityError), migrated_engine.begin() as connection:
+        ledger.insert_rows(connection, [pending_row(5), pending_row(1)])
+    # The refused statement wrote nothing: the two rows of the first insert only.
+    assert [r.sequence for r in all_rows(migrated_engine)] == [0, 1]

@@ -234,7 +234,11 @@ def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
     dialect = connection.dialect
     values = driver_values(dialect.name, rows)
     if values:
-        placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+        # sqlite3 takes qmark, psycopg format; another driver needs its own placeholder here.
+        placeholders = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+        if dialect.paramstyle not in placeholders:
+            raise NotImplementedError(f"ledger inserts: paramstyle {dialect.paramstyle!r}")
+        placeholder = placeholders[dialect.paramstyle]
         connection.exec_driver_sql(
             f"INSERT INTO ledger ({_INSERT_COLUMNS}) "  # noqa: S608  # fixed column names
             f"VALUES ({', '.join([placeholder] * len(_FIELDS))})",
@@ -263,20 +267,21 @@ def driver_values(dialect_name: str, rows: Iterable[LedgerRow]) -> list[tuple[An
     PostgreSQL, format(value, "f") on SQLite. Each distinct time is converted once per call.
     """
     sqlite = dialect_name == "sqlite"
-    times: dict[datetime, Any] = {}
+    times: dict[tuple[datetime, Any], Any] = {}
 
     def time(value: datetime | None) -> Any:
         if value is None:
             return None
-        found = times.get(value)
-        # Equal aware datetimes are the same instant, hence the same UTC value; a naive one
-        # is never equal to an aware one, so it cannot hit an aware entry (and vice versa).
+        # Keyed with the offset too: two readings of a DST fall-back hour in one zone compare
+        # equal (and hash alike) while they are an hour apart.
+        key = (value, value.utcoffset())
+        found = times.get(key)
         if found is None:
-            if value.tzinfo is None:
+            if value.tzinfo is None or key[1] is None:
                 raise ValueError(f"naive datetime {value!r}: meterstream stores UTC times only")
             utc = value.astimezone(UTC)
             found = utc.replace(tzinfo=None).isoformat(" ", "microseconds") if sqlite else utc
-            times[value] = found
+            times[key] = found
         return found
 
     def decimal(value: Decimal | None) -> Any:

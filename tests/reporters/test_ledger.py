@@ -7,6 +7,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, event, update
@@ -138,6 +139,9 @@ def test_postgresql_locks_the_pending_rows_in_identifier_order() -> None:
 PLUS_5 = timezone(timedelta(hours=5, minutes=30))
 
 
+FALL_BACK = datetime(2025, 11, 2, 1, 30, tzinfo=ZoneInfo("America/New_York"))
+
+
 def varied_rows() -> list[LedgerRow]:
     """Rows with the values a conversion could get wrong: times in other zones, microseconds,
     shared and distinct times, None, decimals with exponents, fractions and negative signs."""
@@ -159,7 +163,9 @@ def varied_rows() -> list[LedgerRow]:
                 error_code="timestamp_too_old" if n == 1 else None,
                 last_error="trop vieux — « 1 € »" if n == 1 else None,
                 stripe_request_id=f"req_{n}" if n == 2 else None,
-                created_at=NOW,
+                # Rows 3 and 4: the two readings of New York's DST fall-back hour, equal as
+                # Python datetimes, an hour apart as instants.
+                created_at=FALL_BACK.replace(fold=n - 3) if n >= 3 else NOW,
                 updated_at=NOW.astimezone(PLUS_5),
                 sent_at=NOW + timedelta(seconds=n) if n == 2 else None,
             )

@@ -177,10 +177,9 @@ class UsageClient:
             return
         self._closed = True
         try:
-            if self._producer.flush(timeout):
-                # Whatever is still queued is reported as failed, by id, rather than dropped.
-                self._producer.abandon_in_flight()
+            self._producer.flush(timeout)
         finally:
+            # Whatever is still queued is given up and reported as failed, by id (close()).
             self._producer.close()
         self._raise_failures()
 

@@ -173,17 +173,11 @@ class EventProducer:
             failed, self._failed = self._failed, []
         return failed
 
-    def abandon_in_flight(self, timeout_s: float = 5.0) -> None:
-        """Give up on every message still queued: each is then reported as failed, with its id,
-        through the delivery report (a purged message may still have reached Kafka; sending it
-        again with the same id is safe, the aggregators deduplicate)."""
-        self._producer.purge(in_queue=True, in_flight=True)
-        self.flush(timeout_s)
-
     def close(self) -> None:
-        """Stop the delivery thread, then give up whatever is still queued (each such message
-        is reported as failed, served here) and release librdkafka, whose statistics would
-        otherwise pile up unserved."""
+        """Stop the delivery thread, then give up whatever is still queued: each such message
+        is reported as failed, with its id, served here (a purged message may still have
+        reached Kafka; sending it again with the same id is safe, the aggregators
+        deduplicate). Then release librdkafka, whose statistics would otherwise pile up."""
         self._running = False
         self._poller.join()
         self._producer.purge(in_queue=True, in_flight=True)

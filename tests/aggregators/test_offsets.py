@@ -7,7 +7,6 @@ test can do what faust's stream does with a stale event after a generation chang
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
@@ -28,6 +27,7 @@ from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
 from tests.aggregators.test_batch import stored_totals
 from tests.aggregators.test_worker import record_stream
+from tests.aggregators.workers import wait_until
 from tests.conftest import EXAMPLE_METERS
 
 SettingsFactory = Callable[..., Settings]
@@ -79,15 +79,6 @@ def _committed(bootstrap: str, group: str, topic: str) -> int | None:
     return None
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(condition):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 def _stale_copy(topic: str, offset: int, generation_id: int) -> ConsumerMessage:
     """A message as faust's stream holds one fetched before the last rebalance."""
     return ConsumerMessage(
@@ -118,7 +109,10 @@ async def _ack_unapplied_offsets_then_commit(
     await app.start()
     try:
         high = watermarks(bootstrap, topic)[0][1]
-        await _until(lambda: _committed(bootstrap, group, topic) == high, f"{high} committed")
+        # In a thread: the faust app under test runs on this event loop meanwhile.
+        await asyncio.to_thread(
+            wait_until, lambda: _committed(bootstrap, group, topic) == high, 60, f"{high} committed"
+        )
         # Not produced yet, so surely not applied; acked through faust's Consumer.ack, the
         # call a stream makes for an event it skips.
         stale = app.consumer_generation_id - 1
@@ -129,7 +123,9 @@ async def _ack_unapplied_offsets_then_commit(
         # The events behind those offsets arrive: applied, then committed.
         late = await asyncio.to_thread(record_stream, settings, 5, 2, "late-")
         end = watermarks(bootstrap, topic)[0][1]
-        await _until(lambda: _committed(bootstrap, group, topic) == end, f"{end} committed")
+        await asyncio.to_thread(
+            wait_until, lambda: _committed(bootstrap, group, topic) == end, 60, f"{end} committed"
+        )
         return committed_then, high, late
     finally:
         await app.stop()

@@ -238,3 +238,38 @@ def test_insert_rows_refuses_a_naive_time_and_reports_a_second_writer(
         ledger.insert_rows(connection, [pending_row(5), pending_row(1)])
     # The refused statement wrote nothing: the two rows of the first insert only.
     assert [r.sequence for r in all_rows(migrated_engine)] == [0, 1]
+
+
+def test_sqlite_finds_a_batch_of_rows_by_identifier_not_by_status(tmp_path: Any) -> None:
+    """A batch of 100 identifiers is looked up in the identifier's unique index. Without the
+    likely() hint SQLite walked every pending row (ledger_by_status) once per batch, which made
+    a cycle quadratic in its backlog."""
+    from meterstream.db import build_engine, migrate
+    from meterstream.settings import load_settings
+
+    engine = build_engine(load_settings(database_url=f"sqlite:///{tmp_path / 'plan.db'}"))
+    migrate(engine)
+    plans: list[tuple[str, str]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def explain(
+        connection: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any
+    ) -> None:
+        if statement.startswith(("SELECT", "UPDATE")):
+            raw = connection.connection.dbapi_connection
+            found = raw.execute(f"EXPLAIN QUERY PLAN {statement}", parameters).fetchall()
+            plans.append((statement.split()[0], " ".join(str(step[-1]) for step in found)))
+
+    try:
+        identifiers = insert_pending(engine, 100)
+        assert ledger.start_attempts(engine, identifiers, NOW) == set(identifiers)
+        acknowledged = ledger.mark_all_acknowledged(
+            engine, dict.fromkeys(identifiers), "accepted", NOW
+        )
+        assert acknowledged == set(identifiers)
+    finally:
+        engine.dispose()
+    assert [kind for kind, _plan in plans] == ["UPDATE", "SELECT", "UPDATE"]
+    for _kind, plan in plans:
+        assert "ledger_by_status" not in plan
+        assert "(identifier=?)" in plan

@@ -27,6 +27,7 @@ from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
 from reporters.ratelimit import TokenBucket
 from reporters.stream import StreamSender
 from reporters.stripe_push import (
+    SDK_NETWORK_RETRIES,
     StripeAuthError,
     StripeGateway,
     build_client,
@@ -121,12 +122,16 @@ def build_reporter(
     stream = None
     send_one = None
     if settings.stripe_stream:
-
-        def session_client(token: str) -> stripe.StripeClient:
-            # on the same connections, so that closing ``connected`` closes them all
-            return build_client(token, settings, connected.metrics, connected.http_client)
-
-        stream = StreamSender(client, gateway, session_client, clock, renew_margin_s)
+        # on the same connections, so that closing ``connected`` closes them all
+        stream = StreamSender(
+            client,
+            gateway,
+            connected.http_client,
+            settings.meter_events_base,
+            clock,
+            max_network_retries=SDK_NETWORK_RETRIES,
+            renew_margin_s=renew_margin_s,
+        )
     else:
 
         def send_one(row: Any, meter: StripeMeter) -> Any:

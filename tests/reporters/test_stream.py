@@ -1,0 +1,201 @@
+"""The v2 stream call, posted without the SDK's request builder: it must send what the SDK
+sends (same body, same headers) and raise what the SDK raises for every answer the ledger
+tells apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stripe
+from prometheus_client import CollectorRegistry
+
+from meterstream.meters import load_catalogue
+from meterstream.metrics import ReporterMetrics
+from reporters.ledger import LedgerRow
+from reporters.service import connect
+from reporters.stream import STREAM_PATH, StreamSender, stream_error, stream_event
+from reporters.stripe_emulator import Emulator
+from reporters.stripe_http import KeepAliveClient
+from reporters.stripe_push import (
+    SDK_NETWORK_RETRIES,
+    Outcome,
+    StripeAuthError,
+    build_client,
+    classify,
+)
+from tests.reporters.test_ledger import pending_row
+from tests.reporters.test_reporter import SECRET, create_stripe_meters, world_settings
+
+Request = tuple[str, str, dict[str, str], str]
+
+
+class RecordingClient(KeepAliveClient):
+    """The reporter's own transport, noting every request it sends."""
+
+    def __init__(self) -> None:
+        super().__init__(30.0)
+        self.sent: list[Request] = []
+
+    def request(
+        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
+    ) -> Any:
+        self.sent.append((method, url, dict(headers), post_data))
+        return super().request(method, url, headers, post_data, **kwargs)
+
+
+def stream_rows() -> list[LedgerRow]:
+    """Three rows of cus_a's tokens, an hour old (well within Stripe's limits)."""
+    hour_ago = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    return [dataclasses.replace(pending_row(n), timestamp=hour_ago) for n in range(3)]
+
+
+def test_stream_call_sends_the_sdks_body_and_headers(
+    bare_emulator: Emulator, tmp_path: Path
+) -> None:
+    create_stripe_meters(bare_emulator)
+    bare_emulator.state.create_customer(customer_id="cus_a")
+    settings = world_settings(
+        bare_emulator, f"sqlite:///{tmp_path / 'm.db'}", tmp_path, stripe_stream=True
+    )
+    metrics = ReporterMetrics(CollectorRegistry())
+    connected = connect(settings, load_catalogue(settings.meters_file), metrics, threading.Event())
+    recorder = RecordingClient()
+    try:
+        sender = StreamSender(
+            build_client(SECRET, settings, metrics, recorder),
+            connected.gateway,
+            recorder,
+            settings.meter_events_base,
+            lambda: datetime.now(UTC),
+            max_network_retries=SDK_NETWORK_RETRIES,
+        )
+        rows = stream_rows()
+        assert sender.send_batch(rows, connected.stripe_meters) == Outcome("acknowledged")
+        ours = [r for r in recorder.sent if r[1].endswith(STREAM_PATH)]
+        token = ours[0][2]["Authorization"].removeprefix("Bearer ")
+        events = [stream_event(row, connected.stripe_meters[row.meter]) for row in rows]
+        session = build_client(token, settings, metrics, recorder)
+        session.v2.billing.meter_event_stream.create(params={"events": events})
+    finally:
+        recorder.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+        connected.close()
+    (method, url, headers, body), (sdk_method, sdk_url, sdk_headers, sdk_body) = [
+        r for r in recorder.sent if r[1].endswith(STREAM_PATH)
+    ]
+    assert (method, url, body) == (sdk_method, sdk_url, sdk_body)
+    assert headers.keys() == sdk_headers.keys()
+    # Each call has an Idempotency-Key of its own, and telemetry about the call before it
+    # (added by the SDK's HTTP client to both); the SDK's user agent has telemetry more.
+    different = {"Idempotency-Key", "X-Stripe-Client-Telemetry", "X-Stripe-Client-User-Agent"}
+    assert {k: v for k, v in headers.items() if k not in different} == {
+        k: v for k, v in sdk_headers.items() if k not in different
+    }
+    assert headers["Idempotency-Key"] != sdk_headers["Idempotency-Key"]
+    ours_agent = json.loads(headers["X-Stripe-Client-User-Agent"])
+    assert ours_agent.items() <= json.loads(sdk_headers["X-Stripe-Client-User-Agent"]).items()
+    # Both calls reached Stripe; the second was deduplicated by identifier.
+    assert bare_emulator.state.totals() == {("tokens", "cus_a"): 9}
+
+
+def _error(kind: str | None, message: str, code: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"message": message}
+    if kind is not None:
+        error["type"] = kind
+    if code is not None:
+        error["code"] = code
+    return {"error": error}
+
+
+ANSWERS: list[tuple[int, Any]] = [
+    (400, _error("invalid_request", "bad event", "invalid_value")),
+    (400, _error("invalid_request_error", "An event already exists with identifier ms1_x.")),
+    (404, _error(None, "No such meter", "resource_missing")),
+    (400, _error("idempotency_error", "Keys for idempotent requests can only be used once")),
+    (401, _error("authentication_error", "Invalid API Key provided: sk_test_****")),
+    (403, _error("permission_error", "not allowed")),
+    (429, _error("rate_limit", "Too many requests")),
+    (429, _error("rate_limit_error", "Too many requests")),
+    (400, _error("invalid_request_error", "slow down", "rate_limit")),
+    (409, _error("api_error", "Another request with this key is in progress")),
+    (500, _error("api_error", "Something went wrong")),
+    (401, _error("temporary_session_expired", "The session expired")),
+    (400, _error("temporary_session_expired", "The session expired")),
+    (400, _error("blocked_by_stripe", "blocked")),
+    (502, "<html>Bad Gateway</html>"),
+    (500, {"error": "server_error"}),
+]
+
+
+def _sdk_error(status: int, body: str, headers: dict[str, str]) -> stripe.StripeError | None:
+    """The SDK's own reading of an answer (private; used here only to hold ours to it); None
+    if the SDK fails on it with an error of another kind."""
+    requestor = stripe.StripeClient("sk_test_x")._requestor
+    try:
+        requestor._interpret_response(body, status, headers, "V2")
+    except stripe.StripeError as error:
+        return error
+    except Exception:  # e.g. AttributeError on {"error": "a string"}
+        return None
+    raise AssertionError("the SDK took an error answer for a success")
+
+
+def _classified(error: stripe.StripeError) -> Outcome | str:
+    try:
+        return classify(error, "ms1_x")
+    except StripeAuthError:
+        return "auth"
+
+
+def _kind(outcome: Outcome | str) -> str:
+    return outcome if isinstance(outcome, str) else outcome.kind
+
+
+# The classes stream_error raises, as the SDK does for the same answers.
+SAME_CLASS = (
+    stripe.APIError,
+    stripe.InvalidRequestError,
+    stripe.IdempotencyError,
+    stripe.RateLimitError,
+    stripe.AuthenticationError,
+    stripe.PermissionError,
+    stripe.TemporarySessionExpiredError,
+)
+
+
+@pytest.mark.parametrize(("status", "answer"), ANSWERS)
+def test_stream_errors_are_the_sdks(status: int, answer: Any) -> None:
+    body = answer if isinstance(answer, str) else json.dumps(answer)
+    headers = {"request-id": "req_123"}
+    ours, sdk = stream_error(body, status, headers), _sdk_error(status, body, headers)
+
+    assert ours.http_status == status
+    if sdk is None:
+        assert _kind(_classified(ours)) == "retry"  # where the SDK itself fails
+        return
+    assert _kind(_classified(ours)) == _kind(_classified(sdk))
+    if type(sdk) in SAME_CLASS:
+        assert type(ours) is type(sdk)
+        assert (ours.code, ours.user_message) == (sdk.code, sdk.user_message)
+        ours_outcome, sdk_outcome = _classified(ours), _classified(sdk)
+        if isinstance(ours_outcome, Outcome) and sdk.request_id is None:
+            # The SDK drops the request id of an answer that is not JSON; ours keeps it.
+            ours_outcome = dataclasses.replace(ours_outcome, request_id=None)
+        assert ours_outcome == sdk_outcome
+    else:
+        # A v2 type the SDK has a class of its own for: a plain APIError here, retried.
+        assert type(ours) is stripe.APIError
+    if sdk.request_id is not None:
+        assert ours.request_id == sdk.request_id
+
+
+def test_a_stream_error_of_an_unknown_type_is_retried_not_rejected() -> None:
+    error = stream_error(json.dumps(_error("brand_new_kind", "?")), 400, {})
+
+    assert isinstance(error, stripe.APIError)
+    assert classify(error, "ms1_x").kind == "retry"

@@ -1,19 +1,21 @@
 """One report cycle: resend what is pending, write and send a row per due window.
 
-The (customer, meter) pairs with work are cut into chunks of KEYS_PER_CHUNK, run in a thread
-pool (SEND_THREADS; one thread in stream mode, which only writes there) and all paced by one
-token bucket. A chunk first writes the rows of all its due windows in one transaction (bulk
-statements; every row is committed before any call). On SQLite the pool's ledger writes take
-turns on an in-process lock (SQLite has a single writer).
+The (customer, meter) pairs with work are cut into chunks of KEYS_PER_CHUNK. In v1 they run in
+a thread pool (SEND_THREADS), all paced by one token bucket; in stream mode one thread writes
+the chunks in order while the cycle's own thread sends them. A chunk first writes the rows of
+all its due windows in one transaction (bulk statements; every row is committed before any
+call). On SQLite the ledger writes take turns on an in-process lock (SQLite has a single
+writer).
 
 Per (customer, meter) everything goes in ledger order, one call at a time (Stripe allows one
 call in flight per customer and meter, and a ``last`` meter must see its revisions in order):
 pending rows first, then the new rows. v1 sends a chunk in rounds: the next row of each of its
 pairs is stamped (one committed statement), called one after the other, and the answers are
 recorded (acknowledgements in one statement). A row that is still not acknowledged stops its
-(customer, meter) for this cycle. In stream mode, once every chunk is written, the rows go in
-batches of 100 in the same order, each batch stamped in one statement before its call and
-acknowledged in one after it.
+(customer, meter) for this cycle. In stream mode the written rows go in batches of 100 in the
+same order, each batch stamped in one statement before its call; its acceptance and the
+stamp of the next batch are one transaction. A batch not accepted ends the sending (the
+later batches are neither stamped nor called); the chunks are all written all the same.
 
 Before every call, resends included, a row is checked again: too old for Stripe now (it may
 have waited while Stripe was down) -> ``rejected``; first called more than UNKNOWN_AFTER ago
@@ -25,10 +27,12 @@ Idempotency-Key, and Stripe's "already exists" for our identifier marks them sen
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -69,6 +73,8 @@ SEND_THREADS = 8
 # between the calls and the acknowledgement resends at most this many rows per thread (Stripe
 # answers "already exists" for each).
 KEYS_PER_CHUNK = 100
+# Stream mode: chunks written ahead of the sending (each at most KEYS_PER_CHUNK keys' rows).
+STREAM_CHUNKS_AHEAD = 2
 
 
 @dataclass
@@ -144,17 +150,15 @@ class Reporter:
             pending.setdefault((row.customer_id, row.meter), []).append(row)
         keys = sorted(set(due) | set(pending))
         chunks = [keys[i : i + KEYS_PER_CHUNK] for i in range(0, len(keys), KEYS_PER_CHUNK)]
-        # The stream sends from one thread once every chunk is written; its writes run in one
-        # thread too: measured, 8 threads contending for the database took 3x longer.
-        workers = self._workers if self._stream is None else 1
-        with ThreadPoolExecutor(workers, thread_name_prefix="reporter") as pool:
-            futures = [
-                pool.submit(self._run_chunk, chunk, pending, due, links, result) for chunk in chunks
-            ]
-            errors = [f.exception() for f in futures]
-        if self._stream is not None and not self._stop.is_set():
-            queues = [f.result() for f in futures if f.exception() is None]
-            self._send_stream([row for queue in queues for row in queue], result)
+        if self._stream is None:
+            with ThreadPoolExecutor(self._workers, thread_name_prefix="reporter") as pool:
+                futures = [
+                    pool.submit(self._run_chunk, chunk, pending, due, links, result)
+                    for chunk in chunks
+                ]
+                errors = [f.exception() for f in futures]
+        else:
+            errors = self._stream_chunks(chunks, pending, due, links, result)
         for error in errors:
             if isinstance(error, StripeAuthError):
                 raise error
@@ -311,25 +315,100 @@ class Reporter:
             return False
         return True
 
-    def _send_stream(self, rows: Sequence[LedgerRow], result: CycleResult) -> None:
-        """Rows in ledger order, 100 a call; each batch stamped before, acknowledged after."""
+    def _stream_chunks(
+        self,
+        chunks: Sequence[Sequence[Key]],
+        pending: Mapping[Key, Sequence[LedgerRow]],
+        due: Mapping[Key, Sequence[DueWindow]],
+        links: Mapping[str, str],
+        result: CycleResult,
+    ) -> list[BaseException | None]:
+        """Stream mode: one thread writes the chunks' rows, in order, while this one sends
+        them (the calls wait on the network, the writes on the database). Returns the error of
+        each chunk that failed to be written (its keys wait for the next cycle)."""
+        written: queue.Queue[list[LedgerRow] | None] = queue.Queue(STREAM_CHUNKS_AHEAD)
+        errors: list[BaseException | None] = []
+
+        def write_all() -> None:
+            try:
+                for chunk in chunks:
+                    try:
+                        written.put(self._run_chunk(chunk, pending, due, links, result))
+                    except Exception as exc:  # reported by run_cycle
+                        errors.append(exc)
+            finally:
+                written.put(None)
+
+        writer = threading.Thread(target=write_all, name="reporter-writer", daemon=True)
+        writer.start()
+        try:
+            self._send_stream(iter(written.get, None), result)
+        finally:
+            # Whatever ended the sending, the writer finishes its chunks (they are pending
+            # rows for the next cycle, as they would have been before any call).
+            while writer.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    written.get(timeout=0.05)
+            writer.join()
+        return errors
+
+    def _send_stream(self, chunks: Iterator[list[LedgerRow]], result: CycleResult) -> None:
+        """Rows in ledger order, 100 a call; each batch stamped before its call and
+        acknowledged after it, in the transaction that stamps the next batch."""
         assert self._stream is not None  # noqa: S101  # only called in stream mode
-        rows = [r for r in rows if self._may_call(r, result)]
-        for start in range(0, len(rows), MAX_EVENTS_PER_CALL):
-            batch = rows[start : start + MAX_EVENTS_PER_CALL]
-            stamped = ledger.start_attempts(
-                self.engine, [row.identifier for row in batch], self._clock()
-            )
-            batch = [row for row in batch if row.identifier in stamped]
-            if not batch:
+        waiting: deque[LedgerRow] = deque()
+        batch = self._next_batch(chunks, waiting, result)
+        stamped = self._stamp(batch)
+        while batch:
+            calls = [row for row in batch if row.identifier in stamped]
+            if not calls:  # settled elsewhere since they were read: not called
+                batch = self._next_batch(chunks, waiting, result)
+                stamped = self._stamp(batch)
                 continue
             try:
-                outcome = self._stream.send_batch(batch, self.stripe_meters)
+                outcome = self._stream.send_batch(calls, self.stripe_meters)
             except StoppedError:
                 return
-            self._record([(row, outcome) for row in batch], "accepted", result)
+            batch = self._next_batch(chunks, waiting, result) if outcome.kind != "retry" else []
+            if outcome.kind == "acknowledged":
+                stamped = self._accept_and_stamp(calls, batch, result)
+                continue
+            self._record([(row, outcome) for row in calls], "accepted", result)
             if outcome.kind == "retry":
                 return  # later batches wait: per (customer, meter) order must hold
+            stamped = self._stamp(batch)
+
+    def _next_batch(
+        self, chunks: Iterator[list[LedgerRow]], waiting: deque[LedgerRow], result: CycleResult
+    ) -> list[LedgerRow]:
+        """Up to 100 rows that may be called, in ledger order ([] when none are left)."""
+        while len(waiting) < MAX_EVENTS_PER_CALL:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            waiting.extend(row for row in chunk if self._may_call(row, result))
+        return [waiting.popleft() for _ in range(min(MAX_EVENTS_PER_CALL, len(waiting)))]
+
+    def _stamp(self, batch: Sequence[LedgerRow]) -> set[str]:
+        with self._sqlite_turn:
+            return ledger.start_attempts(
+                self.engine, [row.identifier for row in batch], self._clock()
+            )
+
+    def _accept_and_stamp(
+        self, accepted: Sequence[LedgerRow], batch: Sequence[LedgerRow], result: CycleResult
+    ) -> set[str]:
+        """Mark ``accepted`` and stamp the attempts of the next ``batch`` in one transaction
+        (one commit a call instead of two); the identifiers of ``batch`` stamped."""
+        with self._sqlite_turn:
+            marked, stamped = ledger.accept_then_stamp(
+                self.engine,
+                [row.identifier for row in accepted],
+                [row.identifier for row in batch],
+                self._clock(),
+            )
+        self._count_acknowledged(accepted, marked, result)
+        return stamped
 
     def _record(
         self,
@@ -358,10 +437,7 @@ class Reporter:
         marked = ledger.mark_all_acknowledged(self.engine, acknowledged, status, now)
         for row, outcome in answers:
             if outcome.kind == "acknowledged":
-                if row.identifier in marked:
-                    self.metrics.sent.labels(meter=row.meter).inc()
-                else:
-                    _log.warning("meter event %s was settled elsewhere", row.identifier)
+                self._count_acknowledged([row], marked, None)
             elif outcome.kind == "rejected":
                 code, message = outcome.code or "unknown", outcome.error or ""
                 if ledger.mark_rejected(
@@ -378,6 +454,19 @@ class Reporter:
                     outcome.error,
                 )
         return marked
+
+    def _count_acknowledged(
+        self, rows: Sequence[LedgerRow], marked: Collection[str], result: CycleResult | None
+    ) -> None:
+        """Count the rows of ``rows`` that ``marked`` holds (in ``result`` too, if given)."""
+        for row in rows:
+            if row.identifier in marked:
+                self.metrics.sent.labels(meter=row.meter).inc()
+            else:
+                _log.warning("meter event %s was settled elsewhere", row.identifier)
+        if result is not None:
+            with self._lock:
+                result.acknowledged += sum(row.identifier in marked for row in rows)
 
     def _count_rejected(self, row: LedgerRow, code: str, message: str, result: CycleResult) -> None:
         self.metrics.rejected.labels(code=code).inc()

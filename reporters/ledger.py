@@ -345,8 +345,16 @@ def start_attempts(engine: Engine, identifiers: Collection[str], now: datetime) 
     if not identifiers:
         return set()
     with engine.begin() as connection:
-        found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
-        return {str(identifier) for (identifier,) in found}
+        return _start_attempts(connection, identifiers, now)
+
+
+def _start_attempts(
+    connection: Connection, identifiers: Collection[str], now: datetime
+) -> set[str]:
+    if not identifiers:
+        return set()
+    found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
+    return {str(identifier) for (identifier,) in found}
 
 
 class AcknowledgementMismatchError(RuntimeError):
@@ -398,26 +406,34 @@ def mark_all_acknowledged(
     if not request_ids:
         return set()
     with engine.begin() as connection:
-        found = connection.execute(_STILL_PENDING, {"identifiers": list(request_ids)})
-        pending = {str(identifier) for (identifier,) in found}
-        if pending:
-            updated = connection.execute(
-                _ACKNOWLEDGE,
-                {"identifiers": sorted(pending), "new_status": status, "now": now},
-            ).rowcount
-            with_ids = [
-                {"row_identifier": i, "new_status": status, "request_id": request_ids[i]}
-                for i in sorted(pending)
-                if request_ids[i] is not None
-            ]
-            ids_set = connection.execute(_SET_REQUEST_ID, with_ids).rowcount if with_ids else 0
-            if updated != len(pending) or ids_set != len(with_ids):
-                raise AcknowledgementMismatchError(
-                    f"acknowledging {len(pending)} pending ledger row(s) updated {updated} "
-                    f"(request ids: {ids_set} of {len(with_ids)}); rolled back, the rows stay "
-                    "pending (is another writer bypassing the lock?)"
-                )
-        return pending
+        return _acknowledge(connection, request_ids, status, now)
+
+
+def _acknowledge(
+    connection: Connection, request_ids: Mapping[str, str | None], status: Status, now: datetime
+) -> set[str]:
+    if not request_ids:
+        return set()
+    found = connection.execute(_STILL_PENDING, {"identifiers": list(request_ids)})
+    pending = {str(identifier) for (identifier,) in found}
+    if pending:
+        updated = connection.execute(
+            _ACKNOWLEDGE,
+            {"identifiers": sorted(pending), "new_status": status, "now": now},
+        ).rowcount
+        with_ids = [
+            {"row_identifier": i, "new_status": status, "request_id": request_ids[i]}
+            for i in sorted(pending)
+            if request_ids[i] is not None
+        ]
+        ids_set = connection.execute(_SET_REQUEST_ID, with_ids).rowcount if with_ids else 0
+        if updated != len(pending) or ids_set != len(with_ids):
+            raise AcknowledgementMismatchError(
+                f"acknowledging {len(pending)} pending ledger row(s) updated {updated} "
+                f"(request ids: {ids_set} of {len(with_ids)}); rolled back, the rows stay "
+                "pending (is another writer bypassing the lock?)"
+            )
+    return pending
 
 
 def pending_rows(engine: Engine) -> list[LedgerRow]:
@@ -601,3 +617,16 @@ def last_sent_at(engine: Engine) -> datetime | None:
             .limit(1)
         ).scalar()
     return found
+
+
+def accept_then_stamp(
+    engine: Engine, accepted: Collection[str], to_stamp: Collection[str], now: datetime
+) -> tuple[set[str], set[str]]:
+    """mark_all_acknowledged(``accepted``, status accepted) then start_attempts(``to_stamp``)
+    in one committed transaction: the stream's answer to one call and the stamp of the next
+    cost one commit. Returns (identifiers accepted, identifiers stamped); if either part
+    fails, neither is written (the accepted rows stay pending and are resent under their
+    identifiers, which Stripe deduplicates; the next batch is not called)."""
+    with engine.begin() as connection:
+        marked = _acknowledge(connection, dict.fromkeys(accepted), "accepted", now)
+        return marked, _start_attempts(connection, to_stamp, now)

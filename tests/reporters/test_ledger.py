@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, event, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from meterstream.schema import ledger as ledger_table
 from reporters import ledger
@@ -273,3 +273,50 @@ def test_sqlite_finds_a_batch_of_rows_by_identifier_not_by_status(tmp_path: Any)
     for _kind, plan in plans:
         assert "ledger_by_status" not in plan
         assert "(identifier=?)" in plan
+
+
+def test_accept_then_stamp_writes_both_or_neither(migrated_engine: Engine) -> None:
+    """The answer to one stream call and the stamp of the next share a transaction: if the
+    stamp fails, the accepted rows stay pending (resent under their identifiers)."""
+    first, second = insert_pending(migrated_engine, 4)[:2], insert_pending_later(migrated_engine)
+    accepted, stamped = ledger.accept_then_stamp(migrated_engine, first, [second], NOW)
+    assert (accepted, stamped) == (set(first), {second})
+
+    with migrated_engine.begin() as connection:
+        connection.execute(update(ledger_table).values(status="pending"))
+    refuse_updates_of(migrated_engine, second)
+    with pytest.raises(DatabaseError):
+        ledger.accept_then_stamp(migrated_engine, first, [second], NOW)
+    assert all(r.status == "pending" for r in all_rows(migrated_engine))
+
+
+def insert_pending_later(engine: Engine) -> str:
+    row = dataclasses.replace(pending_row(10), customer_id="cus_b")
+    row = dataclasses.replace(
+        row,
+        identifier=ledger.identifier_for(
+            "cus_b", row.meter, row.window_start, row.window_end, row.revision
+        ),
+    )
+    with engine.begin() as connection:
+        ledger.insert_rows(connection, [row])
+    return row.identifier
+
+
+def refuse_updates_of(engine: Engine, identifier: str) -> None:
+    """A trigger failing any update of one row (PostgreSQL and SQLite)."""
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON ledger "
+                f"WHEN OLD.identifier = '{identifier}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            return
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON ledger FOR EACH ROW "
+            f"WHEN (OLD.identifier = '{identifier}') EXECUTE FUNCTION refuse()"
+        )

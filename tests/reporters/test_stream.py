@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
-from reporters.ledger import LedgerRow
+from reporters.cycle import Reporter
+from reporters.ledger import LedgerRow, all_rows
 from reporters.service import connect
 from reporters.stream import STREAM_PATH, StreamSender, stream_error, stream_event
 from reporters.stripe_emulator import Emulator
@@ -30,7 +31,14 @@ from reporters.stripe_push import (
     classify,
 )
 from tests.reporters.test_ledger import pending_row
-from tests.reporters.test_reporter import SECRET, create_stripe_meters, world_settings
+from tests.reporters.test_reporter import (
+    SECRET,
+    World,
+    create_stripe_meters,
+    hour_start,
+    put_total,
+    world_settings,
+)
 
 Request = tuple[str, str, dict[str, str], str]
 
@@ -199,3 +207,79 @@ def test_a_stream_error_of_an_unknown_type_is_retried_not_rejected() -> None:
 
     assert isinstance(error, stripe.APIError)
     assert classify(error, "ms1_x").kind == "retry"
+
+
+class FailingSecondCall(KeepAliveClient):
+    """The reporter's transport, answering 500 to every try of the second stream call (the
+    SDK retries it with the same Idempotency-Key), without passing it on."""
+
+    def __init__(self) -> None:
+        super().__init__(30.0)
+        self.calls: list[str] = []
+
+    def request(
+        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
+    ) -> Any:
+        if url.endswith(STREAM_PATH):
+            key = headers["Idempotency-Key"]
+            if key not in self.calls:
+                self.calls.append(key)
+            if self.calls.index(key) == 1:
+                return json.dumps(_error("api_error", "boom")), 500, {}
+        return super().request(method, url, headers, post_data, **kwargs)
+
+
+def test_a_failed_call_stops_the_stream_and_the_rows_after_it_wait_unstamped(
+    world: World,
+) -> None:
+    """Three chunks of 100 keys, written by one thread while another sends: the first call
+    is accepted, the second fails (500 three times), so the third is neither stamped nor
+    sent; every row is still written, and the next cycle sends the rest, each once."""
+    customers = [f"cus_{n:03d}" for n in range(250)]
+    for customer in customers:
+        world.emulator.state.create_customer(customer_id=customer)
+        put_total(world.engine, customer, "tokens", hour_start(2), "2")
+    settings = world.settings.model_copy(update={"stripe_stream": True})
+    connected = connect(settings, world.catalogue, world.metrics, world.stop)
+    transport = FailingSecondCall()
+    stream = StreamSender(
+        build_client(SECRET, settings, world.metrics, transport),
+        connected.gateway,
+        transport,
+        settings.meter_events_base,
+        lambda: datetime.now(UTC),
+        max_network_retries=SDK_NETWORK_RETRIES,
+    )
+    reporter = Reporter(
+        world.engine,
+        world.catalogue,
+        connected.stripe_meters,
+        world.metrics,
+        send_one=None,
+        stream=stream,
+        clock=lambda: datetime.now(UTC),
+        stop=world.stop,
+        horizon_days=settings.horizon_days,
+    )
+    try:
+        first = reporter.run_cycle()
+    finally:
+        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+        connected.close()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert len(transport.calls) == 2
+    assert (first.acknowledged, first.unacknowledged) == (100, 150)
+    assert len(rows) == 250
+    assert [(r.status, r.attempts) for r in rows[:100]] == [("accepted", 1)] * 100
+    assert [(r.status, r.attempts) for r in rows[100:200]] == [("pending", 1)] * 100
+    assert [(r.status, r.attempts) for r in rows[200:]] == [("pending", 0)] * 50
+    assert len(world.emulator.state.events) == 100
+
+    second = world.reporter(stripe_stream=True).run_cycle()
+
+    assert (second.acknowledged, second.unacknowledged) == (150, 0)
+    assert sorted(e.identifier for e in world.emulator.state.events) == sorted(
+        r.identifier for r in rows
+    )
+    assert world.totals() == {("tokens", c): 2 for c in customers}

@@ -343,14 +343,23 @@ class Reporter:
         writer.start()
         try:
             self._send_stream(iter(written.get, None), result)
-        finally:
-            # Whatever ended the sending, the writer finishes its chunks (they are pending
-            # rows for the next cycle, as they would have been before any call).
-            while writer.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    written.get(timeout=0.05)
-            writer.join()
+        except BaseException:
+            # run_cycle will not see the chunks' errors: say them here.
+            self._drain(writer, written)
+            for error in errors:
+                _log.error("report cycle failed for some customers and meters", exc_info=error)
+            raise
+        self._drain(writer, written)
         return errors
+
+    @staticmethod
+    def _drain(writer: threading.Thread, written: queue.Queue[list[LedgerRow] | None]) -> None:
+        """Whatever ended the sending, let the writer finish its chunks (they are pending rows
+        for the next cycle, as they would have been before any call)."""
+        while writer.is_alive():
+            with contextlib.suppress(queue.Empty):
+                written.get(timeout=0.05)
+        writer.join()
 
     def _send_stream(self, chunks: Iterator[list[LedgerRow]], result: CycleResult) -> None:
         """Rows in ledger order, 100 a call; each batch stamped before its call and
@@ -369,7 +378,12 @@ class Reporter:
                 outcome = self._stream.send_batch(calls, self.stripe_meters)
             except StoppedError:
                 return
-            batch = self._next_batch(chunks, waiting, result) if outcome.kind != "retry" else []
+            try:
+                batch = self._next_batch_unless_stopping(chunks, waiting, outcome, result)
+            except Exception:
+                if outcome.kind == "acknowledged":
+                    self._record([(row, outcome) for row in calls], "accepted", result)
+                raise
             if outcome.kind == "acknowledged":
                 stamped = self._accept_and_stamp(calls, batch, result)
                 continue
@@ -377,6 +391,19 @@ class Reporter:
             if outcome.kind == "retry":
                 return  # later batches wait: per (customer, meter) order must hold
             stamped = self._stamp(batch)
+
+    def _next_batch_unless_stopping(
+        self,
+        chunks: Iterator[list[LedgerRow]],
+        waiting: deque[LedgerRow],
+        outcome: Outcome,
+        result: CycleResult,
+    ) -> list[LedgerRow]:
+        """The next batch, or [] after a failed call or a stop request (nothing more is
+        stamped: a stamp starts the row's UNKNOWN_AFTER clock, and it would not be called)."""
+        if outcome.kind == "retry" or self._stop.is_set():
+            return []
+        return self._next_batch(chunks, waiting, result)
 
     def _next_batch(
         self, chunks: Iterator[list[LedgerRow]], waiting: deque[LedgerRow], result: CycleResult

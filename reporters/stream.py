@@ -112,14 +112,19 @@ def stream_error(
         "headers": found,
         "code": code,
     }
-    if kind not in _GENERIC_TYPES:
-        return stripe.APIError(message, **common)
     if kind == "temporary_session_expired":
         return stripe.TemporarySessionExpiredError(message, **common)
     if kind == "rate_limit":
         return stripe.RateLimitError(message, **common)
+    # A refused key or a rate limit, whatever the type: stop the cycle, or back off.
+    if status == 401:
+        return stripe.AuthenticationError(message, **common)
+    if status == 403:
+        return stripe.PermissionError(message, **common)
     if status == 429 or (status == 400 and code == "rate_limit"):
         return stripe.RateLimitError(message, **{**common, "code": None})  # as the SDK does
+    if kind not in _GENERIC_TYPES:
+        return stripe.APIError(message, **common)
     if kind == "idempotency_error":
         return stripe.IdempotencyError(message, **common)
     if status in (400, 404):
@@ -127,10 +132,6 @@ def stream_error(
             message, error.get("param"), **common
         )
         return invalid
-    if status == 401:
-        return stripe.AuthenticationError(message, **common)
-    if status == 403:
-        return stripe.PermissionError(message, **common)
     return stripe.APIError(message, **common)
 
 
@@ -197,6 +198,20 @@ class StreamSender:
         )
         if not 200 <= status < 300:
             raise stream_error(content, status, answer_headers)
+        # As the SDK: a success must be a JSON object. A 2xx page from something else on the
+        # way (a proxy, a gateway) is not Stripe's acceptance: retried, not marked accepted.
+        try:
+            accepted = json.loads(content)
+        except ValueError:
+            accepted = None
+        if not isinstance(accepted, dict):
+            raise stripe.APIError(
+                f"Invalid response body from API: {content!r:.200} (HTTP response code was "
+                f"{status})",
+                http_body=content,
+                http_status=status,
+                headers=cast(dict[str, str], answer_headers),
+            )
 
     def _session(self, force: bool) -> dict[str, str]:
         """The headers of a stream call on a live session (renewed when due or ``force``)."""

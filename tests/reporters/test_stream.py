@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import stripe
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import DatabaseError
 
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters.cycle import Reporter
-from reporters.ledger import LedgerRow, all_rows
+from reporters.ledger import LedgerRow, all_rows, insert_rows
 from reporters.service import connect
 from reporters.stream import STREAM_PATH, StreamSender, stream_error, stream_event
 from reporters.stripe_emulator import Emulator
@@ -30,7 +31,7 @@ from reporters.stripe_push import (
     build_client,
     classify,
 )
-from tests.reporters.test_ledger import pending_row
+from tests.reporters.test_ledger import pending_row, refuse_updates_of
 from tests.reporters.test_reporter import (
     SECRET,
     World,
@@ -135,6 +136,9 @@ ANSWERS: list[tuple[int, Any]] = [
     (401, _error("temporary_session_expired", "The session expired")),
     (400, _error("temporary_session_expired", "The session expired")),
     (400, _error("blocked_by_stripe", "blocked")),
+    (401, _error("unauthorized", "Invalid token")),
+    (403, _error("forbidden", "Not allowed")),
+    (429, _error("slow_down", "Too many requests")),
     (502, "<html>Bad Gateway</html>"),
     (500, {"error": "server_error"}),
 ]
@@ -283,3 +287,113 @@ def test_a_failed_call_stops_the_stream_and_the_rows_after_it_wait_unstamped(
         r.identifier for r in rows
     )
     assert world.totals() == {("tokens", c): 2 for c in customers}
+
+
+def test_a_refused_key_stops_the_cycle_whatever_its_error_type() -> None:
+    for status, kind in ((401, "unauthorized"), (403, "forbidden"), (401, None)):
+        with pytest.raises(StripeAuthError):
+            classify(stream_error(json.dumps(_error(kind, "no")), status, {}), None)
+
+
+class Transport(KeepAliveClient):
+    """The reporter's transport; ``on_stream`` may answer a stream call in its place."""
+
+    def __init__(self, on_stream: Any) -> None:
+        super().__init__(30.0)
+        self.on_stream = on_stream
+
+    def request(
+        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
+    ) -> Any:
+        if url.endswith(STREAM_PATH):
+            answer = self.on_stream()
+            if answer is not None:
+                return answer
+        return super().request(method, url, headers, post_data, **kwargs)
+
+
+def stream_reporter(world: World, transport: KeepAliveClient) -> tuple[Reporter, Any]:
+    """A stream Reporter on ``transport``; close the returned connection when done."""
+    settings = world.settings.model_copy(update={"stripe_stream": True})
+    connected = connect(settings, world.catalogue, world.metrics, world.stop)
+    stream = StreamSender(
+        build_client(SECRET, settings, world.metrics, transport),
+        connected.gateway,
+        transport,
+        settings.meter_events_base,
+        lambda: datetime.now(UTC),
+        max_network_retries=SDK_NETWORK_RETRIES,
+    )
+    reporter = Reporter(
+        world.engine,
+        world.catalogue,
+        connected.stripe_meters,
+        world.metrics,
+        send_one=None,
+        stream=stream,
+        clock=lambda: datetime.now(UTC),
+        stop=world.stop,
+        horizon_days=settings.horizon_days,
+    )
+    return reporter, connected
+
+
+def due_customers(world: World, count: int) -> list[str]:
+    customers = [f"cus_{n:03d}" for n in range(count)]
+    for customer in customers:
+        world.emulator.state.create_customer(customer_id=customer)
+        put_total(world.engine, customer, "tokens", hour_start(2), "2")
+    return customers
+
+
+def test_a_2xx_answer_that_is_not_json_is_not_taken_for_acceptance(world: World) -> None:
+    due_customers(world, 3)
+    transport = Transport(lambda: ("<html>Welcome</html>", 200, {}))
+    reporter, connected = stream_reporter(world, transport)
+    try:
+        result = reporter.run_cycle()
+    finally:
+        connected.close()
+        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+
+    assert (result.acknowledged, result.unacknowledged) == (0, 3)
+    assert {r.status for r in all_rows(world.engine)} == {"pending"}
+
+
+def test_a_stop_request_stamps_no_batch_it_will_not_send(world: World) -> None:
+    due_customers(world, 250)
+    transport = Transport(lambda: world.stop.set())  # then the call goes out as usual
+    reporter, connected = stream_reporter(world, transport)
+    try:
+        result = reporter.run_cycle()
+    finally:
+        connected.close()
+        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+
+    assert result.acknowledged == 100
+    stamped = [r for r in all_rows(world.engine) if r.attempts]
+    assert len(stamped) == 100
+    assert {r.status for r in stamped} == {"accepted"}
+
+
+def test_an_accepted_batch_is_recorded_even_if_taking_the_next_one_fails(world: World) -> None:
+    """The next batch is taken before the answer to this one is written (they share a
+    transaction); if taking it fails, the answer is still written."""
+    due_customers(world, 100)
+    stuck = dataclasses.replace(pending_row(1), customer_id="cus_zzz", identifier="ms1_stuck")
+    with world.engine.begin() as connection:
+        insert_rows(connection, [stuck])
+    refuse_updates_of(world.engine, stuck.identifier)  # its check before the call fails
+    transport = Transport(lambda: None)
+    reporter, connected = stream_reporter(world, transport)
+    try:
+        with pytest.raises(DatabaseError):
+            reporter.run_cycle()
+    finally:
+        connected.close()
+        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+
+    statuses = {r.customer_id: r.status for r in all_rows(world.engine)}
+    assert statuses.pop("cus_zzz") == "pending"
+    assert set(statuses.values()) == {"accepted"}
+    assert len(statuses) == 100

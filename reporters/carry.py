@@ -41,7 +41,13 @@ _EXACT = Context(
 def whole_units(total: Decimal, unit_scale: Decimal) -> int:
     """floor(total * unit_scale), exact; -0.5 gives -1."""
     with localcontext(_EXACT):
-        return int((total * unit_scale).to_integral_value(rounding=ROUND_FLOOR))
+        return _whole_units(total, unit_scale)
+
+
+def _whole_units(total: Decimal, unit_scale: Decimal) -> int:
+    """whole_units, for a caller already in ``localcontext(_EXACT)`` (one context per report:
+    entering one copies the context, a measurable part of a ledger row's CPU)."""
+    return int((total * unit_scale).to_integral_value(rounding=ROUND_FLOOR))
 
 
 def exact_sum(values: Iterable[Decimal]) -> Decimal:
@@ -80,10 +86,10 @@ def report(
 ) -> Report:
     """The value to send for a window whose exact total went from ``previous_total`` (0 for a
     window never reported) to ``new_total``; see the module docstring."""
-    if formula == "last":
-        value = whole_units(new_total, unit_scale)
-        return Report(value, Account(new_total, value))
     with localcontext(_EXACT):
+        if formula == "last":
+            value = _whole_units(new_total, unit_scale)
+            return Report(value, Account(new_total, value))
         accounted = account.accounted_total - previous_total + new_total
-    units = whole_units(accounted, unit_scale)
+        units = _whole_units(accounted, unit_scale)
     return Report(units - account.units_total, Account(accounted, units))

@@ -18,14 +18,15 @@ from sqlalchemy import Engine
 from meterstream.meters import Meter
 from reporters import carry
 from reporters.ledger import (
+    KeyHead,
     LedgerRow,
     Status,
     WindowHead,
     identifier_for,
     insert_row,
     insert_rows,
+    key_heads,
     latest_row,
-    latest_rows,
     latest_window_row,
     window_heads,
     window_total,
@@ -42,6 +43,9 @@ HELD_REVISION_WENT_BACK = "revision_went_back"
 # crosses the limit between our check and Stripe's (queueing, clock skew, the v2 stream's
 # asynchronous validation) would otherwise be lost without a word.
 SEND_MARGIN = timedelta(days=1)
+_ONE_SECOND = timedelta(seconds=1)
+_NOTHING_ACCOUNTED = carry.Account()  # frozen: one shared instance is safe
+_ZERO = Decimal(0)
 
 
 def send_limit(now: datetime, horizon_days: int) -> datetime:
@@ -82,8 +86,8 @@ def event_timestamp(
     """
     newest = window.last_event_time or window.window_start
     if after is not None:
-        newest = max(newest, after + timedelta(seconds=1))
-    last_second = min(window.window_end - timedelta(seconds=1), now).replace(microsecond=0)
+        newest = max(newest, after + _ONE_SECOND)
+    last_second = min(window.window_end - _ONE_SECOND, now).replace(microsecond=0)
     stamp = min(max(newest, window.window_start), last_second).replace(microsecond=0)
     if after is not None and stamp <= after:
         return None
@@ -144,19 +148,16 @@ def write_rows(
 
     Raises IntegrityError (nothing written) if another writer got to one of them first.
     """
-    keys = {(j.window.customer_id, j.window.meter) for j in jobs}
-    starts = {(j.window.customer_id, j.window.meter, j.window.window_start) for j in jobs}
+    keys = [(j.window.customer_id, j.window.meter) for j in jobs]
+    starts = [(*key, j.window.window_start) for key, j in zip(keys, jobs, strict=True)]
     results: list[LedgerRow | Held | None] = []
     with engine.begin() as connection:
-        latest = latest_rows(connection, keys)
-        heads = window_heads(connection, starts)
-        for job in jobs:
-            window = job.window
-            key = (window.customer_id, window.meter)
-            start = (window.customer_id, window.meter, window.window_start)
+        latest = key_heads(connection, set(keys))
+        heads = window_heads(connection, set(starts))
+        for job, key, start in zip(jobs, keys, starts, strict=True):
             row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days)
             if isinstance(row, LedgerRow):
-                latest[key] = row
+                latest[key] = KeyHead(row.sequence, row.accounted_total, row.units_total)
                 heads[start] = WindowHead(row.revision, row.total, row.timestamp)
             results.append(row)
         insert_rows(connection, (r for r in results if isinstance(r, LedgerRow)))
@@ -165,7 +166,7 @@ def write_rows(
 
 def decide_row(
     job: RowJob,
-    latest: LedgerRow | None,
+    latest: KeyHead | LedgerRow | None,
     head: WindowHead | None,
     now: datetime,
     horizon_days: int,
@@ -173,32 +174,31 @@ def decide_row(
     """The row for ``job`` (not written), given the newest row of its (customer, meter) and
     of its window; Held or None as write_row says."""
     window, meter = job.window, job.meter
+    formula = meter.stripe_formula
     account = (
         carry.Account(latest.accounted_total, latest.units_total)
         if latest is not None
-        else carry.Account()
+        else _NOTHING_ACCOUNTED
     )
-    reported_revision, previous_total = (head.revision, head.total) if head else (0, Decimal(0))
+    reported_revision, previous_total = (head.revision, head.total) if head else (0, _ZERO)
     if reported_revision == window.revision:
         return None
     if reported_revision > window.revision:
         # The aggregators' revision went backwards (table rebuilt?): the ledger's running
         # totals no longer describe window_totals. A person must look.
         return Held(window, HELD_REVISION_WENT_BACK)
-    report = carry.report(
-        meter.stripe_formula, account, previous_total, window.total, meter.unit_scale
-    )
-    if meter.stripe_formula == "sum" and report.value < 0 and not meter.allow_negative:
+    report = carry.report(formula, account, previous_total, window.total, meter.unit_scale)
+    if formula == "sum" and report.value < 0 and not meter.allow_negative:
         # Sending it would invent a credit the catalogue forbids; dropping it would lose
         # it. Hold it: the window stays due until its total rises again or a person acts.
         return Held(window, HELD_NEGATIVE_CORRECTION, report.value)
-    previous = head.timestamp if head is not None and meter.stripe_formula == "last" else None
+    previous = head.timestamp if head is not None and formula == "last" else None
     timestamp = event_timestamp(window, now, previous)
     if timestamp is None:
         return Held(window, HELD_NO_LATER_TIMESTAMP, report.value)
     status: Status = "pending"
     error_code = last_error = None
-    if meter.stripe_formula == "sum" and report.value == 0:
+    if formula == "sum" and report.value == 0:
         status = "carried"
     elif timestamp < send_limit(now, horizon_days):
         status, error_code = "rejected", TOO_OLD_CODE

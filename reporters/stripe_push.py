@@ -175,7 +175,7 @@ class Outcome:
     error: str | None = None
 
 
-def meter_event_params(row: LedgerRow, meter: StripeMeter) -> Any:
+def meter_event_params(row: LedgerRow, meter: StripeMeter) -> dict[str, Any]:
     """The v1 request body; every part comes from the row, so a resend is identical."""
     return {
         "event_name": row.event_name,
@@ -195,15 +195,33 @@ def send_meter_event(
     """
     params = meter_event_params(row, meter)
     try:
-        answer = gateway.call(
-            lambda: client.v1.billing.meter_events.create(
-                params=params, options={"idempotency_key": row.identifier}
-            )
-        )
+        response = gateway.call(lambda: _post_meter_event(client, params, row.identifier))
     except stripe.StripeError as exc:
         return classify(exc, row.identifier)
-    response = answer.last_response
-    return Outcome("acknowledged", request_id=response.request_id if response else None)
+    return Outcome("acknowledged", request_id=response.request_id)
+
+
+def _post_meter_event(
+    client: stripe.StripeClient, params: dict[str, Any], idempotency_key: str
+) -> stripe.StripeResponse:
+    """The request ``client.v1.billing.meter_events.create(params, {"idempotency_key": ...})``
+    sends (same method, URL, headers and form body; tests/reporters/test_stripe_push.py
+    compares them on the wire), raising the same errors, without turning the answer into a
+    MeterEvent object we never read (measured: 0.12 ms of SDK time per call, 0.07 without).
+
+    raw_request takes ``idempotency_key`` out of the keyword arguments as a request option
+    (the Idempotency-Key header), never as a form field; none of our form fields is named
+    like an option (api_key, stripe_version, headers, ...) or like raw_request's own ``base``
+    and ``usage``. The method must be lower case: the SDK only sets the Content-Type and
+    Idempotency-Key headers for "post". What differs: the SDK's telemetry header on the
+    *next* call of the thread says ``"usage": ["raw_request"]`` instead of
+    ``["stripe_client"]``, and a Stripe-Notice answer header is not turned into a Python
+    warning.
+    """
+    response: stripe.StripeResponse = client.raw_request(
+        "post", "/v1/billing/meter_events", **params, idempotency_key=idempotency_key
+    )
+    return response
 
 
 def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:

@@ -13,9 +13,10 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,12 +33,18 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Emulator:
-    """A running emulator: point StripeClient's `api` and `meter_events` bases at `url`."""
+    """A running emulator: point StripeClient's `api` and `meter_events` bases at `url`.
+
+    `received` holds the last API calls as they arrived (control calls apart), as many as
+    `run_stripe_emulator(keep_requests=...)` asked for (none by default), for tests that
+    check what went over the wire.
+    """
 
     url: str
     state: EmulatorState
     faults: Faults
     bucket: TokenBucket
+    received: deque[ApiRequest] = field(default_factory=lambda: deque(maxlen=0))
 
     def reset(self) -> None:
         """Empty the account, clear faults, refill the rate-limit bucket."""
@@ -92,6 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path.startswith("/_emulator/"):
                 response = _control(self.server.emulator, request)
             else:
+                self.server.emulator.received.append(request)
                 response = self.server.api.handle(request)
         except Exception:
             # The edge of the request loop: an emulator bug must reach the client as a 500
@@ -178,10 +186,15 @@ def _make_server(
     clock: Clock,
     rate_clock: Callable[[], float],
     fault_seed: int,
+    keep_requests: int = 0,
 ) -> _Server:
     def emulator_of(url: str) -> Emulator:
         return Emulator(
-            url, EmulatorState(clock), Faults(fault_seed), TokenBucket(rate_limit_per_s, rate_clock)
+            url,
+            EmulatorState(clock),
+            Faults(fault_seed),
+            TokenBucket(rate_limit_per_s, rate_clock),
+            deque(maxlen=keep_requests),
         )
 
     return _Server((host, port), emulator_of)
@@ -196,12 +209,14 @@ def run_stripe_emulator(
     clock: Clock = time.time,
     rate_clock: Callable[[], float] = time.monotonic,
     fault_seed: int = 0,
+    keep_requests: int = 0,
 ) -> Iterator[Emulator]:
     """Serve the emulator on a background thread for the `with` body, then stop it.
 
     `port=0` picks a free port (read it from `.url`). `clock` is Stripe's clock (Unix
     seconds: timestamps, session expiry, the 24 h cancel window); `rate_clock` drives the
-    rate-limit bucket; `rate_limit_per_s=None` turns the account rate limit off.
+    rate-limit bucket; `rate_limit_per_s=None` turns the account rate limit off;
+    `keep_requests`: how many of the latest API calls `Emulator.received` keeps.
     """
     server = _make_server(
         host,
@@ -210,6 +225,7 @@ def run_stripe_emulator(
         clock=clock,
         rate_clock=rate_clock,
         fault_seed=fault_seed,
+        keep_requests=keep_requests,
     )
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -4,7 +4,7 @@ loudly (rolling back) when the updates do not match the rows it found pending.""
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -170,6 +170,23 @@ def varied_rows() -> list[LedgerRow]:
                 sent_at=NOW + timedelta(seconds=n) if n == 2 else None,
             )
         )
+    # Rows 5 and 6: UTC spelled otherwise than datetime.UTC (timezone(timedelta(0)),
+    # ZoneInfo("UTC")), a UTC time with fold=1, and in one call the same instant in UTC and
+    # in UTC+5:30 as well as times equal to those of the rows above.
+    for n, zone in ((5, timezone(timedelta(0))), (6, ZoneInfo("UTC"))):
+        base = pending_row(n)
+        rows.append(
+            dataclasses.replace(
+                base,
+                window_start=base.window_start.astimezone(zone),
+                window_end=base.window_end.astimezone(PLUS_5),
+                timestamp=base.window_start.replace(fold=1),
+                first_attempt_at=NOW.astimezone(zone),
+                created_at=NOW,
+                updated_at=NOW.astimezone(PLUS_5),
+                sent_at=base.window_start + timedelta(microseconds=1),
+            )
+        )
     return rows
 
 
@@ -221,10 +238,27 @@ def test_driver_values_are_sqlalchemys_bind_processing(dialect: Any) -> None:
 
     assert got == expected
     assert [[type(v) for v in row] for row in got] == [[type(v) for v in row] for row in expected]
+    # Equal is not enough: the same time zone object, fold, digits of a decimal.
+    assert [[repr(v) for v in row] for row in got] == [[repr(v) for v in row] for row in expected]
     # Every column the raw path passes through unchanged has no SQLAlchemy conversion.
     for name, process in zip(ledger._FIELDS, processors, strict=True):
         if name not in ledger._TIME_COLUMNS | ledger._DECIMAL_COLUMNS:
             assert process is None, name
+
+
+class _NoOffset(tzinfo):
+    """A zone that does not know its offset: Python treats its times as naive."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("zone", [None, _NoOffset()])
+def test_driver_values_refuse_a_time_without_an_offset(dialect: str, zone: tzinfo | None) -> None:
+    rows = [*varied_rows(), dataclasses.replace(pending_row(9), sent_at=NOW.replace(tzinfo=zone))]
+    with pytest.raises(ValueError, match="naive datetime"):
+        ledger.driver_values(dialect, rows)
 
 
 def test_insert_rows_refuses_a_naive_time_and_reports_a_second_writer(

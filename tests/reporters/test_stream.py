@@ -44,17 +44,23 @@ from tests.reporters.test_reporter import (
 Request = tuple[str, str, dict[str, str], str]
 
 
-class RecordingClient(KeepAliveClient):
-    """The reporter's own transport, noting every request it sends."""
+class Transport(KeepAliveClient):
+    """The reporter's transport, noting every request; ``on_stream`` may answer a stream
+    call in its place."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stream: Any) -> None:
         super().__init__(30.0)
+        self.on_stream = on_stream
         self.sent: list[Request] = []
 
     def request(
         self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
     ) -> Any:
         self.sent.append((method, url, dict(headers), post_data))
+        if url.endswith(STREAM_PATH):
+            answer = self.on_stream()
+            if answer is not None:
+                return answer
         return super().request(method, url, headers, post_data, **kwargs)
 
 
@@ -74,7 +80,7 @@ def test_stream_call_sends_the_sdks_body_and_headers(
     )
     metrics = ReporterMetrics(CollectorRegistry())
     connected = connect(settings, load_catalogue(settings.meters_file), metrics, threading.Event())
-    recorder = RecordingClient()
+    recorder = Transport(lambda: None)
     try:
         sender = StreamSender(
             build_client(SECRET, settings, metrics, recorder),
@@ -239,32 +245,9 @@ def test_a_failed_call_stops_the_stream_and_the_rows_after_it_wait_unstamped(
     """Three chunks of 100 keys, written by one thread while another sends: the first call
     is accepted, the second fails (500 three times), so the third is neither stamped nor
     sent; every row is still written, and the next cycle sends the rest, each once."""
-    customers = [f"cus_{n:03d}" for n in range(250)]
-    for customer in customers:
-        world.emulator.state.create_customer(customer_id=customer)
-        put_total(world.engine, customer, "tokens", hour_start(2), "2")
-    settings = world.settings.model_copy(update={"stripe_stream": True})
-    connected = connect(settings, world.catalogue, world.metrics, world.stop)
+    customers = due_customers(world, 250)
     transport = FailingSecondCall()
-    stream = StreamSender(
-        build_client(SECRET, settings, world.metrics, transport),
-        connected.gateway,
-        transport,
-        settings.meter_events_base,
-        lambda: datetime.now(UTC),
-        max_network_retries=SDK_NETWORK_RETRIES,
-    )
-    reporter = Reporter(
-        world.engine,
-        world.catalogue,
-        connected.stripe_meters,
-        world.metrics,
-        send_one=None,
-        stream=stream,
-        clock=lambda: datetime.now(UTC),
-        stop=world.stop,
-        horizon_days=settings.horizon_days,
-    )
+    reporter, connected = stream_reporter(world, transport)
     try:
         first = reporter.run_cycle()
     finally:
@@ -293,23 +276,6 @@ def test_a_refused_key_stops_the_cycle_whatever_its_error_type() -> None:
     for status, kind in ((401, "unauthorized"), (403, "forbidden"), (401, None)):
         with pytest.raises(StripeAuthError):
             classify(stream_error(json.dumps(_error(kind, "no")), status, {}), None)
-
-
-class Transport(KeepAliveClient):
-    """The reporter's transport; ``on_stream`` may answer a stream call in its place."""
-
-    def __init__(self, on_stream: Any) -> None:
-        super().__init__(30.0)
-        self.on_stream = on_stream
-
-    def request(
-        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
-    ) -> Any:
-        if url.endswith(STREAM_PATH):
-            answer = self.on_stream()
-            if answer is not None:
-                return answer
-        return super().request(method, url, headers, post_data, **kwargs)
 
 
 def stream_reporter(world: World, transport: KeepAliveClient) -> tuple[Reporter, Any]:

@@ -434,7 +434,9 @@ class Reporter:
                 [row.identifier for row in batch],
                 self._clock(),
             )
-        self._count_acknowledged(accepted, marked, result)
+        self._count_acknowledged(accepted, marked)
+        with self._lock:
+            result.acknowledged += len(marked)
         return stamped
 
     def _record(
@@ -462,10 +464,11 @@ class Reporter:
             if outcome.kind == "acknowledged"
         }
         marked = ledger.mark_all_acknowledged(self.engine, acknowledged, status, now)
+        self._count_acknowledged([row for row, o in answers if o.kind == "acknowledged"], marked)
         for row, outcome in answers:
             if outcome.kind == "acknowledged":
-                self._count_acknowledged([row], marked, None)
-            elif outcome.kind == "rejected":
+                continue
+            if outcome.kind == "rejected":
                 code, message = outcome.code or "unknown", outcome.error or ""
                 if ledger.mark_rejected(
                     self.engine, row.identifier, code, message, outcome.request_id, now
@@ -482,18 +485,13 @@ class Reporter:
                 )
         return marked
 
-    def _count_acknowledged(
-        self, rows: Sequence[LedgerRow], marked: Collection[str], result: CycleResult | None
-    ) -> None:
-        """Count the rows of ``rows`` that ``marked`` holds (in ``result`` too, if given)."""
+    def _count_acknowledged(self, rows: Sequence[LedgerRow], marked: Collection[str]) -> None:
+        """Count in the metrics the rows of ``rows`` that ``marked`` holds."""
         for row in rows:
             if row.identifier in marked:
                 self.metrics.sent.labels(meter=row.meter).inc()
             else:
                 _log.warning("meter event %s was settled elsewhere", row.identifier)
-        if result is not None:
-            with self._lock:
-                result.acknowledged += sum(row.identifier in marked for row in rows)
 
     def _count_rejected(self, row: LedgerRow, code: str, message: str, result: CycleResult) -> None:
         self.metrics.rejected.labels(code=code).inc()

@@ -344,29 +344,48 @@ class _TimeConverter:
         return found
 
 
-class _Likely(FunctionElement[bool]):
-    """A condition true for most of the rows it is tested on: SQLite's likely(), plain SQL
-    elsewhere. Without statistics SQLite guesses that an equality on an index matches about
-    10 rows, so for ``identifier IN (100 ids) AND status = 'pending'`` it walked every
-    pending row through ledger_by_status, once per batch; hinted, it looks the identifiers
-    up in their unique index. PostgreSQL's planner has statistics and needs no hint."""
+class _FilterOnly(FunctionElement[bool]):
+    """``column = value``, tested on the rows the other conditions find and never used to
+    find them. For ``identifier IN (100 ids) AND status = 'pending'`` both databases
+    otherwise walk every pending row through ledger_by_status, once per batch, which makes
+    a cycle quadratic in its backlog: SQLite because without statistics it guesses that an
+    equality on an index matches about 10 rows, PostgreSQL because its statistics say what
+    the table held at its last ANALYZE (a fresh table, or one where pending rows were rare
+    until a backlog built up). SQLite: ``likely()`` (a hint); PostgreSQL: ``column || ''``,
+    an expression no index covers. Elsewhere plain SQL."""
 
     type = Boolean()
     inherit_cache = True
 
-
-@compiles(_Likely)
-def _compile_plain(element: _Likely, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"({compiler.process(element.clauses, **kw)})"
+    def __init__(self, column: ColumnElement[str], value: str) -> None:
+        super().__init__(column, bindparam(None, value, type_=column.type))
 
 
-@compiles(_Likely, "sqlite")
-def _compile_sqlite(element: _Likely, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"likely({compiler.process(element.clauses, **kw)})"
+def _operands(element: _FilterOnly, compiler: SQLCompiler, **kw: Any) -> tuple[str, str]:
+    column, value = element.clauses
+    return compiler.process(column, **kw), compiler.process(value, **kw)
+
+
+@compiles(_FilterOnly)
+def _compile_plain(element: _FilterOnly, compiler: SQLCompiler, **kw: Any) -> str:
+    column, value = _operands(element, compiler, **kw)
+    return f"({column} = {value})"
+
+
+@compiles(_FilterOnly, "sqlite")
+def _compile_sqlite(element: _FilterOnly, compiler: SQLCompiler, **kw: Any) -> str:
+    column, value = _operands(element, compiler, **kw)
+    return f"likely({column} = {value})"
+
+
+@compiles(_FilterOnly, "postgresql")
+def _compile_postgresql(element: _FilterOnly, compiler: SQLCompiler, **kw: Any) -> str:
+    column, value = _operands(element, compiler, **kw)
+    return f"(({column} || '') = {value})"
 
 
 def _still_pending() -> ColumnElement[bool]:
-    return _Likely(_l.status == "pending")
+    return _FilterOnly(_l.status, "pending")
 
 
 _STAMP = (

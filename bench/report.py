@@ -17,6 +17,9 @@ Each run starts from a freshly seeded emulator account.
    events per customer) folded into window totals each METERSTREAM_REPORT_INTERVAL_S (60 s),
    the real reporter (stream mode) run after each interval; scaled down to --customers, and the
    same count computed for 1,000,000 events / 10,000 customers (checked against the run).
+4. History: the same stream cycle over --windows fresh windows, after --history windows of
+   the last 30 days were reported; and a cycle with nothing due. Each cycle compares every
+   window total with the ledger (neither table is pruned), so its fixed cost grows with history.
 Target (issue #7): the reporter delivers >= 0.8 of the bare client's events/s on each endpoint.
 """
 
@@ -513,6 +516,54 @@ def _short(frame: str) -> str:
     return f"{name} ({'/'.join(parts[-2:])})"
 
 
+@dataclass
+class History:
+    windows: int  # window totals (and ledger rows) already reported
+    idle_cycle_s: float  # a cycle with nothing due
+    fresh: Rate  # a stream cycle over the fresh windows
+
+
+def history_cycles(
+    emulator: EmulatorProcess,
+    catalogue: Catalogue,
+    fresh: Sequence[Window],
+    history: int,
+    postgres: str | None,
+) -> History:
+    """Report ``history`` windows spread over the last 30 days (2,000 customers, 3 meters),
+    then time a cycle with nothing due and a stream cycle over ``fresh``."""
+    customers = 2_000
+    first = datetime.now(UTC) - timedelta(days=30)
+    step = timedelta(days=29) / max(1, history // customers)
+    past: dict[tuple[str, str, datetime], Window] = {}
+    for i in range(history):
+        meter, at = METERS[i % len(METERS)], first + step * (i // customers)
+        start, end = window_bounds(at, catalogue.meters[meter].window)
+        customer = f"cus_past{i % customers:06d}"
+        past[(customer, meter, start)] = Window(customer, meter, start, end, Decimal(5), 1, 1, at)
+    emulator.seed(sorted({w.customer_id for w in [*past.values(), *fresh]}))
+    with database(postgres) as url:
+        reporter, engine = reporter_for(url, emulator.url, catalogue, stream=True)
+        try:
+            write_windows(engine, list(past.values()), [])
+            done = reporter.run_cycle()
+            if postgres:  # the statistics autovacuum would have taken by now
+                with engine.begin() as connection:
+                    connection.exec_driver_sql("ANALYZE")
+            started = time.perf_counter()
+            idle = reporter.run_cycle()
+            idle_s = time.perf_counter() - started
+            write_windows(engine, fresh, [])
+            started, cpu = time.perf_counter(), time.process_time()
+            result = reporter.run_cycle()
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        finally:
+            engine.dispose()
+    if done.acknowledged != len(past) or idle.acknowledged or result.acknowledged != len(fresh):
+        raise RuntimeError(f"history run did not deliver everything: {done}; {idle}; {result}")
+    return History(len(past), idle_s, Rate(len(fresh), elapsed, cpu_seconds=cpu))
+
+
 # -- calls per million raw events --------------------------------------------------------------
 
 
@@ -671,6 +722,9 @@ def main() -> None:
         default=os.environ.get("METERSTREAM_BENCH_POSTGRES_URL"),
         help="admin URL of a PostgreSQL server (default: throw-away SQLite files)",
     )
+    parser.add_argument(
+        "--history", type=int, default=50_000, help="windows already reported (history run)"
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy the reporter cycles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -694,6 +748,15 @@ def main() -> None:
         emulator.seed(customers)
         rep2 = reporter_cycle(emulator, catalogue, v2_windows, args.postgres, True, args.profile)
         print(f"reporter stream: {rep2.per_s:,.0f} events/s")
+
+        past = history_cycles(
+            emulator,
+            catalogue,
+            throughput_windows(catalogue, args.windows, "hist"),
+            args.history,
+            args.postgres,
+        )
+        print(f"reporter stream after {past.windows:,} windows: {past.fresh.per_s:,.0f} events/s")
 
         started = time.perf_counter()
         measured = measured_calls(emulator, catalogue, args.customers, args.postgres)
@@ -721,6 +784,14 @@ def main() -> None:
         "reporter_stream_send_phase_events_per_s": round(send2) if send2 else None,
         "reporter_stream_cpu_ms_per_event": round(cpu2, 2),
         "ratio_stream": round(ratio2, 3),
+        "history": {
+            "windows_reported": past.windows,
+            "idle_cycle_ms": round(past.idle_cycle_s * 1000),
+            "reporter_stream_events_per_s": round(past.fresh.per_s),
+            "reporter_stream_cpu_ms_per_event": round(
+                1000 * (past.fresh.cpu_seconds or 0) / past.fresh.events, 2
+            ),
+        },
         "calls": {
             "report_interval_s": INTERVAL_S,
             "raw_events_per_customer_hour": RAW_PER_CUSTOMER_HOUR,
@@ -759,6 +830,11 @@ def main() -> None:
                 + (f" (send phase alone {send2:,.0f}/s)" if send2 else ""),
             ),
             ("ratio stream (target >= 0.8)", f"{ratio2:.2f}"),
+            (
+                f"stream cycle after {past.windows:,} windows reported",
+                f"{past.fresh.per_s:,.0f} events/s; a cycle with nothing due "
+                f"{past.idle_cycle_s * 1000:,.0f} ms",
+            ),
             (
                 f"hour through the reporter: {measured.customers:,} customers",
                 f"{measured.raw_events:,} raw -> {measured.meter_events:,} meter events "

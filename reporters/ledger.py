@@ -614,7 +614,7 @@ def _update(engine: Engine, identifier: str, expected: Status, **values: Any) ->
     with engine.begin() as connection:
         done = connection.execute(
             update(ledger)
-            .where(ledger.c.identifier == identifier, ledger.c.status == expected)
+            .where(ledger.c.identifier == identifier, _FilterOnly(ledger.c.status, expected))
             .values(values)
         )
         return bool(done.rowcount)

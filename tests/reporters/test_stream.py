@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -247,12 +249,8 @@ def test_a_failed_call_stops_the_stream_and_the_rows_after_it_wait_unstamped(
     sent; every row is still written, and the next cycle sends the rest, each once."""
     customers = due_customers(world, 250)
     transport = FailingSecondCall()
-    reporter, connected = stream_reporter(world, transport)
-    try:
+    with stream_reporter(world, transport) as reporter:
         first = reporter.run_cycle()
-    finally:
-        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
-        connected.close()
 
     rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
     assert len(transport.calls) == 2
@@ -278,8 +276,9 @@ def test_a_refused_key_stops_the_cycle_whatever_its_error_type() -> None:
             classify(stream_error(json.dumps(_error(kind, "no")), status, {}), None)
 
 
-def stream_reporter(world: World, transport: KeepAliveClient) -> tuple[Reporter, Any]:
-    """A stream Reporter on ``transport``; close the returned connection when done."""
+@contextmanager
+def stream_reporter(world: World, transport: KeepAliveClient) -> Iterator[Reporter]:
+    """A stream Reporter on ``transport``; its connection and ``transport`` are closed on exit."""
     settings = world.settings.model_copy(update={"stripe_stream": True})
     connected = connect(settings, world.catalogue, world.metrics, world.stop)
     stream = StreamSender(
@@ -301,7 +300,11 @@ def stream_reporter(world: World, transport: KeepAliveClient) -> tuple[Reporter,
         stop=world.stop,
         horizon_days=settings.horizon_days,
     )
-    return reporter, connected
+    try:
+        yield reporter
+    finally:
+        connected.close()
+        transport.close()
 
 
 def due_customers(world: World, count: int) -> list[str]:
@@ -315,12 +318,8 @@ def due_customers(world: World, count: int) -> list[str]:
 def test_a_2xx_answer_that_is_not_json_is_not_taken_for_acceptance(world: World) -> None:
     due_customers(world, 3)
     transport = Transport(lambda: ("<html>Welcome</html>", 200, {}))
-    reporter, connected = stream_reporter(world, transport)
-    try:
+    with stream_reporter(world, transport) as reporter:
         result = reporter.run_cycle()
-    finally:
-        connected.close()
-        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
 
     assert (result.acknowledged, result.unacknowledged) == (0, 3)
     assert {r.status for r in all_rows(world.engine)} == {"pending"}
@@ -329,12 +328,8 @@ def test_a_2xx_answer_that_is_not_json_is_not_taken_for_acceptance(world: World)
 def test_a_stop_request_stamps_no_batch_it_will_not_send(world: World) -> None:
     due_customers(world, 250)
     transport = Transport(lambda: world.stop.set())  # then the call goes out as usual
-    reporter, connected = stream_reporter(world, transport)
-    try:
+    with stream_reporter(world, transport) as reporter:
         result = reporter.run_cycle()
-    finally:
-        connected.close()
-        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
 
     assert result.acknowledged == 100
     stamped = [r for r in all_rows(world.engine) if r.attempts]
@@ -351,13 +346,8 @@ def test_an_accepted_batch_is_recorded_even_if_taking_the_next_one_fails(world: 
         insert_rows(connection, [stuck])
     refuse_updates_of(world.engine, stuck.identifier)  # its check before the call fails
     transport = Transport(lambda: None)
-    reporter, connected = stream_reporter(world, transport)
-    try:
-        with pytest.raises(DatabaseError):
-            reporter.run_cycle()
-    finally:
-        connected.close()
-        transport.close()  # type: ignore[no-untyped-call]  # SDK: unannotated
+    with stream_reporter(world, transport) as reporter, pytest.raises(DatabaseError):
+        reporter.run_cycle()
 
     statuses = {r.customer_id: r.status for r in all_rows(world.engine)}
     assert statuses.pop("cus_zzz") == "pending"

@@ -107,6 +107,16 @@ def test_500s_past_the_retries_raise_and_record_nothing(emulator: Emulator) -> N
     assert not emulator.state.events
 
 
+def _answer_meter_event(handler: BaseHTTPRequestHandler) -> None:
+    """A 200 with a meter event, its length given (the connection may stay open)."""
+    body = json.dumps({"object": "billing.meter_event", "identifier": "ev_1"}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _OneCallPerConnection(BaseHTTPRequestHandler):
     """Answers a meter event, then closes the connection without saying so (no
     "Connection: close"), as a server does with a keep-alive connection it finds idle."""
@@ -115,12 +125,7 @@ class _OneCallPerConnection(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"object": "billing.meter_event", "identifier": "ev_1"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer_meter_event(self)
         self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -231,12 +236,7 @@ class _HeldKeepAlive(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).received.set()
         assert type(self).answer.wait(timeout=30)
-        body = json.dumps({"object": "billing.meter_event", "identifier": "ev_1"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer_meter_event(self)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet."""

@@ -25,7 +25,7 @@ from meterstream.db import build_engine, migrate
 from meterstream.meters import load_catalogue
 from meterstream.processes import start_meterstream, stop_process
 from meterstream.settings import Settings, load_settings
-from reporters.stripe_emulator import run_stripe_emulator
+from stripe_emulator import run_stripe_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOMERS = 1_000

@@ -66,7 +66,7 @@ from meterstream.settings import load_settings
 from reporters.cycle import Reporter
 from reporters.service import build_reporter, connect
 from reporters.stream import MAX_EVENTS_PER_CALL
-from reporters.stripe_emulator import run_stripe_emulator
+from stripe_emulator import run_stripe_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 METERS_FILE = ROOT / "examples" / "meters.toml"

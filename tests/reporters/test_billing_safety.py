@@ -27,8 +27,8 @@ from reporters.rows import RowJob, write_rows
 from reporters.scheduler import due_windows
 from reporters.service import build_reporter, connect, fetch_summary
 from reporters.status import format_status, reporter_status
-from reporters.stripe_emulator import Emulator
 from reporters.stripe_push import build_client, classify
+from stripe_emulator import Emulator
 from tests.reporters.test_reporter import (
     SECRET,
     STRIPE_METERS,

@@ -29,7 +29,7 @@ from reporters.customers import link_customer
 from reporters.cycle import CycleResult, Reporter
 from reporters.ledger import all_rows, rows_for
 from reporters.service import build_reporter, connect
-from reporters.stripe_emulator import Emulator, ManualClock, run_stripe_emulator
+from stripe_emulator import Emulator, ManualClock, run_stripe_emulator
 
 SECRET = "sk_test_51H8reporterSecretXyzzy"  # noqa: S105  # a fake key the tests hunt for
 CATALOGUE = """

@@ -24,7 +24,6 @@ from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, all_rows, insert_rows
 from reporters.service import connect
 from reporters.stream import STREAM_PATH, StreamSender, stream_error, stream_event
-from reporters.stripe_emulator import Emulator
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
@@ -33,6 +32,7 @@ from reporters.stripe_push import (
     build_client,
     classify,
 )
+from stripe_emulator import Emulator
 from tests.reporters.test_ledger import pending_row, refuse_updates_of
 from tests.reporters.test_reporter import (
     SECRET,

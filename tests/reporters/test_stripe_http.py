@@ -18,9 +18,9 @@ import stripe
 from prometheus_client import CollectorRegistry
 
 from meterstream.metrics import ReporterMetrics
-from reporters.stripe_emulator import Emulator, run_stripe_emulator
 from reporters.stripe_http import KeepAliveClient, ResponseHeaders, proxy_configured
 from reporters.stripe_push import build_http_client
+from stripe_emulator import Emulator, run_stripe_emulator
 from tests.reporters.test_reporter import world_settings
 
 SECRET = "sk_test_51H8lean0client"  # noqa: S105  # a fake key

@@ -19,8 +19,6 @@ from meterstream.metrics import ReporterMetrics
 from reporters.ledger import LedgerRow, identifier_for
 from reporters.meters_check import StripeMeter
 from reporters.ratelimit import TokenBucket
-from reporters.stripe_emulator import Emulator, FaultKind, run_stripe_emulator
-from reporters.stripe_emulator.api import ApiRequest
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     Outcome,
@@ -30,6 +28,8 @@ from reporters.stripe_push import (
     meter_event_params,
     send_meter_event,
 )
+from stripe_emulator import Emulator, FaultKind, run_stripe_emulator
+from stripe_emulator.api import ApiRequest
 from tests.reporters.test_ledger import pending_row
 
 SECRET = "sk_test_51H8push0wire"  # noqa: S105  # a fake key

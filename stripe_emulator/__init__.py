@@ -9,22 +9,22 @@ error shapes, plus faults a test can inject. Modules, from the wire inwards:
 
 from __future__ import annotations
 
-from reporters.stripe_emulator.faults import FAULT_KINDS, FaultKind, Faults
-from reporters.stripe_emulator.limits import TokenBucket
-from reporters.stripe_emulator.records import (
+from stripe_emulator.faults import FAULT_KINDS, FaultKind, Faults
+from stripe_emulator.limits import TokenBucket
+from stripe_emulator.records import (
     AsyncError,
     Customer,
     Meter,
     MeterEvent,
     StripeApiError,
 )
-from reporters.stripe_emulator.server import (
+from stripe_emulator.server import (
     DEFAULT_RATE_LIMIT_PER_S,
     Emulator,
     run_stripe_emulator,
     serve_forever,
 )
-from reporters.stripe_emulator.state import Clock, EmulatorState, ManualClock
+from stripe_emulator.state import Clock, EmulatorState, ManualClock
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_PER_S",

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine
 
 from reporters.ledger import all_rows
-from reporters.stripe_emulator import Emulator, run_stripe_emulator
+from stripe_emulator import Emulator, run_stripe_emulator
 from tests.reporters.test_reporter import (
     SECRET,
     create_stripe_meters,

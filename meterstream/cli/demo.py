@@ -72,7 +72,7 @@ def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meterstream-")))
-        topic = f"meterstream.demo.{uuid.uuid4().hex[:8]}"
+        topic = f"meterstream.cli.demo.{uuid.uuid4().hex[:8]}"
         bootstrap = options.bootstrap
         if bootstrap is None:
             broker = stack.enter_context(embedded_broker(topics={topic: 8}, log_dir=workdir))
@@ -82,7 +82,7 @@ def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
         # Stripe's sandbox takes about 25 calls/s; the local emulator far more.
         stripe_rate = 25.0
         if key is None:
-            from reporters.stripe_emulator import run_stripe_emulator
+            from stripe_emulator import run_stripe_emulator
 
             emulator = stack.enter_context(run_stripe_emulator(rate_limit_per_s=None))
             api_base, key, stripe_rate = emulator.url, _DEMO_KEY, 1000.0

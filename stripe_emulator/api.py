@@ -18,12 +18,12 @@ from functools import cached_property
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
-from reporters.stripe_emulator import limits
-from reporters.stripe_emulator.faults import Faults
-from reporters.stripe_emulator.limits import CallSlots, TokenBucket
-from reporters.stripe_emulator.records import CachedResponse, StripeApiError
-from reporters.stripe_emulator.routes import ROUTES, Route
-from reporters.stripe_emulator.state import EmulatorState
+from stripe_emulator import limits
+from stripe_emulator.faults import Faults
+from stripe_emulator.limits import CallSlots, TokenBucket
+from stripe_emulator.records import CachedResponse, StripeApiError
+from stripe_emulator.routes import ROUTES, Route
+from stripe_emulator.state import EmulatorState
 
 _KEY_PREFIXES = ("sk_test_", "rk_test_")
 _BRACKETS = re.compile(r"\[([^\]]*)\]")

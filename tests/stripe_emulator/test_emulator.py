@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import stripe
 
-from reporters.stripe_emulator import Emulator, ManualClock, run_stripe_emulator
+from stripe_emulator import Emulator, ManualClock, run_stripe_emulator
 
 NOW_S = 1_795_500_000  # 2026-11-24T06:00:00Z, minute-aligned
 HOUR_S = 3_600
@@ -478,7 +478,7 @@ def test_serve_forever_runs_until_interrupted() -> None:
         # ignored, and Python then leaves it ignored: Ctrl-C is what this test is about.
         "import signal\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from reporters.stripe_emulator import serve_forever\n"
+        "from stripe_emulator import serve_forever\n"
         "serve_forever('127.0.0.1', 0, on_ready=lambda e: print(e.url, flush=True))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from reporters.stripe_emulator import rules
-from reporters.stripe_emulator.records import (
+from stripe_emulator import rules
+from stripe_emulator.records import (
     AsyncError,
     CachedResponse,
     Customer,

@@ -21,11 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from reporters.stripe_emulator.api import ApiRequest, ApiResponse, StripeApi, error_response
-from reporters.stripe_emulator.faults import Faults
-from reporters.stripe_emulator.limits import CallSlots, TokenBucket
-from reporters.stripe_emulator.records import StripeApiError
-from reporters.stripe_emulator.state import Clock, EmulatorState
+from stripe_emulator.api import ApiRequest, ApiResponse, StripeApi, error_response
+from stripe_emulator.faults import Faults
+from stripe_emulator.limits import CallSlots, TokenBucket
+from stripe_emulator.records import StripeApiError
+from stripe_emulator.state import Clock, EmulatorState
 
 DEFAULT_RATE_LIMIT_PER_S = 100  # Stripe's live-mode default per account
 _log = logging.getLogger(__name__)

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from reporters.stripe_emulator import rules
-from reporters.stripe_emulator.records import JsonObject, StripeApiError, parse_rfc3339
-from reporters.stripe_emulator.state import EmulatorState, StreamEvent
+from stripe_emulator import rules
+from stripe_emulator.records import JsonObject, StripeApiError, parse_rfc3339
+from stripe_emulator.state import EmulatorState, StreamEvent
 
 if TYPE_CHECKING:
-    from reporters.stripe_emulator.api import Call
+    from stripe_emulator.api import Call
 
 Endpoint = Callable[[EmulatorState, "Call"], tuple[int, object]]
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
-from reporters.stripe_emulator.records import StripeApiError
+from stripe_emulator.records import StripeApiError
 
 
 class TokenBucket:

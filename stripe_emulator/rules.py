@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from reporters.stripe_emulator.records import JsonObject, Meter, MeterEvent, StripeApiError
+from stripe_emulator.records import JsonObject, Meter, MeterEvent, StripeApiError
 
 MAX_PAST_S = 35 * 86_400
 MAX_FUTURE_S = 5 * 60

@@ -61,7 +61,7 @@ def stripe_emulator(port: int, rate: int) -> None:
     Point the reporter at it with METERSTREAM_STRIPE_API_BASE=http://127.0.0.1:PORT and any
     METERSTREAM_STRIPE_API_KEY=sk_test_... key.
     """
-    from reporters.stripe_emulator import serve_forever
+    from stripe_emulator import serve_forever
 
     serve_forever(
         "127.0.0.1",
@@ -163,7 +163,7 @@ def demo(
                         --database-url postgresql+psycopg://postgres@db/demo \\
                         --stripe-api-key sk_test_...
     """
-    from meterstream.demo import DemoOptions, run_demo
+    from meterstream.cli.demo import DemoOptions, run_demo
 
     if stripe_api_key is not None and not stripe_api_key.startswith(("sk_test_", "rk_test_")):
         raise click.BadParameter(
@@ -185,8 +185,8 @@ def demo(
 def _register_stage_commands() -> None:
     # The command line is the one place that knows every stage; the stages never import each
     # other.
-    from aggregators.commands import AGGREGATOR_COMMANDS
-    from reporters.commands import REPORTER_COMMANDS
+    from meterstream.cli.aggregate import AGGREGATOR_COMMANDS
+    from meterstream.cli.report import REPORTER_COMMANDS
 
     for command in (*AGGREGATOR_COMMANDS, *REPORTER_COMMANDS):
         cli.add_command(command)

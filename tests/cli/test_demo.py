@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from meterstream.demo import MeterRow, Traffic, _print_table
+from meterstream.cli.demo import MeterRow, Traffic, _print_table
 from tests.conftest import ROOT
 
 

@@ -7,7 +7,12 @@ with UsageClient() as client:
 
 from ingest.async_client import AsyncUsageClient
 from ingest.client import UsageClient
-from meterstream.errors import BackpressureError, DeliveryError, InvalidEventError
+from meterstream.errors import (
+    BackpressureError,
+    ClientClosedError,
+    DeliveryError,
+    InvalidEventError,
+)
 
 InvalidUsageEvent = InvalidEventError
 """The error ``record()`` raises for an invalid event (``exc.field``, ``exc.reason``)."""
@@ -15,6 +20,7 @@ InvalidUsageEvent = InvalidEventError
 __all__ = [
     "AsyncUsageClient",
     "BackpressureError",
+    "ClientClosedError",
     "DeliveryError",
     "InvalidEventError",
     "InvalidUsageEvent",

@@ -13,7 +13,12 @@ from types import TracebackType
 from typing import Self
 
 from ingest.producer import DeliveryFailedCallback, EventProducer
-from meterstream.errors import DeliveryError, InvalidEventError, UndeliveredEvent
+from meterstream.errors import (
+    ClientClosedError,
+    DeliveryError,
+    InvalidEventError,
+    UndeliveredEvent,
+)
 from meterstream.events import (
     MAX_EVENT_BYTES,
     check_customer,
@@ -110,7 +115,9 @@ class UsageClient:
         Raises InvalidEventError naming the field. Used by :meth:`record` and the async client.
         """
         if self._closed:
-            raise RuntimeError("this UsageClient is closed; create a new one")
+            raise ClientClosedError(
+                "this UsageClient is closed; nothing was queued: create a new UsageClient"
+            )
         try:
             found = check_meter(meter, self._catalogue)
             customer = check_customer(customer)

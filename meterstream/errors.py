@@ -7,6 +7,7 @@ MeterstreamError
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
+ +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- StripeRejectedError       Stripe answered 4xx for a meter event; not retried
 """
 
@@ -81,6 +82,10 @@ class DeliveryError(MeterstreamError):
             f"{len(self.event_ids)} event(s) were not delivered to Kafka ({reason}): {shown}; "
             "pass exc.events to UsageClient.resend() once the broker is back"
         )
+
+
+class ClientClosedError(MeterstreamError):
+    """``record()`` was called on a closed ``UsageClient``; nothing was queued."""
 
 
 class StripeRejectedError(MeterstreamError):

@@ -15,6 +15,7 @@ import pytest
 from ingest import (
     AsyncUsageClient,
     BackpressureError,
+    ClientClosedError,
     DeliveryError,
     InvalidUsageEvent,
     UsageClient,
@@ -272,3 +273,14 @@ def test_full_queue_blocks_then_raises_and_never_drops_what_it_accepted(
     assert client.metrics.recorded._value.get() == 10
     assert client.metrics.failed._value.get() == 10
     assert client.metrics.delivered._value.get() == 0
+
+
+def test_record_after_close_is_a_named_error_and_queues_nothing(
+    settings_factory: SettingsFactory, topic_factory: Callable[..., str]
+) -> None:
+    settings = settings_factory(topic=topic_factory())
+    client = UsageClient(settings)
+    client.close()
+    with pytest.raises(ClientClosedError, match="create a new UsageClient"):
+        client.record("customer-1", "api_calls")
+    assert sum(end_offsets(settings.kafka_bootstrap, settings.topic).values()) == 0

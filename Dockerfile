@@ -13,7 +13,8 @@ COPY meterstream ./meterstream
 COPY ingest ./ingest
 COPY aggregators ./aggregators
 COPY reporters ./reporters
-RUN pip install . && rm -rf /src
+# The stages' extras only: production runs Apache Kafka, not the embedded broker.
+RUN pip install '.[aggregators,reporter]' && rm -rf /src
 
 # Not root: the workers only need their working directory, where faust keeps its local state
 # (<app id>-data/), and the meters catalogue the compose file mounts read-only.

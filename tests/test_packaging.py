@@ -4,6 +4,7 @@ stripe nor a database driver, and its mypy sees typed packages."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE_METERS, ROOT, read_topic
+
+NOT_SOURCE = (".git", ".venv", "build", "*.egg-info", "*_cache", "__pycache__", "*-data", "*.db")
 
 RECORD_ONE_EVENT = """
 import importlib.util, sys
@@ -35,8 +38,11 @@ def test_base_install_records_usage_without_the_stages_dependencies(
     environment = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(environment)
     python = environment / "bin" / "python"
+    # Installed from a copy: setuptools builds in the source folder, and the checkout stays clean.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", str(ROOT)],
+        [str(python), "-m", "pip", "install", "--quiet", str(source)],
         capture_output=True,
         text=True,
         check=False,

@@ -139,8 +139,9 @@ def status() -> None:
 @click.option(
     "--meters-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=Path("examples/meters.toml"),
-    show_default=True,
+    default=None,
+    help="the meter catalogue (TOML); default: the example shipped with meterstream, "
+    "examples/meters.toml in a checkout",
 )
 def demo(
     customers: int,
@@ -150,7 +151,7 @@ def demo(
     bootstrap: str | None,
     database_url: str | None,
     stripe_api_key: str | None,
-    meters_file: Path,
+    meters_file: Path | None,
 ) -> None:
     """Run the whole pipeline end to end and check Stripe against the database.
 
@@ -164,6 +165,7 @@ def demo(
                         --stripe-api-key sk_test_...
     """
     from meterstream.cli.demo import DemoOptions, run_demo
+    from meterstream.meters import EXAMPLE_CATALOGUE
 
     if stripe_api_key is not None and not stripe_api_key.startswith(("sk_test_", "rk_test_")):
         raise click.BadParameter(
@@ -177,7 +179,7 @@ def demo(
         bootstrap=bootstrap,
         database_url=database_url,
         stripe_api_key=stripe_api_key,
-        meters_file=meters_file,
+        meters_file=meters_file or EXAMPLE_CATALOGUE,
     )
     sys.exit(run_demo(options))
 

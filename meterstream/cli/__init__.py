@@ -7,9 +7,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import cast
 
 import click
 
+from meterstream.cli.logs import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LogFormat,
+    LogLevel,
+    LogOptions,
+    configure_logging,
+)
 from meterstream.errors import MeterstreamError
 from meterstream.settings import Settings, load_settings
 
@@ -22,11 +31,35 @@ def _settings() -> Settings:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.version_option(package_name="meterstream", prog_name="meterstream")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="the least severe log lines written to stderr",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object per line (time, level, logger, message, customer_id, meter, "
+    "identifier when known), for log collectors",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
     """meterstream: usage events from your application to Stripe meter events, exactly once.
 
-    Every command reads its settings from METERSTREAM_* environment variables.
+    Every command reads its settings from METERSTREAM_* environment variables. The options
+    above go before the command: meterstream --log-format json report
     """
+    options = LogOptions(
+        cast(LogLevel, log_level.lower()),
+        cast(LogFormat, log_format),
+    )
+    configure_logging(options.level, options.log_format)
+    ctx.obj = options
 
 
 @cli.command()

@@ -89,7 +89,6 @@ def report(once: bool) -> None:
 
     from reporters.service import build_reporter, connect, log_result, run_schedule
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
     catalogue = _catalogue(settings)
     stop = _stop_on_signals()

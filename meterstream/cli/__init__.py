@@ -120,7 +120,14 @@ def migrate() -> None:
 
 
 @cli.command()
-def status() -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='one JSON object {"aggregators": {...}, "reporter": {...}}; decimals as strings, '
+    "times ISO-8601 UTC",
+)
+def status(as_json: bool) -> None:
     """Where usage is right now: consumer lag, event-time lag, dead letters, what Stripe has
     acknowledged, what is pending or held, and how far billing is behind."""
     from datetime import UTC, datetime
@@ -139,6 +146,11 @@ def status() -> None:
         reported = reporter_status(engine, catalogue, now)
     finally:
         engine.dispose()
+    if as_json:
+        from meterstream.cli.json_output import json_document
+
+        click.echo(json_document({"aggregators": aggregated, "reporter": reported}))
+        return
     click.echo(format_aggregator_status(aggregated))
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))

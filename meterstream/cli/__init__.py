@@ -52,7 +52,7 @@ def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
     """meterstream: usage events from your application to Stripe meter events, exactly once.
 
     Every command reads its settings from METERSTREAM_* environment variables. The options
-    above go before the command: meterstream --log-format json report
+    below go before the command: meterstream --log-format json report
     """
     options = LogOptions(
         cast(LogLevel, log_level.lower()),

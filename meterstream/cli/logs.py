@@ -65,6 +65,7 @@ def logging_config(level: LogLevel, log_format: LogFormat) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` document: the root logger at ``level`` writing
     ``log_format`` lines to stderr. faust's worker is handed the same document, so its lines
     share the format."""
+    quiet = "DEBUG" if level == "debug" else "WARNING"
     formatter: dict[str, Any] = (
         {"()": f"{__name__}.JsonFormatter"} if log_format == "json" else {"format": TEXT_FORMAT}
     )
@@ -79,9 +80,9 @@ def logging_config(level: LogLevel, log_format: LogFormat) -> dict[str, Any]:
                 "stream": "ext://sys.stderr",
             }
         },
-        # Alembic says "Context impl ..." at info on every command that checks the schema;
-        # only a debugging reader wants that.
-        "loggers": {"alembic": {"level": "DEBUG" if level == "debug" else "WARNING"}},
+        # Alembic says "Context impl ..." at info on every command that checks the schema, and
+        # the stripe SDK two lines per API call: only a debugging reader wants those.
+        "loggers": {name: {"level": quiet} for name in ("alembic", "stripe")},
         "root": {"level": level.upper(), "handlers": ["stderr"]},
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import faust
 from prometheus_client import start_http_server
@@ -29,8 +30,13 @@ def check_schema(engine: Engine) -> None:
         )
 
 
-def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
+def run_worker(
+    settings: Settings, *, loglevel: str = "info", logging_config: dict[str, Any] | None = None
+) -> None:
     """Consume the usage topic into the database until stopped; blocks.
+
+    faust configures logging when its worker starts: ``logging_config`` (a
+    ``logging.config.dictConfig`` document, the command line's) replaces faust's own.
 
     On Ctrl-C or SIGTERM faust stops the agent after the batch in hand, commits the offsets of
     what was applied, and leaves the consumer group.
@@ -53,7 +59,9 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     where = engine.url.render_as_string(hide_password=True)
     _log.info("aggregating %s into %s", settings.topic, where)
     try:
-        faust.Worker(app, loglevel=loglevel).execute_from_commandline()
+        faust.Worker(
+            app, loglevel=loglevel, logging_config=logging_config
+        ).execute_from_commandline()
     finally:
         pipeline.close()
         engine.dispose()

@@ -259,7 +259,11 @@ class EventProducer:
             except Exception:
                 # A caller's callback must not stop delivery reports; the failure stays
                 # recorded for flush() and in the metric.
-                _log.exception("delivery-failure callback raised for event %s", event_id)
+                _log.exception(
+                    "delivery-failure callback raised for event %s",
+                    event_id,
+                    extra={"event_id": event_id},
+                )
 
     def _on_error(self, error: KafkaError) -> None:
         # Fatal errors (e.g. the idempotent producer lost its sequence) end this producer; the

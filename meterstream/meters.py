@@ -29,6 +29,9 @@ StripeFormula = Literal["sum", "last"]
 
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 WINDOWS: tuple[str, ...] = get_args(Window)
+# The example catalogue ships inside the package (examples/meters.toml links to it), so the demo
+# and readers find it outside a checkout too.
+EXAMPLE_CATALOGUE = Path(__file__).resolve().parent / "catalogues" / "example.toml"
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 _KEYS = {
     "aggregation",
@@ -93,7 +96,7 @@ def load_catalogue(path: Path) -> Catalogue:
     except OSError as exc:
         raise ConfigError(
             f"METERSTREAM_METERS_FILE={path}: cannot read the meter catalogue ({exc.strerror}); "
-            "point it at a TOML file like examples/meters.toml"
+            f"point it at a TOML file like {EXAMPLE_CATALOGUE}"
         ) from exc
     try:
         document = tomllib.loads(text)

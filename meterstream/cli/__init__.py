@@ -7,9 +7,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import cast
 
 import click
 
+from meterstream.cli.logs import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LogFormat,
+    LogLevel,
+    LogOptions,
+    configure_logging,
+)
 from meterstream.errors import MeterstreamError
 from meterstream.settings import Settings, load_settings
 
@@ -22,11 +31,35 @@ def _settings() -> Settings:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.version_option(package_name="meterstream", prog_name="meterstream")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="the least severe log lines written to stderr",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object per line (time, level, logger, message, customer_id, meter, "
+    "identifier when known), for log collectors",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
     """meterstream: usage events from your application to Stripe meter events, exactly once.
 
-    Every command reads its settings from METERSTREAM_* environment variables.
+    Every command reads its settings from METERSTREAM_* environment variables. The options
+    below go before the command: meterstream --log-format json report
     """
+    options = LogOptions(
+        cast(LogLevel, log_level.lower()),
+        cast(LogFormat, log_format),
+    )
+    configure_logging(options.level, options.log_format)
+    ctx.obj = options
 
 
 @cli.command()
@@ -87,7 +120,14 @@ def migrate() -> None:
 
 
 @cli.command()
-def status() -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='one JSON object {"aggregators": {...}, "reporter": {...}}; decimals as strings, '
+    "times ISO-8601 UTC",
+)
+def status(as_json: bool) -> None:
     """Where usage is right now: consumer lag, event-time lag, dead letters, what Stripe has
     acknowledged, what is pending or held, and how far billing is behind."""
     from datetime import UTC, datetime
@@ -106,6 +146,11 @@ def status() -> None:
         reported = reporter_status(engine, catalogue, now)
     finally:
         engine.dispose()
+    if as_json:
+        from meterstream.cli.json_output import json_document
+
+        click.echo(json_document({"aggregators": aggregated, "reporter": reported}))
+        return
     click.echo(format_aggregator_status(aggregated))
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
@@ -139,8 +184,9 @@ def status() -> None:
 @click.option(
     "--meters-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=Path("examples/meters.toml"),
-    show_default=True,
+    default=None,
+    help="the meter catalogue (TOML); default: the example shipped with meterstream, "
+    "examples/meters.toml in a checkout",
 )
 def demo(
     customers: int,
@@ -150,7 +196,7 @@ def demo(
     bootstrap: str | None,
     database_url: str | None,
     stripe_api_key: str | None,
-    meters_file: Path,
+    meters_file: Path | None,
 ) -> None:
     """Run the whole pipeline end to end and check Stripe against the database.
 
@@ -164,6 +210,7 @@ def demo(
                         --stripe-api-key sk_test_...
     """
     from meterstream.cli.demo import DemoOptions, run_demo
+    from meterstream.meters import EXAMPLE_CATALOGUE
 
     if stripe_api_key is not None and not stripe_api_key.startswith(("sk_test_", "rk_test_")):
         raise click.BadParameter(
@@ -177,7 +224,7 @@ def demo(
         bootstrap=bootstrap,
         database_url=database_url,
         stripe_api_key=stripe_api_key,
-        meters_file=meters_file,
+        meters_file=meters_file or EXAMPLE_CATALOGUE,
     )
     sys.exit(run_demo(options))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC
+from typing import cast
 
 import click
 import orjson
 from sqlalchemy import select
 
+from meterstream.cli.logs import LOG_LEVELS, LogLevel, LogOptions, logging_config
 from meterstream.db import build_engine
 from meterstream.events import format_value
 from meterstream.schema import window_totals
@@ -15,8 +17,14 @@ from meterstream.settings import load_settings
 
 
 @click.command()
-@click.option("--loglevel", default="info", show_default=True, help="faust's log level")
-def aggregate(loglevel: str) -> None:
+@click.option(
+    "--loglevel",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=None,
+    help="this worker's log level, faust's included  [default: the group's --log-level]",
+)
+@click.pass_context
+def aggregate(ctx: click.Context, loglevel: str | None) -> None:
     """Run an aggregator worker: usage topic -> exact window totals in the database.
 
     Start several with the same METERSTREAM_CONSUMER_GROUP to share the partitions.
@@ -24,7 +32,14 @@ def aggregate(loglevel: str) -> None:
     """
     from aggregators.worker import run_worker
 
-    run_worker(load_settings(), loglevel=loglevel)
+    options = ctx.find_object(LogOptions) or LogOptions()
+    level = cast(LogLevel, loglevel.lower()) if loglevel else options.level
+    # faust's worker replaces the logging configuration when it starts: hand it ours.
+    run_worker(
+        load_settings(),
+        loglevel=level,
+        logging_config=logging_config(level, options.log_format),
+    )
 
 
 @click.command()

@@ -9,11 +9,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy import Engine
 
+from meterstream.cli.json_output import json_document
 from meterstream.db import build_engine, migrate
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
@@ -22,6 +23,7 @@ from meterstream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from reporters.cycle import CycleResult
+    from reporters.reconcile import Reconciliation
 
 
 def _settings() -> Settings:
@@ -89,7 +91,6 @@ def report(once: bool) -> None:
 
     from reporters.service import build_reporter, connect, log_result, run_schedule
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
     catalogue = _catalogue(settings)
     stop = _stop_on_signals()
@@ -159,12 +160,28 @@ def customers_link(customer_id: str, stripe_customer_id: str) -> None:
 
 
 @customers.command("list")
-def customers_list() -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='one JSON array of {"customer_id": ..., "stripe_customer_id": ...}',
+)
+def customers_list(as_json: bool) -> None:
     """Every link, application id -> Stripe customer id."""
     from reporters.customers import load_links
 
     with _database(_settings()) as engine:
         links = load_links(engine)
+    if as_json:
+        click.echo(
+            json_document(
+                [
+                    {"customer_id": customer_id, "stripe_customer_id": stripe_customer_id}
+                    for customer_id, stripe_customer_id in sorted(links.items())
+                ]
+            )
+        )
+        return
     for customer_id, stripe_customer_id in sorted(links.items()):
         click.echo(f"{customer_id} -> {stripe_customer_id}")
     if not links:
@@ -185,7 +202,14 @@ def customers_list() -> None:
     show_default=True,
     help="end the range this many minutes ago: Stripe counts asynchronously",
 )
-def reconcile(since: datetime | None, settle_minutes: int) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="one JSON object: the range, what was settled, one entry per Stripe customer and "
+    "meter; Stripe's values as strings",
+)
+def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> None:
     """Compare the database, the ledger and Stripe's meter event summaries per Stripe customer
     and meter; exit 1 on drift. First decides unknown rows (sent or pending again) and
     confirms v2 stream rows Stripe's summaries cover (accepted -> sent)."""
@@ -214,6 +238,9 @@ def reconcile(since: datetime | None, settle_minutes: int) -> None:
             )
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json_document(_reconciliation_document(found, start)))
+        sys.exit(1 if found.drifting else 0)
     for decided in found.settled:
         click.echo(decided)
     for line in found.lines:
@@ -225,6 +252,30 @@ def reconcile(since: datetime | None, settle_minutes: int) -> None:
     )
     if found.drifting:
         sys.exit(1)
+
+
+def _reconciliation_document(found: Reconciliation, start: datetime) -> dict[str, Any]:
+    return {
+        "start": start,
+        "end": found.end,
+        "settled": found.settled,
+        "compared": len(found.lines),
+        "drifting": found.drifting,
+        "lines": [
+            {
+                "stripe_customer_id": line.stripe_customer_id,
+                "meter": line.meter,
+                "customers": line.customers,
+                "stripe_value": line.stripe_value,
+                "ledger_value": line.ledger_value,
+                "database_value": line.database_value,
+                "not_billed": line.not_billed,
+                "in_flight": line.in_flight,
+                "drift": line.drift,
+            }
+            for line in found.lines
+        ],
+    }
 
 
 REPORTER_COMMANDS: list[click.Command] = [report, customers, reconcile]

@@ -1,5 +1,43 @@
-"""The reporter fixtures serve the command tests too."""
+"""The command tests' Stripe emulator and environment; the reporter fixtures serve them too."""
 
-from tests.reporters.test_reporter import bare_emulator, world
+from __future__ import annotations
 
-__all__ = ["bare_emulator", "world"]
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stripe_emulator import Emulator, run_stripe_emulator
+from tests.reporters.test_reporter import (
+    SECRET,
+    bare_emulator,
+    create_stripe_meters,
+    world,
+    write_catalogue,
+)
+
+__all__ = ["bare_emulator", "emulator", "env", "world"]
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with run_stripe_emulator(rate_limit_per_s=None) as running:
+        create_stripe_meters(running)
+        running.state.create_customer(customer_id="cus_a")
+        yield running
+
+
+@pytest.fixture
+def env(emulator: Emulator, database_url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a ``meterstream`` process: this test's database, a catalogue and the
+    emulator; no METERSTREAM_* variable of the caller's leaks in."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    return {
+        **clean,
+        "METERSTREAM_DATABASE_URL": database_url,
+        "METERSTREAM_METERS_FILE": str(write_catalogue(tmp_path)),
+        "METERSTREAM_STRIPE_API_KEY": SECRET,
+        "METERSTREAM_STRIPE_API_BASE": emulator.url,
+        "METERSTREAM_METRICS_PORT": "0",
+    }

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from meterstream.cli.demo import MeterRow, Traffic, _print_table
-from tests.conftest import ROOT
+from meterstream.cli.demo import MeterRow, Traffic, print_table
 
 
-def test_demo_runs_the_pipeline_and_finds_stripe_matches_the_database() -> None:
+def test_demo_runs_the_pipeline_and_finds_stripe_matches_the_database(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    # Outside the checkout: the demo's catalogue comes with the package.
     done = subprocess.run(
         [sys.executable, "-m", "meterstream", "demo", "--customers", "15", "--events", "1500"],
-        cwd=ROOT,
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -41,7 +42,7 @@ def test_a_difference_is_reported_with_its_size_and_fails() -> None:
     lines: list[str] = []
     rows = [MeterRow("tokens", "sum", 100, 100, 0), MeterRow("api_calls", "sum", 10, 7, 2)]
     facts = {**FACTS, "windows_wrong": 0}
-    assert _print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
+    assert print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
     assert any("DIFFER by -3 (2 customers)" in line for line in lines)
     assert lines[-1] == "VERDICT: 1 meter(s) differ between the database and Stripe"
 
@@ -50,12 +51,12 @@ def test_differences_that_cancel_out_across_customers_still_fail() -> None:
     lines: list[str] = []
     rows = [MeterRow("tokens", "sum", 100, 100, customers_differing=2)]
     facts = {**FACTS, "windows_wrong": 0}
-    assert _print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
+    assert print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
 
 
 def test_a_window_unlike_the_events_sent_fails_even_when_stripe_agrees() -> None:
     lines: list[str] = []
     rows = [MeterRow("tokens", "sum", 100, 100, 0)]
     facts = {**FACTS, "windows_wrong": 1}
-    assert _print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
+    assert print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
     assert lines[-1] == "VERDICT: 1 window(s) differ from the events sent"

@@ -2,55 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from reporters.ledger import all_rows
-from stripe_emulator import Emulator, run_stripe_emulator
-from tests.reporters.test_reporter import (
-    SECRET,
-    create_stripe_meters,
-    hour_start,
-    put_total,
-    write_catalogue,
-)
-
-METERSTREAM = str(Path(sys.executable).parent / "meterstream")
-
-
-@pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    with run_stripe_emulator(rate_limit_per_s=None) as running:
-        create_stripe_meters(running)
-        running.state.create_customer(customer_id="cus_a")
-        yield running
-
-
-@pytest.fixture
-def env(emulator: Emulator, database_url: str, tmp_path: Path) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    return {
-        **clean,
-        "METERSTREAM_DATABASE_URL": database_url,
-        "METERSTREAM_METERS_FILE": str(write_catalogue(tmp_path)),
-        "METERSTREAM_STRIPE_API_KEY": SECRET,
-        "METERSTREAM_STRIPE_API_BASE": emulator.url,
-        "METERSTREAM_METRICS_PORT": "0",
-    }
-
-
-def meterstream(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [METERSTREAM, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+from stripe_emulator import Emulator
+from tests.cli.commands import METERSTREAM, meterstream
+from tests.reporters.test_reporter import SECRET, hour_start, put_total
 
 
 def wait_for(condition: object, timeout_s: float = 10.0) -> None:

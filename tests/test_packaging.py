@@ -67,5 +67,22 @@ def test_base_install_records_usage_without_the_stages_dependencies(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recorded" in done.stdout
+    version = subprocess.run(
+        [str(environment / "bin" / "meterstream"), "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert version.returncode == 0, version.stderr[-3000:]
+    report = subprocess.run(
+        [str(environment / "bin" / "meterstream"), "report", "--once"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert report.returncode == 2
+    assert "pip install 'meterstream[" in report.stderr, report.stderr[-3000:]
     [message] = read_topic(kafka_bootstrap, topic, expected=1)
     assert b"fresh-venv-1" in message.value()

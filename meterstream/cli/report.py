@@ -12,16 +12,16 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import Engine
 
 from meterstream.cli.json_output import json_document
-from meterstream.db import build_engine, migrate
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from reporters.cycle import CycleResult
     from reporters.reconcile import Reconciliation
 
@@ -35,6 +35,8 @@ def _settings() -> Settings:
 
 @contextlib.contextmanager
 def _database(settings: Settings) -> Iterator[Engine]:
+    from meterstream.db import build_engine, migrate
+
     engine = build_engine(settings)
     try:
         migrate(engine)

@@ -22,10 +22,11 @@ from meterstream.errors import ConfigError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings
-from reporters.cycle import SEND_THREADS, CycleResult, Reporter
+from reporters.cycle import CycleResult, Reporter, Sender
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
 from reporters.ratelimit import TokenBucket
 from reporters.stream import StreamSender
+from reporters.stream_sender import V2StreamSender
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
     StripeAuthError,
@@ -36,6 +37,7 @@ from reporters.stripe_push import (
     require_api_key,
     send_meter_event,
 )
+from reporters.v1_sender import SEND_THREADS, V1Sender
 
 _log = logging.getLogger(__name__)
 
@@ -119,8 +121,7 @@ def build_reporter(
 ) -> Reporter:
     """A Reporter over v1 meter events, or the v2 stream when METERSTREAM_STRIPE_STREAM=1."""
     settings, client, gateway = connected.settings, connected.client, connected.gateway
-    stream = None
-    send_one = None
+    sender: Sender
     if settings.stripe_stream:
         # on the same connections, so that closing ``connected`` closes them all
         stream = StreamSender(
@@ -132,23 +133,25 @@ def build_reporter(
             max_network_retries=SDK_NETWORK_RETRIES,
             renew_margin_s=renew_margin_s,
         )
+        sender = V2StreamSender(stream)
     else:
 
         def send_one(row: Any, meter: StripeMeter) -> Any:
             return send_meter_event(client, gateway, row, meter)
 
+        # More threads than calls a second allowed would only queue at the pacer.
+        sender = V1Sender(
+            send_one, workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate)))
+        )
     return Reporter(
         engine,
         catalogue,
         connected.stripe_meters,
         connected.metrics,
-        send_one=send_one,
-        stream=stream,
+        sender=sender,
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
-        # More threads than calls a second allowed would only queue at the token bucket.
-        workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate))),
     )
 
 

@@ -28,6 +28,7 @@ from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters import ledger
 from reporters.customers import stripe_customer_for
+from reporters.due import DueWindow, Key
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.rows import (
@@ -41,7 +42,6 @@ from reporters.rows import (
     write_row,
     write_rows,
 )
-from reporters.scheduler import DueWindow, Key
 from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)

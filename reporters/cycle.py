@@ -28,9 +28,9 @@ from meterstream.metrics import ReporterMetrics
 from reporters import ledger
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
+from reporters.due import Key, count_due_windows, due_windows
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.scheduler import Key, count_due_windows, due_windows
 from reporters.status import billing_lag_s
 from reporters.stripe_push import StripeAuthError
 

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from meterstream.meters import Meter
 from reporters import carry
+from reporters.due import DueWindow
 from reporters.ledger import (
     KeyHead,
     LedgerRow,
@@ -31,7 +32,6 @@ from reporters.ledger import (
     window_heads,
     window_total,
 )
-from reporters.scheduler import DueWindow
 
 TOO_OLD_CODE = "timestamp_too_old"
 HELD_NO_CUSTOMER_LINK = "no_customer_link"

@@ -24,7 +24,7 @@ from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings
 from reporters.cycle import CycleResult, Reporter, Sender
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
 from reporters.stream import StreamSender
 from reporters.stream_sender import V2StreamSender
 from reporters.stripe_push import (
@@ -92,8 +92,8 @@ def _connect(
     backoff_base_s: float,
 ) -> Connected:
     client = build_client(require_api_key(settings), settings, metrics, http_client)
-    bucket = TokenBucket(settings.stripe_rate, wait=stop.wait)
-    gateway = StripeGateway(bucket, metrics, stop, backoff_base_s=backoff_base_s)
+    pacer = Pacer(settings.stripe_rate, wait=stop.wait)
+    gateway = StripeGateway(pacer, metrics, stop, backoff_base_s=backoff_base_s)
 
     def list_page(params: Any) -> Any:
         return gateway.call(lambda: client.v1.billing.meters.list(params=params))
@@ -184,8 +184,8 @@ def fetch_summary(connected: Connected) -> Callable[[str, str, int, int], Decima
     """Stripe's aggregated value for one meter and customer over [start_s, end_s)."""
     client, gateway = connected.client, connected.gateway
 
-    def fetch(meter_id: str, customer: str, start_s: int, end_s: int) -> Decimal:
-        params: Any = {"customer": customer, "start_time": start_s, "end_time": end_s}
+    def fetch(meter_id: str, stripe_customer_id: str, start_s: int, end_s: int) -> Decimal:
+        params: Any = {"customer": stripe_customer_id, "start_time": start_s, "end_time": end_s}
         total = Decimal(0)
         while True:
             page = gateway.call(

@@ -14,6 +14,7 @@ from meterstream.meters import Catalogue
 from meterstream.schema import ledger, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
+from reporters.due import due_windows
 from reporters.ledger import (
     ACKNOWLEDGED,
     FINAL,
@@ -29,7 +30,6 @@ from reporters.rows import (
     HELD_NO_CUSTOMER_LINK,
     HELD_REVISION_WENT_BACK,
 )
-from reporters.scheduler import due_windows
 
 # Stripe bills a period's usage when the period ends (plus about an hour of grace): an event
 # sent more than a day after its timestamp may belong to a period already invoiced.

@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
+from reporters.due import Key
 from reporters.ledger import LedgerRow
-from reporters.scheduler import Key
 from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
 from reporters.stripe_push import Outcome, StoppedError
 

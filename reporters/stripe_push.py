@@ -37,7 +37,7 @@ from meterstream.metrics import ReporterMetrics
 from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
 from reporters.stripe_http import CountsRetries, KeepAliveClient, proxy_configured
 
 _log = logging.getLogger(__name__)
@@ -120,12 +120,12 @@ def build_client(
 
 
 class StripeGateway:
-    """Every call to Stripe goes through here: paced by the token bucket, timed, and retried
+    """Every call to Stripe goes through here: paced by the Pacer, timed, and retried
     on 429 with backoff and jitter (at most ``max_429_attempts`` tries)."""
 
     def __init__(
         self,
-        bucket: TokenBucket,
+        pacer: Pacer,
         metrics: ReporterMetrics,
         stop: threading.Event,
         *,
@@ -134,7 +134,7 @@ class StripeGateway:
         backoff_cap_s: float = 5.0,
         seed: int | None = None,
     ) -> None:
-        self.bucket = bucket
+        self.pacer = pacer
         self.metrics = metrics
         self.stop = stop
         self.max_429_attempts = max_429_attempts
@@ -146,7 +146,7 @@ class StripeGateway:
     def call(self, request: Callable[[], T]) -> T:
         """Run ``request``; raises the last RateLimitError, StoppedError, or the SDK's error."""
         for attempt in range(1, self.max_429_attempts + 1):
-            if self.stop.is_set() or not self.bucket.acquire():
+            if self.stop.is_set() or not self.pacer.acquire():
                 raise StoppedError("stop requested before the call")
             started_s = time.monotonic()
             try:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
+from reporters.due import Key
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.scheduler import Key
 from reporters.stripe_push import Outcome, StoppedError
 
 SendOne = Callable[[LedgerRow, StripeMeter], Outcome]

@@ -548,7 +548,7 @@ def test_calls_stay_under_the_configured_rate(
         emulator.state.create_customer(customer_id="cus_b")
         settings = world_settings(emulator, database_url, tmp_path, stripe_rate=4.0)
         world = World(emulator, migrated_engine, settings, load_catalogue(settings.meters_file))
-        emulator.bucket.reset()
+        emulator.rate_limit.reset()
         for hours_ago in range(1, 5):
             put_total(migrated_engine, "cus_a", "tokens", hour_start(hours_ago), "1")
             put_total(migrated_engine, "cus_b", "tokens", hour_start(hours_ago), "1")

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from meterstream.metrics import ReporterMetrics
 from reporters.ledger import LedgerRow, identifier_for
 from reporters.meters_check import StripeMeter
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     Outcome,
@@ -112,7 +112,7 @@ def sdk_client(emulator: Emulator, api_key: str = SECRET) -> stripe.StripeClient
 
 def a_gateway(metrics: ReporterMetrics | None = None, max_429_attempts: int = 3) -> StripeGateway:
     return StripeGateway(
-        TokenBucket(1000.0),
+        Pacer(1000.0),
         metrics or ReporterMetrics(CollectorRegistry()),
         threading.Event(),
         max_429_attempts=max_429_attempts,

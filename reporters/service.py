@@ -25,6 +25,7 @@ from meterstream.settings import Settings
 from reporters.cycle import CycleResult, Reporter, Sender
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
 from reporters.pacer import Pacer
+from reporters.pages import all_items
 from reporters.stream import StreamSender
 from reporters.stream_sender import V2StreamSender
 from reporters.stripe_push import (
@@ -185,16 +186,15 @@ def fetch_summary(connected: Connected) -> Callable[[str, str, int, int], Decima
     client, gateway = connected.client, connected.gateway
 
     def fetch(meter_id: str, stripe_customer_id: str, start_s: int, end_s: int) -> Decimal:
-        params: Any = {"customer": stripe_customer_id, "start_time": start_s, "end_time": end_s}
-        total = Decimal(0)
-        while True:
-            page = gateway.call(
-                partial(client.v1.billing.meters.event_summaries.list, meter_id, params=params)
-            )
-            for summary in page.data:
-                total += Decimal(str(summary.aggregated_value))
-            if not page.has_more or not page.data:
-                return total
-            params = {**params, "starting_after": page.data[-1].id}
+        params = {"customer": stripe_customer_id, "start_time": start_s, "end_time": end_s}
+
+        def page(page_params: Any) -> Any:
+            summaries = client.v1.billing.meters.event_summaries
+            return gateway.call(partial(summaries.list, meter_id, params=page_params))
+
+        return sum(
+            (Decimal(str(summary.aggregated_value)) for summary in all_items(page, params)),
+            Decimal(0),
+        )
 
     return fetch

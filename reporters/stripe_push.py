@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import stripe
 
+from meterstream.backoff import backoff_s
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
@@ -156,7 +157,7 @@ class StripeGateway:
                 if attempt == self.max_429_attempts:
                     raise
                 self.metrics.retried.inc()
-                delay_s = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1))
+                delay_s = backoff_s(attempt, self.backoff_base_s, self.backoff_cap_s)
                 if self.stop.wait(delay_s * self._random.uniform(0.5, 1.0)):
                     raise StoppedError("stop requested while backing off a 429") from None
             finally:

@@ -118,5 +118,6 @@ class Reporter:
         result.unacknowledged = pending + max(0, unwritten - sum(result.held.values()))
         result.unknown = ledger.count_with_status(self.engine, "unknown")
         self.metrics.pending.set(pending)
+        self.metrics.due_windows.set(unwritten)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
         self.metrics.last_cycle.set(now.timestamp())

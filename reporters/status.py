@@ -14,7 +14,7 @@ from meterstream.meters import Catalogue
 from meterstream.schema import ledger, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
-from reporters.due import due_windows
+from reporters.due import count_due_windows, due_windows
 from reporters.ledger import (
     ACKNOWLEDGED,
     FINAL,
@@ -113,11 +113,13 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
 
 def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict[str, Any]:
     """The reporter's facts: ledger counts by status, the 10 newest rejections with Stripe's
-    message, held usage, pending rows, billing lag and when Stripe last acknowledged a row."""
+    message, held usage, pending rows, due windows (changed, no ledger row yet), billing lag
+    and when Stripe last acknowledged a row."""
     counts = counts_by_status(engine)
     return {
         "ledger": counts,
         "pending": counts.get("pending", 0),
+        "due_windows": count_due_windows(engine, [meter.name for meter in catalogue]),
         "rejected": [
             {
                 "customer_id": row.customer_id,
@@ -173,6 +175,7 @@ def format_status(facts: dict[str, Any]) -> str:
         "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
     ]
     lines.append(f"pending rows: {facts['pending']}")
+    lines.append(f"due windows (changed, not yet in the ledger): {facts['due_windows']:,}")
     lines.append(
         f"unconfirmed (v2 stream accepted, not yet confirmed by reconcile): {facts['unconfirmed']}"
         " (Stripe's error_report_triggered events are not consumed; run meterstream reconcile)"

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from sqlalchemy import Engine
 
+from meterstream.errors import StripeAuthError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters import ledger
@@ -32,7 +33,6 @@ from reporters.due import Key, count_due_windows, due_windows
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.status import billing_lag_s
-from reporters.stripe_push import StripeAuthError
 
 __all__ = ["KEYS_PER_CHUNK", "CycleResult", "CycleWork", "Reporter", "Sender"]
 

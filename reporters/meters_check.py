@@ -19,13 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meterstream.errors import ConfigError
+from meterstream.errors import MeterCheckError
 from meterstream.meters import Catalogue
 from reporters.pages import ListPage, all_items
-
-
-class MeterCheckError(ConfigError):
-    """Stripe's meters do not fit the catalogue; the message lists every problem."""
 
 
 @dataclass(frozen=True, slots=True)

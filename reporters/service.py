@@ -18,7 +18,7 @@ from typing import Any
 import stripe
 from sqlalchemy import Engine
 
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, StripeAuthError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings
@@ -30,7 +30,6 @@ from reporters.stream import StreamSender
 from reporters.stream_sender import V2StreamSender
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
-    StripeAuthError,
     StripeGateway,
     build_client,
     build_http_client,

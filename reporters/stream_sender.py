@@ -15,11 +15,12 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from meterstream.errors import StoppedError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.due import Key
 from reporters.ledger import LedgerRow
 from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
-from reporters.stripe_push import Outcome, StoppedError
+from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)
 # Chunks written ahead of the sending (each at most KEYS_PER_CHUNK keys' rows).

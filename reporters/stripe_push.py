@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import stripe
 
 from meterstream.backoff import backoff_s
-from meterstream.errors import ConfigError, MeterstreamError
+from meterstream.errors import ConfigError, StoppedError, StripeAuthError
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
@@ -54,14 +54,6 @@ _ALREADY_EXISTS = re.compile(r"An event already exists with identifier (\S+?)\.?
 def scrub(text: str) -> str:
     """``text`` with every credential-looking token replaced by ``[redacted]``."""
     return _CREDENTIAL.sub("[redacted]", text)
-
-
-class StripeAuthError(MeterstreamError):
-    """Stripe refused the API key itself (401/403): no row is at fault; fix the key."""
-
-
-class StoppedError(MeterstreamError):
-    """A stop was requested while waiting to call Stripe; nothing was sent."""
 
 
 def require_api_key(settings: Settings) -> str:

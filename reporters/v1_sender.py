@@ -13,11 +13,12 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from meterstream.errors import StoppedError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.due import Key
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.stripe_push import Outcome, StoppedError
+from reporters.stripe_push import Outcome
 
 SendOne = Callable[[LedgerRow, StripeMeter], Outcome]
 # Threads calling Stripe (v1) at once; the pacer still paces them all. Each holds one

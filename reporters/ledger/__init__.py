@@ -34,7 +34,6 @@ from reporters.ledger.reads import (
     window_total,
 )
 from reporters.ledger.transitions import (
-    AcknowledgementMismatchError,
     accept_then_stamp,
     confirm_accepted,
     mark_acknowledged,
@@ -51,7 +50,6 @@ __all__ = [
     "ACKNOWLEDGED",
     "FINAL",
     "UNKNOWN_AFTER",
-    "AcknowledgementMismatchError",
     "KeyHead",
     "LedgerRow",
     "Status",

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
+from meterstream.errors import AcknowledgementMismatchError
 from meterstream.schema import ledger
 from reporters.ledger.bulk import FilterOnly, still_pending
 from reporters.ledger.model import Status
@@ -48,10 +49,6 @@ def _start_attempts(
         return set()
     found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
     return {str(identifier) for (identifier,) in found}
-
-
-class AcknowledgementMismatchError(RuntimeError):
-    """mark_all_acknowledged updated another number of rows than it found pending."""
 
 
 _STILL_PENDING = (

@@ -15,10 +15,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
+from meterstream.errors import AcknowledgementMismatchError
 from meterstream.schema import ledger as ledger_table
 from reporters import ledger
 from reporters.ledger import (
-    AcknowledgementMismatchError,
     LedgerRow,
     all_rows,
     bulk,

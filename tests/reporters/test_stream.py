@@ -18,6 +18,7 @@ import stripe
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DatabaseError
 
+from meterstream.errors import StripeAuthError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters.cycle import Reporter
@@ -29,7 +30,6 @@ from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
     Outcome,
-    StripeAuthError,
     build_client,
     classify,
 )

@@ -15,6 +15,7 @@ import pytest
 import stripe
 from prometheus_client import CollectorRegistry
 
+from meterstream.errors import StripeAuthError
 from meterstream.metrics import ReporterMetrics
 from reporters.ledger import LedgerRow, identifier_for
 from reporters.meters_check import StripeMeter
@@ -22,7 +23,6 @@ from reporters.pacer import Pacer
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     Outcome,
-    StripeAuthError,
     StripeGateway,
     classify,
     meter_event_params,

@@ -22,8 +22,8 @@ from reporters.ledger import (
     last_sent_at,
     latest_row,
     recent_rejections,
+    reported_window_value,
     rows_with_status,
-    window_total,
 )
 from reporters.rows import (
     HELD_NEGATIVE_CORRECTION,
@@ -87,14 +87,18 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
             )
             for window in windows:
                 reason = None if linked else HELD_NO_CUSTOMER_LINK
-                reported, _ = window_total(connection, customer_id, meter_name, window.window_start)
+                reported, _ = reported_window_value(
+                    connection, customer_id, meter_name, window.window_start
+                )
                 if reported > window.revision:
                     reason = HELD_REVISION_WENT_BACK
                 if reason is None and meter.stripe_formula == "sum" and not meter.allow_negative:
-                    _, previous = window_total(
+                    _, previous = reported_window_value(
                         connection, customer_id, meter_name, window.window_start
                     )
-                    value = carry.report("sum", account, previous, window.total, meter.unit_scale)
+                    value = carry.report(
+                        "sum", account, previous, window.window_value, meter.unit_scale
+                    )
                     if value.value < 0:
                         reason = HELD_NEGATIVE_CORRECTION
                 if reason is not None:
@@ -104,7 +108,7 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
                             "meter": meter_name,
                             "window_start": window.window_start,
                             "revision": window.revision,
-                            "total": window.total,
+                            "total": window.window_value,
                             "reason": reason,
                         }
                     )

@@ -28,10 +28,10 @@ from reporters.ledger.reads import (
     latest_window_row,
     pending_rows,
     recent_rejections,
+    reported_window_value,
     rows_for,
     rows_with_status,
     window_heads,
-    window_total,
 )
 from reporters.ledger.transitions import (
     accept_then_stamp,
@@ -76,10 +76,10 @@ __all__ = [
     "mark_unknown",
     "pending_rows",
     "recent_rejections",
+    "reported_window_value",
     "rows_for",
     "rows_with_status",
     "start_attempt",
     "start_attempts",
     "window_heads",
-    "window_total",
 ]

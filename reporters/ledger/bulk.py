@@ -19,7 +19,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from meterstream.schema import ExactDecimal, UTCDateTime, ledger
-from reporters.ledger.model import FIELDS, LedgerRow, values_of
+from reporters.ledger.model import COLUMNS, FIELDS, LedgerRow, values_of
 
 
 def insert_row(connection: Connection, row: LedgerRow) -> None:
@@ -47,21 +47,21 @@ def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
         )
 
 
-_INSERT_COLUMNS = ", ".join(f'"{name}"' for name in FIELDS)
+_INSERT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)
 # The columns of a ledger row that the schema's types convert (UTCDateTime, ExactDecimal); the
 # others (strings and integers) go to the driver as they are. test_ledger checks this against
 # SQLAlchemy's own bind processors on SQLite and PostgreSQL.
 TIME_COLUMNS = frozenset(
-    c.name for c in ledger.columns if isinstance(c.type, UTCDateTime) and c.name in FIELDS
+    c.name for c in ledger.columns if isinstance(c.type, UTCDateTime) and c.name in COLUMNS
 )
 DECIMAL_COLUMNS = frozenset(
-    c.name for c in ledger.columns if isinstance(c.type, ExactDecimal) and c.name in FIELDS
+    c.name for c in ledger.columns if isinstance(c.type, ExactDecimal) and c.name in COLUMNS
 )
 
 
 _ALL_FIELDS = attrgetter(*FIELDS)  # a row's values as a tuple, in one C call
-_TIME_INDEXES = tuple(i for i, name in enumerate(FIELDS) if name in TIME_COLUMNS)
-_DECIMAL_INDEXES = tuple(i for i, name in enumerate(FIELDS) if name in DECIMAL_COLUMNS)
+_TIME_INDEXES = tuple(i for i, name in enumerate(COLUMNS) if name in TIME_COLUMNS)
+_DECIMAL_INDEXES = tuple(i for i, name in enumerate(COLUMNS) if name in DECIMAL_COLUMNS)
 
 
 def driver_values(dialect_name: str, rows: Iterable[LedgerRow]) -> list[tuple[Any, ...]]:

@@ -66,10 +66,12 @@ class LedgerRow:
     window_end: datetime
     revision: int
     sequence: int
-    total: Decimal
-    accounted_total: Decimal
-    units_total: int
-    value: int
+    # The window's exact value (window_totals.value) at ``revision``; stored in the column
+    # ``total`` (see COLUMNS), not to be confused with the running totals below.
+    window_value: Decimal
+    accounted_total: Decimal  # running: the exact usage accounted for, after this row
+    units_total: int  # running: whole Stripe units issued, after this row
+    value: int  # this meter event's value (payload[value]), in whole Stripe units
     event_name: str
     stripe_customer_id: str
     timestamp: datetime
@@ -87,13 +89,20 @@ class LedgerRow:
 
 FIELDS: tuple[str, ...] = LedgerRow.__slots__
 """The row's fields, in the order of the ledger table's columns (the bulk writer's order)."""
+# A field's column has the field's name, but for window_value: its column is still ``total``
+# (renaming it needs a migration; the Python name says what it holds).
+_COLUMN_OF = {"window_value": "total"}
+COLUMNS: tuple[str, ...] = tuple(_COLUMN_OF.get(name, name) for name in FIELDS)
+"""The ledger table's column of each field of FIELDS, in the same order."""
 
 
 def row_from(mapping: Any) -> LedgerRow:
     """A LedgerRow from a result mapping of ``select(ledger)``."""
-    return LedgerRow(**{name: mapping[name] for name in FIELDS})
+    return LedgerRow(
+        **{name: mapping[column] for name, column in zip(FIELDS, COLUMNS, strict=True)}
+    )
 
 
 def values_of(row: LedgerRow) -> dict[str, Any]:
     """The row as column -> value, for ``ledger.insert()``."""
-    return {name: getattr(row, name) for name in FIELDS}
+    return {column: getattr(row, name) for name, column in zip(FIELDS, COLUMNS, strict=True)}

@@ -29,10 +29,11 @@ def latest_row(connection: Connection, customer_id: str, meter: str) -> LedgerRo
     return None if found is None else row_from(found)
 
 
-def window_total(
+def reported_window_value(
     connection: Connection, customer_id: str, meter: str, window_start: datetime
 ) -> tuple[int, Decimal]:
-    """(revision, exact total) of a window's newest row; (0, 0) if it was never reported."""
+    """(revision, exact window value) of a window's newest row; (0, 0) if it was never
+    reported."""
     found = connection.execute(
         select(ledger.c.revision, ledger.c.total)
         .where(
@@ -105,7 +106,7 @@ class WindowHead:
     """The newest ledger row of one window: what write_row reads of it."""
 
     revision: int
-    total: Decimal
+    window_value: Decimal
     timestamp: datetime
 
 
@@ -141,10 +142,10 @@ def window_heads(
         },
     )
     heads: dict[WindowKey, WindowHead] = {}
-    for customer_id, meter, window_start, revision, total, timestamp in found:
+    for customer_id, meter, window_start, revision, window_value, timestamp in found:
         key = (customer_id, meter, window_start)
         if key in windows and (key not in heads or revision > heads[key].revision):
-            heads[key] = WindowHead(int(revision), total, timestamp)
+            heads[key] = WindowHead(int(revision), window_value, timestamp)
     return heads
 
 

@@ -39,7 +39,7 @@ def pending_row(sequence: int) -> LedgerRow:
         window_end=end,
         revision=1,
         sequence=sequence,
-        total=Decimal(3),
+        window_value=Decimal(3),
         accounted_total=Decimal(3 * (sequence + 1)),
         units_total=3 * (sequence + 1),
         value=3,
@@ -161,7 +161,7 @@ def varied_rows() -> list[LedgerRow]:
             dataclasses.replace(
                 base,
                 window_start=start,
-                total=total,
+                window_value=total,
                 accounted_total=total * 3 + Decimal("0.125"),
                 timestamp=base.timestamp + timedelta(microseconds=123_456 * n),
                 status=("pending", "rejected", "sent", "carried", "unknown")[n],
@@ -201,9 +201,9 @@ def stored_text(engine: Engine) -> list[tuple[Any, ...]]:
     """Every stored value as the database holds it: SQLite's quote() shows the storage class
     and the exact text; PostgreSQL's ::text shows a numeric's scale."""
     if engine.dialect.name == "sqlite":
-        columns = ", ".join(f'typeof("{c}"), quote("{c}")' for c in model.FIELDS)
+        columns = ", ".join(f'typeof("{c}"), quote("{c}")' for c in model.COLUMNS)
     else:
-        columns = ", ".join(f'"{c}"::text' for c in model.FIELDS)
+        columns = ", ".join(f'"{c}"::text' for c in model.COLUMNS)
     with engine.connect() as connection:
         return [
             tuple(r)
@@ -231,7 +231,7 @@ def test_insert_rows_stores_exactly_what_sqlalchemy_stores(migrated_engine: Engi
 @pytest.mark.parametrize("dialect", [sqlite.dialect(), psycopg_dialect.dialect()])
 def test_driver_values_are_sqlalchemys_bind_processing(dialect: Any) -> None:
     rows = varied_rows()
-    columns = [ledger_table.c[name] for name in model.FIELDS]
+    columns = [ledger_table.c[name] for name in model.COLUMNS]
     processors = [column.type._cached_bind_processor(dialect) for column in columns]
     expected = [
         tuple(
@@ -248,7 +248,7 @@ def test_driver_values_are_sqlalchemys_bind_processing(dialect: Any) -> None:
     # Equal is not enough: the same time zone object, fold, digits of a decimal.
     assert [[repr(v) for v in row] for row in got] == [[repr(v) for v in row] for row in expected]
     # Every column the raw path passes through unchanged has no SQLAlchemy conversion.
-    for name, process in zip(model.FIELDS, processors, strict=True):
+    for name, process in zip(model.COLUMNS, processors, strict=True):
         if name not in bulk.TIME_COLUMNS | bulk.DECIMAL_COLUMNS:
             assert process is None, name
 

@@ -173,9 +173,9 @@ def _database_side(
     links: Mapping[str, str],
 ) -> dict[tuple[str, str], _Side]:
     """Per (Stripe customer, meter): the database's units and why some are not in Stripe."""
-    by_customer: dict[tuple[str, str], list[LedgerRow]] = {}
+    by_key: dict[tuple[str, str], list[LedgerRow]] = {}
     for row in rows:
-        by_customer.setdefault((row.customer_id, row.meter), []).append(row)
+        by_key.setdefault((row.customer_id, row.meter), []).append(row)
     with engine.connect() as connection:
         windows = connection.execute(
             select(
@@ -192,7 +192,7 @@ def _database_side(
     sides: dict[tuple[str, str], _Side] = {}
     for (customer_id, meter_name), values in sorted(totals.items()):
         meter = catalogue.meters[meter_name]
-        own = by_customer.get((customer_id, meter_name), [])
+        own = by_key.get((customer_id, meter_name), [])
         stripe_customer_id = stripe_customer_for(customer_id, links) or (
             own[-1].stripe_customer_id if own else UNLINKED
         )

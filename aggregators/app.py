@@ -27,7 +27,6 @@ from sqlalchemy import Engine
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
-from aggregators.status import unreported_windows
 from meterstream.lag import consumer_lag
 from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
@@ -175,7 +174,7 @@ async def _ack_in_order(
 
 
 def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
-    """Consumer lag from the broker, and the database's view of what awaits the reporter.
+    """Consumer lag from the broker, and the event-time lag of what this worker applied.
 
     Each gauge is refreshed on its own: one that cannot be read is cleared (its series
     vanishes, which the absent() alerts see) rather than left showing an old, calm value.
@@ -192,10 +191,6 @@ def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
     else:
         for partition, behind in lag.items():
             metrics.consumer_lag.labels(settings.topic, str(partition)).set(behind)
-    try:
-        metrics.unreported_windows.set(unreported_windows(state.engine))
-    except Exception:
-        _log.warning("could not count the windows awaiting the reporter", exc_info=True)
 
 
 async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> AppliedBatch:

@@ -5,30 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Engine, func, select
 
 from meterstream.lag import consumer_lag
-from meterstream.schema import ledger, rejected_events, window_totals
+from meterstream.schema import rejected_events, window_totals
 from meterstream.settings import Settings
-
-
-def unreported_windows(engine: Engine) -> int:
-    """Windows whose latest revision the reporter has not taken up yet (no ledger row)."""
-    reported = (
-        select(ledger.c.revision)
-        .where(
-            and_(
-                ledger.c.customer_id == window_totals.c.customer_id,
-                ledger.c.meter == window_totals.c.meter,
-                ledger.c.window_start == window_totals.c.window_start,
-                ledger.c.revision >= window_totals.c.revision,
-            )
-        )
-        .exists()
-    )
-    query = select(func.count()).where(window_totals.c.revision > 0, ~reported)
-    with engine.connect() as connection:
-        return int(connection.execute(query).scalar_one())
 
 
 def newest_event_time(engine: Engine) -> datetime | None:
@@ -68,7 +49,6 @@ def aggregator_status(settings: Settings, engine: Engine, now: datetime) -> dict
         "event_time_lag_s": (now - newest).total_seconds() if newest else None,
         "windows": int(windows),
         "events": int(events),
-        "unreported_windows": unreported_windows(engine),
         "dead_lettered": dead,
     }
 
@@ -88,7 +68,6 @@ def format_aggregator_status(facts: dict[str, Any]) -> str:
         f"  consumer lag        {lag_line}",
         f"  event-time lag      {'-' if event_lag is None else f'{event_lag:,.0f} s'}",
         f"  window totals       {facts['windows']:,} windows from {facts['events']:,} events",
-        f"  not yet reported    {facts['unreported_windows']:,} window(s)",
         "  dead-lettered       "
         + (", ".join(f"{reason}: {n}" for reason, n in sorted(dead.items())) or "none"),
     ]

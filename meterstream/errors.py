@@ -3,12 +3,23 @@
 MeterstreamError
  +-- ConfigError               a setting or the meter catalogue is wrong; fix it and restart
  |    +-- CatalogueError       names the meter, the key and the reason
+ |    +-- MeterCheckError      Stripe's meters do not fit the catalogue; lists every problem
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
- +-- StripeRejectedError       Stripe answered 4xx for a meter event; not retried
+ +-- StripeCallError           a call to Stripe failed for a reason no row is to blame for
+ |    +-- StripeAuthError      Stripe refused the API key (401/403); fix the key
+ |    +-- StoppedError         a stop was requested before the call; nothing was sent
+ +-- LedgerError               the ledger refused a write that would break its rules
+      +-- AcknowledgementMismatchError  an acknowledgement touched other rows than it found
+                               pending; rolled back, the rows stay pending
+
+The reporter's answers from Stripe are otherwise no exceptions: a row's fate (acknowledged,
+rejected, retry) is an ``Outcome`` recorded in the ledger. Errors of the stripe SDK itself
+(``stripe.StripeError``) are not in this tree; the reporter turns them into Outcomes, or into
+StripeAuthError for a refused key.
 """
 
 from __future__ import annotations
@@ -88,5 +99,25 @@ class ClientClosedError(MeterstreamError):
     """``record()`` was called on a closed ``UsageClient``; nothing was queued."""
 
 
-class StripeRejectedError(MeterstreamError):
-    """Stripe refused a meter event with a 4xx that must not be retried."""
+class MeterCheckError(ConfigError):
+    """Stripe's meters do not fit the catalogue; the message lists every problem."""
+
+
+class StripeCallError(MeterstreamError):
+    """A call to Stripe failed, or was not made, for a reason no ledger row is to blame for."""
+
+
+class StripeAuthError(StripeCallError):
+    """Stripe refused the API key itself (401/403): no row is at fault; fix the key."""
+
+
+class StoppedError(StripeCallError):
+    """A stop was requested while waiting to call Stripe; nothing was sent."""
+
+
+class LedgerError(MeterstreamError):
+    """The ledger refused a write that would break its rules; nothing of it was written."""
+
+
+class AcknowledgementMismatchError(LedgerError):
+    """mark_all_acknowledged updated another number of rows than it found pending."""

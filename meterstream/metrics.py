@@ -110,12 +110,6 @@ class AggregatorMetrics:
             "Now minus the newest event time applied.",
             registry=self.registry,
         )
-        self.unreported_windows = Gauge(
-            "meterstream_aggregator_unreported_windows",
-            "Windows whose latest revision the reporter has not taken up yet (no ledger row); "
-            "what it sent but Stripe has not acknowledged is meterstream_reporter_*.",
-            registry=self.registry,
-        )
 
 
 class ReporterMetrics:
@@ -160,6 +154,13 @@ class ReporterMetrics:
         self.pending = Gauge(
             "meterstream_reporter_ledger_pending_rows",
             "Ledger rows written but not yet acknowledged by Stripe.",
+            registry=self.registry,
+        )
+        self.due_windows = Gauge(
+            "meterstream_reporter_due_windows",
+            "Windows whose newest revision has no ledger row yet (changed since the reporter "
+            "last wrote them), as the last report cycle ended; what it wrote but Stripe has "
+            "not acknowledged is meterstream_reporter_ledger_pending_rows.",
             registry=self.registry,
         )
         self.billing_lag = Gauge(

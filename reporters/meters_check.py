@@ -16,16 +16,12 @@ customers ``by_id`` (the only mapping the reporter writes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meterstream.errors import ConfigError
+from meterstream.errors import MeterCheckError
 from meterstream.meters import Catalogue
-
-
-class MeterCheckError(ConfigError):
-    """Stripe's meters do not fit the catalogue; the message lists every problem."""
+from reporters.pages import ListPage, all_items
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +128,7 @@ def _why(aggregation: str, formula: str) -> str:
     return f"a {aggregation} meter reports differences, which Stripe must add up"
 
 
-def list_stripe_meters(call: Callable[[dict[str, Any]], Any]) -> list[StripeMeter]:
+def list_stripe_meters(call: ListPage) -> list[StripeMeter]:
     """Every Stripe meter, following Stripe's cursor pagination; ``call(params)`` is one
     GET /v1/billing/meters (through the gateway, so it is paced like every call)."""
-    meters: list[StripeMeter] = []
-    params: dict[str, Any] = {"limit": 100}
-    while True:
-        page = call(params)
-        batch = [parse_meter(item) for item in page.data]
-        meters.extend(batch)
-        if not page.has_more or not batch:
-            return meters
-        params = {"limit": 100, "starting_after": batch[-1].id}
+    return [parse_meter(item) for item in all_items(call, {"limit": 100})]

@@ -36,9 +36,9 @@ from meterstream.schema import window_totals
 from reporters import ledger
 from reporters.carry import exact_sum, whole_units
 from reporters.customers import load_links, stripe_customer_for
+from reporters.due import due_windows
 from reporters.ledger import ACKNOWLEDGED, LedgerRow, all_rows
 from reporters.meters_check import StripeMeter
-from reporters.scheduler import due_windows
 
 # (stripe meter id, stripe customer id, start_s, end_s) -> Stripe's aggregated value
 FetchSummary = Callable[[str, str, int, int], Decimal]
@@ -50,7 +50,7 @@ MINUTE = timedelta(minutes=1)
 class Line:
     stripe_customer_id: str
     meter: str
-    customers: tuple[str, ...]
+    customer_ids: tuple[str, ...]
     stripe_value: Decimal | None  # None: no Stripe customer to ask
     ledger_value: int
     database_value: int
@@ -68,7 +68,7 @@ class Line:
             "no Stripe customer" if self.stripe_value is None else f"Stripe {self.stripe_value}"
         )
         text = (
-            f"{mark}: {self.stripe_customer_id} {self.meter} ({', '.join(self.customers)}): "
+            f"{mark}: {self.stripe_customer_id} {self.meter} ({', '.join(self.customer_ids)}): "
             f"{stripe}, ledger acknowledged {self.ledger_value}, database {self.database_value}"
         )
         if self.not_billed:
@@ -141,12 +141,12 @@ def reconcile(
                 ):
                     settled.append(f"confirmed {row.identifier}: in Stripe's summaries")
         side = database.get((stripe_customer_id, meter_name), _Side())
-        customers = sorted({r.customer_id for r in group} | side.customers)
+        customer_ids = sorted({r.customer_id for r in group} | side.customer_ids)
         lines.append(
             Line(
                 stripe_customer_id,
                 meter_name,
-                tuple(customers),
+                tuple(customer_ids),
                 stripe_value,
                 ledger_value,
                 side.value,
@@ -159,7 +159,7 @@ def reconcile(
 
 @dataclass
 class _Side:
-    customers: set[str] = field(default_factory=set)
+    customer_ids: set[str] = field(default_factory=set)
     value: int = 0
     not_billed: list[str] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)
@@ -173,9 +173,9 @@ def _database_side(
     links: Mapping[str, str],
 ) -> dict[tuple[str, str], _Side]:
     """Per (Stripe customer, meter): the database's units and why some are not in Stripe."""
-    by_customer: dict[tuple[str, str], list[LedgerRow]] = {}
+    by_key: dict[tuple[str, str], list[LedgerRow]] = {}
     for row in rows:
-        by_customer.setdefault((row.customer_id, row.meter), []).append(row)
+        by_key.setdefault((row.customer_id, row.meter), []).append(row)
     with engine.connect() as connection:
         windows = connection.execute(
             select(
@@ -192,12 +192,12 @@ def _database_side(
     sides: dict[tuple[str, str], _Side] = {}
     for (customer_id, meter_name), values in sorted(totals.items()):
         meter = catalogue.meters[meter_name]
-        own = by_customer.get((customer_id, meter_name), [])
+        own = by_key.get((customer_id, meter_name), [])
         stripe_customer_id = stripe_customer_for(customer_id, links) or (
             own[-1].stripe_customer_id if own else UNLINKED
         )
         side = sides.setdefault((stripe_customer_id, meter_name), _Side())
-        side.customers.add(customer_id)
+        side.customer_ids.add(customer_id)
         if meter.stripe_formula == "sum":
             units = whole_units(exact_sum(v for _, v in values), meter.unit_scale)
         else:

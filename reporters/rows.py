@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from meterstream.meters import Meter
 from reporters import carry
+from reporters.due import DueWindow
 from reporters.ledger import (
     KeyHead,
     LedgerRow,
@@ -28,10 +29,9 @@ from reporters.ledger import (
     key_heads,
     latest_row,
     latest_window_row,
+    reported_window_value,
     window_heads,
-    window_total,
 )
-from reporters.scheduler import DueWindow
 
 TOO_OLD_CODE = "timestamp_too_old"
 HELD_NO_CUSTOMER_LINK = "no_customer_link"
@@ -110,7 +110,7 @@ def write_row(
     """
     with engine.begin() as connection:
         latest = latest_row(connection, window.customer_id, window.meter)
-        reported_revision, previous_total = window_total(
+        reported_revision, previous_total = reported_window_value(
             connection, window.customer_id, window.meter, window.window_start
         )
         previous = None
@@ -158,7 +158,7 @@ def write_rows(
             row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days)
             if isinstance(row, LedgerRow):
                 latest[key] = KeyHead(row.sequence, row.accounted_total, row.units_total)
-                heads[start] = WindowHead(row.revision, row.total, row.timestamp)
+                heads[start] = WindowHead(row.revision, row.window_value, row.timestamp)
             results.append(row)
         insert_rows(connection, (r for r in results if isinstance(r, LedgerRow)))
     return results
@@ -180,14 +180,14 @@ def decide_row(
         if latest is not None
         else _NOTHING_ACCOUNTED
     )
-    reported_revision, previous_total = (head.revision, head.total) if head else (0, _ZERO)
+    reported_revision, previous_total = (head.revision, head.window_value) if head else (0, _ZERO)
     if reported_revision == window.revision:
         return None
     if reported_revision > window.revision:
         # The aggregators' revision went backwards (table rebuilt?): the ledger's running
         # totals no longer describe window_totals. A person must look.
         return Held(window, HELD_REVISION_WENT_BACK)
-    report = carry.report(formula, account, previous_total, window.total, meter.unit_scale)
+    report = carry.report(formula, account, previous_total, window.window_value, meter.unit_scale)
     if formula == "sum" and report.value < 0 and not meter.allow_negative:
         # Sending it would invent a credit the catalogue forbids; dropping it would lose
         # it. Hold it: the window stays due until its total rises again or a person acts.
@@ -212,7 +212,7 @@ def decide_row(
         window_end=window.window_end,
         revision=window.revision,
         sequence=(latest.sequence + 1) if latest is not None else 1,
-        total=window.total,
+        window_value=window.window_value,
         accounted_total=report.account.accounted_total,
         units_total=report.account.units_total,
         value=report.value,

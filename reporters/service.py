@@ -18,17 +18,18 @@ from typing import Any
 import stripe
 from sqlalchemy import Engine
 
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, StripeAuthError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings
-from reporters.cycle import SEND_THREADS, CycleResult, Reporter
+from reporters.cycle import CycleResult, Reporter, Sender
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
+from reporters.pages import all_items
 from reporters.stream import StreamSender
+from reporters.stream_sender import V2StreamSender
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
-    StripeAuthError,
     StripeGateway,
     build_client,
     build_http_client,
@@ -36,6 +37,7 @@ from reporters.stripe_push import (
     require_api_key,
     send_meter_event,
 )
+from reporters.v1_sender import SEND_THREADS, V1Sender
 
 _log = logging.getLogger(__name__)
 
@@ -90,8 +92,8 @@ def _connect(
     backoff_base_s: float,
 ) -> Connected:
     client = build_client(require_api_key(settings), settings, metrics, http_client)
-    bucket = TokenBucket(settings.stripe_rate, wait=stop.wait)
-    gateway = StripeGateway(bucket, metrics, stop, backoff_base_s=backoff_base_s)
+    pacer = Pacer(settings.stripe_rate, wait=stop.wait)
+    gateway = StripeGateway(pacer, metrics, stop, backoff_base_s=backoff_base_s)
 
     def list_page(params: Any) -> Any:
         return gateway.call(lambda: client.v1.billing.meters.list(params=params))
@@ -119,8 +121,7 @@ def build_reporter(
 ) -> Reporter:
     """A Reporter over v1 meter events, or the v2 stream when METERSTREAM_STRIPE_STREAM=1."""
     settings, client, gateway = connected.settings, connected.client, connected.gateway
-    stream = None
-    send_one = None
+    sender: Sender
     if settings.stripe_stream:
         # on the same connections, so that closing ``connected`` closes them all
         stream = StreamSender(
@@ -132,23 +133,25 @@ def build_reporter(
             max_network_retries=SDK_NETWORK_RETRIES,
             renew_margin_s=renew_margin_s,
         )
+        sender = V2StreamSender(stream)
     else:
 
         def send_one(row: Any, meter: StripeMeter) -> Any:
             return send_meter_event(client, gateway, row, meter)
 
+        # More threads than calls a second allowed would only queue at the pacer.
+        sender = V1Sender(
+            send_one, workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate)))
+        )
     return Reporter(
         engine,
         catalogue,
         connected.stripe_meters,
         connected.metrics,
-        send_one=send_one,
-        stream=stream,
+        sender=sender,
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
-        # More threads than calls a second allowed would only queue at the token bucket.
-        workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate))),
     )
 
 
@@ -181,17 +184,16 @@ def fetch_summary(connected: Connected) -> Callable[[str, str, int, int], Decima
     """Stripe's aggregated value for one meter and customer over [start_s, end_s)."""
     client, gateway = connected.client, connected.gateway
 
-    def fetch(meter_id: str, customer: str, start_s: int, end_s: int) -> Decimal:
-        params: Any = {"customer": customer, "start_time": start_s, "end_time": end_s}
-        total = Decimal(0)
-        while True:
-            page = gateway.call(
-                partial(client.v1.billing.meters.event_summaries.list, meter_id, params=params)
-            )
-            for summary in page.data:
-                total += Decimal(str(summary.aggregated_value))
-            if not page.has_more or not page.data:
-                return total
-            params = {**params, "starting_after": page.data[-1].id}
+    def fetch(meter_id: str, stripe_customer_id: str, start_s: int, end_s: int) -> Decimal:
+        params = {"customer": stripe_customer_id, "start_time": start_s, "end_time": end_s}
+
+        def page(page_params: Any) -> Any:
+            summaries = client.v1.billing.meters.event_summaries
+            return gateway.call(partial(summaries.list, meter_id, params=page_params))
+
+        return sum(
+            (Decimal(str(summary.aggregated_value)) for summary in all_items(page, params)),
+            Decimal(0),
+        )
 
     return fetch

@@ -14,6 +14,7 @@ from meterstream.meters import Catalogue
 from meterstream.schema import ledger, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
+from reporters.due import count_due_windows, due_windows
 from reporters.ledger import (
     ACKNOWLEDGED,
     FINAL,
@@ -21,15 +22,14 @@ from reporters.ledger import (
     last_sent_at,
     latest_row,
     recent_rejections,
+    reported_window_value,
     rows_with_status,
-    window_total,
 )
 from reporters.rows import (
     HELD_NEGATIVE_CORRECTION,
     HELD_NO_CUSTOMER_LINK,
     HELD_REVISION_WENT_BACK,
 )
-from reporters.scheduler import due_windows
 
 # Stripe bills a period's usage when the period ends (plus about an hour of grace): an event
 # sent more than a day after its timestamp may belong to a period already invoiced.
@@ -87,14 +87,18 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
             )
             for window in windows:
                 reason = None if linked else HELD_NO_CUSTOMER_LINK
-                reported, _ = window_total(connection, customer_id, meter_name, window.window_start)
+                reported, _ = reported_window_value(
+                    connection, customer_id, meter_name, window.window_start
+                )
                 if reported > window.revision:
                     reason = HELD_REVISION_WENT_BACK
                 if reason is None and meter.stripe_formula == "sum" and not meter.allow_negative:
-                    _, previous = window_total(
+                    _, previous = reported_window_value(
                         connection, customer_id, meter_name, window.window_start
                     )
-                    value = carry.report("sum", account, previous, window.total, meter.unit_scale)
+                    value = carry.report(
+                        "sum", account, previous, window.window_value, meter.unit_scale
+                    )
                     if value.value < 0:
                         reason = HELD_NEGATIVE_CORRECTION
                 if reason is not None:
@@ -104,7 +108,7 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
                             "meter": meter_name,
                             "window_start": window.window_start,
                             "revision": window.revision,
-                            "total": window.total,
+                            "total": window.window_value,
                             "reason": reason,
                         }
                     )
@@ -113,11 +117,13 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
 
 def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict[str, Any]:
     """The reporter's facts: ledger counts by status, the 10 newest rejections with Stripe's
-    message, held usage, pending rows, billing lag and when Stripe last acknowledged a row."""
+    message, held usage, pending rows, due windows (changed, no ledger row yet), billing lag
+    and when Stripe last acknowledged a row."""
     counts = counts_by_status(engine)
     return {
         "ledger": counts,
         "pending": counts.get("pending", 0),
+        "due_windows": count_due_windows(engine, [meter.name for meter in catalogue]),
         "rejected": [
             {
                 "customer_id": row.customer_id,
@@ -173,6 +179,7 @@ def format_status(facts: dict[str, Any]) -> str:
         "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
     ]
     lines.append(f"pending rows: {facts['pending']}")
+    lines.append(f"due windows (changed, not yet in the ledger): {facts['due_windows']:,}")
     lines.append(
         f"unconfirmed (v2 stream accepted, not yet confirmed by reconcile): {facts['unconfirmed']}"
         " (Stripe's error_report_triggered events are not consumed; run meterstream reconcile)"

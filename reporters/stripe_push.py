@@ -32,12 +32,13 @@ from typing import Any, TypeVar
 
 import stripe
 
-from meterstream.errors import ConfigError, MeterstreamError
+from meterstream.backoff import backoff_s
+from meterstream.errors import ConfigError, StoppedError, StripeAuthError
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
 from reporters.stripe_http import CountsRetries, KeepAliveClient, proxy_configured
 
 _log = logging.getLogger(__name__)
@@ -53,14 +54,6 @@ _ALREADY_EXISTS = re.compile(r"An event already exists with identifier (\S+?)\.?
 def scrub(text: str) -> str:
     """``text`` with every credential-looking token replaced by ``[redacted]``."""
     return _CREDENTIAL.sub("[redacted]", text)
-
-
-class StripeAuthError(MeterstreamError):
-    """Stripe refused the API key itself (401/403): no row is at fault; fix the key."""
-
-
-class StoppedError(MeterstreamError):
-    """A stop was requested while waiting to call Stripe; nothing was sent."""
 
 
 def require_api_key(settings: Settings) -> str:
@@ -120,12 +113,12 @@ def build_client(
 
 
 class StripeGateway:
-    """Every call to Stripe goes through here: paced by the token bucket, timed, and retried
+    """Every call to Stripe goes through here: paced by the Pacer, timed, and retried
     on 429 with backoff and jitter (at most ``max_429_attempts`` tries)."""
 
     def __init__(
         self,
-        bucket: TokenBucket,
+        pacer: Pacer,
         metrics: ReporterMetrics,
         stop: threading.Event,
         *,
@@ -134,7 +127,7 @@ class StripeGateway:
         backoff_cap_s: float = 5.0,
         seed: int | None = None,
     ) -> None:
-        self.bucket = bucket
+        self.pacer = pacer
         self.metrics = metrics
         self.stop = stop
         self.max_429_attempts = max_429_attempts
@@ -146,7 +139,7 @@ class StripeGateway:
     def call(self, request: Callable[[], T]) -> T:
         """Run ``request``; raises the last RateLimitError, StoppedError, or the SDK's error."""
         for attempt in range(1, self.max_429_attempts + 1):
-            if self.stop.is_set() or not self.bucket.acquire():
+            if self.stop.is_set() or not self.pacer.acquire():
                 raise StoppedError("stop requested before the call")
             started_s = time.monotonic()
             try:
@@ -156,7 +149,7 @@ class StripeGateway:
                 if attempt == self.max_429_attempts:
                     raise
                 self.metrics.retried.inc()
-                delay_s = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1))
+                delay_s = backoff_s(attempt, self.backoff_base_s, self.backoff_cap_s)
                 if self.stop.wait(delay_s * self._random.uniform(0.5, 1.0)):
                     raise StoppedError("stop requested while backing off a 429") from None
             finally:

@@ -10,7 +10,7 @@ error shapes, plus faults a test can inject. Modules, from the wire inwards:
 from __future__ import annotations
 
 from stripe_emulator.faults import FAULT_KINDS, FaultKind, Faults
-from stripe_emulator.limits import TokenBucket
+from stripe_emulator.limits import RefusingRateLimit
 from stripe_emulator.records import (
     AsyncError,
     Customer,
@@ -24,23 +24,23 @@ from stripe_emulator.server import (
     run_stripe_emulator,
     serve_forever,
 )
-from stripe_emulator.state import Clock, EmulatorState, ManualClock
+from stripe_emulator.state import EmulatorState, EpochSeconds, ManualClock
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_PER_S",
     "FAULT_KINDS",
     "AsyncError",
-    "Clock",
     "Customer",
     "Emulator",
     "EmulatorState",
+    "EpochSeconds",
     "FaultKind",
     "Faults",
     "ManualClock",
     "Meter",
     "MeterEvent",
+    "RefusingRateLimit",
     "StripeApiError",
-    "TokenBucket",
     "run_stripe_emulator",
     "serve_forever",
 ]

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 
 from stripe_emulator import limits
 from stripe_emulator.faults import Faults
-from stripe_emulator.limits import CallSlots, TokenBucket
+from stripe_emulator.limits import CallSlots, RefusingRateLimit
 from stripe_emulator.records import CachedResponse, StripeApiError
 from stripe_emulator.routes import ROUTES, Route
 from stripe_emulator.state import EmulatorState
@@ -74,11 +74,11 @@ class StripeApi:
     """Answers Stripe API requests from `state`, applying limits and injected faults."""
 
     def __init__(
-        self, state: EmulatorState, faults: Faults, bucket: TokenBucket, slots: CallSlots
+        self, state: EmulatorState, faults: Faults, rate_limit: RefusingRateLimit, slots: CallSlots
     ) -> None:
         self.state = state
         self.faults = faults
-        self.bucket = bucket
+        self.rate_limit = rate_limit
         self.slots = slots
 
     def handle(self, request: ApiRequest) -> ApiResponse:
@@ -91,7 +91,7 @@ class StripeApi:
             return error_response(error, request)
         try:
             self._authenticate(request, route.auth)
-            if not self.bucket.take():
+            if not self.rate_limit.take():
                 raise limits.rate_limit_error()
             fault = self.faults.take(request.path)
             if fault == "http_500":

@@ -1,4 +1,5 @@
-"""Stripe's call limits: a per-account rate (token bucket) and one call per customer and meter.
+"""Stripe's call limits: a per-account rate (RefusingRateLimit, a token bucket that refuses)
+and one call per customer and meter.
 
 Both answer "no" instead of waiting, because Stripe answers 429 instead of queueing; the
 client is the one that must back off.
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from stripe_emulator.records import StripeApiError
 
 
-class TokenBucket:
+class RefusingRateLimit:
     """`rate_per_s` calls a second with bursts of the same size; None means no limit.
 
     The clock is monotonic seconds and separate from the emulator's Stripe clock, so a test

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 from stripe_emulator.api import ApiRequest, ApiResponse, StripeApi, error_response
 from stripe_emulator.faults import Faults
-from stripe_emulator.limits import CallSlots, TokenBucket
+from stripe_emulator.limits import CallSlots, RefusingRateLimit
 from stripe_emulator.records import StripeApiError
-from stripe_emulator.state import Clock, EmulatorState
+from stripe_emulator.state import EmulatorState, EpochSeconds
 
 DEFAULT_RATE_LIMIT_PER_S = 100  # Stripe's live-mode default per account
 _log = logging.getLogger(__name__)
@@ -43,14 +43,14 @@ class Emulator:
     url: str
     state: EmulatorState
     faults: Faults
-    bucket: TokenBucket
+    rate_limit: RefusingRateLimit
     received: deque[ApiRequest] = field(default_factory=lambda: deque(maxlen=0))
 
     def reset(self) -> None:
-        """Empty the account, clear faults, refill the rate-limit bucket."""
+        """Empty the account, clear faults, refill the rate limit."""
         self.state.reset()
         self.faults.clear()
-        self.bucket.reset()
+        self.rate_limit.reset()
 
 
 class _Server(ThreadingHTTPServer):
@@ -61,7 +61,7 @@ class _Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.emulator = emulator_of(f"http://{host!s}:{port}")
         self.api = StripeApi(
-            self.emulator.state, self.emulator.faults, self.emulator.bucket, CallSlots()
+            self.emulator.state, self.emulator.faults, self.emulator.rate_limit, CallSlots()
         )
 
 
@@ -183,7 +183,7 @@ def _make_server(
     port: int,
     *,
     rate_limit_per_s: int | None,
-    clock: Clock,
+    clock: EpochSeconds,
     rate_clock: Callable[[], float],
     fault_seed: int,
     keep_requests: int = 0,
@@ -193,7 +193,7 @@ def _make_server(
             url,
             EmulatorState(clock),
             Faults(fault_seed),
-            TokenBucket(rate_limit_per_s, rate_clock),
+            RefusingRateLimit(rate_limit_per_s, rate_clock),
             deque(maxlen=keep_requests),
         )
 
@@ -206,7 +206,7 @@ def run_stripe_emulator(
     *,
     host: str = "127.0.0.1",
     rate_limit_per_s: int | None = DEFAULT_RATE_LIMIT_PER_S,
-    clock: Clock = time.time,
+    clock: EpochSeconds = time.time,
     rate_clock: Callable[[], float] = time.monotonic,
     fault_seed: int = 0,
     keep_requests: int = 0,
@@ -215,7 +215,7 @@ def run_stripe_emulator(
 
     `port=0` picks a free port (read it from `.url`). `clock` is Stripe's clock (Unix
     seconds: timestamps, session expiry, the 24 h cancel window); `rate_clock` drives the
-    rate-limit bucket; `rate_limit_per_s=None` turns the account rate limit off;
+    account rate limit; `rate_limit_per_s=None` turns the account rate limit off;
     `keep_requests`: how many of the latest API calls `Emulator.received` keeps.
     """
     server = _make_server(

@@ -27,7 +27,7 @@ from stripe_emulator.records import (
     StripeApiError,
 )
 
-Clock = Callable[[], float]
+EpochSeconds = Callable[[], float]  # Stripe's clock: Unix seconds (time.time or a ManualClock)
 
 
 class ManualClock:
@@ -59,7 +59,7 @@ class StreamEvent:
 class EmulatorState:
     """Everything one fake Stripe account holds; every method is thread-safe."""
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    def __init__(self, clock: EpochSeconds = time.time) -> None:
         self.clock = clock
         self.lock = threading.RLock()
         self.reset()

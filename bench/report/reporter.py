@@ -17,11 +17,12 @@ from meterstream.metrics import ReporterMetrics
 from meterstream.settings import load_settings
 from reporters.cycle import Reporter
 from reporters.service import build_reporter, connect
+from reporters.v1_sender import V1Sender
 
 METERS_FILE = EXAMPLE_CATALOGUE
 API_KEY = "sk_test_meterstreambench"
 # The reporter's thread pool (Reporter(workers=...)'s default, as build_reporter leaves it).
-THREADS: int = inspect.signature(Reporter.__init__).parameters["workers"].default
+THREADS: int = inspect.signature(V1Sender.__init__).parameters["workers"].default
 # Settings caps METERSTREAM_STRIPE_RATE at 10,000 calls/s: one call per 0.1 ms, far above
 # what is measured here, so the pace is not what limits the reporter.
 STRIPE_RATE = 10_000.0

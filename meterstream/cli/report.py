@@ -267,7 +267,7 @@ def _reconciliation_document(found: Reconciliation, start: datetime) -> dict[str
             {
                 "stripe_customer_id": line.stripe_customer_id,
                 "meter": line.meter,
-                "customers": line.customers,
+                "customer_ids": line.customer_ids,
                 "stripe_value": line.stripe_value,
                 "ledger_value": line.ledger_value,
                 "database_value": line.database_value,

@@ -21,10 +21,10 @@ from meterstream.metrics import ReporterMetrics
 from meterstream.settings import load_settings
 from reporters.customers import link_customer
 from reporters.cycle import Reporter
+from reporters.due import due_windows
 from reporters.ledger import all_rows, rows_for
 from reporters.reconcile import Reconciliation, reconcile
 from reporters.rows import RowJob, write_rows
-from reporters.scheduler import due_windows
 from reporters.service import build_reporter, connect, fetch_summary
 from reporters.status import format_status, reporter_status
 from reporters.stripe_push import build_client, classify
@@ -279,7 +279,7 @@ def test_reconcile_groups_by_stripe_customer_and_lists_unbilled_database_usage(
 
     by_key = {(line.stripe_customer_id, line.meter): line for line in found.lines}
     shared = by_key[("cus_a", "tokens")]
-    assert (shared.customers, shared.stripe_value, shared.ledger_value) == (
+    assert (shared.customer_ids, shared.stripe_value, shared.ledger_value) == (
         ("app1", "app2"),
         5,
         5,

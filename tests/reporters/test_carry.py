@@ -1,4 +1,4 @@
-"""Pure parts of the reporter: unit conversion with carry, identifiers, the token bucket."""
+"""Pure parts of the reporter: unit conversion with carry, identifiers, the token pacer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from reporters.carry import Account, exact_sum, report, whole_units
 from reporters.ledger import identifier_for
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
 
 
 def _send_all(totals: list[tuple[int, str]], scale: str = "1") -> list[int]:
@@ -90,20 +90,20 @@ class _FakeTime:
         return False
 
 
-def test_token_bucket_spaces_calls_to_the_rate() -> None:
+def test_pacer_spaces_calls_to_the_rate() -> None:
     fake = _FakeTime()
-    bucket = TokenBucket(5.0, clock=fake.clock, wait=fake.wait)
+    pacer = Pacer(5.0, clock=fake.clock, wait=fake.wait)
     moments = []
     for _ in range(11):
-        assert bucket.acquire()
+        assert pacer.acquire()
         moments.append(fake.now_s)
     # 11 calls at 5/s take 2 s: no one-second window ever holds more than 5 calls.
     assert round(moments[-1] - moments[0], 9) == 2.0
     assert all(sum(1 for m in moments if t <= m < t + 0.999) <= 5 for t in moments)
 
 
-def test_token_bucket_wait_cut_short_by_a_stop() -> None:
+def test_pacer_wait_cut_short_by_a_stop() -> None:
     fake = _FakeTime()
-    bucket = TokenBucket(1.0, clock=fake.clock, wait=lambda _s: True)
-    assert bucket.acquire()
-    assert not bucket.acquire()
+    pacer = Pacer(1.0, clock=fake.clock, wait=lambda _s: True)
+    assert pacer.acquire()
+    assert not pacer.acquire()

@@ -15,9 +15,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
+from meterstream.errors import AcknowledgementMismatchError
 from meterstream.schema import ledger as ledger_table
 from reporters import ledger
-from reporters.ledger import AcknowledgementMismatchError, LedgerRow, all_rows
+from reporters.ledger import (
+    LedgerRow,
+    all_rows,
+    bulk,
+    model,
+    transitions,
+)
 
 NOW = datetime(2026, 1, 5, 12, tzinfo=UTC)
 
@@ -32,7 +39,7 @@ def pending_row(sequence: int) -> LedgerRow:
         window_end=end,
         revision=1,
         sequence=sequence,
-        total=Decimal(3),
+        window_value=Decimal(3),
         accounted_total=Decimal(3 * (sequence + 1)),
         units_total=3 * (sequence + 1),
         value=3,
@@ -106,7 +113,7 @@ def test_acknowledgement_updating_fewer_rows_than_found_raises_and_rolls_back(
     # Between the select and the updates, a row stops being pending (what the row lock is
     # there to prevent), in the same transaction so neither database blocks on it.
     def settle_one_first(connection: Any, clauseelement: Any, *args: Any) -> None:
-        if clauseelement is ledger._ACKNOWLEDGE:
+        if clauseelement is transitions._ACKNOWLEDGE:
             connection.execute(
                 update(ledger_table)
                 .where(ledger_table.c.identifier == settled)
@@ -129,7 +136,7 @@ def test_acknowledgement_updating_fewer_rows_than_found_raises_and_rolls_back(
 
 
 def test_postgresql_locks_the_pending_rows_in_identifier_order() -> None:
-    sql = str(ledger._STILL_PENDING.compile(dialect=postgresql.dialect()))
+    sql = str(transitions._STILL_PENDING.compile(dialect=postgresql.dialect()))
 
     assert sql.endswith("ORDER BY ledger.identifier FOR UPDATE")
 
@@ -154,7 +161,7 @@ def varied_rows() -> list[LedgerRow]:
             dataclasses.replace(
                 base,
                 window_start=start,
-                total=total,
+                window_value=total,
                 accounted_total=total * 3 + Decimal("0.125"),
                 timestamp=base.timestamp + timedelta(microseconds=123_456 * n),
                 status=("pending", "rejected", "sent", "carried", "unknown")[n],
@@ -194,9 +201,9 @@ def stored_text(engine: Engine) -> list[tuple[Any, ...]]:
     """Every stored value as the database holds it: SQLite's quote() shows the storage class
     and the exact text; PostgreSQL's ::text shows a numeric's scale."""
     if engine.dialect.name == "sqlite":
-        columns = ", ".join(f'typeof("{c}"), quote("{c}")' for c in ledger._FIELDS)
+        columns = ", ".join(f'typeof("{c}"), quote("{c}")' for c in model.COLUMNS)
     else:
-        columns = ", ".join(f'"{c}"::text' for c in ledger._FIELDS)
+        columns = ", ".join(f'"{c}"::text' for c in model.COLUMNS)
     with engine.connect() as connection:
         return [
             tuple(r)
@@ -209,7 +216,7 @@ def stored_text(engine: Engine) -> list[tuple[Any, ...]]:
 def test_insert_rows_stores_exactly_what_sqlalchemy_stores(migrated_engine: Engine) -> None:
     rows = varied_rows()
     with migrated_engine.begin() as connection:
-        connection.execute(ledger_table.insert(), [ledger._values(row) for row in rows])
+        connection.execute(ledger_table.insert(), [model.values_of(row) for row in rows])
     by_sqlalchemy, stored_by_sqlalchemy = all_rows(migrated_engine), stored_text(migrated_engine)
     with migrated_engine.begin() as connection:
         connection.execute(ledger_table.delete())
@@ -224,12 +231,12 @@ def test_insert_rows_stores_exactly_what_sqlalchemy_stores(migrated_engine: Engi
 @pytest.mark.parametrize("dialect", [sqlite.dialect(), psycopg_dialect.dialect()])
 def test_driver_values_are_sqlalchemys_bind_processing(dialect: Any) -> None:
     rows = varied_rows()
-    columns = [ledger_table.c[name] for name in ledger._FIELDS]
+    columns = [ledger_table.c[name] for name in model.COLUMNS]
     processors = [column.type._cached_bind_processor(dialect) for column in columns]
     expected = [
         tuple(
             value if process is None else process(value)
-            for value, process in zip(ledger._values(row).values(), processors, strict=True)
+            for value, process in zip(model.values_of(row).values(), processors, strict=True)
         )
         for row in rows
     ]
@@ -241,8 +248,8 @@ def test_driver_values_are_sqlalchemys_bind_processing(dialect: Any) -> None:
     # Equal is not enough: the same time zone object, fold, digits of a decimal.
     assert [[repr(v) for v in row] for row in got] == [[repr(v) for v in row] for row in expected]
     # Every column the raw path passes through unchanged has no SQLAlchemy conversion.
-    for name, process in zip(ledger._FIELDS, processors, strict=True):
-        if name not in ledger._TIME_COLUMNS | ledger._DECIMAL_COLUMNS:
+    for name, process in zip(model.COLUMNS, processors, strict=True):
+        if name not in bulk.TIME_COLUMNS | bulk.DECIMAL_COLUMNS:
             assert process is None, name
 
 

@@ -548,7 +548,7 @@ def test_calls_stay_under_the_configured_rate(
         emulator.state.create_customer(customer_id="cus_b")
         settings = world_settings(emulator, database_url, tmp_path, stripe_rate=4.0)
         world = World(emulator, migrated_engine, settings, load_catalogue(settings.meters_file))
-        emulator.bucket.reset()
+        emulator.rate_limit.reset()
         for hours_ago in range(1, 5):
             put_total(migrated_engine, "cus_a", "tokens", hour_start(hours_ago), "1")
             put_total(migrated_engine, "cus_b", "tokens", hour_start(hours_ago), "1")
@@ -637,3 +637,21 @@ def test_status_shows_counts_rejections_held_usage_and_billing_lag(world: World)
     link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))
     world.cycle()
     assert world.metric("meterstream_reporter_billing_lag_seconds") == 0
+
+
+def test_the_due_windows_gauge_counts_what_the_cycle_left_unwritten(world: World) -> None:
+    from reporters.status import format_status, reporter_status
+
+    closed = hour_start(3)
+    put_total(world.engine, "cus_a", "api_calls", closed, "4")
+    put_total(world.engine, "acme", "tokens", closed, "2")
+    assert reporter_status(world.engine, world.catalogue, datetime.now(UTC))["due_windows"] == 2
+    world.cycle()
+    # acme has no Stripe customer: its window is held, still due.
+    assert world.metric("meterstream_reporter_due_windows") == 1
+    facts = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
+    assert facts["due_windows"] == 1
+    assert "due windows (changed, not yet in the ledger): 1" in format_status(facts)
+    link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))
+    world.cycle()
+    assert world.metric("meterstream_reporter_due_windows") == 0

@@ -18,17 +18,18 @@ import stripe
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DatabaseError
 
+from meterstream.errors import StripeAuthError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, all_rows, insert_rows
 from reporters.service import connect
 from reporters.stream import STREAM_PATH, StreamSender, stream_error, stream_event
+from reporters.stream_sender import V2StreamSender
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
     Outcome,
-    StripeAuthError,
     build_client,
     classify,
 )
@@ -294,8 +295,7 @@ def stream_reporter(world: World, transport: KeepAliveClient) -> Iterator[Report
         world.catalogue,
         connected.stripe_meters,
         world.metrics,
-        send_one=None,
-        stream=stream,
+        sender=V2StreamSender(stream),
         clock=lambda: datetime.now(UTC),
         stop=world.stop,
         horizon_days=settings.horizon_days,

@@ -15,14 +15,14 @@ import pytest
 import stripe
 from prometheus_client import CollectorRegistry
 
+from meterstream.errors import StripeAuthError
 from meterstream.metrics import ReporterMetrics
 from reporters.ledger import LedgerRow, identifier_for
 from reporters.meters_check import StripeMeter
-from reporters.ratelimit import TokenBucket
+from reporters.pacer import Pacer
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     Outcome,
-    StripeAuthError,
     StripeGateway,
     classify,
     meter_event_params,
@@ -112,7 +112,7 @@ def sdk_client(emulator: Emulator, api_key: str = SECRET) -> stripe.StripeClient
 
 def a_gateway(metrics: ReporterMetrics | None = None, max_429_attempts: int = 3) -> StripeGateway:
     return StripeGateway(
-        TokenBucket(1000.0),
+        Pacer(1000.0),
         metrics or ReporterMetrics(CollectorRegistry()),
         threading.Event(),
         max_429_attempts=max_429_attempts,

@@ -1,8 +1,9 @@
 """The reporter's own pace: at most METERSTREAM_STRIPE_RATE calls per second, every call.
 
 Stripe answers 429 rather than queueing, so the reporter keeps under the rate itself instead of
-spending calls to learn it. The bucket holds one token: calls are spaced at least 1/rate apart,
-so no burst can exceed the rate over any window, whatever Stripe's own bucket size is.
+spending calls to learn it. The Pacer waits (a token bucket of one token): calls are spaced at
+least 1/rate apart, so no burst can exceed the rate over any window, whatever Stripe's own
+bucket size is. (The emulator's RefusingRateLimit is Stripe's side: it refuses, never waits.)
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ import threading
 import time
 from collections.abc import Callable
 
-Clock = Callable[[], float]
+MonotonicSeconds = Callable[[], float]  # time.monotonic or a test's fake
 Wait = Callable[[float], bool]  # waits up to n seconds; True if the process is stopping
 
 
-class TokenBucket:
+class Pacer:
     """``rate_per_s`` calls a second, spaced evenly; thread-safe.
 
     ``clock`` is monotonic seconds and ``wait`` sleeps (e.g. ``threading.Event().wait``, so a
     stop request ends the wait); both are seams for tests.
     """
 
-    def __init__(self, rate_per_s: float, clock: Clock = time.monotonic, wait: Wait | None = None):
+    def __init__(
+        self, rate_per_s: float, clock: MonotonicSeconds = time.monotonic, wait: Wait | None = None
+    ):
         if rate_per_s <= 0:
             raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
         self.interval_s = 1.0 / rate_per_s

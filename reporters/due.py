@@ -32,7 +32,7 @@ class DueWindow:
     window_start: datetime
     window_end: datetime
     revision: int
-    total: Decimal
+    window_value: Decimal  # window_totals.value at this revision
     last_event_time: datetime | None
 
     @property
@@ -100,7 +100,7 @@ def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWind
                 window_start=row.window_start,
                 window_end=row.window_end,
                 revision=int(row.revision),
-                total=row.value,
+                window_value=row.value,
                 last_event_time=row.last_event_time,
             )
             due.setdefault(window.key, []).append(window)

@@ -1,0 +1,334 @@
+"""What both ways of sending share in a cycle: writing a chunk's rows, the check before each
+call, the stamp, and recording the answers in the ledger, the metrics and the CycleResult.
+
+A chunk first writes the rows of all its due windows in one transaction (bulk statements;
+every row is committed before any call). On SQLite the ledger writes take turns on an
+in-process lock (SQLite has a single writer).
+
+Before every call, resends included, a row is checked again (``may_call``): too old for Stripe
+now (it may have waited while Stripe was down) -> ``rejected``; first called more than
+UNKNOWN_AFTER ago -> ``unknown`` (Stripe may have forgotten its identifier: a resend could bill
+twice). Then the attempt is stamped in a committed write, and only then is Stripe called.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from meterstream.errors import ConfigError
+from meterstream.meters import Catalogue
+from meterstream.metrics import ReporterMetrics
+from reporters import ledger
+from reporters.customers import stripe_customer_for
+from reporters.due import DueWindow, Key
+from reporters.ledger import LedgerRow
+from reporters.meters_check import StripeMeter
+from reporters.rows import (
+    HELD_NO_CUSTOMER_LINK,
+    SEND_MARGIN,
+    TOO_OLD_CODE,
+    Held,
+    RowJob,
+    send_limit,
+    too_old_reason,
+    write_row,
+    write_rows,
+)
+from reporters.stripe_push import Outcome
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleResult:
+    """What one cycle did; ``unacknowledged`` counts due usage Stripe has not acknowledged
+    (pending rows and due windows not written), held usage apart; ``rejected`` counts rows
+    rejected in this cycle; ``unknown`` counts every ledger row in status unknown."""
+
+    acknowledged: int = 0
+    rejected: int = 0
+    carried: int = 0
+    held: dict[str, int] = field(default_factory=dict)
+    unacknowledged: int = 0
+    unknown: int = 0
+
+    @property
+    def needs_a_person(self) -> bool:
+        """Usage held, rejected or unknown: rerunning the reporter will not send it."""
+        return bool(self.rejected or self.held or self.unknown)
+
+
+@dataclass(frozen=True)
+class CycleWork:
+    """What a cycle found to do, per (customer, meter): due windows and pending rows; and
+    the customer links (meterstream customer id -> Stripe customer id)."""
+
+    due: Mapping[Key, Sequence[DueWindow]]
+    pending: Mapping[Key, Sequence[LedgerRow]]
+    links: Mapping[str, str]
+
+
+class Bookkeeper:
+    """The ledger side of sending: rows written, checked, stamped and settled, and counted.
+    Holds no state between cycles but the holds it has already counted."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        catalogue: Catalogue,
+        stripe_meters: Mapping[str, StripeMeter],
+        metrics: ReporterMetrics,
+        *,
+        clock: Callable[[], datetime],
+        stop: threading.Event,
+        horizon_days: int,
+    ) -> None:
+        if horizon_days <= SEND_MARGIN.days:
+            raise ConfigError(
+                f"METERSTREAM_HORIZON_DAYS={horizon_days} leaves no time to send after the "
+                f"{SEND_MARGIN.days}-day safety margin; use 2 to 35 (Stripe's limit is 35)"
+            )
+        self.engine = engine
+        self.catalogue = catalogue
+        self.stripe_meters = stripe_meters
+        self.metrics = metrics
+        self.clock = clock
+        self.stop = stop
+        self._horizon_days = horizon_days
+        self._held_counted: set[tuple[str, str, datetime, int, str]] = set()
+        self._lock = threading.Lock()
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
+        # steps of 1 to 100 ms (its busy handler); taking turns here instead wakes the next
+        # writer the moment the previous one commits. PostgreSQL writers run side by side.
+        self._sqlite_turn: AbstractContextManager[object] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
+
+    def rows_to_send(
+        self, keys: Sequence[Key], work: CycleWork, result: CycleResult
+    ) -> dict[Key, list[LedgerRow]]:
+        """Write the rows of ``keys``' due windows; per key, its pending rows then the new
+        ones, in ledger order (the order they must be called in)."""
+        written = self._write_chunk(keys, work, result)
+        return {key: [*work.pending.get(key, ()), *written.get(key, ())] for key in keys}
+
+    def _write_chunk(
+        self, keys: Sequence[Key], work: CycleWork, result: CycleResult
+    ) -> dict[Key, list[LedgerRow]]:
+        """Write the rows of ``keys``' due windows in one transaction; the pending ones, per
+        (customer, meter), in ledger order."""
+        jobs: list[RowJob] = []
+        for key in keys:
+            for window in work.due.get(key, ()):
+                stripe_customer_id = stripe_customer_for(window.customer_id, work.links)
+                if stripe_customer_id is None:
+                    self._hold(Held(window, HELD_NO_CUSTOMER_LINK), result)
+                    continue
+                meter = self.catalogue.meters[window.meter]
+                event_name = self.stripe_meters[window.meter].event_name
+                jobs.append(RowJob(window, meter, event_name, stripe_customer_id))
+        if self.stop.is_set() or not jobs:
+            return {}
+        try:
+            with self._sqlite_turn:
+                outcomes = write_rows(self.engine, jobs, self.clock(), self._horizon_days)
+        except IntegrityError:
+            # The unique (customer, meter, sequence) index refused a second writer somewhere
+            # in the chunk (nothing was written): write key by key to skip only that one.
+            with self._sqlite_turn:
+                outcomes = self._write_one_by_one(jobs)
+        written: dict[Key, list[LedgerRow]] = {}
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, Held):
+                self._hold(outcome, result)
+            elif outcome is not None:
+                self._count_written(outcome, result)
+                if outcome.status == "pending":
+                    written.setdefault(job.window.key, []).append(outcome)
+        return written
+
+    def _write_one_by_one(self, jobs: Sequence[RowJob]) -> list[LedgerRow | Held | None]:
+        outcomes: list[LedgerRow | Held | None] = []
+        refused: set[Key] = set()
+        for job in jobs:
+            window = job.window
+            if window.key in refused:
+                outcomes.append(None)
+                continue
+            try:
+                outcomes.append(
+                    write_row(
+                        self.engine,
+                        window,
+                        job.meter,
+                        job.event_name,
+                        job.stripe_customer_id,
+                        self.clock(),
+                        self._horizon_days,
+                    )
+                )
+            except IntegrityError:
+                _log.warning(
+                    "another reporter is writing %s %s: skipped here this cycle (run one "
+                    "reporter per database)",
+                    window.customer_id,
+                    window.meter,
+                )
+                refused.add(window.key)
+                outcomes.append(None)
+        return outcomes
+
+    def may_call(self, row: LedgerRow, result: CycleResult) -> bool:
+        """Check a pending row just before its call (the caller then stamps the attempt,
+        committed); False if it must not be called: too old now, or first called too long ago."""
+        now = self.clock()
+        if row.timestamp < send_limit(now, self._horizon_days):
+            reason = too_old_reason(
+                row.window_start, row.window_end, row.timestamp, row.value, self._horizon_days
+            )
+            if ledger.mark_rejected(self.engine, row.identifier, TOO_OLD_CODE, reason, None, now):
+                self._count_rejected(row, TOO_OLD_CODE, reason, result)
+            return False
+        first = row.first_attempt_at
+        if first is not None and now - first > ledger.UNKNOWN_AFTER:
+            reason = (
+                f"first sent at {first.isoformat()}, more than "
+                f"{ledger.UNKNOWN_AFTER.total_seconds() / 3600:.0f} h ago, with no answer: Stripe "
+                "may have forgotten its identifier, so a resend could bill twice. Not resent; "
+                "run meterstream reconcile to check Stripe's summaries"
+            )
+            if ledger.mark_unknown(self.engine, row.identifier, reason, now):
+                self.metrics.held.labels(reason="resend_window_expired").inc()
+                _log.error(
+                    "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
+                )
+            return False
+        return True
+
+    def stamp(self, rows: Collection[LedgerRow]) -> set[str]:
+        """Stamp the attempts of ``rows`` (one committed statement); the identifiers stamped
+        (the others are no longer pending: do not call them)."""
+        with self._sqlite_turn:
+            return ledger.start_attempts(
+                self.engine, [row.identifier for row in rows], self.clock()
+            )
+
+    def accept_and_stamp(
+        self, accepted: Sequence[LedgerRow], batch: Sequence[LedgerRow], result: CycleResult
+    ) -> set[str]:
+        """Mark ``accepted`` and stamp the attempts of the next ``batch`` in one transaction
+        (one commit a call instead of two); the identifiers of ``batch`` stamped."""
+        with self._sqlite_turn:
+            marked, stamped = ledger.accept_then_stamp(
+                self.engine,
+                [row.identifier for row in accepted],
+                [row.identifier for row in batch],
+                self.clock(),
+            )
+        self._count_acknowledged(accepted, marked)
+        with self._lock:
+            result.acknowledged += len(marked)
+        return stamped
+
+    def record(
+        self,
+        answers: Sequence[tuple[LedgerRow, Outcome]],
+        status: ledger.Status,
+        result: CycleResult,
+    ) -> None:
+        """Record the answers: acknowledgements in one statement, the rest row by row."""
+        with self._sqlite_turn:
+            marked = self._record_locked(answers, status, result)
+        with self._lock:
+            result.acknowledged += len(marked)
+
+    def _record_locked(
+        self,
+        answers: Sequence[tuple[LedgerRow, Outcome]],
+        status: ledger.Status,
+        result: CycleResult,
+    ) -> set[str]:
+        now = self.clock()
+        acknowledged = {
+            row.identifier: outcome.request_id
+            for row, outcome in answers
+            if outcome.kind == "acknowledged"
+        }
+        marked = ledger.mark_all_acknowledged(self.engine, acknowledged, status, now)
+        self._count_acknowledged([row for row, o in answers if o.kind == "acknowledged"], marked)
+        for row, outcome in answers:
+            if outcome.kind == "acknowledged":
+                continue
+            if outcome.kind == "rejected":
+                code, message = outcome.code or "unknown", outcome.error or ""
+                if ledger.mark_rejected(
+                    self.engine, row.identifier, code, message, outcome.request_id, now
+                ):
+                    self._count_rejected(row, code, message, result)
+            else:
+                ledger.mark_attempt(self.engine, row.identifier, outcome.error or "", now)
+                _log.warning(
+                    "meter event %s (%s %s) not acknowledged, stays pending: %s",
+                    row.identifier,
+                    row.customer_id,
+                    row.meter,
+                    outcome.error,
+                )
+        return marked
+
+    def _count_acknowledged(self, rows: Sequence[LedgerRow], marked: Collection[str]) -> None:
+        """Count in the metrics the rows of ``rows`` that ``marked`` holds."""
+        for row in rows:
+            if row.identifier in marked:
+                self.metrics.sent.labels(meter=row.meter).inc()
+            else:
+                _log.warning("meter event %s was settled elsewhere", row.identifier)
+
+    def _count_rejected(self, row: LedgerRow, code: str, message: str, result: CycleResult) -> None:
+        self.metrics.rejected.labels(code=code).inc()
+        _log.warning(
+            "meter event %s (%s %s) rejected: %s: %s",
+            row.identifier,
+            row.customer_id,
+            row.meter,
+            code,
+            message,
+        )
+        with self._lock:
+            result.rejected += 1
+
+    def _count_written(self, row: LedgerRow, result: CycleResult) -> None:
+        if row.status == "rejected":
+            self.metrics.rejected.labels(code=row.error_code or "unknown").inc()
+            _log.warning("meter event %s not sent: %s", row.identifier, row.last_error)
+        with self._lock:
+            result.rejected += row.status == "rejected"
+            result.carried += row.status == "carried"
+
+    def _hold(self, held: Held, result: CycleResult) -> None:
+        window = held.window
+        seen = (window.customer_id, window.meter, window.window_start, window.revision, held.reason)
+        with self._lock:
+            result.held[held.reason] = result.held.get(held.reason, 0) + 1
+            first_time = seen not in self._held_counted
+            self._held_counted.add(seen)
+        if first_time:
+            # Counted once per revision, not once per cycle, so the counter means "reports
+            # held", not "cycles spent holding them".
+            self.metrics.held.labels(reason=held.reason).inc()
+            _log.warning(
+                "held %s %s window %s revision %s: %s",
+                window.customer_id,
+                window.meter,
+                window.window_start.isoformat(),
+                window.revision,
+                held.reason,
+            )

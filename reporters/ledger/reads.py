@@ -1,0 +1,229 @@
+"""Reads of the ledger: one row, a window's newest revision, the rows of a status; and the
+same running totals and window heads for many (customer, meter) pairs in one statement."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import Connection, Engine, bindparam, func, select
+
+from meterstream.schema import ledger
+from reporters.ledger.model import LedgerRow, Status, row_from
+
+
+def latest_row(connection: Connection, customer_id: str, meter: str) -> LedgerRow | None:
+    """The newest row of one (customer, meter): it carries the running totals."""
+    found = (
+        connection.execute(
+            select(ledger)
+            .where(ledger.c.customer_id == customer_id, ledger.c.meter == meter)
+            .order_by(ledger.c.sequence.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    return None if found is None else row_from(found)
+
+
+def reported_window_value(
+    connection: Connection, customer_id: str, meter: str, window_start: datetime
+) -> tuple[int, Decimal]:
+    """(revision, exact window value) of a window's newest row; (0, 0) if it was never
+    reported."""
+    found = connection.execute(
+        select(ledger.c.revision, ledger.c.total)
+        .where(
+            ledger.c.customer_id == customer_id,
+            ledger.c.meter == meter,
+            ledger.c.window_start == window_start,
+        )
+        .order_by(ledger.c.revision.desc())
+        .limit(1)
+    ).first()
+    return (0, Decimal(0)) if found is None else (int(found[0]), found[1])
+
+
+def latest_window_row(
+    connection: Connection, customer_id: str, meter: str, window_start: datetime
+) -> LedgerRow | None:
+    """The newest row of one window (its highest revision)."""
+    found = (
+        connection.execute(
+            select(ledger)
+            .where(
+                ledger.c.customer_id == customer_id,
+                ledger.c.meter == meter,
+                ledger.c.window_start == window_start,
+            )
+            .order_by(ledger.c.revision.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    return None if found is None else row_from(found)
+
+
+_l = ledger.c
+_OTHER = ledger.alias("newer")
+# Only the running totals: reading whole rows (seven times to parse, 23 columns to map) cost
+# about 10 us of the 54 us of CPU that writing a row took once its (customer, meter) had one.
+_KEY_HEADS = select(
+    _l.customer_id, _l.meter, _l.sequence, _l.accounted_total, _l.units_total
+).where(
+    _l.customer_id.in_(bindparam("customers", expanding=True)),
+    _l.meter.in_(bindparam("meters", expanding=True)),
+    _l.sequence
+    == select(func.max(_OTHER.c.sequence))
+    .where(_OTHER.c.customer_id == _l.customer_id, _OTHER.c.meter == _l.meter)
+    .scalar_subquery(),
+)
+_WINDOW_ROWS = select(
+    _l.customer_id, _l.meter, _l.window_start, _l.revision, _l.total, _l.timestamp
+).where(
+    _l.customer_id.in_(bindparam("customers", expanding=True)),
+    _l.meter.in_(bindparam("meters", expanding=True)),
+    _l.window_start.in_(bindparam("starts", expanding=True)),
+)
+WindowKey = tuple[str, str, datetime]  # (customer_id, meter, window_start)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHead:
+    """The newest ledger row of one (customer, meter): the running totals write_rows reads."""
+
+    sequence: int
+    accounted_total: Decimal
+    units_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowHead:
+    """The newest ledger row of one window: what write_row reads of it."""
+
+    revision: int
+    window_value: Decimal
+    timestamp: datetime
+
+
+def key_heads(
+    connection: Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], KeyHead]:
+    """The running totals of latest_row for every (customer, meter) of ``keys``, in one query."""
+    if not keys:
+        return {}
+    found = connection.execute(
+        _KEY_HEADS,
+        {"customers": sorted({k[0] for k in keys}), "meters": sorted({k[1] for k in keys})},
+    )
+    return {
+        (customer_id, meter): KeyHead(sequence, accounted_total, units_total)
+        for customer_id, meter, sequence, accounted_total, units_total in found
+        if (customer_id, meter) in keys
+    }
+
+
+def window_heads(
+    connection: Connection, windows: Collection[WindowKey]
+) -> dict[WindowKey, WindowHead]:
+    """The newest row (highest revision) of every window of ``windows`` that has one."""
+    if not windows:
+        return {}
+    found = connection.execute(
+        _WINDOW_ROWS,
+        {
+            "customers": sorted({w[0] for w in windows}),
+            "meters": sorted({w[1] for w in windows}),
+            "starts": sorted({w[2] for w in windows}),
+        },
+    )
+    heads: dict[WindowKey, WindowHead] = {}
+    for customer_id, meter, window_start, revision, window_value, timestamp in found:
+        key = (customer_id, meter, window_start)
+        if key in windows and (key not in heads or revision > heads[key].revision):
+            heads[key] = WindowHead(int(revision), window_value, timestamp)
+    return heads
+
+
+def pending_rows(engine: Engine) -> list[LedgerRow]:
+    """Every pending row, in the order its (customer, meter) must send them."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger)
+            .where(ledger.c.status == "pending")
+            .order_by(ledger.c.customer_id, ledger.c.meter, ledger.c.sequence)
+        ).mappings()
+        return [row_from(mapping) for mapping in found]
+
+
+def count_with_status(engine: Engine, status: Status) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                select(func.count()).select_from(ledger).where(ledger.c.status == status)
+            ).scalar_one()
+        )
+
+
+def rows_with_status(engine: Engine, status: Status) -> list[LedgerRow]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger)
+            .where(ledger.c.status == status)
+            .order_by(ledger.c.customer_id, ledger.c.meter, ledger.c.sequence)
+        ).mappings()
+        return [row_from(mapping) for mapping in found]
+
+
+def rows_for(engine: Engine, customer_id: str, meter: str) -> list[LedgerRow]:
+    """Every row of one (customer, meter) in sending order (for people and tests)."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger)
+            .where(ledger.c.customer_id == customer_id, ledger.c.meter == meter)
+            .order_by(ledger.c.sequence)
+        ).mappings()
+        return [row_from(mapping) for mapping in found]
+
+
+def all_rows(engine: Engine) -> list[LedgerRow]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger).order_by(ledger.c.customer_id, ledger.c.meter, ledger.c.sequence)
+        ).mappings()
+        return [row_from(mapping) for mapping in found]
+
+
+def counts_by_status(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger.c.status, func.count()).group_by(ledger.c.status)
+        ).all()
+    return {str(status): int(count) for status, count in found}
+
+
+def recent_rejections(engine: Engine, limit: int = 10) -> list[LedgerRow]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(ledger)
+            .where(ledger.c.status == "rejected")
+            .order_by(ledger.c.updated_at.desc())
+            .limit(limit)
+        ).mappings()
+        return [row_from(mapping) for mapping in found]
+
+
+def last_sent_at(engine: Engine) -> datetime | None:
+    """When Stripe last acknowledged a row (None if never)."""
+    with engine.connect() as connection:
+        found: datetime | None = connection.execute(
+            select(ledger.c.sent_at)
+            .where(ledger.c.sent_at.is_not(None))
+            .order_by(ledger.c.sent_at.desc())
+            .limit(1)
+        ).scalar()
+    return found

@@ -1,0 +1,141 @@
+"""v2 stream sending: one thread writes the chunks in order while the cycle's thread sends.
+
+The written rows go in batches of 100 in ledger order, each batch stamped in one statement
+before its call; its acceptance and the stamp of the next batch are one transaction. A batch
+not accepted ends the sending (the later batches are neither stamped nor called); the chunks
+are all written all the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+from meterstream.errors import StoppedError
+from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
+from reporters.due import Key
+from reporters.ledger import LedgerRow
+from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
+from reporters.stripe_push import Outcome
+
+_log = logging.getLogger(__name__)
+# Chunks written ahead of the sending (each at most KEYS_PER_CHUNK keys' rows).
+STREAM_CHUNKS_AHEAD = 2
+
+
+class V2StreamSender:
+    """Sends the rows in batches over ``stream`` (the v2 meter event stream's client)."""
+
+    def __init__(self, stream: StreamSender) -> None:
+        self.stream = stream
+
+    def send(
+        self,
+        book: Bookkeeper,
+        chunks: Sequence[Sequence[Key]],
+        work: CycleWork,
+        result: CycleResult,
+    ) -> list[BaseException | None]:
+        """One thread writes the chunks' rows, in order, while this one sends them (the calls
+        wait on the network, the writes on the database). Returns the error of each chunk
+        that failed to be written (its keys wait for the next cycle)."""
+        written: queue.Queue[list[LedgerRow] | None] = queue.Queue(STREAM_CHUNKS_AHEAD)
+        errors: list[BaseException | None] = []
+
+        def write_all() -> None:
+            try:
+                for chunk in chunks:
+                    try:
+                        queues = book.rows_to_send(chunk, work, result)
+                        written.put([row for key in chunk for row in queues[key]])
+                    except Exception as exc:  # reported by run_cycle
+                        errors.append(exc)
+            finally:
+                written.put(None)
+
+        writer = threading.Thread(target=write_all, name="reporter-writer", daemon=True)
+        writer.start()
+        try:
+            self._send_stream(book, iter(written.get, None), result)
+        except BaseException:
+            # run_cycle will not see the chunks' errors: say them here.
+            self._drain(writer, written)
+            for error in errors:
+                _log.error("report cycle failed for some customers and meters", exc_info=error)
+            raise
+        self._drain(writer, written)
+        return errors
+
+    @staticmethod
+    def _drain(writer: threading.Thread, written: queue.Queue[list[LedgerRow] | None]) -> None:
+        """Whatever ended the sending, let the writer finish its chunks (they are pending rows
+        for the next cycle, as they would have been before any call)."""
+        while writer.is_alive():
+            with contextlib.suppress(queue.Empty):
+                written.get(timeout=0.05)
+        writer.join()
+
+    def _send_stream(
+        self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
+    ) -> None:
+        """Rows in ledger order, 100 a call; each batch stamped before its call and
+        acknowledged after it, in the transaction that stamps the next batch."""
+        waiting: deque[LedgerRow] = deque()
+        batch = self._next_batch(book, chunks, waiting, result)
+        stamped = book.stamp(batch)
+        while batch:
+            calls = [row for row in batch if row.identifier in stamped]
+            if not calls:  # settled elsewhere since they were read: not called
+                batch = self._next_batch(book, chunks, waiting, result)
+                stamped = book.stamp(batch)
+                continue
+            try:
+                outcome = self.stream.send_batch(calls, book.stripe_meters)
+            except StoppedError:
+                return
+            try:
+                batch = self._next_batch_unless_stopping(book, chunks, waiting, outcome, result)
+            except Exception:
+                if outcome.kind == "acknowledged":
+                    book.record([(row, outcome) for row in calls], "accepted", result)
+                raise
+            if outcome.kind == "acknowledged":
+                stamped = book.accept_and_stamp(calls, batch, result)
+                continue
+            book.record([(row, outcome) for row in calls], "accepted", result)
+            if outcome.kind == "retry":
+                return  # later batches wait: per (customer, meter) order must hold
+            stamped = book.stamp(batch)
+
+    def _next_batch_unless_stopping(
+        self,
+        book: Bookkeeper,
+        chunks: Iterator[list[LedgerRow]],
+        waiting: deque[LedgerRow],
+        outcome: Outcome,
+        result: CycleResult,
+    ) -> list[LedgerRow]:
+        """The next batch, or [] after a failed call or a stop request (nothing more is
+        stamped: a stamp starts the row's UNKNOWN_AFTER clock, and it would not be called)."""
+        if outcome.kind == "retry" or book.stop.is_set():
+            return []
+        return self._next_batch(book, chunks, waiting, result)
+
+    @staticmethod
+    def _next_batch(
+        book: Bookkeeper,
+        chunks: Iterator[list[LedgerRow]],
+        waiting: deque[LedgerRow],
+        result: CycleResult,
+    ) -> list[LedgerRow]:
+        """Up to 100 rows that may be called, in ledger order ([] when none are left)."""
+        while len(waiting) < MAX_EVENTS_PER_CALL:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            waiting.extend(row for row in chunk if book.may_call(row, result))
+        return [waiting.popleft() for _ in range(min(MAX_EVENTS_PER_CALL, len(waiting)))]

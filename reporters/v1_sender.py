@@ -1,0 +1,81 @@
+"""v1 sending: one meter event a call, chunks on a thread pool, each chunk in rounds.
+
+The chunks run in a thread pool (SEND_THREADS), all paced by one Pacer. A chunk writes its
+rows, then sends them in rounds: the next row of each of its (customer, meter) pairs is
+stamped (one committed statement), called one after the other, and the answers are recorded
+(acknowledgements in one statement). A row that is still not acknowledged stops its
+(customer, meter) for this cycle.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from meterstream.errors import StoppedError
+from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
+from reporters.due import Key
+from reporters.ledger import LedgerRow
+from reporters.meters_check import StripeMeter
+from reporters.stripe_push import Outcome
+
+SendOne = Callable[[LedgerRow, StripeMeter], Outcome]
+# Threads calling Stripe (v1) at once; the pacer still paces them all. Each holds one
+# keep-alive connection, and waits on the network most of the time.
+SEND_THREADS = 8
+
+
+class V1Sender:
+    """Sends each row with ``send_one`` (a v1 meter event call), ``workers`` chunks at once."""
+
+    def __init__(self, send_one: SendOne, *, workers: int = SEND_THREADS) -> None:
+        self.send_one = send_one
+        self.workers = workers
+
+    def send(
+        self,
+        book: Bookkeeper,
+        chunks: Sequence[Sequence[Key]],
+        work: CycleWork,
+        result: CycleResult,
+    ) -> list[BaseException | None]:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="reporter") as pool:
+            futures = [pool.submit(self._run_chunk, book, chunk, work, result) for chunk in chunks]
+            return [f.exception() for f in futures]
+
+    def _run_chunk(
+        self, book: Bookkeeper, keys: Sequence[Key], work: CycleWork, result: CycleResult
+    ) -> None:
+        self._send_rounds(book, book.rows_to_send(keys, work, result), result)
+
+    def _send_rounds(
+        self, book: Bookkeeper, queues: Mapping[Key, Sequence[LedgerRow]], result: CycleResult
+    ) -> None:
+        """Send each (customer, meter)'s rows in order, a round at a time: the next row of
+        every pair is stamped in one statement, called, and acknowledged in one statement."""
+        waiting = {key: deque(rows) for key, rows in queues.items() if rows}
+        while waiting and not book.stop.is_set():
+            heads: dict[Key, LedgerRow] = {}
+            for key, rows in list(waiting.items()):
+                while rows:
+                    row = rows.popleft()
+                    if book.may_call(row, result):
+                        heads[key] = row
+                        break
+                if not rows:
+                    del waiting[key]
+            stamped = book.stamp(heads.values())
+            answers: list[tuple[LedgerRow, Outcome]] = []
+            try:
+                for key, row in heads.items():
+                    if row.identifier not in stamped:
+                        continue  # settled elsewhere since it was read: not called
+                    outcome = self.send_one(row, book.stripe_meters[row.meter])
+                    answers.append((row, outcome))
+                    if outcome.kind == "retry":
+                        waiting.pop(key, None)  # its later rows wait for the next cycle
+            except StoppedError:
+                return
+            finally:
+                book.record(answers, "sent", result)

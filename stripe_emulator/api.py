@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
-from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import Any, Literal
-from urllib.parse import parse_qsl
 
 from stripe_emulator import limits
+from stripe_emulator.calls import ApiRequest, Call
 from stripe_emulator.faults import Faults
 from stripe_emulator.limits import CallSlots, RefusingRateLimit
 from stripe_emulator.records import CachedResponse, StripeApiError
@@ -26,16 +23,6 @@ from stripe_emulator.routes import ROUTES, Route
 from stripe_emulator.state import EmulatorState
 
 _KEY_PREFIXES = ("sk_test_", "rk_test_")
-_BRACKETS = re.compile(r"\[([^\]]*)\]")
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    method: str
-    path: str
-    query: str
-    headers: Mapping[str, str]  # names in lower case
-    body: bytes
 
 
 @dataclass(frozen=True)
@@ -44,30 +31,6 @@ class ApiResponse:
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
     drop: bool = False  # close the socket instead of answering
-
-
-@dataclass
-class Call:
-    """What an endpoint sees: the request, its path ids, its parsed body and query."""
-
-    request: ApiRequest
-    path_ids: tuple[str, ...]
-    stall: Callable[[], None]  # blocks while a `hold` fault is on this call
-
-    @cached_property
-    def form(self) -> dict[str, Any]:
-        return parse_form(self.request.body.decode("utf-8"))
-
-    @cached_property
-    def query(self) -> dict[str, Any]:
-        return parse_form(self.request.query)
-
-    @cached_property
-    def json(self) -> Any:
-        try:
-            return json.loads(self.request.body or b"{}")
-        except ValueError as exc:
-            raise StripeApiError(400, f"Invalid JSON body: {exc}.", code="invalid_json") from exc
 
 
 class StripeApi:
@@ -194,22 +157,6 @@ def _match(method: str, path: str) -> tuple[Route | None, tuple[str, ...]]:
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def parse_form(text: str) -> dict[str, Any]:
-    """Stripe's bracket notation to nested dicts: `payload[value]=3` -> {"payload": {...}}."""
-    parsed: dict[str, Any] = {}
-    for name, value in parse_qsl(text, keep_blank_values=True):
-        head, _, rest = name.partition("[")
-        keys = [head, *_BRACKETS.findall("[" + rest)] if rest else [head]
-        target = parsed
-        for key in keys[:-1]:
-            child = target.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise StripeApiError(400, f"Invalid parameter {name}.", param=name)
-            target = child
-        target[keys[-1]] = value
-    return parsed
 
 
 def _base_headers(request: ApiRequest) -> list[tuple[str, str]]:

@@ -9,16 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from stripe_emulator import rules
+from stripe_emulator.calls import Call
 from stripe_emulator.records import JsonObject, StripeApiError, parse_rfc3339
 from stripe_emulator.state import EmulatorState, StreamEvent
 
-if TYPE_CHECKING:
-    from stripe_emulator.api import Call
-
-Endpoint = Callable[[EmulatorState, "Call"], tuple[int, object]]
+Endpoint = Callable[[EmulatorState, Call], tuple[int, object]]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from stripe_emulator.api import ApiRequest, ApiResponse, StripeApi, error_response
+from stripe_emulator.api import ApiResponse, StripeApi, error_response
+from stripe_emulator.calls import ApiRequest
 from stripe_emulator.faults import Faults
 from stripe_emulator.limits import CallSlots, RefusingRateLimit
 from stripe_emulator.records import StripeApiError

@@ -29,7 +29,7 @@ from reporters.stripe_push import (
     send_meter_event,
 )
 from stripe_emulator import Emulator, FaultKind, run_stripe_emulator
-from stripe_emulator.api import ApiRequest
+from stripe_emulator.calls import ApiRequest
 from tests.reporters.test_ledger import pending_row
 
 SECRET = "sk_test_51H8push0wire"  # noqa: S105  # a fake key

@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         scheme, _, rest = value.partition("://")
         if scheme not in ("http", "https"):
             raise ValueError("expected an http:// or https:// URL (http:// for loopback only)")
-        if "@" in rest.split("/", 1)[0]:
+        if "@" in rest:  # user info, even with a / in the password; Stripe's URLs have no @
             raise ValueError(
                 "expected no user:password in the URL; Stripe is authenticated with "
                 "METERSTREAM_STRIPE_API_KEY"
@@ -179,8 +179,8 @@ def load_settings(**overrides: Any) -> Settings:
 def _problem(error: Any) -> str:
     field = str(error["loc"][0]) if error["loc"] else ""
     given = error.get("input")
-    if field in _SECRET_SETTINGS or isinstance(given, dict):
-        shown = ""
+    if field in _SECRET_SETTINGS or field not in Settings.model_fields or isinstance(given, dict):
+        shown = ""  # a misspelt name may hold anything, a password included
     elif field in _URL_SETTINGS:
         shown = f"={redact_url(str(given))}"
     else:

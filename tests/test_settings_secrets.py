@@ -140,8 +140,22 @@ def test_https_anywhere_and_http_on_loopback_are_accepted(base: str) -> None:
     assert settings.meter_events_base == base
 
 
-def test_a_stripe_base_with_user_info_is_refused_without_echoing_it() -> None:
+@pytest.mark.parametrize(
+    "base",
+    [
+        f"https://user:{PASSWORD}@api.stripe.com",
+        f"https://user:pa/{PASSWORD}@api.stripe.com",
+        f"http://user:{PASSWORD}@127.0.0.1:12111",
+    ],
+)
+def test_a_stripe_base_with_user_info_is_refused_without_echoing_it(base: str) -> None:
     with pytest.raises(ConfigError, match="METERSTREAM_STRIPE_API_BASE") as caught:
-        load_settings(stripe_api_base=f"https://user:{PASSWORD}@api.stripe.com")
+        load_settings(stripe_api_base=base)
     assert PASSWORD not in str(caught.value)
     assert "METERSTREAM_STRIPE_API_KEY" in str(caught.value)
+
+
+def test_a_misspelt_setting_is_named_without_its_value() -> None:
+    with pytest.raises(ConfigError, match="METERSTREAM_DATABSE_URL") as caught:
+        load_settings(databse_url=f"postgres://billing:{PASSWORD}@db/meterstream")
+    assert PASSWORD not in str(caught.value)

@@ -54,13 +54,14 @@ _PRELOAD_THEN_FORK = """
         pid = os.fork()
         if pid == 0:
             ids = [client.record(f"w{worker}-{i % 3}", "api_calls") for i in range(20)]
-            print("\\n".join(ids), flush=True)
+            # One write() (under PIPE_BUF): the processes share stdout, lines must not mix.
+            os.write(1, ("\\n".join(ids) + "\\n").encode())
             sys.exit(0)
         workers.append(pid)
     for pid in workers:
         assert os.waitpid(pid, 0)[1] == 0
     ids = [client.record(f"p{i % 3}", "api_calls") for i in range(20)]
-    print("\\n".join(ids), flush=True)
+    os.write(1, ("\\n".join(ids) + "\\n").encode())
 """
 
 
@@ -103,6 +104,31 @@ def test_a_client_never_closed_delivers_what_it_queued_when_the_interpreter_exit
     assert _ids_on_topic(settings, 300) == sorted(recorded)
     assert "failed_total=0" in done.stdout
     assert "not delivered" not in done.stderr
+
+
+def test_a_client_dropped_without_close_still_delivers_at_exit(
+    settings_factory: SettingsFactory, topic_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    # The client object is gone (collected); its queue is not, and the exit hook holds no
+    # strong reference to either.
+    source = """
+        import gc, sys
+        from ingest import UsageClient
+
+        def handle_requests(count):
+            client = UsageClient()
+            return [client.record(f"c{i % 7}", "api_calls") for i in range(count)]
+
+        ids = handle_requests(int(sys.argv[1]))
+        gc.collect()
+        print("\\n".join(ids), flush=True)
+    """
+    settings = settings_factory(topic=topic_factory(2), producer_linger_ms=1_000)
+    done = _run_script(tmp_path, source, settings, "100")
+    assert done.returncode == 0, done.stderr
+    recorded = _ids_in(done.stdout)
+    assert len(recorded) == 100
+    assert _ids_on_topic(settings, 100) == sorted(recorded)
 
 
 def test_at_exit_an_unreachable_broker_is_waited_for_a_bounded_time_and_every_id_reported(

@@ -89,12 +89,19 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535, description="0: no metrics server")
     # Loopback by default: /metrics is unauthenticated. A container sets 0.0.0.0 inside its
     # network (docker-compose.yml) so Prometheus can scrape it.
-    metrics_host: str = Field("127.0.0.1", min_length=1, max_length=255)
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        max_length=255,
+        description="address the /metrics servers listen on; 0.0.0.0 inside a container",
+    )
 
     # --- SDK at exit
     # How long a UsageClient never closed may wait, when the interpreter exits, for Kafka to
     # acknowledge what it queued; what is left then is logged (ERROR, by id) and counted failed.
-    exit_flush_timeout_s: float = Field(5.0, ge=0.0, le=3600.0)
+    exit_flush_timeout_s: float = Field(
+        5.0, ge=0.0, le=3600.0, description="seconds an unclosed UsageClient waits at exit"
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod

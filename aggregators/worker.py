@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import faust
-from prometheus_client import start_http_server
 from sqlalchemy import Engine, inspect
 
 from aggregators.app import WorkerState, build_app, dead_letter_topic
@@ -15,7 +14,7 @@ from meterstream.db import build_engine
 from meterstream.errors import ConfigError
 from meterstream.kafka import ensure_topic, wait_for_broker
 from meterstream.meters import load_catalogue
-from meterstream.metrics import AggregatorMetrics
+from meterstream.metrics import AggregatorMetrics, serve_metrics
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -52,8 +51,7 @@ def run_worker(
     ensure_topic(settings.kafka_bootstrap, settings.topic, settings.topic_partitions)
     ensure_topic(settings.kafka_bootstrap, dead_letter_topic(settings), settings.topic_partitions)
     metrics = AggregatorMetrics()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)  # noqa: S104 - Prometheus scrapes it from another host
+    serve_metrics(settings, metrics.registry)
     pipeline = ApplyPipeline(settings)
     app = build_app(settings, WorkerState(pipeline, engine, metrics))
     where = engine.url.render_as_string(hide_password=True)

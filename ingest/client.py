@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Self
 
+from ingest.exit_flush import ExitFlush
 from ingest.producer import DeliveryFailedCallback, EventProducer
 from meterstream.errors import (
     ClientClosedError,
@@ -45,6 +47,11 @@ class UsageClient:
     idempotent producer (acks=all); an event Kafka refuses for good is reported by ``flush()``
     (DeliveryError with the ids), by callbacks from :meth:`on_delivery_failed`, and by the metric
     ``meterstream_ingest_events_failed_total``.
+
+    A client never closed is flushed when the interpreter exits (up to
+    ``METERSTREAM_EXIT_FLUSH_TIMEOUT_S``; what is left is logged at ERROR by id). A client made
+    before ``os.fork()`` (gunicorn ``--preload``, multiprocessing) makes its own producer in the
+    child on first use: librdkafka's threads do not survive a fork.
     """
 
     def __init__(
@@ -60,13 +67,17 @@ class UsageClient:
         self._source = self._settings.source
         self._horizon_days = self._settings.horizon_days
         self._producer = EventProducer(self._settings, self.metrics)
+        self._exit_flush = ExitFlush(self._producer, self._settings.exit_flush_timeout_s)
         self._closed = False
+        # True in a forked child until it makes its own producer (see _producer_after_fork).
+        self._forked = False
+        self._fork_lock = threading.Lock()
         # Generated ids: a random prefix per client and a counter (a getrandom() call per event
         # was a tenth of record()). A forked child takes a new prefix so it never repeats an id
         # of its parent's, which the aggregators would drop as a duplicate.
         self._renew_id_prefix()
         client = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _renew_id_prefix_of(client()))
+        os.register_at_fork(after_in_child=lambda: _after_fork_in_child(client()))
         if self._source == Settings.model_fields["source"].default:
             # Events of two services that both keep the default source and reuse ids (order
             # numbers, request ids) would be taken for duplicates of each other.
@@ -96,8 +107,9 @@ class UsageClient:
         event_id, key, payload = self.prepare(
             customer, meter, value, timestamp=timestamp, event_id=event_id, properties=properties
         )
-        if not self._producer.produce_nowait(key, payload):
-            self._producer.produce(key, payload)  # the queue is full: wait for room
+        producer = self._producer if not self._forked else self._producer_after_fork()
+        if not producer.produce_nowait(key, payload):
+            producer.produce(key, payload)  # the queue is full: wait for room
         return event_id
 
     def prepare(
@@ -153,11 +165,13 @@ class UsageClient:
 
     def try_queue(self, key: bytes, payload: bytes) -> bool:
         """Queue a prepared event without waiting; False when the producer's queue is full."""
-        return self._producer.produce_nowait(key, payload)
+        producer = self._producer if not self._forked else self._producer_after_fork()
+        return producer.produce_nowait(key, payload)
 
     def queue(self, key: bytes, payload: bytes) -> None:
         """Queue a prepared event, waiting for room as :meth:`record` does."""
-        self._producer.produce(key, payload)
+        producer = self._producer if not self._forked else self._producer_after_fork()
+        producer.produce(key, payload)
 
     def on_delivery_failed(self, callback: DeliveryFailedCallback) -> None:
         """Call ``callback(event_id, reason)`` (from the delivery thread) for each event Kafka
@@ -170,6 +184,8 @@ class UsageClient:
         Returns how many are still in flight (0 when all are delivered). Raises DeliveryError
         with the ids of every event Kafka refused for good since the last flush.
         """
+        if self._forked:
+            return 0  # a forked child that queued nothing yet: its parent flushes its own
         remaining = self._producer.flush(timeout)
         self._raise_failures()
         return remaining
@@ -183,6 +199,9 @@ class UsageClient:
         if self._closed:
             return
         self._closed = True
+        self._exit_flush.cancel()
+        if self._forked:
+            return  # nothing was queued in this (forked) process
         try:
             self._producer.flush(timeout)
         finally:
@@ -195,6 +214,27 @@ class UsageClient:
         keeps its id and event time and is counted once however often it reached Kafka."""
         for event in events:
             self.queue(event.key, event.payload)
+
+    def _producer_after_fork(self) -> EventProducer:
+        """This process's producer: the first call in a forked child makes it (the parent's
+        has no librdkafka threads here, so what it queued would never leave)."""
+        with self._fork_lock:
+            if self._forked:
+                producer = EventProducer(self._settings, self.metrics)
+                for callback in self._producer.failure_callbacks:
+                    producer.add_failure_callback(callback)
+                self._exit_flush = ExitFlush(producer, self._settings.exit_flush_timeout_s)
+                self._producer = producer
+                self._forked = False
+        return self._producer
+
+    def _after_fork_in_child(self) -> None:
+        # Runs in the child right after fork(), where no other thread exists yet.
+        self._renew_id_prefix()
+        self._fork_lock = threading.Lock()  # the parent's may have been held at the fork
+        if not self._closed:
+            self._producer.abandon_after_fork()
+            self._forked = True
 
     def _renew_id_prefix(self) -> None:
         self._id_prefix = os.urandom(10).hex()  # 80 random bits: 32 hex characters in all
@@ -218,6 +258,6 @@ class UsageClient:
         self.close()
 
 
-def _renew_id_prefix_of(client: UsageClient | None) -> None:
+def _after_fork_in_child(client: UsageClient | None) -> None:
     if client is not None:
-        client._renew_id_prefix()
+        client._after_fork_in_child()

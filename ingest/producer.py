@@ -10,7 +10,9 @@ kept (by event id) until the caller collects them with ``flush()``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 import time
 import weakref
@@ -20,7 +22,12 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from meterstream.errors import BackpressureError, BrokerUnavailableError, UndeliveredEvent
+from meterstream.errors import (
+    BackpressureError,
+    BrokerUnavailableError,
+    ClientClosedError,
+    UndeliveredEvent,
+)
 from meterstream.kafka import client_config
 from meterstream.metrics import IngestMetrics
 from meterstream.settings import Settings
@@ -112,6 +119,12 @@ class EventProducer:
             }
         )
         self._running = True
+        self.closed = False
+        self._abandoned = False
+        # Per producer, not per client: a producer whose client was collected lives on (its
+        # thread holds it), and freeing it in a child would hang there too.
+        producer = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _abandon_after_fork(producer()))
         self._poller = threading.Thread(
             target=self._poll_loop, name="meterstream-delivery", daemon=True
         )
@@ -119,6 +132,10 @@ class EventProducer:
 
     def add_failure_callback(self, callback: DeliveryFailedCallback) -> None:
         self._callbacks.append(callback)
+
+    @property
+    def failure_callbacks(self) -> tuple[DeliveryFailedCallback, ...]:
+        return tuple(self._callbacks)
 
     def produce(self, key: bytes, value: bytes) -> None:
         """Queue one message; blocks up to ``producer_block_timeout_s`` while the queue is full.
@@ -143,6 +160,11 @@ class EventProducer:
     def produce_nowait(self, key: bytes, value: bytes) -> bool:
         """Queue one message if there is room; False when the queue is full."""
         if self._fatal is not None:
+            if self.closed:
+                raise ClientClosedError(
+                    f"this UsageClient's producer was closed ({self._fatal}); nothing was "
+                    "queued: create a new UsageClient"
+                )
             raise BrokerUnavailableError(f"the Kafka producer failed for good: {self._fatal}")
         try:
             # No timestamp: Kafka stamps the time of producing, so topic retention counts from
@@ -177,12 +199,33 @@ class EventProducer:
         """Stop the delivery thread, then give up whatever is still queued: each such message
         is reported as failed, with its id, served here (a purged message may still have
         reached Kafka; sending it again with the same id is safe, the aggregators
-        deduplicate). Then release librdkafka, whose statistics would otherwise pile up."""
+        deduplicate). Then release librdkafka, whose statistics would otherwise pile up.
+        Safe to call again (a client closed after its exit flush ran)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._fatal = self._fatal or "closed"
         self._running = False
         self._poller.join()
         self._producer.purge(in_queue=True, in_flight=True)
         self._producer.close()  # nothing is outstanding now: serves the last reports here
         self._publish_counts(in_flight=0)
+
+    def abandon_after_fork(self) -> None:
+        """Runs in a forked child (from a hook registered at creation): this producer's
+        librdkafka threads stayed in the parent, which still delivers what it queued.
+        Destroying the handle here would wait for those threads forever (a child holding one
+        hung at exit), so the child keeps an extra reference to it and never releases it; a
+        client makes a new producer for the child. Safe to call again."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        if not self.closed:  # close() already released the handle: nothing to keep
+            # Py_IncRef: nothing in the child, interpreter shutdown included, may free it.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._producer))
+        self.closed = True
+        self._fatal = "made in the parent process before a fork"
+        self._running = False
 
     def _poll_loop(self) -> None:
         while True:
@@ -270,6 +313,11 @@ class EventProducer:
         # queued messages then fail through _on_delivery, so none is lost in silence.
         if error.fatal():
             self._fatal = error.str()
+
+
+def _abandon_after_fork(producer: EventProducer | None) -> None:
+    if producer is not None:
+        producer.abandon_after_fork()
 
 
 def _event_id_of(value: bytes | None) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import urllib.request
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
+
+from meterstream.settings import Settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -173,6 +175,15 @@ class ReporterMetrics:
             "When the last report cycle finished (Unix time).",
             registry=self.registry,
         )
+
+
+def serve_metrics(settings: Settings, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` on http://METERSTREAM_METRICS_HOST:METERSTREAM_METRICS_PORT/metrics from
+    a daemon thread; nothing when the port is 0. The host is loopback unless set otherwise:
+    /metrics has no authentication, so only a deployment that means it (a container on its own
+    network) opens it wider."""
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> Samples:

@@ -6,6 +6,7 @@ nothing else in meterstream reads ``os.environ``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,14 @@ ENV_PREFIX = "METERSTREAM_"
 # sk_test_51H...). Anything else, a trailing newline or \r included, would be sent in an HTTP
 # header, where requests refuses it with an error that quotes the whole key.
 STRIPE_API_KEY_PATTERN = re.compile(r"(?:sk|rk)_(?:test|live)_[A-Za-z0-9]+")
+# Settings whose value may hold a secret: never shown as given, only as redact_url() shows them
+# (the key: not at all). The Stripe bases refuse user info, but an error names them before that.
+_SECRET_SETTINGS = frozenset({"stripe_api_key"})
+_URL_SETTINGS = frozenset({"database_url", "stripe_api_base", "stripe_meter_events_base"})
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+# The driver the code uses for PostgreSQL (psycopg 3), and the spellings that mean it.
+POSTGRES_SCHEME = "postgresql+psycopg://"
+_POSTGRES_ALIASES = ("postgres://", "postgresql://")
 
 
 class Settings(BaseSettings):
@@ -51,7 +60,14 @@ class Settings(BaseSettings):
     producer_statistics_interval_s: float = Field(5.0, ge=0.1, le=3600.0)
 
     # --- Storage and catalogue
-    database_url: str = Field("sqlite:///meterstream.db", min_length=1)
+    # May hold a password: left out of repr(), and errors show it only through redact_url().
+    database_url: str = Field(
+        "sqlite:///meterstream.db",
+        min_length=1,
+        repr=False,
+        description="sqlite:///PATH, or postgresql+psycopg:// (postgres:// and postgresql:// "
+        "are read as that)",
+    )
     meters_file: Path = Path("examples/meters.toml")
     # Stripe refuses meter events older than 35 days; so do we, and keep dedup keys that long.
     horizon_days: int = Field(35, ge=1, le=3650)
@@ -62,6 +78,7 @@ class Settings(BaseSettings):
 
     # --- Stripe
     stripe_api_key: SecretStr | None = None
+    # https only, but for a loopback address (the emulator): http would send the key in clear.
     stripe_api_base: str = "https://api.stripe.com"
     stripe_meter_events_base: str | None = None
     stripe_rate: float = Field(25.0, gt=0.0, le=10_000.0, description="calls per second")
@@ -69,7 +86,22 @@ class Settings(BaseSettings):
     report_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
 
     # --- Observability
-    metrics_port: int = Field(9464, ge=0, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535, description="0: no metrics server")
+    # Loopback by default: /metrics is unauthenticated. A container sets 0.0.0.0 inside its
+    # network (docker-compose.yml) so Prometheus can scrape it.
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        max_length=255,
+        description="address the /metrics servers listen on; 0.0.0.0 inside a container",
+    )
+
+    # --- SDK at exit
+    # How long a UsageClient never closed may wait, when the interpreter exits, for Kafka to
+    # acknowledge what it queued; what is left then is logged (ERROR, by id) and counted failed.
+    exit_flush_timeout_s: float = Field(
+        5.0, ge=0.0, le=3600.0, description="seconds an unclosed UsageClient waits at exit"
+    )
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -83,18 +115,36 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql")):
+        # Never echo the value here: it may hold a password (load_settings shows it redacted).
+        if value.startswith(_POSTGRES_ALIASES):
+            return POSTGRES_SCHEME + value.split("://", 1)[1]
+        if not value.startswith(("sqlite:", POSTGRES_SCHEME)):
             raise ValueError(
-                f"expected a sqlite:/// or postgresql+psycopg:// URL, got {value.split('://')[0]!r}"
+                f"expected a sqlite:/// or {POSTGRES_SCHEME} URL (postgres:// and postgresql:// "
+                f"are read as the latter), e.g. {POSTGRES_SCHEME}user:password@host:5432/db"
             )
         return value
 
     @field_validator("stripe_api_base", "stripe_meter_events_base")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-        return value.rstrip("/") if value else value
+    def _stripe_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("http", "https"):
+            raise ValueError("expected an http:// or https:// URL (http:// for loopback only)")
+        if "@" in rest:  # user info, even with a / in the password; Stripe's URLs have no @
+            raise ValueError(
+                "expected no user:password in the URL; Stripe is authenticated with "
+                "METERSTREAM_STRIPE_API_KEY"
+            )
+        if scheme == "http" and not _is_loopback(_host_of(rest)):
+            raise ValueError(
+                "http:// would send the Stripe secret key in clear text: use https://, or "
+                "http:// only for a loopback address (127.0.0.0/8, ::1, localhost), such as "
+                "the local Stripe emulator"
+            )
+        return value.rstrip("/")
 
     @field_validator("stripe_api_key")
     @classmethod
@@ -122,18 +172,66 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment, with ``overrides`` taking precedence.
 
-    Raises ConfigError naming each bad variable and what would be valid.
+    Raises ConfigError naming each bad variable and what would be valid. A value that may hold a
+    secret is never in the message: the Stripe key not at all, URLs only as redact_url() shows
+    them (pydantic's own message would quote the input whole).
     """
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ENV_PREFIX
-            given = error.get("input")
-            shown = "" if "api_key" in name.lower() or isinstance(given, dict) else f"={given!s}"
-            problems.append(f"{name}{shown}: {error['msg']}")
+        problems = [_problem(error) for error in exc.errors()]
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _problem(error: Any) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    given = error.get("input")
+    if field in _SECRET_SETTINGS or field not in Settings.model_fields or isinstance(given, dict):
+        shown = ""  # a misspelt name may hold anything, a password included
+    elif field in _URL_SETTINGS:
+        shown = f"={redact_url(str(given))}"
+    else:
+        shown = f"={given!s}"
+    # Our validators' messages show values only through redact_url(); pydantic's own messages
+    # for the fields above name the rule, not the input.
+    return f"{ENV_PREFIX}{field.upper()}{shown}: {error['msg']}"
+
+
+def redact_url(value: str) -> str:
+    """What of a URL may be printed: its scheme, host and port. User info (a password), path
+    and query (``?password=``) are replaced by ``***``; a value that is not a URL (libpq's
+    ``host=... password=...``) by ``<not shown>``."""
+    scheme, separator, rest = value.partition("://")
+    if not separator or not _URL_SCHEME.fullmatch(scheme):
+        return "<not shown>"
+    hidden_user = "@" in rest
+    if hidden_user:
+        # The last @ ends the user info, whatever a password holds; a ? or # before it means
+        # the @ may sit in a query instead, so nothing after the scheme is shown.
+        before, _, rest = rest.rpartition("@")
+        if re.search(r"[?#]", before):
+            return f"{scheme}://***"
+    host = _host_of(rest)
+    tail = "/***" if len(rest) > len(host) else ""
+    return f"{scheme}://{'***@' if hidden_user else ''}{host}{tail}"
+
+
+def _host_of(authority_and_path: str) -> str:
+    """host[:port] of a URL's part after ``scheme://`` (user info already removed)."""
+    return re.split(r"[/?#]", authority_and_path, maxsplit=1)[0]
+
+
+def _is_loopback(host_and_port: str) -> bool:
+    if host_and_port.startswith("["):  # [::1]:port
+        host = host_and_port[1:].partition("]")[0]
+    else:
+        host = host_and_port.rpartition(":")[0] if ":" in host_and_port else host_and_port
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def environment_of(settings: Settings, inherit: Mapping[str, str]) -> dict[str, str]:

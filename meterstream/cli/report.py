@@ -16,7 +16,7 @@ import click
 from meterstream.cli.json_output import json_document
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
-from meterstream.metrics import ReporterMetrics
+from meterstream.metrics import ReporterMetrics, serve_metrics
 from meterstream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -89,8 +89,6 @@ def report(once: bool) -> None:
          (first sent over 20 h ago with no answer: run meterstream reconcile), or
          rejected by Stripe in this cycle (see meterstream status). 3 wins over 1.
     """
-    from prometheus_client import start_http_server
-
     from reporters.service import build_reporter, connect, log_result, run_schedule
 
     settings = _settings()
@@ -107,8 +105,7 @@ def report(once: bool) -> None:
                 result = reporter.run_cycle()
                 log_result(result)
                 sys.exit(_once_exit_code(result))
-            if settings.metrics_port:
-                start_http_server(settings.metrics_port, registry=metrics.registry)
+            serve_metrics(settings, metrics.registry)
             run_schedule(reporter, settings.report_interval_s, stop)
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc

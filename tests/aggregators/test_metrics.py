@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from ingest import UsageClient
@@ -17,6 +18,7 @@ from meterstream.lag import consumer_lag
 from meterstream.metrics import scrape
 from meterstream.settings import Settings
 from tests.aggregators.workers import events_applied, wait_until, worker
+from tests.sockets import listening_hosts
 
 SettingsFactory = Callable[..., Settings]
 
@@ -123,3 +125,23 @@ def test_consumer_lag_rises_while_the_worker_is_stopped_and_falls_to_zero(
             what="lag back to zero",
         )
     engine.dispose()
+
+
+@pytest.mark.parametrize(("host", "bound"), [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])  # noqa: S104 - what a container sets
+def test_the_worker_serves_metrics_on_loopback_unless_told_otherwise(
+    settings_factory: SettingsFactory,
+    topic_factory: Callable[..., str],
+    tmp_path: Path,
+    host: str | None,
+    bound: str,
+) -> None:
+    settings = settings_factory(topic=topic_factory(1))
+    if host is not None:
+        settings = settings.model_copy(update={"metrics_host": host})
+    engine = build_engine(settings)
+    migrate(engine)
+    engine.dispose()
+    port = free_port()
+    with worker(settings, tmp_path / "worker.log", metrics_port=port):
+        wait_until(lambda: bool(scrape(port)), what="/metrics answering")
+        assert listening_hosts(port) == {bound}

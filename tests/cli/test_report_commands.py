@@ -9,10 +9,13 @@ import time
 import pytest
 from sqlalchemy import Engine
 
+from meterstream.embedded import free_port
+from meterstream.metrics import scrape
 from reporters.ledger import all_rows
 from stripe_emulator import Emulator
 from tests.cli.commands import METERSTREAM, meterstream
 from tests.reporters.test_reporter import SECRET, hour_start, put_total
+from tests.sockets import listening_hosts
 
 
 def wait_for(condition: object, timeout_s: float = 10.0) -> None:
@@ -116,6 +119,18 @@ def test_report_stops_cleanly_on_sigterm(env: dict[str, str]) -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_report_serves_metrics_on_loopback_by_default(env: dict[str, str]) -> None:
+    port = free_port()
+    env["METERSTREAM_METRICS_PORT"] = str(port)
+    with subprocess.Popen([METERSTREAM, "report"], env=env, stderr=subprocess.DEVNULL) as process:
+        try:
+            wait_for(lambda: bool(scrape(port)), timeout_s=60)
+            assert listening_hosts(port) == {"127.0.0.1"}
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
 
 
 def test_once_exits_3_when_usage_is_rejected_in_the_cycle_and_says_why(

@@ -26,6 +26,16 @@ def served_targets(compose: dict[str, Any]) -> dict[str, set[str]]:
     return targets
 
 
+def test_every_metrics_server_listens_on_the_compose_network(compose: dict[str, Any]) -> None:
+    # The default host is loopback, which Prometheus in its own container could not reach.
+    assert Settings.model_fields["metrics_host"].default == "127.0.0.1"
+    for name, service in meterstream_services(compose).items():
+        if service["command"][0] in JOB_OF_COMMAND:
+            host = service["environment"].get("METERSTREAM_METRICS_HOST")
+            assert host == "0.0.0.0", name  # noqa: S104 - inside the compose network
+            assert not service.get("ports"), f"{name} publishes its port beyond the network"
+
+
 def scraped_targets(prometheus_config: dict[str, Any]) -> dict[str, set[str]]:
     return {
         job["job_name"]: {t for static in job["static_configs"] for t in static["targets"]}

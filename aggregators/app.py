@@ -18,6 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import faust
 from sqlalchemy import Engine
 
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
+from aggregators.offset_store import stored_offsets
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
 from aggregators.status import unreported_windows
@@ -89,8 +91,9 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
         stream_buffer_maxsize=max(4096, settings.aggregate_batch_max_events * 2),
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
-    # faust would otherwise commit past events it skipped after a rebalance (aggregators.offsets).
-    use_applied_offsets(app, state.applied)
+    # faust would otherwise commit past events it skipped after a rebalance, and resume a
+    # restored database past events it lost (aggregators.offsets).
+    use_applied_offsets(app, state.applied, partial(stored_offsets, state.engine))
     source = app.topic(
         settings.topic,
         key_type=bytes,

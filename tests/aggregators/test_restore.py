@@ -1,0 +1,127 @@
+"""A database restored from a backup resumes from its own applied offsets, not Kafka's.
+
+Real PostgreSQL, real pg_dump and pg_restore, the real broker, real worker processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import Engine, select
+
+from aggregators.batch import BatchApplier, Message
+from aggregators.offset_store import start_offsets, stored_offsets
+from aggregators.reference import reference_totals
+from meterstream.db import build_engine
+from meterstream.kafka import watermarks
+from meterstream.lag import consumer_lag
+from meterstream.meters import load_catalogue
+from meterstream.metrics import AggregatorMetrics
+from meterstream.schema import applied_offsets
+from meterstream.settings import Settings
+from tests.aggregators.test_batch import stored_totals
+from tests.aggregators.test_worker import migrated, record_stream
+from tests.aggregators.workers import events_applied, wait_until, worker
+from tests.conftest import EXAMPLE_METERS, POSTGRES_ADMIN_URL
+
+SettingsFactory = Callable[..., Settings]
+
+
+def _postgres_tool(name: str) -> str:
+    found = shutil.which(name) or next(iter(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")), None)
+    assert found, f"{name} is needed to test a restore; install the PostgreSQL client"
+    return found
+
+
+def _all_applied(settings: Settings, engine: Engine) -> bool:
+    """Every message of the topic is covered by the database's applied offsets."""
+    ends = {
+        p: high for p, (_low, high) in watermarks(settings.kafka_bootstrap, settings.topic).items()
+    }
+    stored = stored_offsets(engine, settings.topic)
+    return all(stored.get(p, 0) >= high for p, high in ends.items() if high > 0)
+
+
+def _nothing_behind(settings: Settings) -> bool:
+    lag = consumer_lag(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
+    return not any(lag.values())
+
+
+def test_a_restored_database_replays_what_it_lost_and_ends_with_the_uninterrupted_totals(
+    settings_factory: SettingsFactory,
+    topic_factory: Callable[..., str],
+    postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(
+        topic=topic_factory(4), database_url=postgres_url, aggregate_batch_max_events=300
+    )
+    engine = migrated(settings)
+    log = tmp_path / "worker.log"
+    before = record_stream(settings, 2_000, seed=11)
+    with worker(settings, log):
+        wait_until(lambda: _all_applied(settings, engine), 120, "the first events applied")
+    backup = tmp_path / "backup.dump"
+    subprocess.run(
+        [_postgres_tool("pg_dump"), "--format=custom", f"--file={backup}", postgres_url],
+        check=True,
+    )
+    after = record_stream(settings, 1_500, seed=12, id_prefix="after-")
+    with worker(settings, log):
+        wait_until(lambda: _all_applied(settings, engine), 120, "the later events applied")
+        # Kafka's group has committed past everything: alone, it would resume past the loss.
+        wait_until(lambda: _nothing_behind(settings), 60, "the group to commit everything")
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    uninterrupted = stored_totals(engine)
+    assert uninterrupted == reference_totals(before + after, catalogue)
+    engine.dispose()
+
+    name = postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    subprocess.run(
+        [_postgres_tool("pg_restore"), "--exit-on-error", f"--dbname={postgres_url}", str(backup)],
+        check=True,
+    )
+    engine = build_engine(settings)
+    assert events_applied(engine) == len({e.event_id for e in before})
+    assert _nothing_behind(settings)
+
+    with worker(settings, log):
+        wait_until(lambda: _all_applied(settings, engine), 120, "the lost events applied again")
+    assert stored_totals(engine) == uninterrupted
+    engine.dispose()
+
+
+def test_the_batch_transaction_records_each_partitions_next_offset(
+    settings_factory: SettingsFactory, postgres_url: str
+) -> None:
+    settings = settings_factory(database_url=postgres_url)
+    engine = migrated(settings)
+    applier = BatchApplier(
+        engine, load_catalogue(EXAMPLE_METERS), AggregatorMetrics(), horizon_days=35
+    )
+    now = datetime.now(UTC)
+    applier.apply([Message("usage", 0, 7, b"not json", now), Message("usage", 2, 40, None, now)])
+    applier.apply([Message("usage", 0, 3, b"{}", now)])  # an earlier owner's late batch
+    with engine.connect() as connection:
+        rows = connection.execute(select(applied_offsets).order_by(applied_offsets.c.partition))
+        assert [tuple(r) for r in rows] == [("usage", 0, 8), ("usage", 2, 41)]
+    engine.dispose()
+
+
+def test_partitions_start_from_the_database_only_when_it_is_behind() -> None:
+    committed: dict[int, int | None] = {0: 100, 1: 100, 2: None, 3: 50}
+    # Behind: read again from the database's offset; ahead or equal: Kafka's stands.
+    assert start_offsets({0: 60, 1: 100, 2: 10, 3: 80}, committed) == {0: 60}
+    # A partition the database never applied, while it applied others: from the beginning.
+    assert start_offsets({0: 100}, committed) == {1: 0, 3: 0}
+    # Nothing recorded at all (a database upgraded to keep offsets): Kafka's offsets stand.
+    assert start_offsets({}, committed) == {}

@@ -3,11 +3,13 @@
 MeterstreamError
  +-- ConfigError               a setting or the meter catalogue is wrong; fix it and restart
  |    +-- CatalogueError       names the meter, the key and the reason
+ |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- StripeRejectedError       Stripe answered 4xx for a meter event; not retried
+ +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class CatalogueError(ConfigError):
         self.key = key
         self.reason = reason
         super().__init__(f"meter {meter!r}: {key}: {reason}")
+
+
+class CatalogueChangedError(ConfigError):
+    """The catalogue no longer describes totals the database holds (aggregators.definitions)."""
 
 
 class InvalidEventError(MeterstreamError):
@@ -85,3 +91,7 @@ class DeliveryError(MeterstreamError):
 
 class StripeRejectedError(MeterstreamError):
     """Stripe refused a meter event with a 4xx that must not be retried."""
+
+
+class ReplayError(MeterstreamError):
+    """Kafka did not acknowledge every dead letter sent back; the replay can be run again."""

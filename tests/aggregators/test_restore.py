@@ -13,13 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 
 from aggregators.batch import BatchApplier, Message
-from aggregators.offset_store import start_offsets, stored_offsets
+from aggregators.offset_store import start_offsets
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine
-from meterstream.kafka import watermarks
 from meterstream.lag import consumer_lag
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
@@ -27,7 +26,7 @@ from meterstream.schema import applied_offsets
 from meterstream.settings import Settings
 from tests.aggregators.test_batch import stored_totals
 from tests.aggregators.test_worker import migrated, record_stream
-from tests.aggregators.workers import events_applied, wait_until, worker
+from tests.aggregators.workers import all_applied, events_applied, wait_until, worker
 from tests.conftest import EXAMPLE_METERS, POSTGRES_ADMIN_URL
 
 SettingsFactory = Callable[..., Settings]
@@ -37,15 +36,6 @@ def _postgres_tool(name: str) -> str:
     found = shutil.which(name) or next(iter(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")), None)
     assert found, f"{name} is needed to test a restore; install the PostgreSQL client"
     return found
-
-
-def _all_applied(settings: Settings, engine: Engine) -> bool:
-    """Every message of the topic is covered by the database's applied offsets."""
-    ends = {
-        p: high for p, (_low, high) in watermarks(settings.kafka_bootstrap, settings.topic).items()
-    }
-    stored = stored_offsets(engine, settings.topic)
-    return all(stored.get(p, 0) >= high for p, high in ends.items() if high > 0)
 
 
 def _nothing_behind(settings: Settings) -> bool:
@@ -66,7 +56,7 @@ def test_a_restored_database_replays_what_it_lost_and_ends_with_the_uninterrupte
     log = tmp_path / "worker.log"
     before = record_stream(settings, 2_000, seed=11)
     with worker(settings, log):
-        wait_until(lambda: _all_applied(settings, engine), 120, "the first events applied")
+        wait_until(lambda: all_applied(settings, engine), 120, "the first events applied")
     backup = tmp_path / "backup.dump"
     subprocess.run(
         [_postgres_tool("pg_dump"), "--format=custom", f"--file={backup}", postgres_url],
@@ -74,7 +64,7 @@ def test_a_restored_database_replays_what_it_lost_and_ends_with_the_uninterrupte
     )
     after = record_stream(settings, 1_500, seed=12, id_prefix="after-")
     with worker(settings, log):
-        wait_until(lambda: _all_applied(settings, engine), 120, "the later events applied")
+        wait_until(lambda: all_applied(settings, engine), 120, "the later events applied")
         # Kafka's group has committed past everything: alone, it would resume past the loss.
         wait_until(lambda: _nothing_behind(settings), 60, "the group to commit everything")
     catalogue = load_catalogue(EXAMPLE_METERS)
@@ -95,7 +85,7 @@ def test_a_restored_database_replays_what_it_lost_and_ends_with_the_uninterrupte
     assert _nothing_behind(settings)
 
     with worker(settings, log):
-        wait_until(lambda: _all_applied(settings, engine), 120, "the lost events applied again")
+        wait_until(lambda: all_applied(settings, engine), 120, "the lost events applied again")
     assert stored_totals(engine) == uninterrupted
     engine.dispose()
 

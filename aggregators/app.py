@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -29,8 +30,9 @@ from aggregators.batch import BatchResult, count_batch, note_newest_event_time
 from aggregators.offset_store import stored_offsets
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
+from aggregators.stall import StallWatch
 from aggregators.status import unreported_windows
-from meterstream.lag import consumer_lag
+from meterstream.lag import group_progress
 from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
 
@@ -144,8 +146,12 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
 
     app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune_dedup_keys)
 
+    stalls = StallWatch(settings.stall_after_s)
+
     async def refresh_gauges() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, _refresh_gauges, settings, state)
+        await asyncio.get_running_loop().run_in_executor(
+            None, _refresh_gauges, settings, state, stalls
+        )
 
     app.timer(_GAUGE_INTERVAL_S, name="meterstream.gauges")(refresh_gauges)
     return app
@@ -177,8 +183,9 @@ async def _ack_in_order(
         slots.release()
 
 
-def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
-    """Consumer lag from the broker, and the database's view of what awaits the reporter.
+def _refresh_gauges(settings: Settings, state: WorkerState, stalls: StallWatch) -> None:
+    """Consumer lag and stalled partitions from the broker, and the database's view of what
+    awaits the reporter.
 
     Each gauge is refreshed on its own: one that cannot be read is cleared (its series
     vanishes, which the absent() alerts see) rather than left showing an old, calm value.
@@ -188,13 +195,18 @@ def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
     if newest is not None:
         metrics.event_time_lag.set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
     try:
-        lag = consumer_lag(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
+        progress = group_progress(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
     except Exception:
         metrics.consumer_lag.clear()
+        metrics.partition_stalled.clear()
         _log.warning("could not read the consumer lag from the broker", exc_info=True)
     else:
-        for partition, behind in lag.items():
-            metrics.consumer_lag.labels(settings.topic, str(partition)).set(behind)
+        now_s = time.monotonic()
+        for partition, (position, behind) in progress.items():
+            labels = (settings.topic, str(partition))
+            metrics.consumer_lag.labels(*labels).set(behind)
+            stalled = stalls.stalled(partition, position, behind, now_s)
+            metrics.partition_stalled.labels(*labels).set(1 if stalled else 0)
     try:
         metrics.unreported_windows.set(unreported_windows(state.engine))
     except Exception:

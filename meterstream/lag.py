@@ -15,6 +15,15 @@ def consumer_lag(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0
 
     A partition the group never committed counts from its first retained message.
     """
+    progress = group_progress(bootstrap, group, topic, timeout_s)
+    return {partition: lag for partition, (_position, lag) in progress.items()}
+
+
+def group_progress(
+    bootstrap: str, group: str, topic: str, timeout_s: float = 10.0
+) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``: (``group``'s committed offset, or the first retained offset
+    when it never committed; messages behind it)."""
     offsets = watermarks(bootstrap, topic, timeout_s)
     admin = AdminClient(client_config(bootstrap))
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in offsets])
@@ -23,7 +32,8 @@ def consumer_lag(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0
         for tp in future.result(timeout=timeout_s).topic_partitions:
             if tp.offset >= 0:
                 committed[tp.partition] = tp.offset
-    return {
-        partition: max(0, high - committed.get(partition, low))
-        for partition, (low, high) in offsets.items()
-    }
+    progress: dict[int, tuple[int, int]] = {}
+    for partition, (low, high) in offsets.items():
+        position = committed.get(partition, low)
+        progress[partition] = (position, max(0, high - position))
+    return progress

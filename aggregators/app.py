@@ -27,7 +27,7 @@ import faust
 from sqlalchemy import Engine
 
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
-from aggregators.offset_store import stored_offsets
+from aggregators.offset_store import stored_or_seeded
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
 from aggregators.stall import StallWatch
@@ -95,7 +95,10 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
     )
     # faust would otherwise commit past events it skipped after a rebalance, and resume a
     # restored database past events it lost (aggregators.offsets).
-    use_applied_offsets(app, state.applied, partial(stored_offsets, state.engine))
+    stored = partial(
+        stored_or_seeded, state.engine, settings.kafka_bootstrap, settings.consumer_group
+    )
+    use_applied_offsets(app, state.applied, stored)
     source = app.topic(
         settings.topic,
         key_type=bytes,

@@ -11,12 +11,22 @@ applied exactly once more, or not at all where the restored deduplication keys a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import Connection, Engine, Executable, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from meterstream.kafka import watermarks
+from meterstream.lag import committed_offsets
 from meterstream.schema import applied_offsets
+
+
+@dataclass(frozen=True, slots=True)
+class _Position:
+    topic: str
+    partition: int
+    offset: int
 
 
 class _Located(Protocol):
@@ -76,14 +86,36 @@ def stored_offsets(engine: Engine, topic: str) -> dict[int, int]:
         return {int(p): int(o) for p, o in connection.execute(query)}
 
 
+def stored_or_seeded(engine: Engine, bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """``stored_offsets``; when the database records none for ``topic`` yet (it was just
+    upgraded to keep them), first record the group's committed offsets from the broker.
+
+    Without that seed, a partition without traffic since the upgrade would later look like one
+    the database never applied, and be read again from its first message.
+    """
+    stored = stored_offsets(engine, topic)
+    if stored:
+        return stored
+    partitions = list(watermarks(bootstrap, topic))
+    committed = committed_offsets(bootstrap, group, topic, partitions)
+    if not committed:
+        return {}
+    with engine.begin() as connection:
+        record_offsets(
+            connection,
+            [_Position(topic, p, offset - 1) for p, offset in committed.items() if offset > 0],
+        )
+    return stored_offsets(engine, topic)
+
+
 def start_offsets(stored: dict[int, int], committed: dict[int, int | None]) -> dict[int, int]:
     """The partitions to seek back, and where: those whose database offset is behind Kafka's
     committed offset (the database lost applied events, e.g. restored from a backup).
 
     A database offset ahead of Kafka's is left alone: the events in between are read again and
     the deduplication keys make them no-ops. A database that records no offset of the topic at
-    all was just upgraded to keep them (or never applied anything): Kafka's offsets stand, as
-    before. One that records some partitions but not this one never applied it: from 0, which
+    all never applied anything (``stored_or_seeded`` seeds an upgraded one): Kafka's offsets
+    stand. One that records some partitions but not this one never applied it: from 0, which
     Kafka clamps to the first message kept (the reset policy is ``earliest``).
     """
     if not stored:

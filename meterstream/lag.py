@@ -25,15 +25,23 @@ def group_progress(
     """Per partition of ``topic``: (``group``'s committed offset, or the first retained offset
     when it never committed; messages behind it)."""
     offsets = watermarks(bootstrap, topic, timeout_s)
-    admin = AdminClient(client_config(bootstrap))
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in offsets])
-    committed: dict[int, int] = {}
-    for future in admin.list_consumer_group_offsets([request]).values():
-        for tp in future.result(timeout=timeout_s).topic_partitions:
-            if tp.offset >= 0:
-                committed[tp.partition] = tp.offset
+    committed = committed_offsets(bootstrap, group, topic, list(offsets), timeout_s)
     progress: dict[int, tuple[int, int]] = {}
     for partition, (low, high) in offsets.items():
         position = committed.get(partition, low)
         progress[partition] = (position, max(0, high - position))
     return progress
+
+
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, partitions: list[int], timeout_s: float = 10.0
+) -> dict[int, int]:
+    """``group``'s committed offset of each of ``partitions`` that has one."""
+    admin = AdminClient(client_config(bootstrap))
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
+    committed: dict[int, int] = {}
+    for future in admin.list_consumer_group_offsets([request]).values():
+        for tp in future.result(timeout=timeout_s).topic_partitions:
+            if tp.offset >= 0:
+                committed[tp.partition] = tp.offset
+    return committed

@@ -10,15 +10,18 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import select
 
 from aggregators.batch import BatchApplier, Message
-from aggregators.offset_store import start_offsets
+from aggregators.offset_store import start_offsets, stored_or_seeded
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine
+from meterstream.kafka import client_config
 from meterstream.lag import consumer_lag
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
@@ -115,3 +118,31 @@ def test_partitions_start_from_the_database_only_when_it_is_behind() -> None:
     assert start_offsets({0: 100}, committed) == {1: 0, 3: 0}
     # Nothing recorded at all (a database upgraded to keep offsets): Kafka's offsets stand.
     assert start_offsets({}, committed) == {}
+
+
+def test_an_upgraded_database_adopts_the_groups_committed_offsets_once(
+    settings_factory: SettingsFactory, topic_factory: Callable[..., str], postgres_url: str
+) -> None:
+    settings = settings_factory(topic=topic_factory(3), database_url=postgres_url)
+    engine = migrated(settings)
+    producer = Producer(client_config(settings.kafka_bootstrap))
+    for partition in (0, 1):
+        for _ in range(5):
+            producer.produce(settings.topic, b"x", partition=partition)
+    producer.flush(10)
+    # The group's offsets as a worker from before the upgrade left them; partition 2 unused.
+    consumer = Consumer(
+        {**client_config(settings.kafka_bootstrap), "group.id": settings.consumer_group}
+    )
+    consumer.commit(
+        offsets=[TopicPartition(settings.topic, 0, 5), TopicPartition(settings.topic, 1, 3)],
+        asynchronous=False,
+    )
+    consumer.close()
+    seed = partial(
+        stored_or_seeded, engine, settings.kafka_bootstrap, settings.consumer_group, settings.topic
+    )
+    assert seed() == {0: 5, 1: 3}
+    # From now on the database's offsets are the record: nothing to seek, on either partition.
+    assert start_offsets(seed(), {0: 5, 1: 3, 2: None}) == {}
+    engine.dispose()

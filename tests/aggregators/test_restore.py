@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from aggregators.batch import BatchApplier, Message
 from aggregators.offset_store import start_offsets, stored_or_seeded
@@ -94,10 +94,9 @@ def test_a_restored_database_replays_what_it_lost_and_ends_with_the_uninterrupte
 
 
 def test_the_batch_transaction_records_each_partitions_next_offset(
-    settings_factory: SettingsFactory, postgres_url: str
+    migrated_engine: Engine,
 ) -> None:
-    settings = settings_factory(database_url=postgres_url)
-    engine = migrated(settings)
+    engine = migrated_engine
     applier = BatchApplier(
         engine, load_catalogue(EXAMPLE_METERS), AggregatorMetrics(), horizon_days=35
     )
@@ -107,7 +106,6 @@ def test_the_batch_transaction_records_each_partitions_next_offset(
     with engine.connect() as connection:
         rows = connection.execute(select(applied_offsets).order_by(applied_offsets.c.partition))
         assert [tuple(r) for r in rows] == [("usage", 0, 8), ("usage", 2, 41)]
-    engine.dispose()
 
 
 def test_partitions_start_from_the_database_only_when_it_is_behind() -> None:

@@ -52,7 +52,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     metrics = AggregatorMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)  # noqa: S104 - Prometheus scrapes it from another host
-    pipeline = ApplyPipeline(settings)
+    pipeline = ApplyPipeline(settings, catalogue)
     app = build_app(settings, WorkerState(pipeline, engine, metrics))
     where = engine.url.render_as_string(hide_password=True)
     _log.info("aggregating %s into %s", settings.topic, where)

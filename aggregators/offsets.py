@@ -99,8 +99,8 @@ class CappedConsumer(aiokafka.Consumer):
         assigned = self.assignment()
         loop = asyncio.get_running_loop()
         for topic in sorted({tp.topic for tp in assigned}):
-            # The database is the record of what was applied; a failure here must not let the
-            # worker resume from Kafka's offsets alone, so it propagates (faust stops).
+            # The database is the record of what was applied: a failure to read it propagates
+            # (faust's recovery raises it) rather than resume from Kafka's offsets alone.
             stored = await loop.run_in_executor(None, self.stored, topic)
             partitions = {tp.partition: tp for tp in assigned if tp.topic == topic}
             committed = {p: self._committed_offset.get(tp) for p, tp in partitions.items()}

@@ -16,8 +16,10 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,11 @@ import faust
 from sqlalchemy import Engine
 
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
+from aggregators.offset_store import stored_or_seeded
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
-from meterstream.lag import consumer_lag
+from aggregators.stall import StallWatch
+from meterstream.lag import group_progress
 from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
 
@@ -88,8 +92,12 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
         stream_buffer_maxsize=max(4096, settings.aggregate_batch_max_events * 2),
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
-    # faust would otherwise commit past events it skipped after a rebalance (aggregators.offsets).
-    use_applied_offsets(app, state.applied)
+    # faust would otherwise commit past events it skipped after a rebalance, and resume a
+    # restored database past events it lost (aggregators.offsets).
+    stored = partial(
+        stored_or_seeded, state.engine, settings.kafka_bootstrap, settings.consumer_group
+    )
+    use_applied_offsets(app, state.applied, stored)
     source = app.topic(
         settings.topic,
         key_type=bytes,
@@ -140,8 +148,12 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
 
     app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune_dedup_keys)
 
+    stalls = StallWatch(settings.stall_after_s)
+
     async def refresh_gauges() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, _refresh_gauges, settings, state)
+        await asyncio.get_running_loop().run_in_executor(
+            None, _refresh_gauges, settings, state, stalls
+        )
 
     app.timer(_GAUGE_INTERVAL_S, name="meterstream.gauges")(refresh_gauges)
     return app
@@ -173,8 +185,9 @@ async def _ack_in_order(
         slots.release()
 
 
-def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
-    """Consumer lag from the broker, and the event-time lag of what this worker applied.
+def _refresh_gauges(settings: Settings, state: WorkerState, stalls: StallWatch) -> None:
+    """Consumer lag and stalled partitions from the broker, and the event-time lag of
+    what this worker applied.
 
     Each gauge is refreshed on its own: one that cannot be read is cleared (its series
     vanishes, which the absent() alerts see) rather than left showing an old, calm value.
@@ -184,13 +197,18 @@ def _refresh_gauges(settings: Settings, state: WorkerState) -> None:
     if newest is not None:
         metrics.event_time_lag.set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
     try:
-        lag = consumer_lag(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
+        progress = group_progress(settings.kafka_bootstrap, settings.consumer_group, settings.topic)
     except Exception:
         metrics.consumer_lag.clear()
+        metrics.partition_stalled.clear()
         _log.warning("could not read the consumer lag from the broker", exc_info=True)
     else:
-        for partition, behind in lag.items():
-            metrics.consumer_lag.labels(settings.topic, str(partition)).set(behind)
+        now_s = time.monotonic()
+        for partition, (position, behind) in progress.items():
+            labels = (settings.topic, str(partition))
+            metrics.consumer_lag.labels(*labels).set(behind)
+            stalled = stalls.stalled(partition, position, behind, now_s)
+            metrics.partition_stalled.labels(*labels).set(1 if stalled else 0)
 
 
 async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> AppliedBatch:

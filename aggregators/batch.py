@@ -22,6 +22,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from aggregators.aggregation import Partial, WindowKey
 from aggregators.dedup import DedupKeys
 from aggregators.intake import Accepted, Rejection, admit
+from aggregators.offset_store import record_offsets
 from aggregators.sql import insert_ignoring_conflicts
 from aggregators.totals import ChangedWindow, apply_partials
 from aggregators.windows import window_bounds
@@ -133,12 +134,12 @@ class BatchApplier:
             else:
                 accepted.append(outcome)
         try:
-            part = self._apply_retrying(accepted, rejected, now)
+            part = self._apply_retrying(accepted, rejected, now, messages)
         except (DataError, IntegrityError, InvalidOperation) as exc:
             if len(messages) == 1:
                 detail = f"the database refused it: {exc}"[:2000]
                 rejection = Rejection("unstorable", detail)
-                part = self._apply_retrying([], [Rejected(messages[0], rejection)], now)
+                part = self._apply_retrying([], [Rejected(messages[0], rejection)], now, messages)
             else:
                 middle = len(messages) // 2
                 self._apply_splitting(messages[:middle], now, result)
@@ -147,12 +148,16 @@ class BatchApplier:
         result.merge(part)
 
     def _apply_retrying(
-        self, accepted: list[Accepted], rejected: list[Rejected], now: datetime
+        self,
+        accepted: list[Accepted],
+        rejected: list[Rejected],
+        now: datetime,
+        messages: Sequence[Message],
     ) -> BatchResult:
         self.dedup.prepare(a.event.event_time.date() for a in accepted)
         for attempt in range(1, _RETRIES + 1):
             try:
-                return self._apply_once(accepted, rejected, now)
+                return self._apply_once(accepted, rejected, now, messages)
             except OperationalError as exc:
                 if attempt == _RETRIES or not _transient(exc):
                     raise
@@ -160,7 +165,11 @@ class BatchApplier:
         raise AssertionError("unreachable: the last attempt raises")
 
     def _apply_once(
-        self, accepted: list[Accepted], rejected: list[Rejected], now: datetime
+        self,
+        accepted: list[Accepted],
+        rejected: list[Rejected],
+        now: datetime,
+        messages: Sequence[Message],
     ) -> BatchResult:
         result = BatchResult(rejected=rejected)
         with self.engine.begin() as connection:
@@ -189,6 +198,8 @@ class BatchApplier:
                     insert_ignoring_conflicts(connection, rejected_events),
                     [_rejected_row(r, now) for r in result.rejected],
                 )
+            # With the totals, so a database restored from a backup knows where to resume.
+            record_offsets(connection, messages)
         result.applied = len(fresh)
         result.duplicates = len(accepted) - len(fresh)
         result.applied_by_meter = applied

@@ -17,28 +17,41 @@ they were taken. So once the batch holding offset ``o`` committed, every offset 
 in the database, even when that batch finished after its partition was revoked. A cap that is
 too low only delays a commit; the events read again are no-ops for the deduplication keys.
 
+Where a partition starts: faust seeks every assigned partition to Kafka's committed offset
+(``Consumer.perform_seek``, after each rebalance). ``CappedConsumer`` then seeks back the
+partitions whose offset in the database (``aggregators.offset_store``, written with each batch)
+is behind it: the database lost events it had applied (restored from a backup), and they are
+applied again. Kafka's committed offset is only a hint.
+
 Depends on faust internals, checked against faust-streaming 0.15.3 (aiokafka driver):
 ``Consumer._new_offset``, ``Consumer._acked`` / ``_acked_index`` (the acked offsets it consumes),
-``Consumer.on_partitions_revoked``, ``Transport.Consumer`` (the class a transport builds) and the
+``Consumer.on_partitions_revoked``, ``Consumer.perform_seek`` / ``_committed_offset`` / ``seek``,
+``Transport.Consumer`` (the class a transport builds) and the
 ``App.transport`` setter. Check them again when upgrading faust.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka
 from faust.types.tuples import ack_lock
 
+from aggregators.offset_store import start_offsets
 from aggregators.pipeline import RawMessage
 from meterstream.errors import ConfigError
 
 __all__ = ["AppliedOffsets", "CappedConsumer", "use_applied_offsets"]
 
+_log = logging.getLogger(__name__)
 # (topic, partition): faust's and aiokafka's TopicPartition are both namedtuples of these.
 _Partition = tuple[str, int]
+# topic -> {partition: next offset} as the database records it (blocking; run in a thread).
+StoredOffsets = Callable[[str], dict[int, int]]
 
 
 class AppliedOffsets:
@@ -79,6 +92,29 @@ class CappedConsumer(aiokafka.Consumer):
     def __init__(self, transport: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(transport, *args, **kwargs)
         self.applied: AppliedOffsets = transport.applied
+        self.stored: StoredOffsets = transport.stored
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        assigned = self.assignment()
+        loop = asyncio.get_running_loop()
+        for topic in sorted({tp.topic for tp in assigned}):
+            # The database is the record of what was applied: a failure to read it propagates
+            # (faust's recovery raises it) rather than resume from Kafka's offsets alone.
+            stored = await loop.run_in_executor(None, self.stored, topic)
+            partitions = {tp.partition: tp for tp in assigned if tp.topic == topic}
+            committed = {p: self._committed_offset.get(tp) for p, tp in partitions.items()}
+            for partition, offset in sorted(start_offsets(stored, committed).items()):
+                _log.warning(
+                    "%s[%d]: the database applied up to offset %d, Kafka's group committed %s; "
+                    "reading again from %d (a restored database?)",
+                    topic,
+                    partition,
+                    offset,
+                    committed[partition],
+                    offset,
+                )
+                await self.seek(partitions[partition], offset)
 
     def _new_offset(self, tp: Any) -> int | None:
         cap = self.applied.cap(tp.topic, tp.partition)
@@ -121,13 +157,17 @@ class CappedConsumer(aiokafka.Consumer):
 class _CappedTransport(aiokafka.Transport):
     Consumer = CappedConsumer
 
-    def __init__(self, url: Any, app: faust.App, applied: AppliedOffsets) -> None:
+    def __init__(
+        self, url: Any, app: faust.App, applied: AppliedOffsets, stored: StoredOffsets
+    ) -> None:
         super().__init__(url, app)
         self.applied = applied
+        self.stored = stored
 
 
-def use_applied_offsets(app: faust.App, applied: AppliedOffsets) -> None:
-    """Make ``app`` (not started) commit no offset past what ``applied`` records."""
+def use_applied_offsets(app: faust.App, applied: AppliedOffsets, stored: StoredOffsets) -> None:
+    """Make ``app`` (not started) commit no offset past what ``applied`` records, and start
+    each assigned partition no later than ``stored`` (the database) says."""
     # Before anything reads app.transport (declaring topics and agents builds it).
     urls = app.conf.broker_consumer
     if any(url.scheme != "kafka" for url in urls):
@@ -135,4 +175,4 @@ def use_applied_offsets(app: faust.App, applied: AppliedOffsets) -> None:
             "METERSTREAM_KAFKA_BOOTSTRAP: the aggregator runs on faust's aiokafka driver only; "
             f"give host:port pairs, got {', '.join(str(url) for url in urls)}"
         )
-    app.transport = _CappedTransport(urls, app, applied)
+    app.transport = _CappedTransport(urls, app, applied, stored)

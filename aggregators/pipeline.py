@@ -36,7 +36,7 @@ from typing import TypeVar
 from aggregators.batch import BatchApplier, BatchResult, Message
 from meterstream.db import build_engine
 from meterstream.errors import MeterstreamError
-from meterstream.meters import load_catalogue
+from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
 
@@ -78,9 +78,8 @@ class _Child:
     """The child process's state: one BatchApplier, and the shared record of the last batch
     sequence committed (which says which batch it may apply next)."""
 
-    def __init__(self, settings: Settings, committed: c_longlong) -> None:
+    def __init__(self, settings: Settings, committed: c_longlong, catalogue: Catalogue) -> None:
         engine = build_engine(settings)
-        catalogue = load_catalogue(settings.meters_file)
         # Its counters are not exposed: the worker counts what each AppliedBatch reports.
         self.applier = BatchApplier(
             engine, catalogue, AggregatorMetrics(), horizon_days=settings.horizon_days
@@ -109,14 +108,14 @@ class _Child:
 _child: _Child | None = None
 
 
-def _start_child(settings: Settings, committed: c_longlong) -> None:
+def _start_child(settings: Settings, committed: c_longlong, catalogue: Catalogue) -> None:
     global _child
     # The worker decides when to stop: Ctrl-C reaches the whole process group, and the child
     # must finish the batch in hand rather than die in the middle of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
-    _child = _Child(settings, committed)
+    _child = _Child(settings, committed, catalogue)
     threading.Thread(target=_exit_with_parent, name="meterstream-parent-watch", daemon=True).start()
 
 
@@ -161,8 +160,11 @@ class ApplyPipeline:
     Not thread-safe: call it from the worker's event loop only.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, catalogue: Catalogue | None = None) -> None:
         self._settings = settings
+        # The catalogue the worker checked at start (aggregators.definitions), handed to every
+        # child: a child replaced later must not read a file edited since.
+        self._catalogue = catalogue or load_catalogue(settings.meters_file)
         # spawn, not fork: the worker runs threads (faust, Prometheus), which fork does not copy.
         self._context = multiprocessing.get_context("spawn")
         # The last batch sequence committed; written by the child, outlives it. No lock: one
@@ -175,7 +177,7 @@ class ApplyPipeline:
             max_workers=1,
             mp_context=self._context,
             initializer=_start_child,
-            initargs=(self._settings, self._committed),
+            initargs=(self._settings, self._committed, self._catalogue),
         )
 
     def submit(self, sequence: int, raw: list[RawMessage]) -> asyncio.Future[AppliedBatch]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from sqlalchemy import Engine, inspect
 
 from aggregators.app import WorkerState, build_app, dead_letter_topic
+from aggregators.definitions import check_definitions
 from aggregators.pipeline import ApplyPipeline
 from meterstream.db import build_engine
 from meterstream.errors import ConfigError
@@ -44,15 +46,17 @@ def run_worker(
 
     # uvloop lifts faust's ceiling; it must be chosen before the app creates its loop.
     mode.loop.use("uvloop")
-    load_catalogue(settings.meters_file)  # fail here, not in the child, on a bad catalogue
+    # Fail here, not in the child, on a bad catalogue or one that no longer fits the totals.
+    catalogue = load_catalogue(settings.meters_file)
     engine = build_engine(settings)
     check_schema(engine)
+    check_definitions(engine, catalogue, datetime.now(UTC), str(settings.meters_file))
     wait_for_broker(settings.kafka_bootstrap)
     ensure_topic(settings.kafka_bootstrap, settings.topic, settings.topic_partitions)
     ensure_topic(settings.kafka_bootstrap, dead_letter_topic(settings), settings.topic_partitions)
     metrics = AggregatorMetrics()
     serve_metrics(settings, metrics.registry)
-    pipeline = ApplyPipeline(settings)
+    pipeline = ApplyPipeline(settings, catalogue)
     app = build_app(settings, WorkerState(pipeline, engine, metrics))
     where = engine.url.render_as_string(hide_password=True)
     _log.info("aggregating %s into %s", settings.topic, where)

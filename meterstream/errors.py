@@ -4,11 +4,13 @@ MeterstreamError
  +-- ConfigError               a setting or the meter catalogue is wrong; fix it and restart
  |    +-- CatalogueError       names the meter, the key and the reason
  |    +-- MeterCheckError      Stripe's meters do not fit the catalogue; lists every problem
+ |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
+ +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
  +-- StripeCallError           a call to Stripe failed for a reason no row is to blame for
  |    +-- StripeAuthError      Stripe refused the API key (401/403); fix the key
  |    +-- StoppedError         a stop was requested before the call; nothing was sent
@@ -44,6 +46,10 @@ class CatalogueError(ConfigError):
         self.key = key
         self.reason = reason
         super().__init__(f"meter {meter!r}: {key}: {reason}")
+
+
+class CatalogueChangedError(ConfigError):
+    """The catalogue no longer describes totals the database holds (aggregators.definitions)."""
 
 
 class InvalidEventError(MeterstreamError):
@@ -121,3 +127,7 @@ class LedgerError(MeterstreamError):
 
 class AcknowledgementMismatchError(LedgerError):
     """mark_all_acknowledged updated another number of rows than it found pending."""
+
+
+class ReplayError(MeterstreamError):
+    """Kafka did not acknowledge every dead letter sent back; the replay can be run again."""

@@ -15,15 +15,33 @@ def consumer_lag(bootstrap: str, group: str, topic: str, timeout_s: float = 10.0
 
     A partition the group never committed counts from its first retained message.
     """
+    progress = group_progress(bootstrap, group, topic, timeout_s)
+    return {partition: lag for partition, (_position, lag) in progress.items()}
+
+
+def group_progress(
+    bootstrap: str, group: str, topic: str, timeout_s: float = 10.0
+) -> dict[int, tuple[int, int]]:
+    """Per partition of ``topic``: (``group``'s committed offset, or the first retained offset
+    when it never committed; messages behind it)."""
     offsets = watermarks(bootstrap, topic, timeout_s)
+    committed = committed_offsets(bootstrap, group, topic, list(offsets), timeout_s)
+    progress: dict[int, tuple[int, int]] = {}
+    for partition, (low, high) in offsets.items():
+        position = committed.get(partition, low)
+        progress[partition] = (position, max(0, high - position))
+    return progress
+
+
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, partitions: list[int], timeout_s: float = 10.0
+) -> dict[int, int]:
+    """``group``'s committed offset of each of ``partitions`` that has one."""
     admin = AdminClient(client_config(bootstrap))
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in offsets])
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
     committed: dict[int, int] = {}
     for future in admin.list_consumer_group_offsets([request]).values():
         for tp in future.result(timeout=timeout_s).topic_partitions:
             if tp.offset >= 0:
                 committed[tp.partition] = tp.offset
-    return {
-        partition: max(0, high - committed.get(partition, low))
-        for partition, (low, high) in offsets.items()
-    }
+    return committed

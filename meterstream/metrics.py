@@ -107,6 +107,13 @@ class AggregatorMetrics:
             ["topic", "partition"],
             registry=self.registry,
         )
+        self.partition_stalled = Gauge(
+            "meterstream_aggregator_partition_stalled",
+            "1 while a partition has messages waiting and the group's committed offset has not "
+            "moved for METERSTREAM_STALL_AFTER_S; else 0.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
         self.event_time_lag = Gauge(
             "meterstream_aggregator_event_time_lag_seconds",
             "Now minus the newest event time applied.",

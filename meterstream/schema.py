@@ -5,6 +5,9 @@
   pruning past the horizon drops a partition).
 - ``unique_values``: the distinct property values behind each unique_count total.
 - ``rejected_events``: what the aggregators refused, and why (also on the dead-letter topic).
+- ``applied_offsets``: per partition of the usage topic, the next offset to apply, written in the
+  same transaction as each batch (a database restored from a backup replays from there).
+- ``meter_definitions``: how each meter aggregated its stored totals, checked at worker start.
 """
 
 from __future__ import annotations
@@ -127,6 +130,27 @@ rejected_events = Table(
     Column("meter", String(100), nullable=True),
     Column("raw", LargeBinary, nullable=False),
     Column("rejected_at", UTCDateTime(), nullable=False),
+)
+
+applied_offsets = Table(
+    "applied_offsets",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    # One past the highest offset whose batch committed: where a worker assigned the partition
+    # starts, whatever the consumer group committed in Kafka.
+    Column("next_offset", BigInteger, nullable=False),
+)
+
+meter_definitions = Table(
+    "meter_definitions",
+    metadata,
+    Column("meter", String(100), primary_key=True),
+    # The fields that shape what is stored: the same totals read with another one are wrong.
+    Column("aggregation", String(20), nullable=False),
+    Column("window", String(10), nullable=False),
+    Column("unique_property", String(200), nullable=True),
+    Column("recorded_at", UTCDateTime(), nullable=False),
 )
 
 # --- reporter (stage 3) ----------------------------------------------------------------------

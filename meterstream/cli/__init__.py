@@ -233,9 +233,10 @@ def _register_stage_commands() -> None:
     # The command line is the one place that knows every stage; the stages never import each
     # other.
     from meterstream.cli.aggregate import AGGREGATOR_COMMANDS
+    from meterstream.cli.dead_letters import DEAD_LETTER_COMMANDS
     from meterstream.cli.report import REPORTER_COMMANDS
 
-    for command in (*AGGREGATOR_COMMANDS, *REPORTER_COMMANDS):
+    for command in (*AGGREGATOR_COMMANDS, *DEAD_LETTER_COMMANDS, *REPORTER_COMMANDS):
         cli.add_command(command)
 
 

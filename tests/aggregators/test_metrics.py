@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 from confluent_kafka import Producer
 
@@ -145,3 +146,41 @@ def test_the_worker_serves_metrics_on_loopback_unless_told_otherwise(
     with worker(settings, tmp_path / "worker.log", metrics_port=port):
         wait_until(lambda: bool(scrape(port)), what="/metrics answering")
         assert listening_hosts(port) == {bound}
+
+
+def _stalled(port: int, topic: str) -> dict[str, float]:
+    return {
+        dict(labels)["partition"]: value
+        for (name, labels), value in scrape(port).items()
+        if name == "meterstream_aggregator_partition_stalled" and dict(labels)["topic"] == topic
+    }
+
+
+def test_a_worker_that_cannot_commit_reports_its_partition_stalled_and_recovers(
+    settings_factory: SettingsFactory,
+    topic_factory: Callable[..., str],
+    postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(
+        topic=topic_factory(1), database_url=postgres_url, stall_after_s=1.0
+    )
+    engine = build_engine(settings)
+    migrate(engine)
+    port = free_port()
+    with worker(settings, tmp_path / "worker.log", metrics_port=port):
+        with UsageClient(settings) as client:
+            client.record("c0", "tokens", 1, event_id="before")
+        wait_until(lambda: events_applied(engine) == 1, what="the first event applied")
+        wait_until(lambda: _stalled(port, settings.topic) == {"0": 0}, what="a calm gauge")
+        # Every batch now waits on a lock at its last write: the worker applies nothing.
+        with psycopg.connect(postgres_url) as blocker:
+            blocker.execute("LOCK TABLE applied_offsets IN EXCLUSIVE MODE")
+            with UsageClient(settings) as client:
+                client.record("c0", "tokens", 2, event_id="stuck")
+            wait_until(lambda: _stalled(port, settings.topic) == {"0": 1}, what="stalled")
+            assert events_applied(engine) == 1
+            blocker.rollback()
+        wait_until(lambda: events_applied(engine) == 2, what="the held event applied")
+        wait_until(lambda: _stalled(port, settings.topic) == {"0": 0}, what="no longer stalled")
+    engine.dispose()

@@ -240,3 +240,34 @@ def test_batches_commit_in_sequence_and_a_resent_batch_is_a_no_op(
     asyncio.run(scenario())
     assert events_applied(engine) == 20
     engine.dispose()
+
+
+def test_every_child_applies_the_catalogue_checked_at_start_not_the_file_edited_since(
+    settings_factory: SettingsFactory, postgres_url: str, tmp_path: Path
+) -> None:
+    edited = tmp_path / "meters.toml"
+    edited.write_text('[meters.api_calls]\naggregation = "count"\nwindow = "1m"\n')
+    settings = settings_factory(database_url=postgres_url, meters_file=edited)
+    engine = migrated(settings)
+
+    async def scenario() -> None:
+        pipeline = ApplyPipeline(settings, load_catalogue(EXAMPLE_METERS))
+        try:
+            first = await pipeline.submit(1, _batch(0, 5))
+            # The child dies and is replaced: the new one still has "tokens".
+            os.kill(await asyncio.wrap_future(pipeline._submit(os.getpid)), signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:  # as the worker does: send again until a new child takes it
+                try:
+                    second = await pipeline.submit(2, _batch(5, 5))
+                    break
+                except BrokenProcessPool:
+                    assert time.monotonic() < deadline, "no new child took the batch"
+            assert (first.result.applied, second.result.applied) == (5, 5)
+            assert not first.result.rejected and not second.result.rejected
+        finally:
+            pipeline.close()
+
+    asyncio.run(scenario())
+    assert events_applied(engine) == 10
+    engine.dispose()

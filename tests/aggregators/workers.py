@@ -11,6 +11,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
+from aggregators.offset_store import stored_offsets
+from meterstream.kafka import watermarks
 from meterstream.processes import start_meterstream, stop_process
 from meterstream.schema import window_totals
 from meterstream.settings import Settings, environment_of
@@ -55,3 +57,11 @@ def events_applied(engine: Engine) -> int:
     with engine.connect() as connection:
         total = connection.execute(select(func.coalesce(func.sum(window_totals.c.events), 0)))
         return int(total.scalar_one())
+
+
+def all_applied(settings: Settings, engine: Engine) -> bool:
+    """Every message now on the topic is behind the database's applied offsets (applied,
+    found a duplicate, or dead-lettered)."""
+    ends = watermarks(settings.kafka_bootstrap, settings.topic)
+    stored = stored_offsets(engine, settings.topic)
+    return all(stored.get(p, 0) >= high for p, (_low, high) in ends.items() if high > 0)

@@ -1,4 +1,5 @@
-"""Deduplication by event id: a 16-byte key per (source, id), kept by event day for the horizon.
+"""Deduplication: a 16-byte key per (source, event id, customer, meter), kept by event day for the
+horizon.
 
 In PostgreSQL ``seen_events`` is partitioned by event day: each day's partition is created before
 a batch needs it, and pruning past the horizon drops whole partitions (no row deletes, no vacuum).

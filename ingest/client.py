@@ -119,7 +119,12 @@ class UsageClient:
             event_time = (
                 now
                 if timestamp is None
-                else check_event_time(timestamp, now=now, horizon_days=self._horizon_days)
+                else check_event_time(
+                    timestamp,
+                    now=now,
+                    horizon_days=self._horizon_days,
+                    future_tolerance_s=self._settings.future_tolerance_s,
+                )
             )
             props = (
                 check_properties(properties, found)

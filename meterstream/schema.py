@@ -3,7 +3,7 @@
 - ``window_totals``: one row per customer, meter and event-time window; the exact total.
 - ``seen_events``: 16-byte deduplication keys by event day (partitioned by day in PostgreSQL, so
   pruning past the horizon drops a partition).
-- ``unique_values``: the distinct property values behind each unique_count total.
+- ``unique_values``: a 16-byte digest of each distinct property value behind a unique_count total.
 - ``rejected_events``: what the aggregators refused, and why (also on the dead-letter topic).
 """
 
@@ -109,7 +109,8 @@ unique_values = Table(
     Column("customer_id", String(200), primary_key=True),
     Column("meter", String(100), primary_key=True),
     Column("window_start", UTCDateTime(), primary_key=True),
-    Column("value", String(1024), primary_key=True),
+    # blake2b (16 bytes) of the value: a key of fixed size, whatever the value's length.
+    Column("value_digest", LargeBinary(16), primary_key=True),
 )
 
 rejected_events = Table(

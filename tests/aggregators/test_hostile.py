@@ -7,12 +7,15 @@ broker.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka import Producer
 from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError
 
@@ -21,13 +24,14 @@ from aggregators.pipeline import ApplyPipeline, RawMessage
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine, migrate
 from meterstream.events import UsageEvent, encode_event
+from meterstream.kafka import client_config
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
 from meterstream.schema import rejected_events
 from meterstream.settings import Settings, load_settings
 from tests.aggregators.test_batch import as_messages, stored_totals
-from tests.aggregators.workers import events_applied
-from tests.conftest import EXAMPLE_METERS
+from tests.aggregators.workers import events_applied, wait_until, worker
+from tests.conftest import EXAMPLE_METERS, read_topic
 
 SettingsFactory = Callable[..., Settings]
 
@@ -84,6 +88,11 @@ def _foreign(offset: int, **fields: object) -> Message:
     return Message("usage", 0, offset, orjson.dumps(doc))
 
 
+def _random_emoji(count: int) -> str:
+    rng = random.Random(count)
+    return "".join(chr(rng.randint(0x1F300, 0x1F64F)) for _ in range(count))
+
+
 def _rejected_reasons(engine: Engine) -> list[tuple[int, str]]:
     with engine.connect() as connection:
         rows = connection.execute(
@@ -111,8 +120,9 @@ def test_event_times_at_the_edge_of_datetime_are_dead_lettered(migrated_engine: 
 
 
 def test_a_long_multibyte_unique_value_is_counted(migrated_engine: Engine) -> None:
-    # 1,024 four-byte characters: 4 KB, more than a PostgreSQL btree key holds.
-    long_value = "\U0001f600" * 1024
+    # 1,024 random four-byte characters: 4 KB that do not compress, more than a PostgreSQL
+    # btree key holds.
+    long_value = _random_emoji(1024)
     messages = [
         _foreign(0, type="active_users", data={"value": "1", "properties": {"user_id": v}})
         for v in (long_value,)
@@ -192,7 +202,12 @@ def test_unique_values_stored_before_the_upgrade_keep_counting_once(database_url
                 "INSERT INTO unique_values (customer_id, meter, window_start, value) "
                 "VALUES ('c', 'active_users', :start, 'u1'), ('c', 'active_users', :start, 'u2')"
             ),
-            {"start": start if engine.dialect.name == "postgresql" else "2026-11-01 00:00:00"},
+            # SQLite: the text SQLAlchemy writes for a datetime.
+            {
+                "start": start
+                if engine.dialect.name == "postgresql"
+                else "2026-11-01 00:00:00.000000"
+            },
         )
     migrate(engine)
     messages = [
@@ -202,4 +217,101 @@ def test_unique_values_stored_before_the_upgrade_keep_counting_once(database_url
     _applier(engine).apply(messages)
     [(value, _events)] = stored_totals(engine).values()
     assert value == Decimal(1)  # u1 and u2 were already counted in this window
+    engine.dispose()
+
+
+def _produce(settings: Settings, messages: list[tuple[bytes, int | None]]) -> None:
+    producer = Producer(client_config(settings.kafka_bootstrap))
+    for value, timestamp_ms in messages:
+        extra = {} if timestamp_ms is None else {"timestamp": timestamp_ms}
+        producer.produce(settings.topic, value, b"c", **extra)
+    assert producer.flush(10) == 0
+
+
+def _cloud_event(event_id: str, time: str, meter: str = "tokens", **data: object) -> bytes:
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "go-service",
+            "type": meter,
+            "subject": "c",
+            "time": time,
+            "data": {"value": "1", **data},
+        }
+    )
+
+
+def test_a_hostile_stream_is_dead_lettered_and_the_worker_keeps_counting(
+    settings_factory: SettingsFactory,
+    topic_factory: Callable[..., str],
+    postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(topic=topic_factory(1), database_url=postgres_url)
+    engine = build_engine(settings)
+    migrate(engine)
+    now = datetime.now(UTC)
+    now_ms = int(now.timestamp() * 1000)
+    at = (now - timedelta(minutes=1)).isoformat()
+    long_user = _random_emoji(1024)  # 4 KB: more than a btree key holds
+    good = [
+        UsageEvent("g1", "go-service", "c", "tokens", Decimal(1), now - timedelta(minutes=1)),
+        UsageEvent("g2", "go-service", "c", "tokens", Decimal(1), now - timedelta(minutes=1)),
+        UsageEvent(
+            "g3",
+            "go-service",
+            "c",
+            "active_users",
+            Decimal(1),
+            now - timedelta(minutes=1),
+            {"user_id": long_user},
+        ),
+    ]
+    hostile = [
+        (b"\x00not json at all", None),
+        (_cloud_event("h1", "0001-01-01T00:00:00+14:00"), now_ms),
+        (_cloud_event("h2", "9999-12-31T23:59:59-14:00"), 2**63 - 1),
+        (_cloud_event("h3", at, value="10000000000000000"), now_ms),
+        (_cloud_event("h4", at, value=1.5), -1),
+        (_cloud_event("h5\x00", at), now_ms),
+        (_cloud_event("h" * 300, at), now_ms * 1000),
+        (_cloud_event("h7", at, meter="gpu_seconds"), now_ms),
+    ]
+    _produce(
+        settings,
+        [
+            (encode_event(good[0]), now_ms),
+            # Microseconds where milliseconds belong: the timestamp is ignored, the event counts.
+            (encode_event(good[1]), now_ms * 1000),
+            *hostile,
+            (encode_event(good[2]), now_ms),
+        ],
+    )
+    with worker(settings, tmp_path / "worker.log") as process:
+        wait_until(lambda: events_applied(engine) >= 3, what="the good events")
+        dead = read_topic(settings.kafka_bootstrap, f"{settings.topic}.dlq", len(hostile))
+        # Still counting after the hostile stream.
+        later = UsageEvent("g4", "go-service", "c", "tokens", Decimal(1), now)
+        _produce(settings, [(encode_event(later), None)])
+        wait_until(lambda: events_applied(engine) >= 4, what="an event after the hostile ones")
+        assert process.poll() is None
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    assert stored_totals(engine) == reference_totals([*good, later], catalogue)
+    reasons = sorted(
+        (int(dict(m.headers())["meterstream.offset"]), dict(m.headers())["meterstream.reason"])
+        for m in dead
+    )
+    expected = [
+        (2, b"unparseable"),
+        (3, b"unparseable"),
+        (4, b"unparseable"),
+        (5, b"beyond_stripe_digits"),
+        (6, b"unparseable"),
+        (7, b"unparseable"),
+        (8, b"unparseable"),
+        (9, b"unknown_meter"),
+    ]
+    assert reasons == expected
+    assert [(o, r.encode()) for o, r in _rejected_reasons(engine)] == expected
     engine.dispose()

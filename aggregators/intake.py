@@ -18,6 +18,7 @@ from typing import Literal
 from meterstream.errors import InvalidEventError
 from meterstream.events import (
     UsageEvent,
+    check_not_ahead,
     check_properties,
     check_value,
     decode_event,
@@ -140,12 +141,12 @@ def _check_time(
     event was produced (the Kafka timestamp, when it is not ahead of the worker's clock), so
     an event the SDK accepted is not refused because the workers were behind."""
     now = clock.now
-    if event_time > now + timedelta(seconds=clock.future_tolerance_s):
-        return "in_future", (
-            f"time: {event_time.isoformat()} is more than {clock.future_tolerance_s:g} s "
-            f"ahead of the worker's clock ({now.isoformat()}); METERSTREAM_FUTURE_TOLERANCE_S "
-            "sets how far; check the producer's clock"
+    try:
+        check_not_ahead(
+            event_time, now=now, future_tolerance_s=clock.future_tolerance_s, field_name="time"
         )
+    except InvalidEventError as exc:
+        return "in_future", str(exc)
     reference = min(produced, now) if produced is not None else now
     if event_time < reference - timedelta(days=clock.horizon_days):
         return "beyond_horizon", (

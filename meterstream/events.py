@@ -182,18 +182,28 @@ def check_event_time(
         utc = event_time.astimezone(UTC)
     except OverflowError:
         raise InvalidEventError(field_name, f"{event_time!r} is out of range in UTC") from None
-    if utc > now + timedelta(seconds=future_tolerance_s):
-        raise InvalidEventError(
-            field_name,
-            f"{utc.isoformat()} is more than {future_tolerance_s:g} s ahead of now "
-            f"({now.isoformat()}); METERSTREAM_FUTURE_TOLERANCE_S sets how far",
-        )
+    check_not_ahead(utc, now=now, future_tolerance_s=future_tolerance_s, field_name=field_name)
     if utc < now - timedelta(days=horizon_days):
         raise InvalidEventError(
             field_name,
             f"{utc.isoformat()} is older than {horizon_days} days; Stripe refuses such usage",
         )
     return utc
+
+
+def check_not_ahead(
+    event_time: datetime, *, now: datetime, future_tolerance_s: float, field_name: str
+) -> None:
+    """The one rule for event times ahead of the clock, in the SDK and in the workers alike:
+    at most ``future_tolerance_s`` (METERSTREAM_FUTURE_TOLERANCE_S) ahead of ``now``, the
+    checking host's clock. Raises InvalidEventError."""
+    if event_time > now + timedelta(seconds=future_tolerance_s):
+        raise InvalidEventError(
+            field_name,
+            f"{event_time.isoformat()} is more than {future_tolerance_s:g} s ahead of now "
+            f"({now.isoformat()}); METERSTREAM_FUTURE_TOLERANCE_S sets how far; check the "
+            "clock of the host that recorded it",
+        )
 
 
 def check_properties(properties: Any, meter: Meter) -> dict[str, str]:

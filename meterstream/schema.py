@@ -103,6 +103,14 @@ seen_events = Table(
     Column("key", LargeBinary(16), primary_key=True),
 )
 
+# One row (or none): the last event day that may hold keys written before migration 0003, which
+# were (source, id) only; the aggregators look for those too until the horizon has passed.
+seen_events_legacy = Table(
+    "seen_events_legacy",
+    metadata,
+    Column("until_day", Date, primary_key=True),
+)
+
 unique_values = Table(
     "unique_values",
     metadata,

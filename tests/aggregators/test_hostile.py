@@ -16,10 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Producer
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
 from aggregators.batch import BatchApplier, Message
+from aggregators.dedup import DedupKeys, legacy_dedup_key
 from aggregators.pipeline import ApplyPipeline, RawMessage
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine, migrate
@@ -27,7 +28,7 @@ from meterstream.events import UsageEvent, encode_event
 from meterstream.kafka import client_config
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
-from meterstream.schema import rejected_events
+from meterstream.schema import rejected_events, seen_events
 from meterstream.settings import Settings, load_settings
 from tests.aggregators.test_batch import as_messages, stored_totals
 from tests.aggregators.workers import events_applied, wait_until, worker
@@ -314,4 +315,43 @@ def test_a_hostile_stream_is_dead_lettered_and_the_worker_keeps_counting(
     ]
     assert reasons == expected
     assert [(o, r.encode()) for o, r in _rejected_reasons(engine)] == expected
+    engine.dispose()
+
+
+def test_an_event_applied_before_the_key_upgrade_and_resent_after_it_counts_once(
+    database_url: str,
+) -> None:
+    engine = build_engine(load_settings(database_url=database_url))
+    migrate(engine, "0002")
+    t = datetime.now(UTC) - timedelta(hours=1)
+    before = UsageEvent("req-1", "api", "c1", "tokens", Decimal(5), t)
+    # What a worker before 0003 stored for it: the key of (source, id) on its event day.
+    DedupKeys(engine, 35).prepare([t.date()])
+    with engine.begin() as connection:
+        connection.execute(
+            insert(seen_events), [{"event_day": t.date(), "key": legacy_dedup_key("api", "req-1")}]
+        )
+    migrate(engine)
+    target = BatchApplier(
+        engine, load_catalogue(EXAMPLE_METERS), AggregatorMetrics(), horizon_days=35
+    )
+    resent = target.apply(as_messages([before]))
+    assert (resent.applied, resent.duplicates) == (0, 1)
+    # Around the upgrade, the old key stands for every event of that source and id (as it did
+    # before); events of later days are told apart by customer and meter.
+    same_day = UsageEvent("req-1", "api", "c1", "api_calls", Decimal(1), t)
+    assert target.apply(as_messages([same_day], 1)).applied == 0
+    later = t + timedelta(days=3)
+    in_three_days = BatchApplier(
+        engine,
+        load_catalogue(EXAMPLE_METERS),
+        AggregatorMetrics(),
+        horizon_days=35,
+        clock=lambda: later,
+    )
+    others = [
+        UsageEvent("req-1", "api", "c1", "api_calls", Decimal(1), later),
+        UsageEvent("req-1", "api", "c2", "tokens", Decimal(1), later),
+    ]
+    assert in_three_days.apply(as_messages(others, 2)).applied == 2
     engine.dispose()

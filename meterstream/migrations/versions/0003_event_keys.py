@@ -1,4 +1,9 @@
-"""unique_count keeps a 16-byte digest of each distinct value, not the value itself.
+"""Deduplication keys cover customer and meter; unique_count keeps digests of its values.
+
+Keys were (source, id): a request id recorded for two meters lost the second event. Keys are
+now (source, id, customer, meter). Keys already written cannot be converted (only their digest
+is kept), so ``seen_events_legacy`` records the last event day that may hold old ones, and the
+aggregators look for an event's old key on those days as well (aggregators.dedup).
 
 A value of 1,024 multibyte characters is up to 4 KB, more than a PostgreSQL btree key holds
 (about 2,700 bytes): such a message failed its batch. The digest (blake2b, 16 bytes, the same
@@ -12,6 +17,7 @@ Revises: 0002
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, date, datetime, timedelta
 
 import sqlalchemy as sa
 from alembic import op
@@ -27,6 +33,25 @@ _CHUNK = 10_000
 
 
 def upgrade() -> None:
+    _record_old_keys()
+    _hash_unique_values()
+
+
+def _record_old_keys() -> None:
+    op.create_table("seen_events_legacy", sa.Column("until_day", sa.Date, primary_key=True))
+    connection = op.get_bind()
+    # Old keys are stored by event day; workers refused event times more than a few minutes
+    # ahead, so none lies beyond the newest day already stored.
+    newest = connection.execute(sa.text("SELECT max(event_day) FROM seen_events")).scalar()
+    if newest is not None:
+        if isinstance(newest, str):  # SQLite returns the text it stored
+            newest = date.fromisoformat(newest)
+        until = max(newest, datetime.now(UTC).date() + timedelta(days=1))
+        table = sa.table("seen_events_legacy", sa.column("until_day", sa.Date()))
+        connection.execute(table.insert(), [{"until_day": until}])
+
+
+def _hash_unique_values() -> None:
     op.create_table(
         "unique_values_digest",
         sa.Column("customer_id", sa.String(200), primary_key=True),
@@ -65,6 +90,9 @@ def upgrade() -> None:
         )
     op.drop_table("unique_values")
     op.rename_table("unique_values_digest", "unique_values")
+    if connection.dialect.name == "postgresql":
+        # The primary key's index keeps its old name otherwise; 0001 named it this way.
+        op.execute("ALTER INDEX unique_values_digest_pkey RENAME TO unique_values_pkey")
 
 
 def downgrade() -> None:

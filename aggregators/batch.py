@@ -150,7 +150,7 @@ class BatchApplier:
     def _reject_alone(self, admitted: _Admitted, exc: Exception, now: datetime) -> BatchResult:
         """Dead-letter the one message the database refused, with what is known of it."""
         message, outcome = admitted
-        detail = f"the database refused it: {type(exc).__name__}: {exc}"[:2000]
+        detail = f"could not be applied: {type(exc).__name__}: {exc}"[:2000]
         _log.warning("message %s[%d]@%d refused: %s", *_where(message), detail)
         known = outcome.event if isinstance(outcome, Accepted) else outcome
         rejection = Rejection("unstorable", detail, known.event_id, known.customer_id, known.meter)
@@ -161,7 +161,7 @@ class BatchApplier:
                 raise
             # Even its rejection did not store (what it says about itself, say): keep the
             # raw bytes and the error's class only.
-            bare = Rejection("unstorable", f"the database refused it: {type(exc).__name__}")
+            bare = Rejection("unstorable", f"could not be applied: {type(exc).__name__}")
             return self._apply_retrying([(message, bare)], now)
 
     def _apply_retrying(self, admitted: list[_Admitted], now: datetime) -> BatchResult:

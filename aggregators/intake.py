@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from typing import Literal
 
 from meterstream.errors import InvalidEventError
@@ -20,6 +19,7 @@ from meterstream.events import (
     UsageEvent,
     check_not_ahead,
     check_properties,
+    check_stripe_digits,
     check_value,
     decode_event,
 )
@@ -37,9 +37,6 @@ RejectReason = Literal[
     "undecodable",
 ]
 
-# Stripe refuses meter event values of more than 15 significant digits; the reporter sends
-# whole units (value * unit_scale), so one event's units must stay below this.
-STRIPE_MAX_UNITS = Decimal(10) ** 15
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Kafka timestamps beyond this (year 9000) are nonsense (say, microseconds written where
 # milliseconds belong); they are ignored rather than turned into a datetime that overflows.
@@ -123,13 +120,10 @@ def _admit(
     except InvalidEventError as exc:
         reason: RejectReason = "invalid_value" if exc.field == "value" else "invalid_event"
         return Rejection(reason, f"data.{exc}", **known)
-    if abs(event.value) * meter.unit_scale >= STRIPE_MAX_UNITS:
-        return Rejection(
-            "beyond_stripe_digits",
-            f"data.value: {event.value} times unit_scale {meter.unit_scale} of meter "
-            f"{meter.name!r} is 1e15 Stripe units or more; Stripe takes at most 15 digits",
-            **known,
-        )
+    try:
+        check_stripe_digits(event.value, meter)
+    except InvalidEventError as exc:
+        return Rejection("beyond_stripe_digits", f"data.{exc}", **known)
     return Accepted(event, meter)
 
 

@@ -21,6 +21,7 @@ from meterstream.events import (
     check_event_time,
     check_meter,
     check_properties,
+    check_stripe_digits,
     check_value,
     encode_fields,
 )
@@ -115,6 +116,7 @@ class UsageClient:
             found = check_meter(meter, self._catalogue)
             customer = check_customer(customer)
             exact = check_value(value, found)
+            check_stripe_digits(exact, found)
             now = datetime.now(UTC)
             event_time = (
                 now

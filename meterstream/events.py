@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -37,6 +37,11 @@ MAX_PROPERTY_VALUE_CHARS = 1024
 MAX_VALUE = Decimal(10) ** 18
 MAX_FRACTION_DIGITS = 12
 _MAX_INT = 10**18
+# Stripe refuses meter event values of more than 15 significant digits; the reporter sends whole
+# units (value * unit_scale), so one event's units must stay below this.
+STRIPE_MAX_UNITS = Decimal(10) ** 15
+# Wide enough that value * unit_scale is never rounded before it is compared.
+_WIDE = Context(prec=100)
 _ZERO = Decimal(0)
 _PLAIN_DECIMAL = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?\Z")
 # Control characters (NUL above all) cannot be stored in PostgreSQL text and mean a bug upstream.
@@ -151,6 +156,17 @@ def _check_exact(exact: Decimal, meter: Meter) -> Decimal:
             "value", f"at most {MAX_FRACTION_DIGITS} digits after the point, got {exact}"
         )
     return exact
+
+
+def check_stripe_digits(value: Decimal | int, meter: Meter) -> None:
+    """Refuse a value whose Stripe units (value * unit_scale) have more than 15 digits: Stripe
+    would refuse every report of its window. Raises InvalidEventError on ``value``."""
+    if _WIDE.multiply(abs(Decimal(value)), meter.unit_scale) >= STRIPE_MAX_UNITS:
+        raise InvalidEventError(
+            "value",
+            f"{value} times unit_scale {meter.unit_scale} of meter {meter.name!r} is 1e15 "
+            "Stripe units or more; Stripe takes at most 15 digits: record it in parts",
+        )
 
 
 def _fraction_digits(exact: Decimal) -> int:

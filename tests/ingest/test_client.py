@@ -132,6 +132,7 @@ def test_given_event_id_is_kept_and_returned(
         ({"value": -1}, "value", "must be >= 0 for meter 'tokens'"),
         ({"value": Decimal("1e-13")}, "value", "at most 12 digits after the point"),
         ({"value": 10**18}, "value", "must be below 1e18"),
+        ({"value": 10**15}, "value", "Stripe takes at most 15 digits"),
         (
             # METERSTREAM_FUTURE_TOLERANCE_S: 600 s by default, as at the workers.
             {"timestamp": lambda: datetime.now(UTC) + timedelta(minutes=11)},

@@ -7,6 +7,7 @@ against a plain reference, and keeps the database work to a few bulk statements 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -15,6 +16,12 @@ from meterstream.meters import Aggregation
 
 WindowKey = tuple[str, str, datetime]
 """(customer_id, meter, window_start)"""
+
+
+def unique_digest(value: str) -> bytes:
+    """The 16 bytes a unique_count keeps of a distinct value: a fixed size, so a long value
+    never exceeds an index key's limit (PostgreSQL's btree takes about 2,700 bytes)."""
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(slots=True)
@@ -31,7 +38,7 @@ class Partial:
     last_id: str
     last_value: Decimal
     events: int = 1
-    distinct: set[str] = field(default_factory=set)
+    distinct: set[bytes] = field(default_factory=set)
 
     @classmethod
     def first(
@@ -40,14 +47,16 @@ class Partial:
         value: Decimal,
         event_time: datetime,
         event_id: str,
-        unique: str | None,
+        unique: bytes | None,
     ) -> Partial:
         partial = cls(window_end, value, value, value, event_time, event_id, value)
         if unique is not None:
             partial.distinct.add(unique)
         return partial
 
-    def add(self, value: Decimal, event_time: datetime, event_id: str, unique: str | None) -> None:
+    def add(
+        self, value: Decimal, event_time: datetime, event_id: str, unique: bytes | None
+    ) -> None:
         self.events += 1
         self.total += value
         self.maximum = max(self.maximum, value)

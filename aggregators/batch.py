@@ -3,6 +3,11 @@
 Everything a batch changes (deduplication keys, totals, unique values, rejected events) commits
 together or not at all. The worker commits the batch's Kafka offsets only after this returns, so a
 crash at any moment replays whole batches, and the deduplication keys make the replay a no-op.
+
+No single message can stop a worker: admission never raises, and a batch the database refuses
+for a reason that is not its own failure (aggregators.faults) is split until the message at
+fault is found; that one is dead-lettered (``unstorable``) and the rest applied. The database's
+own failures are retried with backoff, then raised, and the worker sends the batch again.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Inexact, InvalidOperation, localcontext
+from decimal import Inexact, localcontext
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
-from aggregators.aggregation import Partial, WindowKey
+from aggregators.aggregation import Partial, WindowKey, unique_digest
 from aggregators.dedup import DedupKeys
-from aggregators.intake import Accepted, Rejection, admit
+from aggregators.faults import is_database_failure
+from aggregators.intake import Accepted, Clock, Rejection, admit
 from aggregators.offset_store import record_offsets
 from aggregators.sql import insert_ignoring_conflicts
 from aggregators.totals import ChangedWindow, apply_partials
@@ -31,9 +36,12 @@ from meterstream.metrics import AggregatorMetrics
 from meterstream.schema import rejected_events
 
 _log = logging.getLogger(__name__)
-Clock = Callable[[], datetime]
-# Deadlocks and serialisation failures are transient: the whole batch is tried again.
+WallClock = Callable[[], datetime]
+# The database's own failures (a deadlock, a lost connection) are tried again a few times here,
+# with backoff, before the worker takes over (it retries the batch for as long as it fails).
 _RETRIES = 5
+_BACKOFF_S = 0.1
+_Admitted = tuple["Message", Accepted | Rejection]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +93,15 @@ class BatchApplier:
         metrics: AggregatorMetrics,
         *,
         horizon_days: int,
-        clock: Clock = lambda: datetime.now(UTC),
+        future_tolerance_s: float = 600.0,
+        clock: WallClock = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
         self._catalogue = catalogue
         self.metrics = metrics
         self.newest_event_time: datetime | None = None
         self._horizon_days = horizon_days
+        self._future_tolerance_s = future_tolerance_s
         self._clock = clock
         self.dedup = DedupKeys(engine, horizon_days)
         self._last_now = datetime.min.replace(tzinfo=UTC)
@@ -99,69 +109,77 @@ class BatchApplier:
     def apply(self, messages: Sequence[Message]) -> BatchResult:
         """Apply ``messages`` in one transaction; return what happened.
 
-        Transient conflicts (deadlocks, a locked SQLite file) are retried. When the database
-        refuses the batch for good (a value it cannot store), the batch is split until the one
-        message at fault is found; it is rejected as ``unstorable`` and the rest applied.
-        Anything else propagates, and nothing of the batch is kept.
+        Every message is applied or rejected (with its reason): one the database refuses is
+        isolated by splitting the batch. Raises only when the database itself fails
+        (aggregators.faults), after a few retries; then nothing of the batch is kept.
         """
         started = time.perf_counter()
         # Strictly later than the last batch's time: a window's updated_at then says which
         # batch last changed it.
         now = max(self._clock(), self._last_now + timedelta(microseconds=1))
         self._last_now = now
+        clock = Clock(now, self._future_tolerance_s, self._horizon_days)
+        admitted = [
+            (m, admit(m.value, self._catalogue, clock=clock, produced=m.produced_at))
+            for m in messages
+        ]
         result = BatchResult()
         # Totals can reach 30 digits and more; the default context (28) would round them.
         with localcontext() as exact:
             exact.prec = 80
             exact.traps[Inexact] = True
-            self._apply_splitting(list(messages), now, result)
+            self._apply_isolating(admitted, now, result)
         self._count(result, len(messages), time.perf_counter() - started)
         return result
 
-    def _apply_splitting(self, messages: list[Message], now: datetime, result: BatchResult) -> None:
-        accepted: list[Accepted] = []
-        rejected: list[Rejected] = []
-        for message in messages:
-            outcome = admit(
-                message.value,
-                self._catalogue,
-                now=now,
-                produced_at=message.produced_at,
-                horizon_days=self._horizon_days,
-            )
-            if isinstance(outcome, Rejection):
-                rejected.append(Rejected(message, outcome))
-            else:
-                accepted.append(outcome)
+    def _apply_isolating(
+        self, admitted: list[_Admitted], now: datetime, result: BatchResult
+    ) -> None:
         try:
-            part = self._apply_retrying(accepted, rejected, now, messages)
-        except (DataError, IntegrityError, InvalidOperation) as exc:
-            if len(messages) == 1:
-                detail = f"the database refused it: {exc}"[:2000]
-                rejection = Rejection("unstorable", detail)
-                part = self._apply_retrying([], [Rejected(messages[0], rejection)], now, messages)
-            else:
-                middle = len(messages) // 2
-                self._apply_splitting(messages[:middle], now, result)
-                self._apply_splitting(messages[middle:], now, result)
+            part = self._apply_retrying(admitted, now)
+        except Exception as exc:
+            if is_database_failure(exc):
+                raise
+            if len(admitted) > 1:
+                middle = len(admitted) // 2
+                self._apply_isolating(admitted[:middle], now, result)
+                self._apply_isolating(admitted[middle:], now, result)
                 return
+            part = self._reject_alone(admitted[0], exc, now)
         result.merge(part)
 
-    def _apply_retrying(
-        self,
-        accepted: list[Accepted],
-        rejected: list[Rejected],
-        now: datetime,
-        messages: Sequence[Message],
-    ) -> BatchResult:
-        self.dedup.prepare(a.event.event_time.date() for a in accepted)
+    def _reject_alone(self, admitted: _Admitted, exc: Exception, now: datetime) -> BatchResult:
+        """Dead-letter the one message the database refused, with what is known of it."""
+        message, outcome = admitted
+        detail = f"could not be applied: {type(exc).__name__}: {exc}"[:2000]
+        _log.warning("message %s[%d]@%d refused: %s", *_where(message), detail)
+        known = outcome.event if isinstance(outcome, Accepted) else outcome
+        rejection = Rejection("unstorable", detail, known.event_id, known.customer_id, known.meter)
+        try:
+            return self._apply_retrying([(message, rejection)], now)
+        except Exception as again:
+            if is_database_failure(again):
+                raise
+            # Even its rejection did not store (what it says about itself, say): keep the
+            # raw bytes and the error's class only.
+            bare = Rejection("unstorable", f"could not be applied: {type(exc).__name__}")
+            return self._apply_retrying([(message, bare)], now)
+
+    def _apply_retrying(self, admitted: list[_Admitted], now: datetime) -> BatchResult:
+        accepted = [outcome for _, outcome in admitted if isinstance(outcome, Accepted)]
+        rejected = [
+            Rejected(m, outcome) for m, outcome in admitted if isinstance(outcome, Rejection)
+        ]
         for attempt in range(1, _RETRIES + 1):
             try:
-                return self._apply_once(accepted, rejected, now, messages)
-            except OperationalError as exc:
-                if attempt == _RETRIES or not _transient(exc):
+                self.dedup.prepare(a.event.event_time.date() for a in accepted)
+                return self._apply_once(accepted, rejected, now, [m for m, _ in admitted])
+            except Exception as exc:
+                if attempt == _RETRIES or not is_database_failure(exc):
                     raise
-                _log.warning("batch conflicted with another writer (%s); trying again", exc.orig)
+                delay = _BACKOFF_S * 2 ** (attempt - 1)
+                _log.warning("the database failed (%s); trying again in %.1f s", exc, delay)
+                time.sleep(delay)
         raise AssertionError("unreachable: the last attempt raises")
 
     def _apply_once(
@@ -183,7 +201,11 @@ class BatchApplier:
                 applied[meter.name] += 1
                 if end + timedelta(seconds=meter.grace_s) <= now:
                     late[meter.name] += 1
-                unique = event.properties[meter.unique_property] if meter.unique_property else None
+                unique = (
+                    unique_digest(event.properties[meter.unique_property])
+                    if meter.unique_property
+                    else None
+                )
                 key = (event.customer_id, event.meter, start)
                 partial = partials.get(key)
                 if partial is None:
@@ -198,7 +220,9 @@ class BatchApplier:
                     insert_ignoring_conflicts(connection, rejected_events),
                     [_rejected_row(r, now) for r in result.rejected],
                 )
-            # With the totals, so a database restored from a backup knows where to resume.
+            # In the batch's own transaction: a restored database knows where it stopped.
+            # Parts of a bisected batch commit in offset order, so the mark never passes a
+            # message that is not in the database.
             record_offsets(connection, messages)
         result.applied = len(fresh)
         result.duplicates = len(accepted) - len(fresh)
@@ -241,10 +265,8 @@ def note_newest_event_time(
     return newest
 
 
-def _transient(exc: DBAPIError) -> bool:
-    code = getattr(exc.orig, "sqlstate", None)
-    # 40P01 deadlock, 40001 serialization failure; SQLite: "database is locked".
-    return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
+def _where(message: Message) -> tuple[str, int, int]:
+    return message.topic, message.partition, message.offset
 
 
 def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
@@ -255,7 +277,7 @@ def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
         "partition": message.partition,
         "offset": message.offset,
         "reason": rejection.reason,
-        "detail": rejection.detail[:2000],
+        "detail": _storable_text(rejection.detail[:2000]),
         "event_id": rejection.event_id,
         "customer_id": rejection.customer_id,
         "meter": rejection.meter,
@@ -263,3 +285,8 @@ def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
         "raw_digest": hashlib.blake2b(raw, digest_size=16).digest(),
         "rejected_at": now,
     }
+
+
+def _storable_text(text: str) -> str:
+    """``text`` without what PostgreSQL text cannot hold (NUL, lone surrogates)."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,4 +1,5 @@
-"""Deduplication by event id: a 16-byte key per (source, id), kept by event day for the horizon.
+"""Deduplication: a 16-byte key per (source, event id, customer, meter), kept by event day for the
+horizon.
 
 In PostgreSQL ``seen_events`` is partitioned by event day: each day's partition is created before
 a batch needs it, and pruning past the horizon drops whole partitions (no row deletes, no vacuum).
@@ -7,6 +8,7 @@ SQLite keeps one table and deletes old rows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 
@@ -16,9 +18,14 @@ from sqlalchemy.exc import DBAPIError
 from aggregators import postgres
 from aggregators.sql import insert_ignoring_conflicts
 from meterstream.events import UsageEvent
-from meterstream.schema import seen_events, unique_values
+from meterstream.schema import seen_events, seen_events_legacy, unique_values
 
 _CHUNK = 1000
+
+
+def legacy_dedup_key(source: str, event_id: str) -> bytes:
+    """The key as written before migration 0003: (source, id) only."""
+    return hashlib.blake2b(source.encode() + b"\x00" + event_id.encode(), digest_size=16).digest()
 
 
 class DedupKeys:
@@ -29,6 +36,8 @@ class DedupKeys:
         self._horizon_days = horizon_days
         self._partitioned = engine.dialect.name == "postgresql"
         self._ready_days: set[date] = set()
+        self._legacy_read = False
+        self._legacy_until: date | None = None
 
     def prepare(self, days: Iterable[date]) -> None:
         """Make sure each day has its partition (PostgreSQL), outside the batch's transaction."""
@@ -59,6 +68,7 @@ class DedupKeys:
         first: dict[bytes, UsageEvent] = {}
         for event in events:
             first.setdefault(event.dedup_key, event)
+        self._drop_seen_before_upgrade(connection, first)
         if not first:
             return []
         if self._partitioned:
@@ -84,6 +94,42 @@ class DedupKeys:
         rows = [{"event_day": day, "key": key} for day, key in fresh]
         inserted = {(row.event_day, row.key) for row in connection.execute(statement, rows)}
         return [event for ident, event in fresh.items() if ident in inserted]
+
+    def _drop_seen_before_upgrade(
+        self, connection: Connection, first: dict[bytes, UsageEvent]
+    ) -> None:
+        """Drop from ``first`` the events whose key, as written before migration 0003, is kept.
+
+        Keys were (source, id) until 0003; they cannot be converted, so a re-send of an event
+        applied before the upgrade is looked for under its old key too. Only events of days that
+        may hold old keys are probed, so this costs nothing once the horizon has passed.
+        """
+        if not self._legacy_read:
+            row = connection.execute(select(seen_events_legacy.c.until_day)).first()
+            self._legacy_until = row.until_day if row is not None else None
+            self._legacy_read = True
+        until = self._legacy_until
+        if until is None:
+            return
+        eligible = {
+            legacy_dedup_key(event.source, event.event_id): key
+            for key, event in first.items()
+            if event.event_time.date() <= until + timedelta(days=1)
+        }
+        if not eligible:
+            return
+        probes = [
+            (first[key].event_time.date() + timedelta(days=shift), legacy)
+            for legacy, key in eligible.items()
+            for shift in (-1, 0, 1)
+        ]
+        pk = tuple_(seen_events.c.event_day, seen_events.c.key)
+        for start in range(0, len(probes), _CHUNK):
+            rows = connection.execute(
+                select(seen_events.c.key).where(pk.in_(probes[start : start + _CHUNK]))
+            )
+            for row in rows:
+                first.pop(eligible[row.key], None)
 
     def _seen_on_neighbour_days(
         self, connection: Connection, first: dict[bytes, UsageEvent]

@@ -1,21 +1,25 @@
 """From a Kafka message to an event the totals can take, or a rejection with its reason.
 
 Producers in other languages write the topic too, so every rule the SDK applies is applied again
-here. A rejection is never dropped: the caller sends it to the dead-letter topic and the
-``rejected_events`` table.
+here, and so is every limit of what the database and Stripe can hold. A rejection is never
+dropped: the caller sends it to the dead-letter topic and the ``rejected_events`` table.
+
+:func:`admit` never raises: whatever one message does to the decoder (a bug of ours included)
+becomes that message's rejection, so no message can stop the worker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 from meterstream.errors import InvalidEventError
 from meterstream.events import (
     UsageEvent,
-    check_event_time,
+    check_not_ahead,
     check_properties,
+    check_stripe_digits,
     check_value,
     decode_event,
 )
@@ -28,8 +32,15 @@ RejectReason = Literal[
     "in_future",
     "invalid_value",
     "invalid_event",
+    "beyond_stripe_digits",
     "unstorable",
+    "undecodable",
 ]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Kafka timestamps beyond this (year 9000) are nonsense (say, microseconds written where
+# milliseconds belong); they are ignored rather than turned into a datetime that overflows.
+_MAX_KAFKA_S = 220_000_000_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,21 +60,45 @@ class Accepted:
     meter: Meter
 
 
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """The rules of time at admission: the worker's clock, how far ahead of it an event time
+    may be (``future_tolerance_s``, as in the SDK), and Stripe's horizon in days."""
+
+    now: datetime
+    future_tolerance_s: float
+    horizon_days: int
+
+
+def produced_at(timestamp_s: float) -> datetime | None:
+    """The Kafka timestamp (seconds since the epoch) as a UTC datetime; None when absent (0 or
+    less), not a number, or too far ahead to be a real time. Never raises."""
+    if not 0.0 < timestamp_s < _MAX_KAFKA_S:  # also False for NaN
+        return None
+    return _EPOCH + timedelta(seconds=timestamp_s)
+
+
 def admit(
     raw: bytes | None,
     catalogue: Catalogue,
     *,
-    now: datetime,
-    produced_at: datetime | None,
-    horizon_days: int,
+    clock: Clock,
+    produced: datetime | None,
 ) -> Accepted | Rejection:
-    """Decode ``raw`` and check it against the catalogue and Stripe's time horizon.
+    """Decode ``raw`` and check it against the catalogue, the clock and the storage limits.
 
-    The horizon and the 5-minute limit are measured from ``produced_at`` (the Kafka timestamp:
-    when the SDK accepted it), so an event the SDK accepted is not refused because the workers
-    were behind. Separately, an event older than the deduplication keys kept (horizon + 1 day
-    before ``now``) is refused, since it could no longer be told apart from a re-send.
+    Never raises: an unexpected error is the message's rejection (``undecodable``).
     """
+    try:
+        return _admit(raw, catalogue, clock, produced)
+    except Exception as exc:
+        # A bug of ours that one message reaches must not stop the worker: park the message.
+        return Rejection("undecodable", f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _admit(
+    raw: bytes | None, catalogue: Catalogue, clock: Clock, produced: datetime | None
+) -> Accepted | Rejection:
     if raw is None:
         return Rejection("unparseable", "message has no value (a tombstone?)")
     try:
@@ -76,28 +111,50 @@ def admit(
         return Rejection(
             "unknown_meter", f"type: no meter {event.meter!r} in the catalogue", **known
         )
-    reference = produced_at if produced_at is not None and produced_at <= now else now
-    try:
-        check_event_time(
-            event.event_time, now=reference, horizon_days=horizon_days, field_name="time"
-        )
-    except InvalidEventError as exc:
-        reason: RejectReason = "in_future" if "ahead" in exc.reason else "beyond_horizon"
-        return Rejection(reason, str(exc), **known)
-    if event.event_time.date() < dedup_floor(now, horizon_days):
-        return Rejection(
-            "beyond_horizon",
-            f"time: {event.event_time.isoformat()} arrived after its deduplication keys are "
-            f"kept ({horizon_days} days + 1); it can no longer be counted exactly once",
-            **known,
-        )
+    rejection = _check_time(event.event_time, clock, produced)
+    if rejection is not None:
+        return Rejection(rejection[0], rejection[1], **known)
     try:
         check_value(event.value, meter)
         check_properties(event.properties, meter)
     except InvalidEventError as exc:
-        reason = "invalid_value" if exc.field == "value" else "invalid_event"
+        reason: RejectReason = "invalid_value" if exc.field == "value" else "invalid_event"
         return Rejection(reason, f"data.{exc}", **known)
+    try:
+        check_stripe_digits(event.value, meter)
+    except InvalidEventError as exc:
+        return Rejection("beyond_stripe_digits", f"data.{exc}", **known)
     return Accepted(event, meter)
+
+
+def _check_time(
+    event_time: datetime, clock: Clock, produced: datetime | None
+) -> tuple[RejectReason, str] | None:
+    """The time rules: not more than the tolerance ahead of the worker's clock (the SDK checks
+    against its host's clock the same way), and within the horizon measured from when the
+    event was produced (the Kafka timestamp, when it is not ahead of the worker's clock), so
+    an event the SDK accepted is not refused because the workers were behind."""
+    now = clock.now
+    try:
+        check_not_ahead(
+            event_time, now=now, future_tolerance_s=clock.future_tolerance_s, field_name="time"
+        )
+    except InvalidEventError as exc:
+        return "in_future", str(exc)
+    reference = min(produced, now) if produced is not None else now
+    if event_time < reference - timedelta(days=clock.horizon_days):
+        return "beyond_horizon", (
+            f"time: {event_time.isoformat()} is older than {clock.horizon_days} days; Stripe "
+            "refuses such usage"
+        )
+    # Separately, an event older than the deduplication keys kept (horizon + 1 day before now)
+    # is refused, since it could no longer be told apart from a re-send.
+    if event_time.date() < dedup_floor(now, clock.horizon_days):
+        return "beyond_horizon", (
+            f"time: {event_time.isoformat()} arrived after its deduplication keys are "
+            f"kept ({clock.horizon_days} days + 1); it can no longer be counted exactly once"
+        )
+    return None
 
 
 def dedup_floor(now: datetime, horizon_days: int) -> date:

@@ -30,10 +30,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from ctypes import c_longlong
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import TypeVar
 
 from aggregators.batch import BatchApplier, BatchResult, Message
+from aggregators.intake import produced_at
 from meterstream.db import build_engine
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
@@ -82,7 +83,11 @@ class _Child:
         engine = build_engine(settings)
         # Its counters are not exposed: the worker counts what each AppliedBatch reports.
         self.applier = BatchApplier(
-            engine, catalogue, AggregatorMetrics(), horizon_days=settings.horizon_days
+            engine,
+            catalogue,
+            AggregatorMetrics(),
+            horizon_days=settings.horizon_days,
+            future_tolerance_s=settings.future_tolerance_s,
         )
         self._committed = committed
 
@@ -151,7 +156,9 @@ def _prune_in_child(today: date) -> int:
 
 
 def _produced_at(timestamp_s: float) -> datetime | None:
-    return datetime.fromtimestamp(timestamp_s, UTC) if timestamp_s > 0 else None
+    # Never raises: a timestamp no datetime holds (microseconds written as milliseconds) would
+    # otherwise fail the whole batch, again and again.
+    return produced_at(timestamp_s)
 
 
 class ApplyPipeline:

@@ -72,8 +72,9 @@ _MERGED = f"""(CASE
 _UPSERT = _UPSERT.format(merged=_MERGED, newer=_NEWER)
 
 _DISTINCT = """
-INSERT INTO unique_values (customer_id, meter, window_start, value)
-SELECT * FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(v)s::text[])
+INSERT INTO unique_values (customer_id, meter, window_start, value_digest)
+SELECT c, m, s, decode(v, 'hex')
+FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(v)s::text[]) AS t(c, m, s, v)
 ON CONFLICT DO NOTHING
 RETURNING customer_id, meter, window_start
 """
@@ -124,16 +125,16 @@ def upsert_totals(
 
 
 def insert_distinct(
-    connection: Connection, rows: list[tuple[str, str, datetime, str]]
+    connection: Connection, rows: list[tuple[str, str, datetime, bytes]]
 ) -> list[WindowKey]:
-    """Insert unique_count values; return the window of each value not seen before."""
+    """Insert unique_count value digests; return the window of each one not seen before."""
     result = connection.exec_driver_sql(
         _DISTINCT,
         {
             "c": _array(r[0] for r in rows),
             "m": _array(r[1] for r in rows),
             "s": _plain_array(r[2].isoformat() for r in rows),
-            "v": _array(r[3] for r in rows),
+            "v": _plain_array(r[3].hex() for r in rows),
         },
     )
     return [(row[0], row[1], row[2].astimezone(UTC)) for row in result]

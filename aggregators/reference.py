@@ -19,10 +19,11 @@ Totals = dict[tuple[str, str, datetime], tuple[Decimal, int]]
 
 
 def reference_totals(events: list[UsageEvent], catalogue: Catalogue) -> Totals:
-    """(customer, meter, window_start) -> (value, events), each (source, id) counted once."""
-    unique: dict[tuple[str, str], UsageEvent] = {}
+    """(customer, meter, window_start) -> (value, events), each (source, id, customer, meter)
+    counted once."""
+    unique: dict[tuple[str, str, str, str], UsageEvent] = {}
     for event in events:
-        unique.setdefault((event.source, event.event_id), event)
+        unique.setdefault((event.source, event.event_id, event.customer_id, event.meter), event)
     groups: dict[tuple[str, str, datetime], list[UsageEvent]] = defaultdict(list)
     for event in unique.values():
         meter = catalogue.meters[event.meter]

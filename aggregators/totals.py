@@ -179,7 +179,7 @@ def _lock_and_read(connection: Connection, keys: list[WindowKey]) -> dict[Window
 def _record_distinct_values(
     connection: Connection, partials: Mapping[WindowKey, Partial], catalogue: Catalogue
 ) -> Counter[WindowKey]:
-    """Insert unique_count values; count, per window, the ones it had not seen before."""
+    """Insert unique_count value digests; count, per window, the ones it had not seen before."""
     rows = [
         (key[0], key[1], key[2], value)
         for key, partial in partials.items()
@@ -196,7 +196,7 @@ def _record_distinct_values(
         unique_values.c.customer_id, unique_values.c.meter, unique_values.c.window_start
     )
     parameters = [
-        {"customer_id": c, "meter": m, "window_start": s, "value": v} for c, m, s, v in rows
+        {"customer_id": c, "meter": m, "window_start": s, "value_digest": v} for c, m, s, v in rows
     ]
     for row in connection.execute(statement, parameters):
         fresh[(row.customer_id, row.meter, row.window_start)] += 1

@@ -28,6 +28,7 @@ from meterstream.events import (
     check_event_time,
     check_meter,
     check_properties,
+    check_stripe_digits,
     check_value,
     encode_fields,
 )
@@ -134,11 +135,17 @@ class UsageClient:
             found = check_meter(meter, self._catalogue)
             customer = check_customer(customer)
             exact = check_value(value, found)
+            check_stripe_digits(exact, found)
             now = datetime.now(UTC)
             event_time = (
                 now
                 if timestamp is None
-                else check_event_time(timestamp, now=now, horizon_days=self._horizon_days)
+                else check_event_time(
+                    timestamp,
+                    now=now,
+                    horizon_days=self._horizon_days,
+                    future_tolerance_s=self._settings.future_tolerance_s,
+                )
             )
             props = (
                 check_properties(properties, found)

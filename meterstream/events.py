@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -37,17 +37,24 @@ MAX_PROPERTY_VALUE_CHARS = 1024
 MAX_VALUE = Decimal(10) ** 18
 MAX_FRACTION_DIGITS = 12
 _MAX_INT = 10**18
+# Stripe refuses meter event values of more than 15 significant digits; the reporter sends whole
+# units (value * unit_scale), so one event's units must stay below this.
+STRIPE_MAX_UNITS = Decimal(10) ** 15
+# Wide enough that value * unit_scale is never rounded before it is compared.
+_WIDE = Context(prec=100)
 _ZERO = Decimal(0)
 _PLAIN_DECIMAL = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?\Z")
 # Control characters (NUL above all) cannot be stored in PostgreSQL text and mean a bug upstream.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Stripe accepts meter events at most 5 minutes ahead (clock drift); so do we.
-MAX_FUTURE = timedelta(minutes=5)
+# How far ahead of the checking host's clock an event time may be (METERSTREAM_FUTURE_TOLERANCE_S):
+# the SDK and the workers apply the same rule, each with its own clock. The reporter never sends
+# Stripe a timestamp after its own clock, so Stripe's 5 minutes are kept whatever this is.
+DEFAULT_FUTURE_TOLERANCE_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
 class UsageEvent:
-    """One usage event. ``(source, event_id)`` is its deduplication key."""
+    """One usage event. ``(source, event_id, customer_id, meter)`` is its deduplication key."""
 
     event_id: str
     source: str
@@ -59,12 +66,16 @@ class UsageEvent:
 
     @property
     def dedup_key(self) -> bytes:
-        return dedup_key(self.source, self.event_id)
+        return dedup_key(self.source, self.event_id, self.customer_id, self.meter)
 
 
-def dedup_key(source: str, event_id: str) -> bytes:
-    """A compact 16-byte key for ``(source, event_id)``: what the aggregators store per event."""
-    return hashlib.blake2b(source.encode() + b"\x00" + event_id.encode(), digest_size=16).digest()
+def dedup_key(source: str, event_id: str, customer_id: str, meter: str) -> bytes:
+    """A compact 16-byte key for ``(source, event_id, customer_id, meter)``: what the aggregators
+    store per event. One request id recorded for two meters, or an order number that repeats
+    across customers, is two events; a re-send keeps all four, so it still counts once."""
+    # NUL separates the parts: none of them may contain one (check_event_id, check_customer).
+    joined = "\x00".join((source, event_id, customer_id, meter))
+    return hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def check_event_id(event_id: Any, field_name: str = "event_id") -> str:
@@ -147,6 +158,17 @@ def _check_exact(exact: Decimal, meter: Meter) -> Decimal:
     return exact
 
 
+def check_stripe_digits(value: Decimal | int, meter: Meter) -> None:
+    """Refuse a value whose Stripe units (value * unit_scale) have more than 15 digits: Stripe
+    would refuse every report of its window. Raises InvalidEventError on ``value``."""
+    if _WIDE.multiply(abs(Decimal(value)), meter.unit_scale) >= STRIPE_MAX_UNITS:
+        raise InvalidEventError(
+            "value",
+            f"{value} times unit_scale {meter.unit_scale} of meter {meter.name!r} is 1e15 "
+            "Stripe units or more; Stripe takes at most 15 digits: record it in parts",
+        )
+
+
 def _fraction_digits(exact: Decimal) -> int:
     """Significant digits after the point (trailing zeros, as in 0.100000000000000, are not)."""
     _sign, digits, exponent = exact.as_tuple()
@@ -159,24 +181,45 @@ def _fraction_digits(exact: Decimal) -> int:
 
 
 def check_event_time(
-    event_time: Any, *, now: datetime, horizon_days: int, field_name: str = "timestamp"
+    event_time: Any,
+    *,
+    now: datetime,
+    horizon_days: int,
+    future_tolerance_s: float = DEFAULT_FUTURE_TOLERANCE_S,
+    field_name: str = "timestamp",
 ) -> datetime:
-    """The event time in UTC; refused when naive, too far ahead, or past Stripe's horizon."""
+    """The event time in UTC; refused when naive, more than ``future_tolerance_s`` ahead of
+    ``now``, or past Stripe's horizon."""
     if not isinstance(event_time, datetime):
         raise InvalidEventError(field_name, f"must be a datetime, got {type(event_time).__name__}")
     if event_time.tzinfo is None or event_time.utcoffset() is None:
         raise InvalidEventError(field_name, "must be timezone-aware (e.g. datetime.now(UTC))")
-    utc = event_time.astimezone(UTC)
-    if utc > now + MAX_FUTURE:
-        raise InvalidEventError(
-            field_name, f"{utc.isoformat()} is more than 5 minutes ahead of now ({now.isoformat()})"
-        )
+    try:
+        utc = event_time.astimezone(UTC)
+    except OverflowError:
+        raise InvalidEventError(field_name, f"{event_time!r} is out of range in UTC") from None
+    check_not_ahead(utc, now=now, future_tolerance_s=future_tolerance_s, field_name=field_name)
     if utc < now - timedelta(days=horizon_days):
         raise InvalidEventError(
             field_name,
             f"{utc.isoformat()} is older than {horizon_days} days; Stripe refuses such usage",
         )
     return utc
+
+
+def check_not_ahead(
+    event_time: datetime, *, now: datetime, future_tolerance_s: float, field_name: str
+) -> None:
+    """The one rule for event times ahead of the clock, in the SDK and in the workers alike:
+    at most ``future_tolerance_s`` (METERSTREAM_FUTURE_TOLERANCE_S) ahead of ``now``, the
+    checking host's clock. Raises InvalidEventError."""
+    if event_time > now + timedelta(seconds=future_tolerance_s):
+        raise InvalidEventError(
+            field_name,
+            f"{event_time.isoformat()} is more than {future_tolerance_s:g} s ahead of now "
+            f"({now.isoformat()}); METERSTREAM_FUTURE_TOLERANCE_S sets how far; check the "
+            "clock of the host that recorded it",
+        )
 
 
 def check_properties(properties: Any, meter: Meter) -> dict[str, str]:
@@ -331,4 +374,8 @@ def _parse_time(raw: Any) -> datetime:
         raise InvalidEventError("time", f"not an RFC 3339 timestamp: {raw!r:.40}") from None
     if parsed.tzinfo is None:
         raise InvalidEventError("time", f"must carry a UTC offset: {raw!r:.40}")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00:00+14:00 and 9999-12-31T23:59:59-14:00 have no UTC datetime.
+        raise InvalidEventError("time", f"out of range in UTC: {raw!r:.40}") from None

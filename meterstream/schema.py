@@ -3,7 +3,7 @@
 - ``window_totals``: one row per customer, meter and event-time window; the exact total.
 - ``seen_events``: 16-byte deduplication keys by event day (partitioned by day in PostgreSQL, so
   pruning past the horizon drops a partition).
-- ``unique_values``: the distinct property values behind each unique_count total.
+- ``unique_values``: a 16-byte digest of each distinct property value behind a unique_count total.
 - ``rejected_events``: what the aggregators refused, and why (also on the dead-letter topic).
 - ``applied_offsets``: per partition of the usage topic, the next offset to apply, written in the
   same transaction as each batch (a database restored from a backup replays from there).
@@ -106,13 +106,22 @@ seen_events = Table(
     Column("key", LargeBinary(16), primary_key=True),
 )
 
+# One row (or none): the last event day that may hold keys written before migration 0003, which
+# were (source, id) only; the aggregators look for those too until the horizon has passed.
+seen_events_legacy = Table(
+    "seen_events_legacy",
+    metadata,
+    Column("until_day", Date, primary_key=True),
+)
+
 unique_values = Table(
     "unique_values",
     metadata,
     Column("customer_id", String(200), primary_key=True),
     Column("meter", String(100), primary_key=True),
     Column("window_start", UTCDateTime(), primary_key=True),
-    Column("value", String(1024), primary_key=True),
+    # blake2b (16 bytes) of the value: a key of fixed size, whatever the value's length.
+    Column("value_digest", LargeBinary(16), primary_key=True),
 )
 
 rejected_events = Table(

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     meters_file: Path = Path("examples/meters.toml")
     # Stripe refuses meter events older than 35 days; so do we, and keep dedup keys that long.
     horizon_days: int = Field(35, ge=1, le=3650)
+    # How far an event time may run ahead of the clock that checks it (the SDK's host when
+    # recording, the worker's when aggregating): producer clocks drift. Further ahead is refused.
+    future_tolerance_s: float = Field(600.0, ge=0.0, le=86_400.0)
 
     # --- Aggregator
     aggregate_batch_max_events: int = Field(5_000, ge=1, le=1_000_000)

@@ -133,10 +133,12 @@ def test_given_event_id_is_kept_and_returned(
         ({"value": -1}, "value", "must be >= 0 for meter 'tokens'"),
         ({"value": Decimal("1e-13")}, "value", "at most 12 digits after the point"),
         ({"value": 10**18}, "value", "must be below 1e18"),
+        ({"value": 10**15}, "value", "Stripe takes at most 15 digits"),
         (
-            {"timestamp": lambda: datetime.now(UTC) + timedelta(minutes=6)},
+            # METERSTREAM_FUTURE_TOLERANCE_S: 600 s by default, as at the workers.
+            {"timestamp": lambda: datetime.now(UTC) + timedelta(minutes=11)},
             "timestamp",
-            "more than 5 minutes ahead",
+            "more than 600 s ahead",
         ),
         (
             {"timestamp": lambda: datetime.now(UTC) - timedelta(days=36)},

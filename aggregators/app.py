@@ -29,13 +29,16 @@ from sqlalchemy import Engine
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
 from aggregators.offset_store import stored_or_seeded
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
-from aggregators.pipeline import AppliedBatch, ApplyPipeline, OutOfOrderError, RawMessage
+from aggregators.pipeline import AppliedBatch, ApplyPipeline, RawMessage
 from aggregators.stall import StallWatch
+from meterstream.backoff import backoff_s
+from meterstream.errors import OutOfOrderError
 from meterstream.lag import group_progress
 from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
+_RETRY_BASE_S = 0.5
 _RETRY_MAX_S = 30.0
 _PRUNE_INTERVAL_S = 3600.0
 _GAUGE_INTERVAL_S = 10.0
@@ -213,8 +216,7 @@ def _refresh_gauges(settings: Settings, state: WorkerState, stalls: StallWatch) 
 
 async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> AppliedBatch:
     """Wait for ``batch`` to commit, sending it again for as long as it fails."""
-    delay = 0.5
-    refused = 0
+    refused = failures = 0
     applied = batch.applied
     while True:
         try:
@@ -225,17 +227,19 @@ async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> Applied
             # committed and this worker disagree: wait, and say so, rather than spin.
             refused += 1
             if refused > 1:
+                delay = backoff_s(refused - 1, _RETRY_BASE_S, _RETRY_MAX_S)
                 _log.error(
                     "batch %d refused again (%s); retrying in %.1f s", batch.sequence, exc, delay
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
         except Exception:
             if app.should_stop:
                 # faust's shutdown waits for every event to be acked, forever; this batch was
                 # not applied, so leave without acking: the next worker reads it again.
                 _log.critical("stopping while a batch keeps failing; exiting without ack")
                 os._exit(75)
+            failures += 1
+            delay = backoff_s(failures, _RETRY_BASE_S, _RETRY_MAX_S)
             first, last = batch.raw[0], batch.raw[-1]
             _log.exception(
                 "batch of %d messages (%s[%d]@%d .. [%d]@%d) failed; retrying in %.1f s, "
@@ -249,7 +253,6 @@ async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> Applied
                 delay,
             )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_S)
         applied = state.pipeline.submit(batch.sequence, batch.raw)
 
 
@@ -269,12 +272,14 @@ def _raw(event: Any) -> RawMessage:
 async def _send_dead_letters(app: faust.App, topic: Any, result: BatchResult) -> None:
     """Write every rejected message to the dead-letter topic and wait for the broker's ack;
     retry until it is confirmed (the batch is not acked before)."""
-    delay = 0.5
+    failures = 0
     while True:
         try:
             await _send_dead_letters_once(topic, result)
             return
         except Exception:
+            failures += 1
+            delay = backoff_s(failures, _RETRY_BASE_S, _RETRY_MAX_S)
             if app.should_stop:
                 _log.critical("stopping while dead letters cannot be written; exiting without ack")
                 os._exit(75)
@@ -282,7 +287,6 @@ async def _send_dead_letters(app: faust.App, topic: Any, result: BatchResult) ->
                 "writing %d dead letter(s) failed; retrying in %.1f s", len(result.rejected), delay
             )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_S)
 
 
 async def _send_dead_letters_once(topic: Any, result: BatchResult) -> None:

@@ -31,6 +31,7 @@ from aggregators.offset_store import record_offsets
 from aggregators.sql import insert_ignoring_conflicts
 from aggregators.totals import ChangedWindow, apply_partials
 from aggregators.windows import window_bounds
+from meterstream.backoff import backoff_s
 from meterstream.meters import Catalogue
 from meterstream.metrics import AggregatorMetrics
 from meterstream.schema import rejected_events
@@ -41,6 +42,7 @@ WallClock = Callable[[], datetime]
 # with backoff, before the worker takes over (it retries the batch for as long as it fails).
 _RETRIES = 5
 _BACKOFF_S = 0.1
+_BACKOFF_CAP_S = 2.0
 _Admitted = tuple["Message", Accepted | Rejection]
 
 
@@ -177,7 +179,7 @@ class BatchApplier:
             except Exception as exc:
                 if attempt == _RETRIES or not is_database_failure(exc):
                     raise
-                delay = _BACKOFF_S * 2 ** (attempt - 1)
+                delay = backoff_s(attempt, _BACKOFF_S, _BACKOFF_CAP_S)
                 _log.warning("the database failed (%s); trying again in %.1f s", exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable: the last attempt raises")

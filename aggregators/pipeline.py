@@ -36,7 +36,7 @@ from typing import TypeVar
 from aggregators.batch import BatchApplier, BatchResult, Message
 from aggregators.intake import produced_at
 from meterstream.db import build_engine
-from meterstream.errors import MeterstreamError
+from meterstream.errors import BatchFailedError, OutOfOrderError
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import AggregatorMetrics
 from meterstream.settings import Settings
@@ -46,23 +46,6 @@ _log = logging.getLogger(__name__)
 # (topic, partition, offset, value, Kafka timestamp in s or 0): plain values pickle fast.
 RawMessage = tuple[str, int, int, bytes | None, float]
 _T = TypeVar("_T")
-
-
-class OutOfOrderError(MeterstreamError):
-    """A batch reached the child before its predecessor committed; send it again after it."""
-
-    def __init__(self, sequence: int, expected: int) -> None:
-        super().__init__(f"batch {sequence} arrived before batch {expected} was applied")
-        self.sequence = sequence
-        self.expected = expected
-
-    def __reduce__(self) -> tuple[type[OutOfOrderError], tuple[int, int]]:
-        # It travels back from the child pickled; the default would call __init__(message).
-        return (OutOfOrderError, (self.sequence, self.expected))
-
-
-class BatchFailedError(MeterstreamError):
-    """The child could not apply a batch (nothing of it was kept); the worker retries it."""
 
 
 @dataclass(frozen=True, slots=True)

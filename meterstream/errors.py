@@ -11,6 +11,9 @@ MeterstreamError
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
+ +-- BatchError                an aggregator batch was not applied; the worker sends it again
+ |    +-- OutOfOrderError      it reached the applying child before its predecessor committed
+ |    +-- BatchFailedError     the child could not apply it; nothing of it was kept
  +-- StripeCallError           a call to Stripe failed for a reason no row is to blame for
  |    +-- StripeAuthError      Stripe refused the API key (401/403); fix the key
  |    +-- StoppedError         a stop was requested before the call; nothing was sent
@@ -131,3 +134,24 @@ class AcknowledgementMismatchError(LedgerError):
 
 class ReplayError(MeterstreamError):
     """Kafka did not acknowledge every dead letter sent back; the replay can be run again."""
+
+
+class BatchError(MeterstreamError):
+    """An aggregator batch was not applied (nothing of it was kept); the worker sends it again."""
+
+
+class OutOfOrderError(BatchError):
+    """A batch reached the child before its predecessor committed; send it again after it."""
+
+    def __init__(self, sequence: int, expected: int) -> None:
+        super().__init__(f"batch {sequence} arrived before batch {expected} was applied")
+        self.sequence = sequence
+        self.expected = expected
+
+    def __reduce__(self) -> tuple[type[OutOfOrderError], tuple[int, int]]:
+        # It travels back from the child pickled; the default would call __init__(message).
+        return (OutOfOrderError, (self.sequence, self.expected))
+
+
+class BatchFailedError(BatchError):
+    """The child could not apply a batch (nothing of it was kept); the worker retries it."""

@@ -20,9 +20,10 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-from aggregators.pipeline import ApplyPipeline, OutOfOrderError, RawMessage
+from aggregators.pipeline import ApplyPipeline, RawMessage
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine, migrate
+from meterstream.errors import OutOfOrderError
 from meterstream.events import UsageEvent, encode_event
 from meterstream.kafka import watermarks
 from meterstream.lag import consumer_lag

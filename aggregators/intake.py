@@ -59,10 +59,11 @@ def admit(
 ) -> Accepted | Rejection:
     """Decode ``raw`` and check it against the catalogue and Stripe's time horizon.
 
-    The horizon and the 5-minute limit are measured from ``produced_at`` (the Kafka timestamp:
-    when the SDK accepted it), so an event the SDK accepted is not refused because the workers
-    were behind. Separately, an event older than the deduplication keys kept (horizon + 1 day
-    before ``now``) is refused, since it could no longer be told apart from a re-send.
+    The horizon (the SDK's rule, meterstream/horizon.py) and the 5-minute limit are measured
+    from ``produced_at`` (the Kafka timestamp: when the SDK accepted it), so an event the SDK
+    accepted is not refused because the workers were behind. Separately, an event older than
+    the deduplication keys kept (horizon + 1 day before ``now``) is refused, since it could no
+    longer be told apart from a re-send.
     """
     if raw is None:
         return Rejection("unparseable", "message has no value (a tombstone?)")

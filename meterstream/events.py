@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from meterstream.errors import InvalidEventError
+from meterstream.horizon import accepted_age_text, oldest_accepted
 from meterstream.meters import Catalogue, Meter
 
 SPECVERSION = "1.0"
@@ -171,10 +172,11 @@ def check_event_time(
         raise InvalidEventError(
             field_name, f"{utc.isoformat()} is more than 5 minutes ahead of now ({now.isoformat()})"
         )
-    if utc < now - timedelta(days=horizon_days):
+    if utc < oldest_accepted(now, horizon_days):
         raise InvalidEventError(
             field_name,
-            f"{utc.isoformat()} is older than {horizon_days} days; Stripe refuses such usage",
+            f"{utc.isoformat()} is older than {accepted_age_text(horizon_days)}; Stripe "
+            "would refuse it before it could be reported",
         )
     return utc
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Date,
     DateTime,
@@ -179,3 +180,14 @@ ledger = Table(
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
+
+deployment = Table(
+    "deployment",
+    metadata,
+    # One row: the random id `meterstream migrate` drew for this database, part of every new
+    # meter event identifier (meterstream/deployment.py), so deployments never collide.
+    Column("singleton", Integer, primary_key=True),
+    Column("deployment_id", String(32), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    CheckConstraint("singleton = 1", name="deployment_one_row"),
+)

@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     # --- Storage and catalogue
     database_url: str = Field("sqlite:///meterstream.db", min_length=1)
     meters_file: Path = Path("examples/meters.toml")
-    # Stripe refuses meter events older than 35 days; so do we, and keep dedup keys that long.
-    horizon_days: int = Field(35, ge=1, le=3650)
+    # Stripe refuses meter events older than 35 days, so more would be refused there; intake
+    # keeps 1 day of it for the pipeline (meterstream/horizon.py). Dedup keys are kept as long.
+    horizon_days: int = Field(35, ge=2, le=35)
 
     # --- Aggregator
     aggregate_batch_max_events: int = Field(5_000, ge=1, le=1_000_000)
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
     stripe_rate: float = Field(25.0, gt=0.0, le=10_000.0, description="calls per second")
     stripe_stream: bool = False
     report_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
+    # Part of every new meter event identifier (meterstream/deployment.py); by default the
+    # random id `meterstream migrate` stored in the database.
+    deployment_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,32}$")
 
     # --- Observability
     metrics_port: int = Field(9464, ge=0, le=65535)

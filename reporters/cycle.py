@@ -73,6 +73,7 @@ class Reporter:
         clock: Callable[[], datetime],
         stop: threading.Event,
         horizon_days: int,
+        deployment_id: str,
     ) -> None:
         self.engine = engine
         self.catalogue = catalogue
@@ -88,6 +89,7 @@ class Reporter:
             clock=clock,
             stop=stop,
             horizon_days=horizon_days,
+            deployment_id=deployment_id,
         )
 
     def run_cycle(self) -> CycleResult:

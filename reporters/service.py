@@ -18,6 +18,7 @@ from typing import Any
 import stripe
 from sqlalchemy import Engine
 
+from meterstream.deployment import deployment_id_of
 from meterstream.errors import ConfigError, StripeAuthError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
@@ -152,6 +153,7 @@ def build_reporter(
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
+        deployment_id=deployment_id_of(settings, engine),
     )
 
 

@@ -178,6 +178,8 @@ def format_status(facts: dict[str, Any]) -> str:
     lines = [
         "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
     ]
+    if "deployment_id" in facts:  # the CLI adds it: the setting may override the stored id
+        lines.insert(0, f"deployment id: {facts['deployment_id']} (in every new identifier)")
     lines.append(f"pending rows: {facts['pending']}")
     lines.append(f"due windows (changed, not yet in the ledger): {facts['due_windows']:,}")
     lines.append(

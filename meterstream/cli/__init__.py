@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
@@ -21,6 +21,9 @@ from meterstream.cli.logs import (
 )
 from meterstream.errors import MeterstreamError
 from meterstream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def _settings() -> Settings:
@@ -143,7 +146,8 @@ def status(as_json: bool) -> None:
     now = datetime.now(UTC)
     try:
         aggregated = aggregator_status(settings, engine, now)
-        reported = reporter_status(engine, catalogue, now)
+        reported = {"deployment_id": _deployment_shown(settings, engine)}
+        reported.update(reporter_status(engine, catalogue, now))
     finally:
         engine.dispose()
     if as_json:
@@ -154,6 +158,15 @@ def status(as_json: bool) -> None:
     click.echo(format_aggregator_status(aggregated))
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
+
+
+def _deployment_shown(settings: Settings, engine: Engine) -> str:
+    from meterstream.deployment import deployment_id_of
+
+    try:
+        return deployment_id_of(settings, engine)
+    except MeterstreamError as exc:
+        return f"none ({exc})"
 
 
 @cli.command()

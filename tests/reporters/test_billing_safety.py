@@ -15,6 +15,7 @@ import pytest
 import stripe
 from prometheus_client import CollectorRegistry
 
+from meterstream.deployment import stored_deployment_id
 from meterstream.errors import ConfigError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
@@ -201,7 +202,7 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     reporter.run_cycle()
     world.emulator.faults.clear()
 
-    clock.offset = timedelta(days=34)  # Stripe was down; the row crossed 35 days - 1 day
+    clock.offset = timedelta(days=35)  # Stripe was down; the row crossed 35 days - 1 hour
     result = reporter.run_cycle()
 
     [row] = all_rows(world.engine)
@@ -213,8 +214,10 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     assert world.metric("meterstream_reporter_meter_events_rejected_total", code=code) == 1
 
 
-def test_usage_within_a_day_of_the_35_day_limit_is_not_sent(world: World) -> None:
-    put_total(world.engine, "cus_a", "tokens", hour_start(34 * 24 + 12), "9")
+def test_usage_within_an_hour_of_the_35_day_limit_is_not_sent(world: World) -> None:
+    stamp = datetime.now(UTC) - timedelta(days=35, minutes=-30)
+    window = stamp.replace(minute=0, second=0, microsecond=0)
+    put_total(world.engine, "cus_a", "tokens", window, "9", last_event_time=stamp)
 
     world.cycle()
 
@@ -381,7 +384,13 @@ def test_crash_after_the_bulk_write_before_any_call_sends_each_row_once(
     # What a cycle commits before its first call: every row of the chunk, in one transaction.
     # Then the process dies.
     jobs = [
-        RowJob(window, world.catalogue.meters[window.meter], "tokens", window.customer_id)
+        RowJob(
+            window,
+            world.catalogue.meters[window.meter],
+            "tokens",
+            window.customer_id,
+            stored_deployment_id(world.engine),
+        )
         for windows in due_windows(world.engine, ["tokens"]).values()
         for window in windows
     ]

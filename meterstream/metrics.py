@@ -173,6 +173,12 @@ class ReporterMetrics:
             "When the last report cycle finished (Unix time).",
             registry=self.registry,
         )
+        self.rows_behind_mark = Gauge(
+            "meterstream_reporter_ledger_rows_behind_mark",
+            "Ledger rows missing against the mark kept in Kafka: above 0 the database was "
+            "restored and all sending is held until meterstream report --accept-restore.",
+            registry=self.registry,
+        )
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> Samples:

@@ -189,5 +189,9 @@ deployment = Table(
     Column("singleton", Integer, primary_key=True),
     Column("deployment_id", String(32), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    # Set when the reporter found the ledger behind its mark in Kafka (a restore): sending is
+    # held until `meterstream report --accept-restore`. For `meterstream status`.
+    Column("restore_held_at", UTCDateTime(), nullable=True),
+    Column("restore_mark_rows", BigInteger, nullable=True),
     CheckConstraint("singleton = 1", name="deployment_one_row"),
 )

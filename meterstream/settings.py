@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # Part of every new meter event identifier (meterstream/deployment.py); by default the
     # random id `meterstream migrate` stored in the database.
     deployment_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,32}$")
+    # Compacted topic holding each deployment's ledger high-water mark (reporters/marks.py).
+    marks_topic: str = Field("meterstream.reporter.marks", min_length=1, max_length=200)
 
     # --- Observability
     metrics_port: int = Field(9464, ge=0, le=65535)

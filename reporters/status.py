@@ -25,6 +25,7 @@ from reporters.ledger import (
     reported_window_value,
     rows_with_status,
 )
+from reporters.restore import restore_hold
 from reporters.rows import (
     HELD_NEGATIVE_CORRECTION,
     HELD_NO_CUSTOMER_LINK,
@@ -120,7 +121,15 @@ def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict
     message, held usage, pending rows, due windows (changed, no ledger row yet), billing lag
     and when Stripe last acknowledged a row."""
     counts = counts_by_status(engine)
+    hold = restore_hold(engine)
     return {
+        "restore_hold": None
+        if hold is None
+        else {
+            "held_at": hold.held_at,
+            "ledger_rows": hold.ledger_rows,
+            "mark_rows": hold.mark_rows,
+        },
         "ledger": counts,
         "pending": counts.get("pending", 0),
         "due_windows": count_due_windows(engine, [meter.name for meter in catalogue]),
@@ -178,6 +187,15 @@ def format_status(facts: dict[str, Any]) -> str:
     lines = [
         "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
     ]
+    hold = facts.get("restore_hold")
+    if hold:
+        lines.insert(
+            0,
+            f"SENDING HELD since {hold['held_at'].isoformat()}: the ledger has "
+            f"{hold['ledger_rows']} row(s), its mark in Kafka {hold['mark_rows']}: the database "
+            "was restored. Run meterstream reconcile, correct what Stripe already has, then "
+            "meterstream report --accept-restore",
+        )
     if "deployment_id" in facts:  # the CLI adds it: the setting may override the stored id
         lines.insert(0, f"deployment id: {facts['deployment_id']} (in every new identifier)")
     lines.append(f"pending rows: {facts['pending']}")

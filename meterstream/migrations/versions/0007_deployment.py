@@ -28,6 +28,8 @@ def upgrade() -> None:
         sa.Column("singleton", sa.Integer, primary_key=True),
         sa.Column("deployment_id", sa.String(32), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("restore_held_at", UTCDateTime(), nullable=True),
+        sa.Column("restore_mark_rows", sa.BigInteger, nullable=True),
         sa.CheckConstraint("singleton = 1", name="deployment_one_row"),
     )
     op.bulk_insert(

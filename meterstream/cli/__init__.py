@@ -147,7 +147,7 @@ def status(as_json: bool) -> None:
     try:
         aggregated = aggregator_status(settings, engine, now)
         reported = {"deployment_id": _deployment_shown(settings, engine)}
-        reported.update(reporter_status(engine, catalogue, now))
+        reported.update(reporter_status(engine, catalogue, now, settings.horizon_days))
     finally:
         engine.dispose()
     if as_json:

@@ -75,6 +75,7 @@ class RestoreGuard:
         self.metrics = metrics
         self.clock = clock
         self._mark: int | None = None  # the highest mark read or written by this process
+        self._hold_cleared = False  # a hold recorded before (by any process) is lifted
 
     def check(self) -> int:
         """The ledger's row count, if it is not behind its mark.
@@ -91,8 +92,11 @@ class RestoreGuard:
         if behind and self._mark is not None:
             mark, self._mark = self._mark, None  # read it again next time
             self._record_hold(mark)
+            self._hold_cleared = False
             raise RestoredLedgerError(self.deployment_id, rows, mark)
-        self._clear_hold()
+        if not self._hold_cleared:  # one write per process, not one per cycle
+            self._clear_hold()
+            self._hold_cleared = True
         return rows
 
     def publish(self) -> None:

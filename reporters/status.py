@@ -230,8 +230,9 @@ def _possibly_invoiced_lines(items: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"possibly invoiced without them: {rows} row(s), {units} Stripe unit(s) reached "
         f"Stripe more than {INVOICE_GRACE.total_seconds() / 3600:g} h after their timestamp "
-        "(last 35 days); if the invoice of the period holding a timestamp was already "
-        "finalized, bill those units by hand (invoice item on the next invoice)"
+        "(acknowledged within METERSTREAM_HORIZON_DAYS); if the invoice of the period "
+        "holding a timestamp was already finalized, bill those units by hand (invoice item "
+        "on the next invoice)"
     ]
     for item in items:
         lines.append(

@@ -112,14 +112,17 @@ def migrate() -> None:
     """Create or upgrade the database schema (METERSTREAM_DATABASE_URL); safe to run again."""
     from meterstream.db import build_engine
     from meterstream.db import migrate as run_migrations
+    from meterstream.deployment import stored_deployment_id
 
     settings = _settings()
     engine = build_engine(settings)
     try:
         run_migrations(engine)
+        deployment_id = stored_deployment_id(engine)
     finally:
         engine.dispose()
     click.echo(f"schema is up to date on {engine.url.render_as_string(hide_password=True)}")
+    click.echo(f"deployment id: {deployment_id} (part of every new meter event identifier)")
 
 
 @cli.command()

@@ -13,10 +13,12 @@ def test_status_shows_the_deployment_id_migrate_drew_or_the_setting(
 ) -> None:
     stored = stored_deployment_id(migrated_engine)
 
+    migrated = meterstream(env, "migrate")
     shown = meterstream(env, "status")
     named = meterstream({**env, "METERSTREAM_DEPLOYMENT_ID": "eu-prod-2"}, "status")
     bad = meterstream({**env, "METERSTREAM_DEPLOYMENT_ID": "has space"}, "status")
 
+    assert f"deployment id: {stored}" in migrated.stdout, migrated.stderr
     assert f"deployment id: {stored}" in shown.stdout, shown.stderr
     assert "deployment id: eu-prod-2" in named.stdout, named.stderr
     assert bad.returncode != 0

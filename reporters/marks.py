@@ -53,7 +53,10 @@ class KafkaMarks:
     def _ensure_topic(self) -> None:
         if self._ready:
             return
-        wait_for_broker(self.bootstrap, self.timeout_s)
+        try:
+            wait_for_broker(self.bootstrap, self.timeout_s)
+        except BrokerUnavailableError as exc:
+            raise self._unavailable("no broker answered") from exc
         admin = AdminClient(client_config(self.bootstrap))
         if self.topic not in admin.list_topics(timeout=self.timeout_s).topics:
             new = NewTopic(self.topic, num_partitions=1, config={"cleanup.policy": "compact"})

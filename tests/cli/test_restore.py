@@ -100,3 +100,18 @@ def test_a_restored_database_holds_all_sending_until_the_restore_is_accepted(
     # exists" with another amount). Stripe holds the lost 3 units too, as reconcile showed.
     assert [e.value for e in emulator.state.events] == [5, 3, 4]
     assert "SENDING HELD" not in meterstream(pg_env, "status").stdout
+
+
+def test_without_the_broker_the_mark_cannot_be_checked_and_nothing_is_sent(
+    emulator: Emulator, pg_env: dict[str, str], pg_engine: Engine
+) -> None:
+    put_total(pg_engine, "cus_a", "tokens", hour_start(2), "5")
+    no_broker = {**pg_env, "METERSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:9"}
+
+    failed = meterstream(no_broker, "report", "--once")
+
+    assert failed.returncode == 1  # run again later
+    assert "could not read or write the ledger mark" in failed.stderr
+    assert emulator.state.events == ()
+    assert meterstream(pg_env, "report", "--once").returncode == 0
+    assert [e.value for e in emulator.state.events] == [5]

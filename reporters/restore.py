@@ -68,8 +68,12 @@ class RestoreGuard:
         deployment_id: str,
         metrics: ReporterMetrics,
         clock: Callable[[], datetime],
+        current_id: Callable[[], str] | None = None,
     ) -> None:
         self.engine = engine
+        # How to find the deployment id now: a restore accepted by another process changes it
+        # under this one, which must then restart rather than write rows with the old id.
+        self._current_id = current_id
         self.marks = marks
         self.deployment_id = deployment_id
         self.metrics = metrics
@@ -85,6 +89,7 @@ class RestoreGuard:
         when behind, BrokerUnavailableError when the mark cannot be read.
         """
         if self._mark is None:
+            self._check_same_deployment()
             self._mark = self.marks.read(self.deployment_id)
         rows = ledger_rows(self.engine)
         behind = 0 if self._mark is None else max(0, self._mark - rows)
@@ -98,6 +103,15 @@ class RestoreGuard:
             self._clear_hold()
             self._hold_cleared = True
         return rows
+
+    def _check_same_deployment(self) -> None:
+        now_id = self._current_id() if self._current_id is not None else self.deployment_id
+        if now_id != self.deployment_id:
+            raise ConfigError(
+                f"the deployment id changed from {self.deployment_id} to {now_id} while this "
+                "reporter ran (a restore was accepted): restart the reporter so that it writes "
+                "identifiers with the new id"
+            )
 
     def publish(self) -> None:
         """Write the ledger's row count as the new mark, if it grew (after a cycle's commits)."""

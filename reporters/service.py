@@ -169,7 +169,14 @@ def build_guard(
 ) -> RestoreGuard:
     """The restore check of this database's deployment, its marks on Kafka."""
     marks = KafkaMarks(settings.kafka_bootstrap, settings.marks_topic, timeout_s)
-    return RestoreGuard(engine, marks, deployment_id_of(settings, engine), metrics, utc_now)
+    return RestoreGuard(
+        engine,
+        marks,
+        deployment_id_of(settings, engine),
+        metrics,
+        utc_now,
+        current_id=partial(deployment_id_of, settings, engine),
+    )
 
 
 def run_schedule(
@@ -183,8 +190,10 @@ def run_schedule(
             result = reporter.run_cycle()
             log_result(result)
             publish_mark(guard)
-        except StripeAuthError:
-            raise  # a wrong key will not fix itself; stop and say so
+        except (StripeAuthError, ConfigError):
+            # A wrong key will not fix itself, nor a deployment id changed under us (a
+            # restore accepted): stop and say so.
+            raise
         except (RestoredLedgerError, BrokerUnavailableError) as exc:
             _log.error("nothing sent: %s; checking again in %.0f s", exc, interval_s)
         except Exception:

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from meterstream.deployment import stored_deployment_id
-from meterstream.errors import RestoredLedgerError
+from meterstream.errors import ConfigError, RestoredLedgerError
 from meterstream.schema import ledger
 from reporters.marks import KafkaMarks
 from reporters.restore import RestoreGuard, accept_restore, restore_hold
@@ -24,6 +24,7 @@ def _guard(world: World, marks: KafkaMarks) -> RestoreGuard:
         stored_deployment_id(world.engine),
         world.metrics,
         lambda: datetime.now(UTC),
+        current_id=lambda: stored_deployment_id(world.engine),
     )
 
 
@@ -56,6 +57,9 @@ def test_a_ledger_behind_its_mark_is_held_until_the_restore_is_accepted(
 
     old, new, rows = accept_restore(world.engine, marks, False, datetime.now(UTC))
     resumed = _guard(world, marks)
+    # The process that found the hold still has the old id: it must stop, not send with it.
+    with pytest.raises(ConfigError, match="restart the reporter"):
+        again.check()
 
     assert (stored_deployment_id(world.engine), rows) == (new, 1) and new != old
     assert resumed.check() == 1

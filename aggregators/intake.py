@@ -23,6 +23,7 @@ from meterstream.events import (
     check_value,
     decode_event,
 )
+from meterstream.horizon import accepted_age_text, oldest_accepted
 from meterstream.meters import Catalogue, Meter
 
 RejectReason = Literal[
@@ -88,6 +89,10 @@ def admit(
     """Decode ``raw`` and check it against the catalogue, the clock and the storage limits.
 
     Never raises: an unexpected error is the message's rejection (``undecodable``).
+
+    The horizon is the SDK's rule (meterstream/horizon.py), measured from the Kafka timestamp
+    (when the SDK accepted the event), so an event the SDK accepted is not refused because the
+    workers were behind.
     """
     try:
         return _admit(raw, catalogue, clock, produced)
@@ -142,10 +147,11 @@ def _check_time(
     except InvalidEventError as exc:
         return "in_future", str(exc)
     reference = min(produced, now) if produced is not None else now
-    if event_time < reference - timedelta(days=clock.horizon_days):
+    if event_time < oldest_accepted(reference, clock.horizon_days):
         return "beyond_horizon", (
-            f"time: {event_time.isoformat()} is older than {clock.horizon_days} days; Stripe "
-            "refuses such usage"
+            f"time: {event_time.isoformat()} is older than "
+            f"{accepted_age_text(clock.horizon_days)}; Stripe would refuse it before it could "
+            "be reported"
         )
     # Separately, an event older than the deduplication keys kept (horizon + 1 day before now)
     # is refused, since it could no longer be told apart from a re-send.

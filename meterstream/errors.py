@@ -19,7 +19,9 @@ MeterstreamError
  |    +-- StoppedError         a stop was requested before the call; nothing was sent
  +-- LedgerError               the ledger refused a write that would break its rules
       +-- AcknowledgementMismatchError  an acknowledgement touched other rows than it found
-                               pending; rolled back, the rows stay pending
+      |                        pending; rolled back, the rows stay pending
+      +-- RestoredLedgerError  the ledger has fewer rows than its mark in Kafka: the database
+                               was restored; nothing is sent until a person accepts it
 
 The reporter's answers from Stripe are otherwise no exceptions: a row's fate (acknowledged,
 rejected, retry) is an ``Outcome`` recorded in the ledger. Errors of the stripe SDK itself
@@ -155,3 +157,22 @@ class OutOfOrderError(BatchError):
 
 class BatchFailedError(BatchError):
     """The child could not apply a batch (nothing of it was kept); the worker retries it."""
+
+
+class RestoredLedgerError(LedgerError):
+    """The ledger is behind the high-water mark kept outside the database (a restore).
+
+    ``ledger_rows`` and ``mark_rows`` say how far; the message says what to do.
+    """
+
+    def __init__(self, deployment_id: str, ledger_rows: int, mark_rows: int) -> None:
+        self.deployment_id = deployment_id
+        self.ledger_rows = ledger_rows
+        self.mark_rows = mark_rows
+        super().__init__(
+            f"deployment {deployment_id}: the ledger has {ledger_rows} row(s) but the reporter "
+            f"had already written {mark_rows} (the mark in Kafka): the database was restored "
+            "from an older copy, and Stripe may hold usage this ledger does not know. Sending "
+            "is held. Run meterstream reconcile to see, per customer and meter, what Stripe "
+            "already has; correct what it lists; then meterstream report --accept-restore"
+        )

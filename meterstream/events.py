@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from meterstream.errors import InvalidEventError
+from meterstream.horizon import accepted_age_text, oldest_accepted
 from meterstream.meters import Catalogue, Meter
 
 SPECVERSION = "1.0"
@@ -199,10 +200,11 @@ def check_event_time(
     except OverflowError:
         raise InvalidEventError(field_name, f"{event_time!r} is out of range in UTC") from None
     check_not_ahead(utc, now=now, future_tolerance_s=future_tolerance_s, field_name=field_name)
-    if utc < now - timedelta(days=horizon_days):
+    if utc < oldest_accepted(now, horizon_days):
         raise InvalidEventError(
             field_name,
-            f"{utc.isoformat()} is older than {horizon_days} days; Stripe refuses such usage",
+            f"{utc.isoformat()} is older than {accepted_age_text(horizon_days)}; Stripe "
+            "would refuse it before it could be reported",
         )
     return utc
 

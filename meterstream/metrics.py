@@ -182,6 +182,26 @@ class ReporterMetrics:
             "When the last report cycle finished (Unix time).",
             registry=self.registry,
         )
+        self.possibly_invoiced = Gauge(
+            "meterstream_reporter_possibly_invoiced_rows",
+            "Meter events acknowledged in the last 35 days more than an hour (Stripe's invoice "
+            "grace) after their timestamp: a billing period may have been invoiced without "
+            "them; meterstream status lists them with their units.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.possibly_invoiced_units = Gauge(
+            "meterstream_reporter_possibly_invoiced_units",
+            "The Stripe units of meterstream_reporter_possibly_invoiced_rows.",
+            ["meter"],
+            registry=self.registry,
+        )
+        self.rows_behind_mark = Gauge(
+            "meterstream_reporter_ledger_rows_behind_mark",
+            "Ledger rows missing against the mark kept in Kafka: above 0 the database was "
+            "restored and all sending is held until meterstream report --accept-restore.",
+            registry=self.registry,
+        )
 
 
 def serve_metrics(settings: Settings, registry: CollectorRegistry) -> None:

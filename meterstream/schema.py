@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Date,
     DateTime,
@@ -212,3 +213,18 @@ ledger = Table(
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
+
+deployment = Table(
+    "deployment",
+    metadata,
+    # One row: the random id `meterstream migrate` drew for this database, part of every new
+    # meter event identifier (meterstream/deployment.py), so deployments never collide.
+    Column("singleton", Integer, primary_key=True),
+    Column("deployment_id", String(32), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # Set when the reporter found the ledger behind its mark in Kafka (a restore): sending is
+    # held until `meterstream report --accept-restore`. For `meterstream status`.
+    Column("restore_held_at", UTCDateTime(), nullable=True),
+    Column("restore_mark_rows", BigInteger, nullable=True),
+    CheckConstraint("singleton = 1", name="deployment_one_row"),
+)

@@ -69,8 +69,9 @@ class Settings(BaseSettings):
         "are read as that)",
     )
     meters_file: Path = Path("examples/meters.toml")
-    # Stripe refuses meter events older than 35 days; so do we, and keep dedup keys that long.
-    horizon_days: int = Field(35, ge=1, le=3650)
+    # Stripe refuses meter events older than 35 days, so more would be refused there; intake
+    # keeps 1 day of it for the pipeline (meterstream/horizon.py). Dedup keys are kept as long.
+    horizon_days: int = Field(35, ge=2, le=35)
     # How far an event time may run ahead of the clock that checks it (the SDK's host when
     # recording, the worker's when aggregating): producer clocks drift. Further ahead is refused.
     future_tolerance_s: float = Field(600.0, ge=0.0, le=86_400.0)
@@ -90,6 +91,11 @@ class Settings(BaseSettings):
     stripe_rate: float = Field(25.0, gt=0.0, le=10_000.0, description="calls per second")
     stripe_stream: bool = False
     report_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
+    # Part of every new meter event identifier (meterstream/deployment.py); by default the
+    # random id `meterstream migrate` stored in the database.
+    deployment_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,32}$")
+    # Compacted topic holding each deployment's ledger high-water mark (reporters/marks.py).
+    marks_topic: str = Field("meterstream.reporter.marks", min_length=1, max_length=200)
 
     # --- Observability
     metrics_port: int = Field(9464, ge=0, le=65535, description="0: no metrics server")

@@ -18,12 +18,13 @@ import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from meterstream.errors import ConfigError
+from meterstream.horizon import HORIZON_MARGIN
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters import ledger
@@ -33,7 +34,6 @@ from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.rows import (
     HELD_NO_CUSTOMER_LINK,
-    SEND_MARGIN,
     TOO_OLD_CODE,
     Held,
     RowJob,
@@ -90,11 +90,12 @@ class Bookkeeper:
         clock: Callable[[], datetime],
         stop: threading.Event,
         horizon_days: int,
+        deployment_id: str,
     ) -> None:
-        if horizon_days <= SEND_MARGIN.days:
+        if timedelta(days=horizon_days) <= HORIZON_MARGIN:
             raise ConfigError(
                 f"METERSTREAM_HORIZON_DAYS={horizon_days} leaves no time to send after the "
-                f"{SEND_MARGIN.days}-day safety margin; use 2 to 35 (Stripe's limit is 35)"
+                f"{HORIZON_MARGIN.days}-day intake margin; use 2 to 35 (Stripe's limit is 35)"
             )
         self.engine = engine
         self.catalogue = catalogue
@@ -103,6 +104,7 @@ class Bookkeeper:
         self.clock = clock
         self.stop = stop
         self._horizon_days = horizon_days
+        self.deployment_id = deployment_id
         self._held_counted: set[tuple[str, str, datetime, int, str]] = set()
         self._lock = threading.Lock()
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
@@ -134,7 +136,9 @@ class Bookkeeper:
                     continue
                 meter = self.catalogue.meters[window.meter]
                 event_name = self.stripe_meters[window.meter].event_name
-                jobs.append(RowJob(window, meter, event_name, stripe_customer_id))
+                jobs.append(
+                    RowJob(window, meter, event_name, stripe_customer_id, self.deployment_id)
+                )
         if self.stop.is_set() or not jobs:
             return {}
         try:
@@ -173,6 +177,7 @@ class Bookkeeper:
                         job.stripe_customer_id,
                         self.clock(),
                         self._horizon_days,
+                        self.deployment_id,
                     )
                 )
             except IntegrityError:

@@ -30,6 +30,7 @@ from reporters import ledger
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
 from reporters.due import Key, count_due_windows, due_windows
+from reporters.invoiced import possibly_invoiced
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.status import billing_lag_s
@@ -73,6 +74,7 @@ class Reporter:
         clock: Callable[[], datetime],
         stop: threading.Event,
         horizon_days: int,
+        deployment_id: str,
     ) -> None:
         self.engine = engine
         self.catalogue = catalogue
@@ -80,6 +82,7 @@ class Reporter:
         self.metrics = metrics
         self.sender = sender
         self._clock = clock
+        self._horizon_days = horizon_days
         self._book = Bookkeeper(
             engine,
             catalogue,
@@ -88,6 +91,7 @@ class Reporter:
             clock=clock,
             stop=stop,
             horizon_days=horizon_days,
+            deployment_id=deployment_id,
         )
 
     def run_cycle(self) -> CycleResult:
@@ -120,4 +124,10 @@ class Reporter:
         self.metrics.pending.set(pending)
         self.metrics.due_windows.set(unwritten)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
+        late = possibly_invoiced(self.engine, now, self._horizon_days)
+        for meter in self.catalogue:
+            of_meter = [item for item in late if item.meter == meter.name]
+            self.metrics.possibly_invoiced.labels(meter.name).set(sum(i.rows for i in of_meter))
+            units = sum(i.units for i in of_meter)
+            self.metrics.possibly_invoiced_units.labels(meter.name).set(units)
         self.metrics.last_cycle.set(now.timestamp())

@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from sqlalchemy import Engine
 
+from meterstream.horizon import CALL_MARGIN, oldest_sendable
 from meterstream.meters import Meter
 from reporters import carry
 from reporters.due import DueWindow
@@ -38,11 +39,10 @@ HELD_NO_CUSTOMER_LINK = "no_customer_link"
 HELD_NEGATIVE_CORRECTION = "negative_correction"
 HELD_NO_LATER_TIMESTAMP = "no_later_timestamp"
 HELD_REVISION_WENT_BACK = "revision_went_back"
-# Stripe refuses timestamps older than 35 days (METERSTREAM_HORIZON_DAYS). We stop a day short,
-# and check again before every call (a row can wait while Stripe is down): an event that
-# crosses the limit between our check and Stripe's (queueing, clock skew, the v2 stream's
-# asynchronous validation) would otherwise be lost without a word.
-SEND_MARGIN = timedelta(days=1)
+# The reporter's side of the one horizon rule (meterstream/horizon.py): it sends anything
+# newer than the horizon less CALL_MARGIN, and checks again before every call (a row can wait
+# while Stripe is down). Intake keeps the larger HORIZON_MARGIN, so what it accepted is sendable.
+SEND_MARGIN = CALL_MARGIN
 _ONE_SECOND = timedelta(seconds=1)
 _NOTHING_ACCOUNTED = carry.Account()  # frozen: one shared instance is safe
 _ZERO = Decimal(0)
@@ -50,7 +50,7 @@ _ZERO = Decimal(0)
 
 def send_limit(now: datetime, horizon_days: int) -> datetime:
     """The oldest timestamp the reporter still sends at ``now``."""
-    return now - timedelta(days=horizon_days) + SEND_MARGIN
+    return oldest_sendable(now, horizon_days)
 
 
 def too_old_reason(
@@ -59,9 +59,10 @@ def too_old_reason(
     return (
         f"too old for Stripe: the window [{window_start.isoformat()}, "
         f"{window_end.isoformat()}) has its event timestamp {timestamp.isoformat()}, within "
-        f"{SEND_MARGIN.days} day of the {horizon_days}-day limit (METERSTREAM_HORIZON_DAYS) or "
-        f"past it; Stripe would refuse or drop it, so bill these {value} units by hand "
-        "(invoice item or credit note)"
+        f"{CALL_MARGIN.total_seconds() / 3600:g} h of the {horizon_days}-day limit "
+        "(METERSTREAM_HORIZON_DAYS) or past it (the pipeline or Stripe was down longer than "
+        "the intake margin); Stripe would refuse or drop it, so bill these "
+        f"{value} units by hand (invoice item or credit note)"
     )
 
 
@@ -102,6 +103,7 @@ def write_row(
     stripe_customer_id: str,
     now: datetime,
     horizon_days: int,
+    deployment_id: str,
 ) -> LedgerRow | Held | None:
     """Write (and commit) the ledger row for ``window``'s newest revision.
 
@@ -123,7 +125,7 @@ def write_row(
             head = WindowHead(
                 reported_revision, previous_total, previous.timestamp if previous else now
             )
-        job = RowJob(window, meter, event_name, stripe_customer_id)
+        job = RowJob(window, meter, event_name, stripe_customer_id, deployment_id)
         row = decide_row(job, latest, head, now, horizon_days)
         if isinstance(row, LedgerRow):
             insert_row(connection, row)
@@ -138,6 +140,7 @@ class RowJob:
     meter: Meter
     event_name: str
     stripe_customer_id: str
+    deployment_id: str  # part of the row's identifier (meterstream/deployment.py)
 
 
 def write_rows(
@@ -225,6 +228,7 @@ def decide_row(
             window.window_start,
             window.window_end,
             window.revision,
+            deployment_id=job.deployment_id,
         ),
         status=status,
         attempts=0,

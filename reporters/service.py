@@ -18,14 +18,22 @@ from typing import Any
 import stripe
 from sqlalchemy import Engine
 
-from meterstream.errors import ConfigError, StripeAuthError
+from meterstream.deployment import deployment_id_of
+from meterstream.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    RestoredLedgerError,
+    StripeAuthError,
+)
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.settings import Settings
 from reporters.cycle import CycleResult, Reporter, Sender
+from reporters.marks import KafkaMarks
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
 from reporters.pacer import Pacer
 from reporters.pages import all_items
+from reporters.restore import RestoreGuard
 from reporters.stream import StreamSender
 from reporters.stream_sender import V2StreamSender
 from reporters.stripe_push import (
@@ -152,21 +160,55 @@ def build_reporter(
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
+        deployment_id=deployment_id_of(settings, engine),
     )
 
 
-def run_schedule(reporter: Reporter, interval_s: float, stop: threading.Event) -> None:
-    """A cycle every ``interval_s`` until ``stop``; a failed cycle is logged and retried."""
+def build_guard(
+    settings: Settings, engine: Engine, metrics: ReporterMetrics, timeout_s: float = 10.0
+) -> RestoreGuard:
+    """The restore check of this database's deployment, its marks on Kafka."""
+    marks = KafkaMarks(settings.kafka_bootstrap, settings.marks_topic, timeout_s)
+    return RestoreGuard(
+        engine,
+        marks,
+        deployment_id_of(settings, engine),
+        metrics,
+        utc_now,
+        current_id=partial(deployment_id_of, settings, engine),
+    )
+
+
+def run_schedule(
+    reporter: Reporter, interval_s: float, stop: threading.Event, guard: RestoreGuard
+) -> None:
+    """A cycle every ``interval_s`` until ``stop``; a failed cycle is logged and retried.
+    No cycle runs while ``guard`` finds the ledger behind its mark or cannot read it."""
     while not stop.is_set():
         try:
+            guard.check()
             result = reporter.run_cycle()
             log_result(result)
-        except StripeAuthError:
-            raise  # a wrong key will not fix itself; stop and say so
+            publish_mark(guard)
+        except (StripeAuthError, ConfigError):
+            # A wrong key will not fix itself, nor a deployment id changed under us (a
+            # restore accepted): stop and say so.
+            raise
+        except (RestoredLedgerError, BrokerUnavailableError) as exc:
+            _log.error("nothing sent: %s; checking again in %.0f s", exc, interval_s)
         except Exception:
             # The loop's edge: the ledger already holds every row, so the next cycle resends.
             _log.exception("report cycle failed; retrying in %.0f s", interval_s)
         stop.wait(interval_s)
+
+
+def publish_mark(guard: RestoreGuard) -> None:
+    """Move the mark after a cycle; a failure is logged (the next cycle tries again), not
+    fatal: what was sent is in the ledger either way."""
+    try:
+        guard.publish()
+    except BrokerUnavailableError as exc:
+        _log.warning("ledger mark not written (a restore from now on may go unseen): %s", exc)
 
 
 def log_result(result: CycleResult) -> None:

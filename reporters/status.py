@@ -10,13 +10,14 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select
 
+from meterstream.horizon import STRIPE_HORIZON_DAYS
 from meterstream.meters import Catalogue
 from meterstream.schema import ledger, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
 from reporters.due import count_due_windows, due_windows
+from reporters.invoiced import INVOICE_GRACE, possibly_invoiced
 from reporters.ledger import (
-    ACKNOWLEDGED,
     FINAL,
     counts_by_status,
     last_sent_at,
@@ -25,15 +26,12 @@ from reporters.ledger import (
     reported_window_value,
     rows_with_status,
 )
+from reporters.restore import restore_hold
 from reporters.rows import (
     HELD_NEGATIVE_CORRECTION,
     HELD_NO_CUSTOMER_LINK,
     HELD_REVISION_WENT_BACK,
 )
-
-# Stripe bills a period's usage when the period ends (plus about an hour of grace): an event
-# sent more than a day after its timestamp may belong to a period already invoiced.
-LATE_AFTER = timedelta(days=1)
 
 
 def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
@@ -115,12 +113,22 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
     return held
 
 
-def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict[str, Any]:
+def reporter_status(
+    engine: Engine, catalogue: Catalogue, now: datetime, horizon_days: int = STRIPE_HORIZON_DAYS
+) -> dict[str, Any]:
     """The reporter's facts: ledger counts by status, the 10 newest rejections with Stripe's
     message, held usage, pending rows, due windows (changed, no ledger row yet), billing lag
     and when Stripe last acknowledged a row."""
     counts = counts_by_status(engine)
+    hold = restore_hold(engine)
     return {
+        "restore_hold": None
+        if hold is None
+        else {
+            "held_at": hold.held_at,
+            "ledger_rows": hold.ledger_rows,
+            "mark_rows": hold.mark_rows,
+        },
         "ledger": counts,
         "pending": counts.get("pending", 0),
         "due_windows": count_due_windows(engine, [meter.name for meter in catalogue]),
@@ -150,27 +158,21 @@ def reporter_status(engine: Engine, catalogue: Catalogue, now: datetime) -> dict
             for row in rows_with_status(engine, "unknown")
         ],
         "unconfirmed": counts.get("accepted", 0),
-        "sent_late": sent_late(engine, catalogue),
+        "possibly_invoiced": [
+            {
+                "customer_id": item.customer_id,
+                "stripe_customer_id": item.stripe_customer_id,
+                "meter": item.meter,
+                "rows": item.rows,
+                "units": item.units,
+                "oldest_timestamp": item.oldest,
+                "newest_timestamp": item.newest,
+            }
+            for item in possibly_invoiced(engine, now, horizon_days)
+        ],
         "billing_lag_s": billing_lag_s(engine, catalogue, now),
         "last_sent_at": last_sent_at(engine),
     }
-
-
-def sent_late(engine: Engine, catalogue: Catalogue) -> int:
-    """Rows Stripe acknowledged more than a day (plus the meter's grace) after their
-    timestamp: their period may already be invoiced, so they may never be billed."""
-    with engine.connect() as connection:
-        found = connection.execute(
-            select(ledger.c.meter, ledger.c.timestamp, ledger.c.sent_at).where(
-                ledger.c.status.in_(ACKNOWLEDGED), ledger.c.sent_at.is_not(None)
-            )
-        ).all()
-    late = 0
-    for meter_name, timestamp, sent_at in found:
-        meter = catalogue.get(meter_name)
-        grace = timedelta(seconds=meter.grace_s if meter else 0)
-        late += sent_at - timestamp > LATE_AFTER + grace
-    return late
 
 
 def format_status(facts: dict[str, Any]) -> str:
@@ -178,16 +180,24 @@ def format_status(facts: dict[str, Any]) -> str:
     lines = [
         "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
     ]
+    hold = facts.get("restore_hold")
+    if hold:
+        lines.insert(
+            0,
+            f"SENDING HELD since {hold['held_at'].isoformat()}: the ledger has "
+            f"{hold['ledger_rows']} row(s), its mark in Kafka {hold['mark_rows']}: the database "
+            "was restored. Run meterstream reconcile, correct what Stripe already has, then "
+            "meterstream report --accept-restore",
+        )
+    if "deployment_id" in facts:  # the CLI adds it: the setting may override the stored id
+        lines.insert(0, f"deployment id: {facts['deployment_id']} (in every new identifier)")
     lines.append(f"pending rows: {facts['pending']}")
     lines.append(f"due windows (changed, not yet in the ledger): {facts['due_windows']:,}")
     lines.append(
         f"unconfirmed (v2 stream accepted, not yet confirmed by reconcile): {facts['unconfirmed']}"
         " (Stripe's error_report_triggered events are not consumed; run meterstream reconcile)"
     )
-    lines.append(
-        f"sent late: {facts['sent_late']} row(s) sent with a timestamp before the current "
-        "billing period may not be invoiced (sent more than 1 day + grace after their timestamp)"
-    )
+    lines.extend(_possibly_invoiced_lines(facts["possibly_invoiced"]))
     lines.append(f"unknown (not resent; run meterstream reconcile): {len(facts['unknown'])}")
     for item in facts["unknown"]:
         lines.append(
@@ -212,3 +222,22 @@ def format_status(facts: dict[str, Any]) -> str:
             f"revision {item['revision']} value {item['value']}: {item['code']}: {item['message']}"
         )
     return "\n".join(lines)
+
+
+def _possibly_invoiced_lines(items: list[dict[str, Any]]) -> list[str]:
+    rows = sum(item["rows"] for item in items)
+    units = sum(item["units"] for item in items)
+    lines = [
+        f"possibly invoiced without them: {rows} row(s), {units} Stripe unit(s) reached "
+        f"Stripe more than {INVOICE_GRACE.total_seconds() / 3600:g} h after their timestamp "
+        "(acknowledged within METERSTREAM_HORIZON_DAYS); if the invoice of the period "
+        "holding a timestamp was already finalized, bill those units by hand (invoice item "
+        "on the next invoice)"
+    ]
+    for item in items:
+        lines.append(
+            f"  {item['customer_id']} ({item['stripe_customer_id']}) {item['meter']}: "
+            f"{item['rows']} row(s), {item['units']} unit(s), timestamps "
+            f"{item['oldest_timestamp'].isoformat()} to {item['newest_timestamp'].isoformat()}"
+        )
+    return lines

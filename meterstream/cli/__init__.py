@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
@@ -21,6 +21,9 @@ from meterstream.cli.logs import (
 )
 from meterstream.errors import MeterstreamError
 from meterstream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def _settings() -> Settings:
@@ -109,14 +112,17 @@ def migrate() -> None:
     """Create or upgrade the database schema (METERSTREAM_DATABASE_URL); safe to run again."""
     from meterstream.db import build_engine
     from meterstream.db import migrate as run_migrations
+    from meterstream.deployment import stored_deployment_id
 
     settings = _settings()
     engine = build_engine(settings)
     try:
         run_migrations(engine)
+        deployment_id = stored_deployment_id(engine)
     finally:
         engine.dispose()
     click.echo(f"schema is up to date on {engine.url.render_as_string(hide_password=True)}")
+    click.echo(f"deployment id: {deployment_id} (part of every new meter event identifier)")
 
 
 @cli.command()
@@ -143,7 +149,8 @@ def status(as_json: bool) -> None:
     now = datetime.now(UTC)
     try:
         aggregated = aggregator_status(settings, engine, now)
-        reported = reporter_status(engine, catalogue, now)
+        reported = {"deployment_id": _deployment_shown(settings, engine)}
+        reported.update(reporter_status(engine, catalogue, now, settings.horizon_days))
     finally:
         engine.dispose()
     if as_json:
@@ -154,6 +161,15 @@ def status(as_json: bool) -> None:
     click.echo(format_aggregator_status(aggregated))
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
+
+
+def _deployment_shown(settings: Settings, engine: Engine) -> str:
+    from meterstream.deployment import deployment_id_of
+
+    try:
+        return deployment_id_of(settings, engine)
+    except MeterstreamError as exc:
+        return f"none ({exc})"
 
 
 @cli.command()

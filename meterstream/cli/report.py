@@ -76,7 +76,13 @@ EXIT_NEEDS_A_PERSON = 3
     help="run one cycle; exit 1 if due usage is still unacknowledged (run again later), "
     "3 if usage is held, unknown or was rejected in this cycle (a person must act)",
 )
-def report(once: bool) -> None:
+@click.option(
+    "--accept-restore",
+    is_flag=True,
+    help="after a database restore (the reporter holds all sending and meterstream reconcile "
+    "was checked): give the database a new deployment id, re-base the ledger mark, and exit",
+)
+def report(once: bool, accept_restore: bool) -> None:
     """Send the window totals' differences to Stripe meter events, every
     METERSTREAM_REPORT_INTERVAL_S seconds (or --once, for cron and scripts).
 
@@ -87,28 +93,69 @@ def report(once: bool) -> None:
       3  usage needs a person: held (unlinked customer: meterstream customers link;
          negative correction the meter does not allow; revision went back), unknown
          (first sent over 20 h ago with no answer: run meterstream reconcile), or
-         rejected by Stripe in this cycle (see meterstream status). 3 wins over 1.
+         rejected by Stripe in this cycle (see meterstream status), or the database
+         was restored: the ledger is behind its mark in Kafka and nothing is sent until
+         meterstream report --accept-restore. 3 wins over 1. Kafka unreachable (the
+         mark cannot be checked, nothing is sent): 1.
     """
-    from reporters.service import build_reporter, connect, log_result, run_schedule
-
     settings = _settings()
     catalogue = _catalogue(settings)
-    stop = _stop_on_signals()
-    metrics = ReporterMetrics()
     try:
-        with (
-            _database(settings) as engine,
-            contextlib.closing(connect(settings, catalogue, metrics, stop)) as connected,
-        ):
-            reporter = build_reporter(connected, engine, catalogue, stop)
-            if once:
-                result = reporter.run_cycle()
-                log_result(result)
-                sys.exit(_once_exit_code(result))
-            serve_metrics(settings, metrics.registry)
-            run_schedule(reporter, settings.report_interval_s, stop)
+        with _database(settings) as engine:
+            if accept_restore:
+                _accept_restore(settings, engine)
+                return
+            _report(settings, catalogue, engine, once)
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _report(settings: Settings, catalogue: Catalogue, engine: Engine, once: bool) -> None:
+    from meterstream.errors import BrokerUnavailableError, RestoredLedgerError
+    from reporters.service import (
+        build_guard,
+        build_reporter,
+        connect,
+        log_result,
+        publish_mark,
+        run_schedule,
+    )
+
+    stop = _stop_on_signals()
+    metrics = ReporterMetrics()
+    guard = build_guard(settings, engine, metrics)
+    with contextlib.closing(connect(settings, catalogue, metrics, stop)) as connected:
+        reporter = build_reporter(connected, engine, catalogue, stop)
+        if once:
+            try:
+                guard.check()
+            except RestoredLedgerError as exc:
+                click.echo(f"nothing sent: {exc}", err=True)
+                sys.exit(EXIT_NEEDS_A_PERSON)
+            except BrokerUnavailableError as exc:
+                click.echo(f"nothing sent: {exc}", err=True)
+                sys.exit(EXIT_UNACKNOWLEDGED)
+            result = reporter.run_cycle()
+            log_result(result)
+            publish_mark(guard)
+            sys.exit(_once_exit_code(result))
+        serve_metrics(settings, metrics.registry)
+        run_schedule(reporter, settings.report_interval_s, stop, guard)
+
+
+def _accept_restore(settings: Settings, engine: Engine) -> None:
+    from reporters.marks import KafkaMarks
+    from reporters.restore import accept_restore
+
+    marks = KafkaMarks(settings.kafka_bootstrap, settings.marks_topic)
+    old, new, rows = accept_restore(
+        engine, marks, settings.deployment_id is not None, datetime.now(UTC)
+    )
+    click.echo(
+        f"restore accepted: deployment {old} is now {new} (new identifiers cannot meet those "
+        f"Stripe holds); the ledger mark is re-based to its {rows} row(s); sending resumes at "
+        "the next report cycle"
+    )
 
 
 def _once_exit_code(result: CycleResult) -> int:

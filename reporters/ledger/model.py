@@ -39,20 +39,33 @@ UNKNOWN_AFTER = timedelta(hours=20)
 
 
 def identifier_for(
-    customer_id: str, meter: str, window_start: datetime, window_end: datetime, revision: int
+    customer_id: str,
+    meter: str,
+    window_start: datetime,
+    window_end: datetime,
+    revision: int,
+    *,
+    deployment_id: str,
 ) -> str:
     """The meter event's identifier: deterministic, so a resend after a crash is recognised.
 
-    A hash of the parts (customer ids may be long or hold any character), 52 characters, well
-    under Stripe's 100. It holds no deployment namespace (no setting names one): two
-    deployments reporting the same customer, meter and window to one Stripe account would
-    collide, and the second would be taken as "already exists". Use one Stripe account (or
-    distinct meters) per deployment.
+    ``ms2_<deployment id>_`` then a hash of the parts (customer ids may be long or hold any
+    character): at most 85 characters, under Stripe's 100. The deployment id (see
+    meterstream/deployment.py) keeps two deployments on one Stripe account, or a database and
+    its restored copy run as a new deployment, from colliding. Rows written before it existed
+    keep their ``ms1_`` identifiers: a resend must repeat the stored one.
     """
     parts = "\x1f".join(
-        (customer_id, meter, window_start.isoformat(), window_end.isoformat(), str(revision))
+        (
+            deployment_id,
+            customer_id,
+            meter,
+            window_start.isoformat(),
+            window_end.isoformat(),
+            str(revision),
+        )
     )
-    return "ms1_" + hashlib.sha256(parts.encode("utf-8")).hexdigest()[:48]
+    return f"ms2_{deployment_id}_" + hashlib.sha256(parts.encode("utf-8")).hexdigest()[:48]
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,8 +271,8 @@ def test_foreign_messages_with_traps_are_dead_lettered_not_miscounted(
 
 def test_horizon_is_measured_from_when_the_event_was_produced(migrated_engine: Engine) -> None:
     catalogue = load_catalogue(EXAMPLE_METERS)
-    old = UsageEvent("old", "s", "c", "tokens", Decimal(1), NOW - timedelta(days=35, hours=1))
-    # Accepted by the SDK two hours ago (34 days 23 hours old then), processed only now.
+    old = UsageEvent("old", "s", "c", "tokens", Decimal(1), NOW - timedelta(days=34, hours=1))
+    # Accepted by the SDK two hours ago (33 days 23 hours old then), processed only now.
     message = Message("usage", 0, 0, encode_event(old), NOW - timedelta(hours=2))
     assert applier(migrated_engine, catalogue).apply([message]).applied == 1
     # Four minutes ahead of its producer's clock is fine, however late it is processed.

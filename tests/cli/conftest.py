@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,9 +30,12 @@ def emulator() -> Iterator[Emulator]:
 
 
 @pytest.fixture
-def env(emulator: Emulator, database_url: str, tmp_path: Path) -> dict[str, str]:
-    """The environment of a ``meterstream`` process: this test's database, a catalogue and the
-    emulator; no METERSTREAM_* variable of the caller's leaks in."""
+def env(
+    emulator: Emulator, database_url: str, tmp_path: Path, kafka_bootstrap: str
+) -> dict[str, str]:
+    """The environment of a ``meterstream`` process: this test's database, a catalogue, the
+    emulator and the broker (the reporter keeps its ledger mark there, on a topic of the
+    test's own); no METERSTREAM_* variable of the caller's leaks in."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     return {
         **clean,
@@ -40,4 +44,6 @@ def env(emulator: Emulator, database_url: str, tmp_path: Path) -> dict[str, str]
         "METERSTREAM_STRIPE_API_KEY": SECRET,
         "METERSTREAM_STRIPE_API_BASE": emulator.url,
         "METERSTREAM_METRICS_PORT": "0",
+        "METERSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "METERSTREAM_MARKS_TOPIC": f"marks-{uuid.uuid4().hex[:12]}",
     }

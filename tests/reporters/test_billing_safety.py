@@ -15,6 +15,7 @@ import pytest
 import stripe
 from prometheus_client import CollectorRegistry
 
+from meterstream.deployment import stored_deployment_id
 from meterstream.errors import ConfigError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
@@ -201,7 +202,7 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     reporter.run_cycle()
     world.emulator.faults.clear()
 
-    clock.offset = timedelta(days=34)  # Stripe was down; the row crossed 35 days - 1 day
+    clock.offset = timedelta(days=35)  # Stripe was down; the row crossed 35 days - 1 hour
     result = reporter.run_cycle()
 
     [row] = all_rows(world.engine)
@@ -213,8 +214,10 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     assert world.metric("meterstream_reporter_meter_events_rejected_total", code=code) == 1
 
 
-def test_usage_within_a_day_of_the_35_day_limit_is_not_sent(world: World) -> None:
-    put_total(world.engine, "cus_a", "tokens", hour_start(34 * 24 + 12), "9")
+def test_usage_within_an_hour_of_the_35_day_limit_is_not_sent(world: World) -> None:
+    stamp = datetime.now(UTC) - timedelta(days=35, minutes=-30)
+    window = stamp.replace(minute=0, second=0, microsecond=0)
+    put_total(world.engine, "cus_a", "tokens", window, "9", last_event_time=stamp)
 
     world.cycle()
 
@@ -316,20 +319,40 @@ def test_accepted_stream_rows_stay_unconfirmed_until_reconcile_confirms_them(
     assert (after["unconfirmed"], after["billing_lag_s"]) == (0, 0.0)
 
 
-# -- 8. usage sent long after its timestamp is flagged ---------------------------------------
+# -- 8. usage that reached Stripe after its period may have been invoiced is flagged --------
 
 
-def test_status_counts_rows_sent_more_than_a_day_after_their_timestamp(world: World) -> None:
-    put_total(world.engine, "cus_a", "tokens", hour_start(3 * 24), "2")
-    put_total(world.engine, "cus_a", "tokens", hour_start(2), "2")
+def test_rows_sent_over_an_hour_after_their_timestamp_are_possibly_invoiced(
+    world: World,
+) -> None:
+    put_total(world.engine, "cus_a", "tokens", hour_start(3 * 24), "2")  # a backlog
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "3")  # 1 h 50 min late
+    on_time = datetime.now(UTC) - timedelta(minutes=5)
+    put_total(world.engine, "cus_b", "tokens", hour_start(0), "4", last_event_time=on_time)
     world.cycle()
 
     facts = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
 
-    assert facts["sent_late"] == 1
-    assert "sent late: 1 row(s) sent with a timestamp before the current billing period" in (
-        format_status(facts)
+    [late] = facts["possibly_invoiced"]
+    assert (late["customer_id"], late["meter"], late["rows"], late["units"]) == (
+        "cus_a",
+        "tokens",
+        2,
+        5,
     )
+    assert "possibly invoiced without them: 2 row(s), 5 Stripe unit(s)" in format_status(facts)
+    assert world.metric("meterstream_reporter_possibly_invoiced_rows", meter="tokens") == 2
+    assert world.metric("meterstream_reporter_possibly_invoiced_units", meter="tokens") == 5
+
+
+def test_a_late_customer_link_makes_its_usage_possibly_invoiced(world: World) -> None:
+    put_total(world.engine, "acme", "tokens", hour_start(3), "6")
+    world.cycle()  # held: acme has no Stripe customer yet
+    link_customer(world.engine, "acme", "cus_c", datetime.now(UTC))
+    world.cycle()
+
+    [late] = reporter_status(world.engine, world.catalogue, datetime.now(UTC))["possibly_invoiced"]
+    assert (late["customer_id"], late["stripe_customer_id"], late["units"]) == ("acme", "cus_c", 6)
 
 
 # -- nits -------------------------------------------------------------------------------------
@@ -381,7 +404,13 @@ def test_crash_after_the_bulk_write_before_any_call_sends_each_row_once(
     # What a cycle commits before its first call: every row of the chunk, in one transaction.
     # Then the process dies.
     jobs = [
-        RowJob(window, world.catalogue.meters[window.meter], "tokens", window.customer_id)
+        RowJob(
+            window,
+            world.catalogue.meters[window.meter],
+            "tokens",
+            window.customer_id,
+            stored_deployment_id(world.engine),
+        )
         for windows in due_windows(world.engine, ["tokens"]).values()
         for window in windows
     ]

@@ -72,10 +72,17 @@ def test_exact_sum_keeps_more_than_28_digits() -> None:
 def test_identifier_is_deterministic_short_and_distinct_per_revision() -> None:
     start = datetime(2026, 11, 24, tzinfo=UTC)
     end = start + timedelta(hours=1)
-    first = identifier_for("customer-" + "x" * 190, "tokens", start, end, 1)
-    assert first == identifier_for("customer-" + "x" * 190, "tokens", start, end, 1)
+    longest = "d" * 32  # the longest METERSTREAM_DEPLOYMENT_ID allowed
+    first = identifier_for("customer-" + "x" * 190, "tokens", start, end, 1, deployment_id=longest)
+    again = identifier_for("customer-" + "x" * 190, "tokens", start, end, 1, deployment_id=longest)
+    assert first == again
     assert len(first) <= 100
-    assert first != identifier_for("customer-" + "x" * 190, "tokens", start, end, 2)
+    assert first != identifier_for(
+        "customer-" + "x" * 190, "tokens", start, end, 2, deployment_id=longest
+    )
+    assert first != identifier_for(
+        "customer-" + "x" * 190, "tokens", start, end, 1, deployment_id="other"
+    )
 
 
 class _FakeTime:

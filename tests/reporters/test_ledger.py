@@ -46,7 +46,7 @@ def pending_row(sequence: int) -> LedgerRow:
         event_name="tokens",
         stripe_customer_id="cus_a",
         timestamp=start,
-        identifier=ledger.identifier_for("cus_a", "tokens", start, end, 1),
+        identifier=ledger.identifier_for("cus_a", "tokens", start, end, 1, deployment_id="test"),
         status="pending",
         attempts=1,
         first_attempt_at=NOW,
@@ -342,7 +342,12 @@ def insert_pending_later(engine: Engine) -> str:
     row = dataclasses.replace(
         row,
         identifier=ledger.identifier_for(
-            "cus_b", row.meter, row.window_start, row.window_end, row.revision
+            "cus_b",
+            row.meter,
+            row.window_start,
+            row.window_end,
+            row.revision,
+            deployment_id="test",
         ),
     )
     with engine.begin() as connection:

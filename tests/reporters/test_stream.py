@@ -18,6 +18,7 @@ import stripe
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DatabaseError
 
+from meterstream.deployment import stored_deployment_id
 from meterstream.errors import StripeAuthError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
@@ -299,6 +300,7 @@ def stream_reporter(world: World, transport: KeepAliveClient) -> Iterator[Report
         clock=lambda: datetime.now(UTC),
         stop=world.stop,
         horizon_days=settings.horizon_days,
+        deployment_id=stored_deployment_id(world.engine),
     )
     try:
         yield reporter

@@ -76,7 +76,7 @@ def a_row(value: int = -1234, hours_ago: int = 1, customer: str = "cus_push") ->
         event_name=METER.event_name,
         stripe_customer_id=customer,
         timestamp=start + timedelta(minutes=17, seconds=5),
-        identifier=identifier_for(customer, "tokens", start, end, 1),
+        identifier=identifier_for(customer, "tokens", start, end, 1, deployment_id="test"),
     )
 
 

@@ -1,0 +1,68 @@
+"""The restore guard against the real broker: the mark survives the process, a ledger behind it
+holds sending with a gauge and a recorded hold, accepting re-bases it under a new id."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import delete, select
+
+from meterstream.deployment import stored_deployment_id
+from meterstream.errors import ConfigError, RestoredLedgerError
+from meterstream.schema import ledger
+from reporters.marks import KafkaMarks
+from reporters.restore import RestoreGuard, accept_restore, restore_hold
+from tests.reporters.test_reporter import World, hour_start, put_total
+
+
+def _guard(world: World, marks: KafkaMarks) -> RestoreGuard:
+    return RestoreGuard(
+        world.engine,
+        marks,
+        stored_deployment_id(world.engine),
+        world.metrics,
+        lambda: datetime.now(UTC),
+        current_id=lambda: stored_deployment_id(world.engine),
+    )
+
+
+def test_a_ledger_behind_its_mark_is_held_until_the_restore_is_accepted(
+    world: World, kafka_bootstrap: str
+) -> None:
+    marks = KafkaMarks(kafka_bootstrap, f"marks-{uuid.uuid4().hex[:12]}")
+    for hours_ago in (3, 2):
+        put_total(world.engine, "cus_a", "tokens", hour_start(hours_ago), "5")
+    first = _guard(world, marks)
+    assert first.check() == 0  # no mark yet: a new deployment
+    world.cycle()
+    first.publish()
+    assert marks.read(stored_deployment_id(world.engine)) == 2
+
+    # What a restore to before the second row looks like to the reporter.
+    with world.engine.begin() as connection:
+        newest = connection.execute(
+            select(ledger.c.window_start).order_by(ledger.c.sequence.desc())
+        )
+        connection.execute(delete(ledger).where(ledger.c.window_start == newest.scalar()))
+    again = _guard(world, marks)  # a new process: reads the mark from the broker
+    with pytest.raises(RestoredLedgerError) as held:
+        again.check()
+
+    assert (held.value.ledger_rows, held.value.mark_rows) == (1, 2)
+    assert world.metric("meterstream_reporter_ledger_rows_behind_mark") == 1
+    hold = restore_hold(world.engine)
+    assert hold is not None and (hold.ledger_rows, hold.mark_rows) == (1, 2)
+
+    old, new, rows = accept_restore(world.engine, marks, False, datetime.now(UTC))
+    resumed = _guard(world, marks)
+    # The process that found the hold still has the old id: it must stop, not send with it.
+    with pytest.raises(ConfigError, match="restart the reporter"):
+        again.check()
+
+    assert (stored_deployment_id(world.engine), rows) == (new, 1) and new != old
+    assert resumed.check() == 1
+    assert world.metric("meterstream_reporter_ledger_rows_behind_mark") == 0
+    assert restore_hold(world.engine) is None
+    assert marks.read(old) == 2  # a restore of the older copy is still caught

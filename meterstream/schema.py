@@ -226,5 +226,9 @@ deployment = Table(
     # held until `meterstream report --accept-restore`. For `meterstream status`.
     Column("restore_held_at", UTCDateTime(), nullable=True),
     Column("restore_mark_rows", BigInteger, nullable=True),
+    # Ledger rows ever written, counted in each insert's transaction: the restore mark compares
+    # with it. It only grows (retention prunes rows, never this) and a restore takes it back;
+    # reading it costs one row, however long the ledger.
+    Column("ledger_rows_written", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("singleton = 1", name="deployment_one_row"),
 )

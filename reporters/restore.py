@@ -1,6 +1,6 @@
 """Holding all sending when the database was restored, until a person accepts it.
 
-The check (before every cycle): the ledger's row count against the newest mark
+The check (before every cycle): the ledger rows ever written against the newest mark
 (reporters/marks.py). Behind -> RestoredLedgerError: nothing is sent, the hold is written to
 the ``deployment`` table for ``meterstream status``, and the gauge
 ``meterstream_reporter_ledger_rows_behind_mark`` says how far. Resending or re-deriving rows
@@ -21,21 +21,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 
 from meterstream.deployment import new_deployment_id, stored_deployment_id
 from meterstream.errors import ConfigError, RestoredLedgerError
 from meterstream.metrics import ReporterMetrics
-from meterstream.schema import deployment, ledger
+from meterstream.schema import deployment
 from reporters.marks import MarkStore
 
 _log = logging.getLogger(__name__)
 
 
 def ledger_rows(engine: Engine) -> int:
-    """Rows in the ledger; rows are never deleted, so this only grows (but by a restore)."""
+    """Ledger rows ever written in this database: only grows (retention prunes rows, not this
+    count), except by a restore. One row read, however long the ledger."""
     with engine.connect() as connection:
-        return int(connection.execute(select(func.count()).select_from(ledger)).scalar_one())
+        written = connection.execute(select(deployment.c.ledger_rows_written)).scalar()
+        return int(written or 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,18 +13,27 @@ from decimal import Decimal
 from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, Connection, bindparam
+from sqlalchemy import Boolean, ColumnElement, Connection, bindparam, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from meterstream.schema import ExactDecimal, UTCDateTime, ledger
+from meterstream.schema import ExactDecimal, UTCDateTime, deployment, ledger
 from reporters.ledger.model import COLUMNS, FIELDS, LedgerRow, values_of
 
 
 def insert_row(connection: Connection, row: LedgerRow) -> None:
     """Insert one row in ``connection``'s transaction (SQLAlchemy's own processing)."""
     connection.execute(ledger.insert().values(**values_of(row)))
+    count_written(connection, 1)
+
+
+def count_written(connection: Connection, rows: int) -> None:
+    """Add ``rows`` to the ledger's written-rows counter in the inserting transaction (the
+    restore mark's measure: reporters/restore.py)."""
+    connection.execute(
+        update(deployment).values(ledger_rows_written=deployment.c.ledger_rows_written + rows)
+    )
 
 
 def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
@@ -45,6 +54,7 @@ def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
             f"VALUES ({', '.join([placeholder] * len(FIELDS))})",
             values,
         )
+        count_written(connection, len(values))
 
 
 _INSERT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)

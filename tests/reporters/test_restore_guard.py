@@ -7,11 +7,11 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from meterstream.deployment import stored_deployment_id
 from meterstream.errors import ConfigError, RestoredLedgerError
-from meterstream.schema import ledger
+from meterstream.schema import deployment, ledger
 from reporters.marks import KafkaMarks
 from reporters.restore import RestoreGuard, accept_restore, restore_hold
 from tests.reporters.test_reporter import World, hour_start, put_total
@@ -46,6 +46,10 @@ def test_a_ledger_behind_its_mark_is_held_until_the_restore_is_accepted(
             select(ledger.c.window_start).order_by(ledger.c.sequence.desc())
         )
         connection.execute(delete(ledger).where(ledger.c.window_start == newest.scalar()))
+        # A restore takes the written-rows counter back with the rows.
+        connection.execute(
+            update(deployment).values(ledger_rows_written=deployment.c.ledger_rows_written - 1)
+        )
     again = _guard(world, marks)  # a new process: reads the mark from the broker
     with pytest.raises(RestoredLedgerError) as held:
         again.check()
@@ -66,3 +70,21 @@ def test_a_ledger_behind_its_mark_is_held_until_the_restore_is_accepted(
     assert world.metric("meterstream_reporter_ledger_rows_behind_mark") == 0
     assert restore_hold(world.engine) is None
     assert marks.read(old) == 2  # a restore of the older copy is still caught
+
+
+def test_rows_pruned_by_retention_do_not_look_like_a_restore(
+    world: World, kafka_bootstrap: str
+) -> None:
+    marks = KafkaMarks(kafka_bootstrap, f"marks-{uuid.uuid4().hex[:12]}")
+    for hours_ago in (3, 2):
+        put_total(world.engine, "cus_a", "tokens", hour_start(hours_ago), "5")
+    guard = _guard(world, marks)
+    guard.check()
+    world.cycle()
+    guard.publish()
+    with world.engine.begin() as connection:
+        oldest = connection.execute(select(ledger.c.window_start).order_by(ledger.c.sequence))
+        connection.execute(delete(ledger).where(ledger.c.window_start == oldest.scalar()))
+
+    assert _guard(world, marks).check() == 2  # rows written, not rows left
+    assert world.metric("meterstream_reporter_ledger_rows_behind_mark") == 0

@@ -30,12 +30,15 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("restore_held_at", UTCDateTime(), nullable=True),
         sa.Column("restore_mark_rows", sa.BigInteger, nullable=True),
+        sa.Column("ledger_rows_written", sa.BigInteger, nullable=False, server_default="0"),
         sa.CheckConstraint("singleton = 1", name="deployment_one_row"),
     )
     op.bulk_insert(
         table,
         [{"singleton": 1, "deployment_id": new_deployment_id(), "created_at": datetime.now(UTC)}],
     )
+    # The ledger written before this migration counts once; from here on each insert counts.
+    op.execute("UPDATE deployment SET ledger_rows_written = (SELECT count(*) FROM ledger)")
 
 
 def downgrade() -> None:

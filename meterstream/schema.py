@@ -5,6 +5,8 @@
   pruning past the horizon drops a partition).
 - ``unique_values``: the distinct property values behind each unique_count total.
 - ``rejected_events``: what the aggregators refused, and why (also on the dead-letter topic).
+- ``report_queue``: the windows whose revision changed since the reporter last looked at them
+  (the aggregators write it, the reporter empties it: see reporters/due.py).
 """
 
 from __future__ import annotations
@@ -179,3 +181,16 @@ ledger = Table(
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
+
+report_queue = Table(
+    "report_queue",
+    metadata,
+    # The windows the reporter has yet to look at: the aggregators upsert a row (with the
+    # window's new revision) in the transaction that changes a window's revision; the reporter
+    # deletes it, only while its revision is still the one it read, once the ledger has that
+    # revision. So a cycle reads what changed, never the whole history (reporters/due.py).
+    Column("customer_id", String(200), primary_key=True),
+    Column("meter", String(100), primary_key=True),
+    Column("window_start", UTCDateTime(), primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)

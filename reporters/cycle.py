@@ -29,7 +29,7 @@ from meterstream.metrics import ReporterMetrics
 from reporters import ledger
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
-from reporters.due import Key, count_due_windows, due_windows
+from reporters.due import Key, count_due_windows, take_due
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.status import billing_lag_s
@@ -95,7 +95,7 @@ class Reporter:
         recorded in the ledger and the metrics and retried next cycle."""
         result = CycleResult()
         links = load_links(self.engine)
-        due = due_windows(self.engine, self.stripe_meters)
+        due = take_due(self.engine, self.stripe_meters)
         pending: dict[Key, list[LedgerRow]] = {}
         for row in ledger.pending_rows(self.engine):
             pending.setdefault((row.customer_id, row.meter), []).append(row)

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     stripe_rate: float = Field(25.0, gt=0.0, le=10_000.0, description="calls per second")
     stripe_stream: bool = False
     report_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
+    # How often a running reporter compares every window total with the ledger (the backstop
+    # of the report queue, reporters/backstop.py); its cost grows with history.
+    report_backstop_s: float = Field(3600.0, gt=0.0, le=30 * 86_400.0)
 
     # --- Observability
     metrics_port: int = Field(9464, ge=0, le=65535)

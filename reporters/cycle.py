@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import Engine
@@ -27,6 +27,7 @@ from meterstream.errors import StripeAuthError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters import ledger
+from reporters.backstop import queue_missed
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
 from reporters.due import Key, count_due_windows, take_due
@@ -73,6 +74,7 @@ class Reporter:
         clock: Callable[[], datetime],
         stop: threading.Event,
         horizon_days: int,
+        backstop_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.catalogue = catalogue
@@ -89,11 +91,24 @@ class Reporter:
             stop=stop,
             horizon_days=horizon_days,
         )
+        # Not at start: ``report --once`` (cron) runs it only when asked (--backstop).
+        self._backstop_s = backstop_s
+        self._backstop_at = None if backstop_s is None else clock() + timedelta(seconds=backstop_s)
+
+    def run_backstop(self) -> int:
+        """Compare every window total with the ledger (reporters/backstop.py); queue and count
+        the due windows the report queue missed (should be none)."""
+        found = queue_missed(self.engine, self.stripe_meters)
+        self.metrics.backstop_found.inc(found)
+        return found
 
     def run_cycle(self) -> CycleResult:
         """One cycle. Raises StripeAuthError if Stripe refuses the key; everything else is
         recorded in the ledger and the metrics and retried next cycle."""
         result = CycleResult()
+        if self._backstop_at is not None and self._clock() >= self._backstop_at:
+            self.run_backstop()
+            self._backstop_at = self._clock() + timedelta(seconds=self._backstop_s or 0)
         links = load_links(self.engine)
         due = take_due(self.engine, self.stripe_meters)
         pending: dict[Key, list[LedgerRow]] = {}

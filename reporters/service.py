@@ -152,6 +152,7 @@ def build_reporter(
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
+        backstop_s=settings.report_backstop_s,
     )
 
 

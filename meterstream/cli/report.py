@@ -76,7 +76,14 @@ EXIT_NEEDS_A_PERSON = 3
     help="run one cycle; exit 1 if due usage is still unacknowledged (run again later), "
     "3 if usage is held, unknown or was rejected in this cycle (a person must act)",
 )
-def report(once: bool) -> None:
+@click.option(
+    "--backstop",
+    is_flag=True,
+    help="first compare every window total with the ledger and queue what the report queue "
+    "missed (should be nothing); its cost grows with history, so with --once run it hourly, "
+    "not every time (a running reporter does it every METERSTREAM_REPORT_BACKSTOP_S)",
+)
+def report(once: bool, backstop: bool) -> None:
     """Send the window totals' differences to Stripe meter events, every
     METERSTREAM_REPORT_INTERVAL_S seconds (or --once, for cron and scripts).
 
@@ -103,6 +110,12 @@ def report(once: bool) -> None:
             contextlib.closing(connect(settings, catalogue, metrics, stop)) as connected,
         ):
             reporter = build_reporter(connected, engine, catalogue, stop)
+            if backstop and reporter.run_backstop():
+                click.echo(
+                    "backstop: due windows were missing from the report queue; queued now "
+                    "(see the reporter's log)",
+                    err=True,
+                )
             if once:
                 result = reporter.run_cycle()
                 log_result(result)

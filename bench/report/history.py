@@ -97,8 +97,8 @@ SIZES = (0, 100_000, 1_000_000)
 CUSTOMERS = 2_000
 REPEATS = 3
 # Window i of the history: customer i % C, meter (i // C) % M, the hour (i // (C * M)) + 1
-# before ``base``; reported once (revision 1, sent), its ledger row the key's sequence k, past
-# those the due windows' rows took already (the history is written after N = 0 is measured).
+# before ``base``; reported once (revision 1, sent), its ledger row the key's sequence k plus
+# an offset (see grow_history).
 _WINDOW = """
 SELECT 'cus_past' || lpad((i %% %(c)s)::text, 6, '0') AS c,
        (%(meters)s::text[])[1 + (i / %(c)s) %% %(m)s] AS m,
@@ -133,8 +133,10 @@ class Measured:
     bytes_per_window: float | None  # window_totals + ledger + report_queue, per history window
 
 
-def grow_history(url: str, first: int, last: int) -> None:
-    """Windows [first, last) of the history, written in bulk (not through the pipeline)."""
+def grow_history(url: str, first: int, last: int, band: int) -> None:
+    """Windows [first, last) of the history, written in bulk (not through the pipeline). Their
+    ledger sequences start at ``band`` x 10^8, past those of rows written before (the due
+    windows' rows follow the history written until then)."""
     if last <= first:
         return
     base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
@@ -143,7 +145,7 @@ def grow_history(url: str, first: int, last: int) -> None:
         "m": len(METERS),
         "meters": "{" + ",".join(METERS) + "}",
         "base": base,
-        "sequences": 1_000_000,
+        "sequences": band * 100_000_000,
     }
     with psycopg.connect(url, autocommit=True) as connection:
         for start in range(first, last, 500_000):  # one transaction per half million
@@ -156,8 +158,8 @@ def grow_history(url: str, first: int, last: int) -> None:
 def disk_bytes(url: str) -> int:
     with psycopg.connect(url) as connection:
         found = connection.execute(
-            "SELECT sum(pg_total_relation_size(t)) FROM unnest("
-            "ARRAY['window_totals', 'ledger', 'report_queue']::regclass[]) AS t"
+            "SELECT sum(pg_total_relation_size(oid)) FROM pg_class WHERE relkind = 'r' "
+            "AND relname IN ('window_totals', 'ledger', 'report_queue')"
         ).fetchone()
     return int(found[0]) if found else 0
 
@@ -250,8 +252,8 @@ def history_run(
         migrate(engine)
         engine.dispose()
         grown = 0
-        for size in sorted(sizes):
-            grow_history(url, grown, size)
+        for band, size in enumerate(sorted(sizes), start=1):
+            grow_history(url, grown, size, band)
             grown = size
             found = measure(url, env, catalogue, due)
             found.windows = size

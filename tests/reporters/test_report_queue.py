@@ -27,8 +27,10 @@ from reporters.backstop import queue_missed
 from reporters.due import DueWindow, take_due
 from reporters.ledger import LedgerRow, identifier_for, insert_rows, rows_for
 from reporters.rows import RowJob, write_rows
+from reporters.service import build_reporter, connect
 from reporters.status import reporter_status
 from stripe_emulator import run_stripe_emulator
+from tests.conftest import EXAMPLE_METERS
 from tests.reporters.test_reporter import (
     World,
     create_stripe_meters,
@@ -418,3 +420,57 @@ def test_a_cycle_and_status_look_up_the_work_in_hand_never_scan_history(
     for plan in plans:
         assert "Seq Scan on ledger" not in plan, plan
         assert "Seq Scan on window_totals" not in plan, plan
+
+
+def test_the_aggregators_queue_each_window_whose_revision_changes(migrated_engine: Engine) -> None:
+    """PostgreSQL's one statement and SQLite's path both queue, in the batch's transaction,
+    the windows whose value changed, with their new revision, and only those."""
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    start = hour_start(2)
+
+    def batch(values: dict[str, str], event_id: str) -> None:
+        partials = {
+            (customer, METER, start): Partial.first(
+                start + timedelta(hours=1), Decimal(value), start, event_id, None
+            )
+            for customer, value in values.items()
+        }
+        with migrated_engine.begin() as connection:
+            apply_partials(connection, partials, catalogue, now())
+
+    def queued() -> dict[str, int]:
+        with migrated_engine.connect() as connection:
+            found = connection.execute(select(report_queue.c.customer_id, report_queue.c.revision))
+            return {customer: int(revision) for customer, revision in found}
+
+    batch({"cus_a": "2", "cus_b": "3"}, "e1")
+    assert queued() == {"cus_a": 1, "cus_b": 1}
+    with migrated_engine.begin() as connection:
+        connection.execute(report_queue.delete())  # as if the reporter had reported both
+    batch({"cus_a": "0", "cus_b": "1"}, "e2")  # cus_a's sum does not change: not queued
+    assert queued() == {"cus_b": 2}
+    batch({"cus_b": "1"}, "e3")
+    assert queued() == {"cus_b": 3}
+
+
+def test_a_running_reporter_runs_the_backstop_every_report_backstop_s(pg_world: World) -> None:
+    commit_change(pg_world, "5", "e1")
+    pg_world.cycle()
+    with pg_world.engine.begin() as connection:  # a writer that forgets the queue
+        connection.execute(window_totals.update().values(value=Decimal(7), revision=2))
+    ticks = iter(now() + timedelta(seconds=s) for s in range(0, 10_000, 10))
+    reporter = build_reporter(
+        connect(pg_world.settings, pg_world.catalogue, pg_world.metrics, pg_world.stop),
+        pg_world.engine,
+        pg_world.catalogue,
+        pg_world.stop,
+        clock=lambda: next(ticks),
+    )
+    # METERSTREAM_REPORT_BACKSTOP_S is an hour: not at start, then once an hour has passed.
+    assert reporter.run_cycle().acknowledged == 0
+    assert pg_world.metric("meterstream_reporter_backstop_found_total") == 0
+    for _ in range(3600 // 10):
+        next(ticks)
+    assert reporter.run_cycle().acknowledged == 1
+    assert pg_world.metric("meterstream_reporter_backstop_found_total") == 1
+    assert_reported_once(pg_world, [1, 2], 7)

@@ -31,6 +31,13 @@ negative correction the meter forbids, revision went back) keep their row and ar
 each cycle from the queue. A periodic full comparison (reporters/backstop.py) counts what the
 queue missed (meterstream_reporter_backstop_found_total, which must stay 0).
 
+The argument needs revisions that only grow. Two ways to break it, neither done by meterstream
+today: rebuilding window_totals from scratch (revisions start again: held loudly as
+``revision_went_back`` when below the ledger's, but a rebuilt window that climbs back to a
+revision read before could lose its queue row to that read's delete), and deleting windows
+(retention) without deleting their queue rows in the same transaction. The backstop catches
+both.
+
 A revision *older* than the ledger's (the aggregators' table was rebuilt, say) is due too, so
 the reporter holds it loudly instead of skipping it in silence.
 """
@@ -45,6 +52,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, delete, func, select
 
+from meterstream.report_queue import QueuedWindow
 from meterstream.schema import ledger, report_queue, window_totals
 
 Key = tuple[str, str]  # (customer_id, meter)
@@ -114,10 +122,10 @@ def _queue_query(meters: Iterable[str]) -> Select[Any]:
 
 def _read(
     connection: Connection, meters: Iterable[str]
-) -> tuple[dict[Key, list[DueWindow]], list[DueWindow | tuple[str, str, datetime, int]]]:
-    """(due windows per key, queue rows found not due: settled)."""
+) -> tuple[dict[Key, list[DueWindow]], list[QueuedWindow]]:
+    """(due windows per key, queue rows found not due: to settle)."""
     due: dict[Key, list[DueWindow]] = {}
-    settled: list[DueWindow | tuple[str, str, datetime, int]] = []
+    settled: list[QueuedWindow] = []
     for row in connection.execute(_queue_query(meters)):
         if row.revision is None or int(row.revision) == int(row.reported):
             # Gone from window_totals, or the ledger already has this revision.
@@ -169,13 +177,11 @@ _SETTLE = delete(report_queue).where(
 )
 
 
-def settle(
-    connection: Connection, windows: Iterable[DueWindow | tuple[str, str, datetime, int]]
-) -> None:
+def settle(connection: Connection, windows: Iterable[DueWindow | QueuedWindow]) -> None:
     """Delete the queue rows of ``windows`` whose revision is still the one read, in
     ``connection``'s transaction: call it only where the ledger has that revision committed
     or in the same transaction. In key order, as the aggregators write them (no deadlock)."""
-    rows: set[tuple[str, str, datetime, int]] = set()
+    rows: set[QueuedWindow] = set()
     for window in windows:
         if not isinstance(window, DueWindow):
             rows.add(window)

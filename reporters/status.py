@@ -1,6 +1,9 @@
 """Facts about the reporter for people: ``meterstream status`` and the billing-lag metric.
 
 :func:`reporter_status` returns plain data, so other stages' status can be printed alongside.
+Every query here reads the work in hand (the report queue, rows of a status that is not final,
+one key or window by index), never all of the ledger or window_totals, so status costs the
+same after years of history; tests/reporters/test_report_queue.py checks their plans.
 """
 
 from __future__ import annotations

@@ -40,8 +40,11 @@ RETURNING event_day, key
 # the window (its sum, count, new distinct values, max, min or newest value). Event ids compare
 # in code-point order (COLLATE "C"), as Python compares them.
 # updated_at moves only when the value changes, to this batch's time (strictly later than the
-# last batch's), which tells RETURNING which windows changed.
+# last batch's), which tells RETURNING which windows changed. Each changed window is queued
+# for the reporter (report_queue, see reporters/due.py) by the same statement, so in the same
+# transaction, in key order like the windows themselves.
 _UPSERT = """
+WITH upserted AS (
 INSERT INTO window_totals AS w (customer_id, meter, window_start, window_end, value, events,
                                 revision, last_event_time, last_event_id, first_applied_at,
                                 updated_at)
@@ -58,6 +61,13 @@ ON CONFLICT (customer_id, meter, window_start) DO UPDATE SET
     last_event_id = CASE WHEN {newer} THEN excluded.last_event_id ELSE w.last_event_id END,
     updated_at = CASE WHEN {merged} <> w.value THEN excluded.updated_at ELSE w.updated_at END
 RETURNING customer_id, meter, window_start, value, revision, updated_at = %(now)s AS changed
+), queued AS (
+    INSERT INTO report_queue (customer_id, meter, window_start, revision)
+    SELECT customer_id, meter, window_start, revision FROM upserted WHERE changed
+    ORDER BY customer_id, meter, window_start
+    ON CONFLICT (customer_id, meter, window_start) DO UPDATE SET revision = excluded.revision
+)
+SELECT customer_id, meter, window_start, value, revision, changed FROM upserted
 """
 _NEWER = (
     '(w.last_event_time IS NULL OR (excluded.last_event_time, excluded.last_event_id COLLATE "C") '

@@ -1,5 +1,8 @@
 """Window totals in the database: apply one batch's partials in a few bulk statements.
 
+Every window whose revision changes is queued for the reporter (``report_queue``) in the same
+transaction: the reporter reads what changed instead of comparing all history.
+
 Rows are created (as empty placeholders) and then locked in key order before they are read, so
 two workers touching the same window during a rebalance serialise instead of losing an update.
 SQLite takes its write lock at BEGIN (see meterstream.db), which serialises writers the same way.
@@ -19,6 +22,7 @@ from aggregators import postgres
 from aggregators.aggregation import EMPTY, Partial, Stored, WindowKey, merge
 from aggregators.sql import insert_ignoring_conflicts
 from meterstream.meters import Catalogue
+from meterstream.report_queue import queue_windows
 from meterstream.schema import unique_values, window_totals
 
 # Bound the size of one IN (...) list of row keys.
@@ -56,6 +60,8 @@ def apply_partials(
         if after.revision != before.revision:
             changed.append(ChangedWindow(key, after.value, after.revision))
     _write_totals(connection, merged, now)
+    # In this transaction, so the reporter learns of every change it commits (reporters/due.py).
+    queue_windows(connection, ((*c.key, c.revision) for c in changed))
     return changed
 
 

@@ -172,6 +172,12 @@ class ReporterMetrics:
             "not acknowledged is meterstream_reporter_ledger_pending_rows.",
             registry=self.registry,
         )
+        self.backstop_found = Counter(
+            "meterstream_reporter_backstop_found",
+            "Due windows the periodic full comparison found missing from the report queue "
+            "(then queued). Must stay 0: anything else means a change was not queued.",
+            registry=self.registry,
+        )
         self.billing_lag = Gauge(
             "meterstream_reporter_billing_lag_seconds",
             "Age of the oldest closed window whose usage Stripe has not acknowledged.",

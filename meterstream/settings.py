@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     deployment_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,32}$")
     # Compacted topic holding each deployment's ledger high-water mark (reporters/marks.py).
     marks_topic: str = Field("meterstream.reporter.marks", min_length=1, max_length=200)
+    # How often a running reporter compares every window total with the ledger (the backstop
+    # of the report queue, reporters/backstop.py); its cost grows with history.
+    report_backstop_s: float = Field(3600.0, gt=0.0, le=30 * 86_400.0)
 
     # --- Observability
     metrics_port: int = Field(9464, ge=0, le=65535, description="0: no metrics server")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import Engine
@@ -27,9 +27,10 @@ from meterstream.errors import StripeAuthError
 from meterstream.meters import Catalogue
 from meterstream.metrics import ReporterMetrics
 from reporters import ledger
+from reporters.backstop import queue_missed
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
-from reporters.due import Key, count_due_windows, due_windows
+from reporters.due import Key, count_due_windows, take_due
 from reporters.invoiced import possibly_invoiced
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
@@ -75,6 +76,7 @@ class Reporter:
         stop: threading.Event,
         horizon_days: int,
         deployment_id: str,
+        backstop_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.catalogue = catalogue
@@ -93,13 +95,26 @@ class Reporter:
             horizon_days=horizon_days,
             deployment_id=deployment_id,
         )
+        # Not at start: ``report --once`` (cron) runs it only when asked (--backstop).
+        self._backstop_s = backstop_s
+        self._backstop_at = None if backstop_s is None else clock() + timedelta(seconds=backstop_s)
+
+    def run_backstop(self) -> int:
+        """Compare every window total with the ledger (reporters/backstop.py); queue and count
+        the due windows the report queue missed (should be none)."""
+        found = queue_missed(self.engine, self.stripe_meters)
+        self.metrics.backstop_found.inc(found)
+        return found
 
     def run_cycle(self) -> CycleResult:
         """One cycle. Raises StripeAuthError if Stripe refuses the key; everything else is
         recorded in the ledger and the metrics and retried next cycle."""
         result = CycleResult()
+        if self._backstop_at is not None and self._clock() >= self._backstop_at:
+            self.run_backstop()
+            self._backstop_at = self._clock() + timedelta(seconds=self._backstop_s or 0)
         links = load_links(self.engine)
-        due = due_windows(self.engine, self.stripe_meters)
+        due = take_due(self.engine, self.stripe_meters)
         pending: dict[Key, list[LedgerRow]] = {}
         for row in ledger.pending_rows(self.engine):
             pending.setdefault((row.customer_id, row.meter), []).append(row)

@@ -1,11 +1,45 @@
-"""Which windows are due: their revision in window_totals differs from the ledger's newest.
+"""Which windows are due: those in the report queue whose revision the ledger lacks.
 
-A revision *older* than the ledger's (the aggregators' table was rebuilt, say) is returned too,
-so the reporter can hold it loudly instead of skipping it in silence.
+A cycle reads what changed, never all history. The aggregators upsert ``report_queue`` (key,
+revision) in the very transaction that changes a window's revision (aggregators/totals.py,
+aggregators/postgres.py; ``meterstream.report_queue`` for anyone else who writes totals). The
+reporter reads the queue joined, key by key, with ``window_totals`` and the ledger's newest
+revision of the window, in one statement (one snapshot). It deletes a queue row only with
+``DELETE ... WHERE key AND revision = <the revision it read>`` and only once the ledger holds
+that revision: in the transaction that inserts the ledger row (reporters/rows.py), or, for a
+window found not due, after reading a ledger that already has it (committed).
 
-A window is due whether open or closed: each cycle sends what changed since the last report, so
-Stripe's view lags the database by at most one interval. The aggregators bump ``revision``
-each time a total changes; the ledger records the revision each row reported.
+Why no interleaving loses a change. Invariant: whenever a window's revision is not the
+ledger's newest for it, the queue has a row for it. Revisions of a window only grow, and each
+commit that changes one writes the queue row with the new value. Take the reporter's delete of
+a row it read at revision R (with the window at R in the same snapshot):
+
+- no worker committed a change to the window since that snapshot: the window is still at R,
+  the ledger has R (committed with, or before, the delete), so it is not due and needs no row;
+- a worker committed R' > R since: the row holds R' != R, so the delete matches nothing
+  (PostgreSQL, READ COMMITTED: a DELETE that meets a row changed by a committed transaction
+  re-checks its WHERE on the newest version; SQLite runs one writer at a time);
+- a worker has written the row but not committed: the delete waits for its row lock, then
+  behaves as above (commit) or as the first case (rollback);
+- a worker writes after the delete: its upsert inserts a fresh row (ON CONFLICT waits for the
+  delete's transaction first).
+
+Two workers on one window serialise on the window's row (its lock, taken before the queue's,
+both in key order): the second computes its revision from the first's, so the queue ends
+with the newer revision whatever the commit order. Windows held (customer not linked,
+negative correction the meter forbids, revision went back) keep their row and are read again
+each cycle from the queue. A periodic full comparison (reporters/backstop.py) counts what the
+queue missed (meterstream_reporter_backstop_found_total, which must stay 0).
+
+The argument needs revisions that only grow. Two ways to break it, neither done by meterstream
+today: rebuilding window_totals from scratch (revisions start again: held loudly as
+``revision_went_back`` when below the ledger's, but a rebuilt window that climbs back to a
+revision read before could lose its queue row to that read's delete), and deleting windows
+(retention) without deleting their queue rows in the same transaction. The backstop catches
+both.
+
+A revision *older* than the ledger's (the aggregators' table was rebuilt, say) is due too, so
+the reporter holds it loudly instead of skipping it in silence.
 """
 
 from __future__ import annotations
@@ -16,9 +50,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, or_, select
+from sqlalchemy import Connection, Engine, Select, and_, bindparam, delete, func, select
 
-from meterstream.schema import ledger, window_totals
+from meterstream.report_queue import QueuedWindow
+from meterstream.schema import ledger, report_queue, window_totals
 
 Key = tuple[str, str]  # (customer_id, meter)
 
@@ -34,74 +69,129 @@ class DueWindow:
     revision: int
     window_value: Decimal  # window_totals.value at this revision
     last_event_time: datetime | None
+    # The queue row's revision when it was read: its row is deleted only while it still holds
+    # this (see the module docstring). None: not read from the queue (nothing to delete).
+    queued: int | None = None
 
     @property
     def key(self) -> Key:
         return (self.customer_id, self.meter)
 
 
-def _due_query(meters: Iterable[str]) -> Select[Any]:
-    reported = (
-        select(
-            ledger.c.customer_id,
-            ledger.c.meter,
-            ledger.c.window_start,
-            func.max(ledger.c.revision).label("revision"),
-        )
-        .group_by(ledger.c.customer_id, ledger.c.meter, ledger.c.window_start)
-        .subquery()
+_q = report_queue.c
+_wt = window_totals.c
+# The ledger's newest revision of the queued window: one index lookup (its primary key).
+_REPORTED = (
+    select(func.max(ledger.c.revision))
+    .where(
+        ledger.c.customer_id == _q.customer_id,
+        ledger.c.meter == _q.meter,
+        ledger.c.window_start == _q.window_start,
     )
-    wt = window_totals.c
-    query = (
+    .scalar_subquery()
+)
+
+
+def _queue_query(meters: Iterable[str]) -> Select[Any]:
+    return (
         select(
-            wt.customer_id,
-            wt.meter,
-            wt.window_start,
-            wt.window_end,
-            wt.revision,
-            wt.value,
-            wt.last_event_time,
+            _q.customer_id,
+            _q.meter,
+            _q.window_start,
+            _q.revision.label("queued"),
+            _wt.window_end,
+            _wt.revision,
+            _wt.value,
+            _wt.last_event_time,
+            func.coalesce(_REPORTED, 0).label("reported"),
         )
         .select_from(
-            window_totals.outerjoin(
-                reported,
+            report_queue.outerjoin(
+                window_totals,
                 and_(
-                    reported.c.customer_id == wt.customer_id,
-                    reported.c.meter == wt.meter,
-                    reported.c.window_start == wt.window_start,
+                    _wt.customer_id == _q.customer_id,
+                    _wt.meter == _q.meter,
+                    _wt.window_start == _q.window_start,
                 ),
             )
         )
-        .where(
-            wt.meter.in_(list(meters)),
-            or_(reported.c.revision.is_(None), wt.revision != reported.c.revision),
-        )
+        .where(_q.meter.in_(list(meters)))
+        .order_by(_q.customer_id, _q.meter, _q.window_start)
     )
-    return query
 
 
-def count_due_windows(engine: Engine, meters: Iterable[str]) -> int:
-    """How many windows due_windows would return."""
-    with engine.connect() as connection:
-        query = select(func.count()).select_from(_due_query(meters).subquery())
-        return int(connection.execute(query).scalar_one())
+def _read(
+    connection: Connection, meters: Iterable[str]
+) -> tuple[dict[Key, list[DueWindow]], list[QueuedWindow]]:
+    """(due windows per key, queue rows found not due: to settle)."""
+    due: dict[Key, list[DueWindow]] = {}
+    settled: list[QueuedWindow] = []
+    for row in connection.execute(_queue_query(meters)):
+        if row.revision is None or int(row.revision) == int(row.reported):
+            # Gone from window_totals, or the ledger already has this revision.
+            settled.append((row.customer_id, row.meter, row.window_start, int(row.queued)))
+            continue
+        window = DueWindow(
+            customer_id=row.customer_id,
+            meter=row.meter,
+            window_start=row.window_start,
+            window_end=row.window_end,
+            revision=int(row.revision),
+            window_value=row.value,
+            last_event_time=row.last_event_time,
+            queued=int(row.queued),
+        )
+        due.setdefault(window.key, []).append(window)
+    return due, settled
 
 
 def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWindow]]:
-    """The due windows of ``meters``, per (customer, meter), oldest window first."""
-    wt = window_totals.c
-    query = _due_query(meters).order_by(wt.customer_id, wt.meter, wt.window_start)
-    due: dict[Key, list[DueWindow]] = {}
+    """The due windows of ``meters``, per (customer, meter), oldest window first. Reads only."""
     with engine.connect() as connection:
-        for row in connection.execute(query):
-            window = DueWindow(
-                customer_id=row.customer_id,
-                meter=row.meter,
-                window_start=row.window_start,
-                window_end=row.window_end,
-                revision=int(row.revision),
-                window_value=row.value,
-                last_event_time=row.last_event_time,
-            )
-            due.setdefault(window.key, []).append(window)
+        return _read(connection, meters)[0]
+
+
+def take_due(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWindow]]:
+    """due_windows, and delete the queue rows of the windows found not due (guarded)."""
+    with engine.connect() as connection:
+        due, settled = _read(connection, meters)
+        connection.rollback()  # end the read's transaction before writing (SQLite: one writer)
+    if settled:
+        with engine.begin() as connection:
+            settle(connection, settled)
     return due
+
+
+def count_due_windows(engine: Engine, meters: Iterable[str]) -> int:
+    """How many windows due_windows would return (the queue's size, bounded by the work)."""
+    with engine.connect() as connection:
+        due, _settled = _read(connection, meters)
+    return sum(len(windows) for windows in due.values())
+
+
+_SETTLE = delete(report_queue).where(
+    _q.customer_id == bindparam("k_customer"),
+    _q.meter == bindparam("k_meter"),
+    _q.window_start == bindparam("k_start"),
+    _q.revision == bindparam("k_revision"),
+)
+
+
+def settle(connection: Connection, windows: Iterable[DueWindow | QueuedWindow]) -> None:
+    """Delete the queue rows of ``windows`` whose revision is still the one read, in
+    ``connection``'s transaction: call it only where the ledger has that revision committed
+    or in the same transaction. In key order, as the aggregators write them (no deadlock)."""
+    rows: set[QueuedWindow] = set()
+    for window in windows:
+        if not isinstance(window, DueWindow):
+            rows.add(window)
+        elif window.queued is not None:
+            rows.add((window.customer_id, window.meter, window.window_start, window.queued))
+    if rows:
+        connection.execute(
+            _SETTLE,
+            [
+                {"k_customer": c, "k_meter": m, "k_start": s, "k_revision": r}
+                for c, m, s, r in sorted(rows)
+            ],
+        )

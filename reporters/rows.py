@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from meterstream.horizon import CALL_MARGIN, oldest_sendable
 from meterstream.meters import Meter
 from reporters import carry
-from reporters.due import DueWindow
+from reporters.due import DueWindow, settle
 from reporters.ledger import (
     KeyHead,
     LedgerRow,
@@ -129,6 +129,8 @@ def write_row(
         row = decide_row(job, latest, head, now, horizon_days)
         if isinstance(row, LedgerRow):
             insert_row(connection, row)
+        if not isinstance(row, Held):
+            settle(connection, [window])  # the ledger has its revision: off the queue
         return row
 
 
@@ -164,6 +166,12 @@ def write_rows(
                 heads[start] = WindowHead(row.revision, row.window_value, row.timestamp)
             results.append(row)
         insert_rows(connection, (r for r in results if isinstance(r, LedgerRow)))
+        # In the transaction of the rows: a window leaves the queue with its row committed.
+        # Held windows stay queued.
+        settle(
+            connection,
+            [j.window for j, r in zip(jobs, results, strict=True) if not isinstance(r, Held)],
+        )
     return results
 
 

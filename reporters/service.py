@@ -161,6 +161,7 @@ def build_reporter(
         stop=stop,
         horizon_days=settings.horizon_days,
         deployment_id=deployment_id_of(settings, engine),
+        backstop_s=settings.report_backstop_s,
     )
 
 

@@ -1,24 +1,28 @@
 """Facts about the reporter for people: ``meterstream status`` and the billing-lag metric.
 
 :func:`reporter_status` returns plain data, so other stages' status can be printed alongside.
+Every query here reads the work in hand (the report queue, rows of a status that is not final,
+one key or window by index), never all of the ledger or window_totals, so status costs the
+same after years of history; tests/reporters/test_report_queue.py checks their plans.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, Select, and_, exists, func, or_, select
 
 from meterstream.horizon import STRIPE_HORIZON_DAYS
 from meterstream.meters import Catalogue
-from meterstream.schema import ledger, window_totals
+from meterstream.schema import ledger, report_queue, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
 from reporters.due import count_due_windows, due_windows
 from reporters.invoiced import INVOICE_GRACE, possibly_invoiced
 from reporters.ledger import (
     FINAL,
+    Status,
     counts_by_status,
     last_sent_at,
     latest_row,
@@ -33,39 +37,80 @@ from reporters.rows import (
     HELD_REVISION_WENT_BACK,
 )
 
+# Ledger rows per status are counted up to this many (a count of history would grow with it).
+COUNT_UP_TO = 100_000
+
+
+_q, _wt, _l = report_queue.c, window_totals.c, ledger.c
+_NOT_FINAL: tuple[str, ...] = tuple(s for s in get_args(Status) if s not in FINAL)
+_NEWER = ledger.alias("newer")
+
 
 def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
     """Seconds since the oldest closed window (window_end + grace_s <= now) whose newest
     revision is not final in the ledger (not sent, carried or rejected) ended; 0 when there is
     none. Held, pending, unknown and accepted-but-unconfirmed (v2 stream, until reconcile
-    confirms it) usage all count: billing is behind on them."""
+    confirms it) usage all count: billing is behind on them.
+
+    Bounded by the work in hand, not by history: such a window is either in the report queue
+    (changed, not written yet, or held) or has a ledger row in a status that is not final
+    (found through ledger_by_status), each looked up by key."""
     oldest: datetime | None = None
-    wt = window_totals.c
     with engine.connect() as connection:
         for meter in catalogue:
-            found = connection.execute(
-                select(func.min(wt.window_end))
-                .select_from(
-                    window_totals.outerjoin(
-                        ledger,
-                        and_(
-                            ledger.c.customer_id == wt.customer_id,
-                            ledger.c.meter == wt.meter,
-                            ledger.c.window_start == wt.window_start,
-                            ledger.c.revision == wt.revision,
-                        ),
-                    )
-                )
-                .where(
-                    wt.meter == meter.name,
-                    wt.window_end <= now - timedelta(seconds=meter.grace_s),
-                    or_(ledger.c.status.is_(None), ledger.c.status.not_in(FINAL)),
-                )
-            ).scalar()
-            # func.min takes its column's type, so this is already an aware UTC datetime.
-            if found is not None and (oldest is None or found < oldest):
-                oldest = found
+            cutoff = now - timedelta(seconds=meter.grace_s)
+            for query in (_queued_lag(meter.name, cutoff), _unsettled_lag(meter.name, cutoff)):
+                found = connection.execute(query).scalar()
+                # func.min takes its column's type, so this is already an aware UTC datetime.
+                if found is not None and (oldest is None or found < oldest):
+                    oldest = found
     return 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+
+
+def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
+    """The oldest closed queued window whose current revision has no final ledger row."""
+    return (
+        select(func.min(_wt.window_end))
+        .select_from(
+            report_queue.join(
+                window_totals,
+                and_(
+                    _wt.customer_id == _q.customer_id,
+                    _wt.meter == _q.meter,
+                    _wt.window_start == _q.window_start,
+                ),
+            ).outerjoin(
+                ledger,
+                and_(
+                    _l.customer_id == _wt.customer_id,
+                    _l.meter == _wt.meter,
+                    _l.window_start == _wt.window_start,
+                    _l.revision == _wt.revision,
+                ),
+            )
+        )
+        .where(
+            _q.meter == meter,
+            _wt.window_end <= cutoff,
+            or_(_l.status.is_(None), _l.status.not_in(FINAL)),
+        )
+    )
+
+
+def _unsettled_lag(meter: str, cutoff: datetime) -> Select[Any]:
+    """The oldest closed window whose newest ledger row is not final."""
+    newer = _NEWER.c
+    return select(func.min(_l.window_end)).where(
+        _l.status.in_(_NOT_FINAL),
+        _l.meter == meter,
+        _l.window_end <= cutoff,
+        ~exists().where(
+            newer.customer_id == _l.customer_id,
+            newer.meter == _l.meter,
+            newer.window_start == _l.window_start,
+            newer.revision > _l.revision,
+        ),
+    )
 
 
 def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
@@ -119,7 +164,7 @@ def reporter_status(
     """The reporter's facts: ledger counts by status, the 10 newest rejections with Stripe's
     message, held usage, pending rows, due windows (changed, no ledger row yet), billing lag
     and when Stripe last acknowledged a row."""
-    counts = counts_by_status(engine)
+    counts = counts_by_status(engine, COUNT_UP_TO)
     hold = restore_hold(engine)
     return {
         "restore_hold": None
@@ -130,6 +175,7 @@ def reporter_status(
             "mark_rows": hold.mark_rows,
         },
         "ledger": counts,
+        "ledger_counted_up_to": COUNT_UP_TO,
         "pending": counts.get("pending", 0),
         "due_windows": count_due_windows(engine, [meter.name for meter in catalogue]),
         "rejected": [
@@ -178,7 +224,14 @@ def reporter_status(
 def format_status(facts: dict[str, Any]) -> str:
     """The facts as lines a person reads."""
     lines = [
-        "ledger: " + (", ".join(f"{k}={v}" for k, v in sorted(facts["ledger"].items())) or "empty")
+        "ledger: "
+        + (
+            ", ".join(
+                f"{k}={v}" + ("+" if v >= facts["ledger_counted_up_to"] else "")
+                for k, v in sorted(facts["ledger"].items())
+            )
+            or "empty"
+        )
     ]
     hold = facts.get("restore_hold")
     if hold:

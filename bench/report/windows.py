@@ -12,6 +12,7 @@ from sqlalchemy import Engine, bindparam
 
 from aggregators.windows import window_bounds
 from meterstream.meters import Catalogue
+from meterstream.report_queue import queue_windows
 from meterstream.schema import window_totals
 
 METERS = ("tokens", "api_calls", "peak_connections")
@@ -46,7 +47,8 @@ def _row(window: Window, now: datetime) -> dict[str, Any]:
 
 
 def write_windows(engine: Engine, new: Sequence[Window], changed: Sequence[Window]) -> None:
-    """Insert ``new`` window totals and update ``changed`` ones (value, events, revision)."""
+    """Insert ``new`` window totals and update ``changed`` ones (value, events, revision), and
+    queue them for the reporter, as the aggregators do."""
     now = datetime.now(UTC)
     wt = window_totals.c
     with engine.begin() as connection:
@@ -81,6 +83,8 @@ def write_windows(engine: Engine, new: Sequence[Window], changed: Sequence[Windo
                     for w in changed
                 ],
             )
+        queue_windows(connection, [(w.customer_id, w.meter, w.start, w.revision) for w in new])
+        queue_windows(connection, [(w.customer_id, w.meter, w.start, w.revision) for w in changed])
 
 
 def throughput_windows(catalogue: Catalogue, count: int, tag: str) -> list[Window]:

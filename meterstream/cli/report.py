@@ -82,7 +82,14 @@ EXIT_NEEDS_A_PERSON = 3
     help="after a database restore (the reporter holds all sending and meterstream reconcile "
     "was checked): give the database a new deployment id, re-base the ledger mark, and exit",
 )
-def report(once: bool, accept_restore: bool) -> None:
+@click.option(
+    "--backstop",
+    is_flag=True,
+    help="first compare every window total with the ledger and queue what the report queue "
+    "missed (should be nothing); its cost grows with history, so with --once run it hourly, "
+    "not every time (a running reporter does it every METERSTREAM_REPORT_BACKSTOP_S)",
+)
+def report(once: bool, accept_restore: bool, backstop: bool) -> None:
     """Send the window totals' differences to Stripe meter events, every
     METERSTREAM_REPORT_INTERVAL_S seconds (or --once, for cron and scripts).
 
@@ -105,12 +112,14 @@ def report(once: bool, accept_restore: bool) -> None:
             if accept_restore:
                 _accept_restore(settings, engine)
                 return
-            _report(settings, catalogue, engine, once)
+            _report(settings, catalogue, engine, once, backstop)
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def _report(settings: Settings, catalogue: Catalogue, engine: Engine, once: bool) -> None:
+def _report(
+    settings: Settings, catalogue: Catalogue, engine: Engine, once: bool, backstop: bool
+) -> None:
     from meterstream.errors import BrokerUnavailableError, RestoredLedgerError
     from reporters.service import (
         build_guard,
@@ -126,6 +135,12 @@ def _report(settings: Settings, catalogue: Catalogue, engine: Engine, once: bool
     guard = build_guard(settings, engine, metrics)
     with contextlib.closing(connect(settings, catalogue, metrics, stop)) as connected:
         reporter = build_reporter(connected, engine, catalogue, stop)
+        if backstop and reporter.run_backstop():
+            click.echo(
+                "backstop: due windows were missing from the report queue; queued now "
+                "(see the reporter's log)",
+                err=True,
+            )
         if once:
             try:
                 guard.check()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import Engine
 
 from meterstream.embedded import free_port
 from meterstream.metrics import scrape
+from meterstream.schema import window_totals
 from reporters.ledger import all_rows
 from stripe_emulator import Emulator
 from tests.cli.commands import METERSTREAM, meterstream
@@ -159,3 +161,20 @@ def test_key_with_trailing_whitespace_fails_at_start_without_the_key(
     assert "METERSTREAM_STRIPE_API_KEY" in failed.stderr
     assert SECRET not in failed.stderr + failed.stdout
     assert SECRET[8:] not in failed.stderr + failed.stdout
+
+
+def test_once_with_backstop_reports_a_change_the_report_queue_missed(
+    emulator: Emulator, env: dict[str, str], migrated_engine: Engine
+) -> None:
+    put_total(migrated_engine, "cus_a", "tokens", hour_start(2), "5")
+    assert meterstream(env, "report", "--once").returncode == 0
+    with migrated_engine.begin() as connection:  # a writer that forgets the report queue
+        connection.execute(window_totals.update().values(value=Decimal(7), revision=2))
+    assert meterstream(env, "report", "--once").returncode == 0
+    assert emulator.state.totals() == {("tokens", "cus_a"): 5}  # the queue does not know
+
+    found = meterstream(env, "report", "--once", "--backstop")
+
+    assert found.returncode == 0, found.stderr
+    assert "due windows were missing from the report queue; queued now" in found.stderr
+    assert emulator.state.totals() == {("tokens", "cus_a"): 7}

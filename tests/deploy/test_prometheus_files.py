@@ -53,6 +53,7 @@ def test_the_required_alerts_exist(alert_rules: list[dict[str, Any]]) -> None:
     for needed in (
         "meterstream_aggregator_consumer_lag_messages",
         "meterstream_reporter_billing_lag_seconds",
+        "meterstream_reporter_backstop_found_total",
         "increase(meterstream_reporter_meter_events_rejected_total",
         "increase(meterstream_aggregator_events_dead_lettered_total",
         "up{",

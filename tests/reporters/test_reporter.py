@@ -22,6 +22,7 @@ from sqlalchemy import Engine, select
 
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import ReporterMetrics
+from meterstream.report_queue import queue_windows
 from meterstream.schema import window_totals
 from meterstream.settings import Settings, load_settings
 from reporters.carry import exact_sum, whole_units
@@ -82,7 +83,8 @@ def put_total(
     window: timedelta = HOUR,
     last_event_time: datetime | None = None,
 ) -> int:
-    """Upsert a window total as the aggregators do: the revision grows when the value changes."""
+    """Upsert a window total as the aggregators do: the revision grows when the value changes,
+    and the window is queued for the reporter in the same transaction."""
     now = datetime.now(UTC)
     event_time = last_event_time or min(window_start + timedelta(minutes=10), now)
     key = (
@@ -108,6 +110,7 @@ def put_total(
                     updated_at=now,
                 )
             )
+            queue_windows(connection, [(customer_id, meter, window_start, 1)])
             return 1
         connection.execute(
             window_totals.update()
@@ -119,6 +122,7 @@ def put_total(
                 updated_at=now,
             )
         )
+        queue_windows(connection, [(customer_id, meter, window_start, int(found) + 1)])
         return int(found) + 1
 
 

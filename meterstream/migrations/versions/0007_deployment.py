@@ -17,7 +17,7 @@ from meterstream.deployment import new_deployment_id
 from meterstream.schema import UTCDateTime
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

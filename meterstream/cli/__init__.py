@@ -11,6 +11,7 @@ from typing import cast
 
 import click
 
+from meterstream.cli.exits import EXIT_CODES_HELP, EXIT_CONFIG, failed
 from meterstream.cli.logs import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -27,10 +28,17 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_CLI_HELP = (
+    "meterstream: usage events from your application to Stripe meter events, exactly once.\n\n"
+    "Every command reads its settings from METERSTREAM_* environment variables. The options "
+    "below go before the command: meterstream --log-format json report\n\n" + EXIT_CODES_HELP
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=_CLI_HELP)
 @click.version_option(package_name="meterstream", prog_name="meterstream")
 @click.option(
     "--log-level",
@@ -49,11 +57,7 @@ def _settings() -> Settings:
 )
 @click.pass_context
 def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
-    """meterstream: usage events from your application to Stripe meter events, exactly once.
-
-    Every command reads its settings from METERSTREAM_* environment variables. The options
-    below go before the command: meterstream --log-format json report
-    """
+    """The command group: logging options, then the command (help: _CLI_HELP)."""
     options = LogOptions(
         cast(LogLevel, log_level.lower()),
         cast(LogFormat, log_format),
@@ -273,10 +277,10 @@ def main() -> None:
         cli(standalone_mode=True)
     except MeterstreamError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc)
         if message is None:
             raise
         click.echo(f"error: {message}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)

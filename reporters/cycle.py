@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -30,8 +31,11 @@ from reporters import ledger
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
 from reporters.due import Key, count_due_windows, due_windows
+from reporters.held_keys import save_held_keys
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
+from reporters.rows import KEY_FAILURES
+from reporters.scales import check_unit_scales
 from reporters.status import billing_lag_s
 
 __all__ = ["KEYS_PER_CHUNK", "CycleResult", "CycleWork", "Reporter", "Sender"]
@@ -74,6 +78,7 @@ class Reporter:
         stop: threading.Event,
         horizon_days: int,
     ) -> None:
+        check_unit_scales(engine, catalogue)  # ConfigError: history would be re-priced
         self.engine = engine
         self.catalogue = catalogue
         self.stripe_meters = stripe_meters
@@ -121,3 +126,7 @@ class Reporter:
         self.metrics.due_windows.set(unwritten)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
         self.metrics.last_cycle.set(now.timestamp())
+        save_held_keys(self.engine, result.held_keys, now)
+        by_reason = Counter(reason for reason, _ in result.held_keys.values())
+        for reason in KEY_FAILURES:
+            self.metrics.held_keys.labels(reason=reason).set(by_reason[reason])

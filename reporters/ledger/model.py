@@ -85,6 +85,9 @@ class LedgerRow:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    # The meter's unit_scale the running totals were computed with (None: written before
+    # migration 0006; the reporter fills it in at start). See reporters/scales.py.
+    unit_scale: Decimal | None = None
 
 
 FIELDS: tuple[str, ...] = LedgerRow.__slots__

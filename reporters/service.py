@@ -6,7 +6,6 @@ Tests build the same pieces with their own clock, stop event and backoff, side b
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from reporters.stripe_push import (
     require_api_key,
     send_meter_event,
 )
-from reporters.v1_sender import SEND_THREADS, V1Sender
+from reporters.v1_sender import V1Sender, send_threads
 
 _log = logging.getLogger(__name__)
 
@@ -139,10 +138,7 @@ def build_reporter(
         def send_one(row: Any, meter: StripeMeter) -> Any:
             return send_meter_event(client, gateway, row, meter)
 
-        # More threads than calls a second allowed would only queue at the pacer.
-        sender = V1Sender(
-            send_one, workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate)))
-        )
+        sender = V1Sender(send_one, workers=send_threads(settings.stripe_rate))
     return Reporter(
         engine,
         catalogue,

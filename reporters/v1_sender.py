@@ -10,6 +10,7 @@ called), the calls go one after the other, and the round's answers are recorded 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,18 @@ from reporters.stripe_push import Outcome
 
 SendOne = Callable[[LedgerRow, StripeMeter], Outcome]
 # Threads calling Stripe (v1) at once; the pacer still paces them all. Each holds one
-# keep-alive connection, and waits on the network most of the time.
+# keep-alive connection, and waits on the network most of the time: a thread makes at most
+# 1 / (call time) calls a second, so the rate needs rate x call time threads (400 calls/s at
+# 150 ms a call: 60), never fewer than SEND_THREADS and never more than MAX_SEND_THREADS.
 SEND_THREADS = 8
+MAX_SEND_THREADS = 64
+ASSUMED_CALL_S = 0.15
+
+
+def send_threads(rate_per_s: float) -> int:
+    """Threads enough for ``rate_per_s`` calls a second (more would only queue at the pacer)."""
+    needed = math.ceil(rate_per_s * ASSUMED_CALL_S)
+    return max(1, min(MAX_SEND_THREADS, max(needed, min(SEND_THREADS, math.ceil(rate_per_s)))))
 
 
 class V1Sender:

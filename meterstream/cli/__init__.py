@@ -139,6 +139,7 @@ def status(as_json: bool) -> None:
     from aggregators.status import aggregator_status, format_aggregator_status
     from meterstream.db import build_engine
     from meterstream.meters import load_catalogue
+    from reporters.capacity import sending_capacity
     from reporters.status import format_status, reporter_status
 
     settings = _settings()
@@ -148,8 +149,10 @@ def status(as_json: bool) -> None:
     try:
         aggregated = aggregator_status(settings, engine, now)
         reported = reporter_status(engine, catalogue, now)
+        sending = sending_capacity(engine, settings, now)
     finally:
         engine.dispose()
+    reported["sending"] = sending.as_dict()
     if as_json:
         from meterstream.cli.json_output import json_document
 
@@ -158,6 +161,7 @@ def status(as_json: bool) -> None:
     click.echo(format_aggregator_status(aggregated))
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
+    click.echo(f"  {sending.line()}")
 
 
 @cli.command()

@@ -167,11 +167,13 @@ def run_schedule(reporter: Reporter, interval_s: float, stop: threading.Event) -
 
 def log_result(result: CycleResult) -> None:
     _log.info(
-        "report cycle: acknowledged %d, rejected %d, carried %d, held %s, unacknowledged %d",
+        "report cycle: acknowledged %d, rejected %d, carried %d, held %s, held keys %d, "
+        "unacknowledged %d",
         result.acknowledged,
         result.rejected,
         result.carried,
         result.held or "none",
+        len(result.held_keys),
         result.unacknowledged,
     )
 

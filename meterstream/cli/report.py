@@ -138,6 +138,8 @@ def _once_exit_code(result: CycleResult) -> int:
             "they stay pending for the next run (see meterstream status)",
             err=True,
         )
+    for (customer_id, meter), (reason, detail) in sorted(result.held_keys.items()):
+        click.echo(f"held {customer_id} {meter}: {reason}: {detail}", err=True)
     for reason, count in sorted(result.held.items()):
         click.echo(f"{count} report(s) held: {reason} (see meterstream status)", err=True)
     if result.rejected:

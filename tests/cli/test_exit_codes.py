@@ -73,3 +73,27 @@ def test_no_secret_in_any_of_it(env: dict[str, str]) -> None:
     no_file = {**env, "METERSTREAM_METERS_FILE": "/nonexistent/meters.toml"}
     done = meterstream(no_file, "report", "--once")
     assert SECRET not in done.stdout + done.stderr
+
+
+def test_2_for_a_changed_unit_scale_and_3_for_a_held_key(
+    env: dict[str, str], migrated_engine: Engine, tmp_path: Path
+) -> None:
+    put_total(migrated_engine, "cus_a", "tokens", hour_start(2), "5")
+    assert meterstream(env, "report", "--once").returncode == 0
+    catalogue = Path(env["METERSTREAM_METERS_FILE"]).read_text(encoding="utf-8")
+    rescaled = tmp_path / "rescaled.toml"
+    rescaled.write_text(
+        catalogue.replace(
+            'stripe_event_name = "tokens"\n', 'stripe_event_name = "tokens"\nunit_scale = "1000"\n'
+        ),
+        encoding="utf-8",
+    )
+    refused = meterstream({**env, "METERSTREAM_METERS_FILE": str(rescaled)}, "report", "--once")
+    assert refused.returncode == 2
+    assert "meter 'tokens': unit_scale is 1000" in refused.stderr
+
+    put_total(migrated_engine, "cus_a", "storage", hour_start(2), "10000000000000000000")
+    held = meterstream(env, "report", "--once")
+    assert held.returncode == 3
+    assert "held cus_a storage: value_out_of_range" in held.stderr
+    assert "value_out_of_range: cus_a storage" in meterstream(env, "status").stdout

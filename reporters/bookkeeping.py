@@ -9,6 +9,10 @@ Before every call, resends included, a row is checked again (``may_call``): too 
 now (it may have waited while Stripe was down) -> ``rejected``; first called more than
 UNKNOWN_AFTER ago -> ``unknown`` (Stripe may have forgotten its identifier: a resend could bill
 twice). Then the attempt is stamped in a committed write, and only then is Stripe called.
+
+A failure that belongs to one (customer, meter) holds that key (``hold_key``: a reason from
+rows.KEY_FAILURES, a metric, the held_keys table for ``meterstream status``) and every other
+key is sent as usual: one bad key never stops the cycle.
 """
 
 from __future__ import annotations

@@ -98,6 +98,8 @@ class V1Sender:
     ) -> Outcome | None:
         """Stamp ``row`` (committed) and call Stripe with it: the stamp says "Stripe may have
         it" only of a call really made. None if it is no longer pending."""
+        if book.stop.is_set():
+            raise StoppedError("stop requested before the call")  # no stamp to take back
         stamped, stamped_at = book.stamp_call([row])
         if row.identifier not in stamped:
             return None

@@ -149,6 +149,21 @@ class ReporterMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.key_failures = Counter(
+            "meterstream_reporter_key_failures",
+            "(customer, meter) pairs held for a failure of their own (meter not in the "
+            "catalogue, value out of range or not exact, a call that failed), by reason; "
+            "counted once per pair and reason. The other pairs are sent as usual.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.held_keys = Gauge(
+            "meterstream_reporter_held_keys",
+            "(customer, meter) pairs held as the last report cycle ended, by reason; a person "
+            "must act (meterstream status lists them).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.rate_limited = Counter(
             "meterstream_reporter_rate_limited_responses",
             "429 answers from Stripe.",

@@ -213,6 +213,9 @@ ledger = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("sent_at", UTCDateTime(), nullable=True),
+    # The meter's unit_scale this row's running totals were computed with: a changed scale
+    # would re-price the history, so the reporter refuses to start on one (migration 0006).
+    Column("unit_scale", ExactDecimal(), nullable=True),
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
@@ -264,4 +267,27 @@ report_queue = Table(
     Column("meter", String(100), primary_key=True),
     Column("window_start", UTCDateTime(), primary_key=True),
     Column("revision", BigInteger, nullable=False),
+)
+
+held_keys = Table(
+    "held_keys",
+    metadata,
+    # The (customer, meter) pairs the last report cycle held for a failure of their own (meter
+    # no longer in the catalogue, value out of range or not exact, a call that failed), so
+    # that ``meterstream status`` can show them; replaced at the end of every cycle.
+    Column("customer_id", String(200), primary_key=True),
+    Column("meter", String(100), primary_key=True),
+    Column("reason", String(50), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("held_at", UTCDateTime(), nullable=False),
+)
+
+meter_scales = Table(
+    "meter_scales",
+    metadata,
+    # The unit_scale each meter's ledger was computed with (reporters/scales.py): the reporter
+    # refuses to start on another, since it would re-price the history already billed.
+    Column("meter", String(100), primary_key=True),
+    Column("unit_scale", ExactDecimal(), nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
 )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from meterstream.errors import ConfigError
@@ -30,6 +30,14 @@ _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 # The driver the code uses for PostgreSQL (psycopg 3), and the spellings that mean it.
 POSTGRES_SCHEME = "postgresql+psycopg://"
 _POSTGRES_ALIASES = ("postgres://", "postgresql://")
+
+# v1 calls a second when METERSTREAM_STRIPE_RATE is not set. Live: the README's sizing (10,000
+# customers with 1-minute windows) closes 167 windows a second; 400 is 2.4 times that, so a
+# backlog drains (an hour of outage in about 43 minutes), and 40 % of Stripe's 1,000 calls/s
+# live limit on meter events leaves room for retries and other callers. Test mode: Stripe's
+# sandboxes allow about 25 operations a second in all.
+LIVE_RATE_PER_S = 400.0
+TEST_MODE_RATE_PER_S = 25.0
 
 
 class Settings(BaseSettings):
@@ -88,7 +96,9 @@ class Settings(BaseSettings):
     # https only, but for a loopback address (the emulator): http would send the key in clear.
     stripe_api_base: str = "https://api.stripe.com"
     stripe_meter_events_base: str | None = None
-    stripe_rate: float = Field(25.0, gt=0.0, le=10_000.0, description="calls per second")
+    # Default: LIVE_RATE_PER_S for a live key, TEST_MODE_RATE_PER_S for a test key (see
+    # _rate_for_the_key_mode).
+    stripe_rate: float = Field(LIVE_RATE_PER_S, gt=0.0, le=10_000.0, description="calls per second")
     stripe_stream: bool = False
     report_interval_s: float = Field(60.0, gt=0.0, le=86_400.0)
     # Part of every new meter event identifier (meterstream/deployment.py); by default the
@@ -117,6 +127,17 @@ class Settings(BaseSettings):
     exit_flush_timeout_s: float = Field(
         5.0, ge=0.0, le=3600.0, description="seconds an unclosed UsageClient waits at exit"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rate_for_the_key_mode(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("stripe_rate") is not None:
+            return data
+        key = data.get("stripe_api_key")
+        text = key.get_secret_value() if isinstance(key, SecretStr) else str(key or "")
+        if text.startswith(("sk_test_", "rk_test_")):
+            return {**data, "stripe_rate": TEST_MODE_RATE_PER_S}
+        return data
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -9,6 +9,10 @@ Before every call, resends included, a row is checked again (``may_call``): too 
 now (it may have waited while Stripe was down) -> ``rejected``; first called more than
 UNKNOWN_AFTER ago -> ``unknown`` (Stripe may have forgotten its identifier: a resend could bill
 twice). Then the attempt is stamped in a committed write, and only then is Stripe called.
+
+A failure that belongs to one (customer, meter) holds that key (``hold_key``: a reason from
+rows.KEY_FAILURES, a metric, the held_keys table for ``meterstream status``) and every other
+key is sent as usual: one bad key never stops the cycle.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from reporters.due import DueWindow, Key
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.rows import (
+    HELD_METER_NOT_IN_CATALOGUE,
     HELD_NO_CUSTOMER_LINK,
+    KEY_FAILURES,
     TOO_OLD_CODE,
     Held,
     RowJob,
@@ -59,11 +65,14 @@ class CycleResult:
     held: dict[str, int] = field(default_factory=dict)
     unacknowledged: int = 0
     unknown: int = 0
+    # (customer, meter) -> (reason, detail): keys not sent this cycle for a failure of their
+    # own (reasons in rows.KEY_FAILURES); every other key was sent as usual.
+    held_keys: dict[Key, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def needs_a_person(self) -> bool:
         """Usage held, rejected or unknown: rerunning the reporter will not send it."""
-        return bool(self.rejected or self.held or self.unknown)
+        return bool(self.rejected or self.held or self.unknown or self.held_keys)
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class Bookkeeper:
         self._horizon_days = horizon_days
         self.deployment_id = deployment_id
         self._held_counted: set[tuple[str, str, datetime, int, str]] = set()
+        self._keys_counted: set[tuple[Key, str]] = set()
         self._lock = threading.Lock()
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
         # steps of 1 to 100 ms (its busy handler); taking turns here instead wakes the next
@@ -120,7 +130,36 @@ class Bookkeeper:
         """Write the rows of ``keys``' due windows; per key, its pending rows then the new
         ones, in ledger order (the order they must be called in)."""
         written = self._write_chunk(keys, work, result)
-        return {key: [*work.pending.get(key, ()), *written.get(key, ())] for key in keys}
+        queues: dict[Key, list[LedgerRow]] = {}
+        for key in keys:
+            pending = work.pending.get(key, ())
+            if pending and key[1] not in self.stripe_meters:
+                # Removed or renamed in the catalogue with rows still to send: neither stamped
+                # nor called (a stamp would start their UNKNOWN_AFTER clock for nothing).
+                self.hold_key(
+                    key,
+                    HELD_METER_NOT_IN_CATALOGUE,
+                    f"{len(pending)} pending row(s) for meter {key[1]!r}, which is no longer "
+                    "in the catalogue (METERSTREAM_METERS_FILE); put it back until they are "
+                    "sent, or settle them by hand",
+                    result,
+                )
+                queues[key] = []
+                continue
+            queues[key] = [*pending, *written.get(key, ())]
+        return queues
+
+    def hold_key(self, key: Key, reason: str, detail: str, result: CycleResult) -> None:
+        """Hold one (customer, meter) for a failure of its own; the others go on."""
+        with self._lock:
+            if key in result.held_keys:
+                return
+            result.held_keys[key] = (reason, detail)
+            first_time = (key, reason) not in self._keys_counted
+            self._keys_counted.add((key, reason))
+        if first_time:
+            self.metrics.key_failures.labels(reason=reason).inc()
+        _log.error("held %s %s: %s: %s", key[0], key[1], reason, detail)
 
     def _write_chunk(
         self, keys: Sequence[Key], work: CycleWork, result: CycleResult
@@ -153,6 +192,8 @@ class Bookkeeper:
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, Held):
                 self._hold(outcome, result)
+                if outcome.reason in KEY_FAILURES:
+                    self.hold_key(job.window.key, outcome.reason, outcome.detail, result)
             elif outcome is not None:
                 self._count_written(outcome, result)
                 if outcome.status == "pending":
@@ -218,30 +259,37 @@ class Bookkeeper:
             return False
         return True
 
-    def stamp(self, rows: Collection[LedgerRow]) -> set[str]:
-        """Stamp the attempts of ``rows`` (one committed statement); the identifiers stamped
-        (the others are no longer pending: do not call them)."""
+    def stamp_call(self, rows: Collection[LedgerRow]) -> tuple[set[str], datetime]:
+        """Stamp the attempts of the rows of one call, made right after (one committed
+        statement); the identifiers stamped (the others are no longer pending: do not call
+        them) and the stamp's time (for ``unstamp`` if the call is not made after all)."""
+        now = self.clock()
         with self._sqlite_turn:
-            return ledger.start_attempts(
-                self.engine, [row.identifier for row in rows], self.clock()
-            )
+            return ledger.start_attempts(self.engine, [r.identifier for r in rows], now), now
+
+    def unstamp(self, rows: Collection[LedgerRow], stamped_at: datetime) -> None:
+        """Take back the stamps of rows whose call was never made (a stop request)."""
+        with self._sqlite_turn:
+            ledger.undo_attempts(self.engine, [row.identifier for row in rows], stamped_at)
 
     def accept_and_stamp(
         self, accepted: Sequence[LedgerRow], batch: Sequence[LedgerRow], result: CycleResult
-    ) -> set[str]:
-        """Mark ``accepted`` and stamp the attempts of the next ``batch`` in one transaction
-        (one commit a call instead of two); the identifiers of ``batch`` stamped."""
+    ) -> tuple[set[str], datetime]:
+        """Mark ``accepted`` and stamp the attempts of the next ``batch`` (to be called right
+        after) in one transaction (one commit a call instead of two); the identifiers of
+        ``batch`` stamped, and the stamp's time."""
+        now = self.clock()
         with self._sqlite_turn:
             marked, stamped = ledger.accept_then_stamp(
                 self.engine,
                 [row.identifier for row in accepted],
                 [row.identifier for row in batch],
-                self.clock(),
+                now,
             )
         self._count_acknowledged(accepted, marked)
         with self._lock:
             result.acknowledged += len(marked)
-        return stamped
+        return stamped, now
 
     def record(
         self,

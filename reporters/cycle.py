@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -31,9 +32,12 @@ from reporters.backstop import queue_missed
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
 from reporters.due import Key, count_due_windows, take_due
+from reporters.held_keys import save_held_keys
 from reporters.invoiced import possibly_invoiced
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
+from reporters.rows import KEY_FAILURES
+from reporters.scales import check_unit_scales
 from reporters.status import billing_lag_s
 
 __all__ = ["KEYS_PER_CHUNK", "CycleResult", "CycleWork", "Reporter", "Sender"]
@@ -78,6 +82,8 @@ class Reporter:
         deployment_id: str,
         backstop_s: float | None = None,
     ) -> None:
+        # ConfigError: history would be re-priced.
+        check_unit_scales(engine, catalogue, clock())
         self.engine = engine
         self.catalogue = catalogue
         self.stripe_meters = stripe_meters
@@ -146,3 +152,7 @@ class Reporter:
             units = sum(i.units for i in of_meter)
             self.metrics.possibly_invoiced_units.labels(meter.name).set(units)
         self.metrics.last_cycle.set(now.timestamp())
+        save_held_keys(self.engine, result.held_keys, now)
+        by_reason = Counter(reason for reason, _ in result.held_keys.values())
+        for reason in KEY_FAILURES:
+            self.metrics.held_keys.labels(reason=reason).set(by_reason[reason])

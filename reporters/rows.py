@@ -43,6 +43,18 @@ HELD_REVISION_WENT_BACK = "revision_went_back"
 # newer than the horizon less CALL_MARGIN, and checks again before every call (a row can wait
 # while Stripe is down). Intake keeps the larger HORIZON_MARGIN, so what it accepted is sendable.
 SEND_MARGIN = CALL_MARGIN
+
+# Failures that belong to one (customer, meter): the key is held (its later windows too, this
+# cycle) and every other key is sent as usual. They need a person: the catalogue or the data.
+HELD_METER_NOT_IN_CATALOGUE = "meter_not_in_catalogue"
+HELD_VALUE_OUT_OF_RANGE = "value_out_of_range"
+HELD_VALUE_NOT_EXACT = "value_not_exact"
+HELD_CALL_FAILED = "call_failed"
+KEY_FAILURES = frozenset(
+    {HELD_METER_NOT_IN_CATALOGUE, HELD_VALUE_OUT_OF_RANGE, HELD_VALUE_NOT_EXACT, HELD_CALL_FAILED}
+)
+# The ledger's value and units_total are BIGINT (and Stripe's own integers are 64-bit).
+_INT64 = range(-(2**63), 2**63)
 _ONE_SECOND = timedelta(seconds=1)
 _NOTHING_ACCOUNTED = carry.Account()  # frozen: one shared instance is safe
 _ZERO = Decimal(0)
@@ -73,6 +85,7 @@ class Held:
     window: DueWindow
     reason: str
     value: int = 0
+    detail: str = ""
 
 
 def event_timestamp(
@@ -156,11 +169,17 @@ def write_rows(
     keys = [(j.window.customer_id, j.window.meter) for j in jobs]
     starts = [(*key, j.window.window_start) for key, j in zip(keys, jobs, strict=True)]
     results: list[LedgerRow | Held | None] = []
+    failed: dict[tuple[str, str], Held] = {}
     with engine.begin() as connection:
         latest = key_heads(connection, set(keys))
         heads = window_heads(connection, set(starts))
         for job, key, start in zip(jobs, keys, starts, strict=True):
+            if key in failed:  # the key is held: its later windows wait with it
+                results.append(Held(job.window, failed[key].reason, 0, failed[key].detail))
+                continue
             row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days)
+            if isinstance(row, Held) and row.reason in KEY_FAILURES:
+                failed[key] = row
             if isinstance(row, LedgerRow):
                 latest[key] = KeyHead(row.sequence, row.accounted_total, row.units_total)
                 heads[start] = WindowHead(row.revision, row.window_value, row.timestamp)
@@ -198,7 +217,27 @@ def decide_row(
         # The aggregators' revision went backwards (table rebuilt?): the ledger's running
         # totals no longer describe window_totals. A person must look.
         return Held(window, HELD_REVISION_WENT_BACK)
-    report = carry.report(formula, account, previous_total, window.window_value, meter.unit_scale)
+    try:
+        report = carry.report(
+            formula, account, previous_total, window.window_value, meter.unit_scale
+        )
+    except ArithmeticError:
+        # More digits than carry's exact context holds (a long unit_scale times a long total):
+        # a rounded number must never be billed.
+        return Held(
+            window,
+            HELD_VALUE_NOT_EXACT,
+            detail=f"{window.window_value} x unit_scale {meter.unit_scale} cannot be computed "
+            "exactly; shorten the meter's unit_scale",
+        )
+    if report.value not in _INT64 or report.account.units_total not in _INT64:
+        return Held(
+            window,
+            HELD_VALUE_OUT_OF_RANGE,
+            detail=f"{report.value} units ({window.window_value} x unit_scale "
+            f"{meter.unit_scale}; {report.account.units_total} in all) pass the 64-bit integers "
+            "Stripe and the ledger hold; check the usage, or lower the meter's unit_scale",
+        )
     if formula == "sum" and report.value < 0 and not meter.allow_negative:
         # Sending it would invent a credit the catalogue forbids; dropping it would lose
         # it. Hold it: the window stays due until its total rises again or a person acts.
@@ -247,4 +286,5 @@ def decide_row(
         created_at=now,
         updated_at=now,
         sent_at=None,
+        unit_scale=meter.unit_scale,
     )

@@ -6,7 +6,6 @@ Tests build the same pieces with their own clock, stop event and backoff, side b
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from reporters.stripe_push import (
     require_api_key,
     send_meter_event,
 )
-from reporters.v1_sender import SEND_THREADS, V1Sender
+from reporters.v1_sender import V1Sender, send_threads
 
 _log = logging.getLogger(__name__)
 
@@ -147,10 +146,7 @@ def build_reporter(
         def send_one(row: Any, meter: StripeMeter) -> Any:
             return send_meter_event(client, gateway, row, meter)
 
-        # More threads than calls a second allowed would only queue at the pacer.
-        sender = V1Sender(
-            send_one, workers=max(1, min(SEND_THREADS, math.ceil(settings.stripe_rate)))
-        )
+        sender = V1Sender(send_one, workers=send_threads(settings.stripe_rate))
     return Reporter(
         engine,
         catalogue,
@@ -214,11 +210,13 @@ def publish_mark(guard: RestoreGuard) -> None:
 
 def log_result(result: CycleResult) -> None:
     _log.info(
-        "report cycle: acknowledged %d, rejected %d, carried %d, held %s, unacknowledged %d",
+        "report cycle: acknowledged %d, rejected %d, carried %d, held %s, held keys %d, "
+        "unacknowledged %d",
         result.acknowledged,
         result.rejected,
         result.carried,
         result.held or "none",
+        len(result.held_keys),
         result.unacknowledged,
     )
 

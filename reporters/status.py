@@ -19,6 +19,7 @@ from meterstream.schema import ledger, report_queue, window_totals
 from reporters import carry
 from reporters.customers import load_links, stripe_customer_for
 from reporters.due import count_due_windows, due_windows
+from reporters.held_keys import load_held_keys
 from reporters.invoiced import INVOICE_GRACE, possibly_invoiced
 from reporters.ledger import (
     FINAL,
@@ -192,6 +193,16 @@ def reporter_status(
             for row in recent_rejections(engine, 10)
         ],
         "held": held_usage(engine, catalogue),
+        "held_keys": [
+            {
+                "customer_id": k.customer_id,
+                "meter": k.meter,
+                "reason": k.reason,
+                "detail": k.detail,
+                "at": k.held_at,
+            }
+            for k in load_held_keys(engine)
+        ],
         "unknown": [
             {
                 "customer_id": row.customer_id,
@@ -268,6 +279,9 @@ def format_status(facts: dict[str, Any]) -> str:
             f"window {item['window_start'].isoformat()} revision {item['revision']} "
             f"total {item['total']}"
         )
+    lines.append(f"held customers and meters (a person must act): {len(facts['held_keys'])}")
+    for item in facts["held_keys"]:
+        lines.append(f"  {item['reason']}: {item['customer_id']} {item['meter']}: {item['detail']}")
     lines.append(f"rejected (newest {len(facts['rejected'])}):")
     for item in facts["rejected"]:
         lines.append(

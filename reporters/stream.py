@@ -172,6 +172,18 @@ class StreamSender:
             "User-Agent": f"Stripe/v2 PythonBindings/{stripe.VERSION}",
         }
 
+    def ready(self) -> bool:
+        """Open or renew the session if due, before rows are stamped for a call on it: False
+        if Stripe would not open one (try again next cycle); raises StripeAuthError (the key
+        is refused) or StoppedError."""
+        try:
+            self._session(force=False)
+        except stripe.StripeError as exc:
+            outcome = classify(exc, None)  # raises StripeAuthError for a refused key
+            _log.warning("no meter event session (%s): sending waits", outcome.error)
+            return False
+        return True
+
     def send_batch(self, rows: Sequence[LedgerRow], meters: Mapping[str, StripeMeter]) -> Outcome:
         """Send up to 100 rows in one stream call; the outcome applies to all of them."""
         if len(rows) > MAX_EVENTS_PER_CALL:

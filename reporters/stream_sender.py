@@ -1,10 +1,10 @@
 """v2 stream sending: one thread writes the chunks in order while the cycle's thread sends.
 
 The written rows go in batches of 100 in ledger order, each batch stamped in one statement
-before its call; its acceptance and the stamp of the next batch are one transaction. A batch
-not accepted ends the sending (the later batches are neither stamped nor called); the chunks
-are all written all the same.
-"""
+just before its call, once its session is open (a refused key or a stop while opening it
+leaves the batch unstamped); its acceptance and the stamp of the next batch are one
+transaction. A batch not accepted ends the sending (the later batches are neither stamped
+nor called); the chunks are all written all the same."""
 
 from __future__ import annotations
 
@@ -82,34 +82,53 @@ class V2StreamSender:
     def _send_stream(
         self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
     ) -> None:
-        """Rows in ledger order, 100 a call; each batch stamped before its call and
-        acknowledged after it, in the transaction that stamps the next batch."""
+        """Rows in ledger order, 100 a call; each batch stamped just before its call, once
+        its session is open (a key refused or a stop while opening it leaves the batch
+        unstamped), and acknowledged after it, in the transaction that stamps the next."""
         waiting: deque[LedgerRow] = deque()
         batch = self._next_batch(book, chunks, waiting, result)
-        stamped = book.stamp(batch)
+        if not self._ready(batch):
+            return
+        stamped, stamped_at = book.stamp_call(batch)
         while batch:
             calls = [row for row in batch if row.identifier in stamped]
             if not calls:  # settled elsewhere since they were read: not called
                 batch = self._next_batch(book, chunks, waiting, result)
-                stamped = book.stamp(batch)
+                if not self._ready(batch):
+                    return
+                stamped, stamped_at = book.stamp_call(batch)
                 continue
             try:
                 outcome = self.stream.send_batch(calls, book.stripe_meters)
             except StoppedError:
+                book.unstamp(calls, stamped_at)  # raised before the call: Stripe has nothing
                 return
             try:
                 batch = self._next_batch_unless_stopping(book, chunks, waiting, outcome, result)
+                if not self._ready(batch):
+                    batch = []
             except Exception:
                 if outcome.kind == "acknowledged":
                     book.record([(row, outcome) for row in calls], "accepted", result)
                 raise
             if outcome.kind == "acknowledged":
-                stamped = book.accept_and_stamp(calls, batch, result)
+                stamped, stamped_at = book.accept_and_stamp(calls, batch, result)
                 continue
             book.record([(row, outcome) for row in calls], "accepted", result)
             if outcome.kind == "retry":
                 return  # later batches wait: per (customer, meter) order must hold
-            stamped = book.stamp(batch)
+            stamped, stamped_at = book.stamp_call(batch)
+
+    def _ready(self, batch: Sequence[LedgerRow]) -> bool:
+        """Whether ``batch`` may be stamped: empty, or its session is open. False when the
+        session cannot be opened now or a stop came while opening it; raises StripeAuthError
+        when the key is refused."""
+        if not batch:
+            return True
+        try:
+            return self.stream.ready()
+        except StoppedError:
+            return False
 
     def _next_batch_unless_stopping(
         self,

@@ -2,28 +2,41 @@
 
 The chunks run in a thread pool (SEND_THREADS), all paced by one Pacer. A chunk writes its
 rows, then sends them in rounds: the next row of each of its (customer, meter) pairs is
-stamped (one committed statement), called one after the other, and the answers are recorded
+stamped just before its own call (a committed statement: a row is stamped only if it is really
+called), the calls go one after the other, and the round's answers are recorded together
 (acknowledgements in one statement). A row that is still not acknowledged stops its
-(customer, meter) for this cycle.
+(customer, meter) for this cycle; a call that fails for one (customer, meter) holds it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from meterstream.errors import StoppedError
+from meterstream.errors import StoppedError, StripeAuthError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.due import Key
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
+from reporters.rows import HELD_CALL_FAILED
 from reporters.stripe_push import Outcome
 
 SendOne = Callable[[LedgerRow, StripeMeter], Outcome]
 # Threads calling Stripe (v1) at once; the pacer still paces them all. Each holds one
-# keep-alive connection, and waits on the network most of the time.
+# keep-alive connection, and waits on the network most of the time: a thread makes at most
+# 1 / (call time) calls a second, so the rate needs rate x call time threads (400 calls/s at
+# 150 ms a call: 60), never fewer than SEND_THREADS and never more than MAX_SEND_THREADS.
 SEND_THREADS = 8
+MAX_SEND_THREADS = 64
+ASSUMED_CALL_S = 0.15
+
+
+def send_threads(rate_per_s: float) -> int:
+    """Threads enough for ``rate_per_s`` calls a second (more would only queue at the pacer)."""
+    needed = math.ceil(rate_per_s * ASSUMED_CALL_S)
+    return max(1, min(MAX_SEND_THREADS, max(needed, min(SEND_THREADS, math.ceil(rate_per_s)))))
 
 
 class V1Sender:
@@ -53,7 +66,8 @@ class V1Sender:
         self, book: Bookkeeper, queues: Mapping[Key, Sequence[LedgerRow]], result: CycleResult
     ) -> None:
         """Send each (customer, meter)'s rows in order, a round at a time: the next row of
-        every pair is stamped in one statement, called, and acknowledged in one statement."""
+        every pair is stamped just before its own call, and the round's answers are recorded
+        together (acknowledgements in one statement)."""
         waiting = {key: deque(rows) for key, rows in queues.items() if rows}
         while waiting and not book.stop.is_set():
             heads: dict[Key, LedgerRow] = {}
@@ -65,13 +79,12 @@ class V1Sender:
                         break
                 if not rows:
                     del waiting[key]
-            stamped = book.stamp(heads.values())
             answers: list[tuple[LedgerRow, Outcome]] = []
             try:
                 for key, row in heads.items():
-                    if row.identifier not in stamped:
+                    outcome = self._call(book, key, row, result)
+                    if outcome is None:
                         continue  # settled elsewhere since it was read: not called
-                    outcome = self.send_one(row, book.stripe_meters[row.meter])
                     answers.append((row, outcome))
                     if outcome.kind == "retry":
                         waiting.pop(key, None)  # its later rows wait for the next cycle
@@ -79,3 +92,25 @@ class V1Sender:
                 return
             finally:
                 book.record(answers, "sent", result)
+
+    def _call(
+        self, book: Bookkeeper, key: Key, row: LedgerRow, result: CycleResult
+    ) -> Outcome | None:
+        """Stamp ``row`` (committed) and call Stripe with it: the stamp says "Stripe may have
+        it" only of a call really made. None if it is no longer pending."""
+        if book.stop.is_set():
+            raise StoppedError("stop requested before the call")  # no stamp to take back
+        stamped, stamped_at = book.stamp_call([row])
+        if row.identifier not in stamped:
+            return None
+        try:
+            return self.send_one(row, book.stripe_meters[row.meter])
+        except StoppedError:
+            book.unstamp([row], stamped_at)  # raised before the call: Stripe has nothing
+            raise
+        except StripeAuthError:
+            raise  # the key, not the row: the cycle stops (this call was made and refused)
+        except Exception as exc:
+            # A failure of this (customer, meter) alone: hold it, send the others.
+            book.hold_key(key, HELD_CALL_FAILED, f"{type(exc).__name__}: {exc}", result)
+            return Outcome("retry", error=f"{type(exc).__name__}: {exc}")

@@ -94,6 +94,13 @@ class StripeApi:
                 "YOUR_SECRET_KEY').",
                 type="authentication_error",
             )
+        if self.state.is_revoked(token):
+            raise StripeApiError(
+                401,
+                f"Expired API Key provided: {token[:8]}****. This key was revoked.",
+                type="authentication_error",
+                code="api_key_expired",
+            )
         if not token.startswith(_KEY_PREFIXES):
             raise StripeApiError(
                 401,

@@ -75,6 +75,17 @@ class EmulatorState:
             self._sessions: dict[str, Session] = {}
             self._replies: dict[str, tuple[str, CachedResponse]] = {}
             self._in_flight: dict[str, str] = {}
+            self._revoked: set[str] = set()
+
+    def revoke_key(self, key: str) -> None:
+        """Refuse ``key`` from now on (401), as Stripe does once a key is rolled or deleted
+        in the Dashboard; sessions it opened live on until they expire."""
+        with self.lock:
+            self._revoked.add(key)
+
+    def is_revoked(self, key: str) -> bool:
+        with self.lock:
+            return key in self._revoked
 
     def now_s(self) -> int:
         return int(self.clock())

@@ -7,10 +7,11 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
+from meterstream.cli.exits import EXIT_CODES_HELP, EXIT_CONFIG, failed
 from meterstream.cli.logs import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -30,10 +31,17 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_CLI_HELP = (
+    "meterstream: usage events from your application to Stripe meter events, exactly once.\n\n"
+    "Every command reads its settings from METERSTREAM_* environment variables. The options "
+    "below go before the command: meterstream --log-format json report\n\n" + EXIT_CODES_HELP
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=_CLI_HELP)
 @click.version_option(package_name="meterstream", prog_name="meterstream")
 @click.option(
     "--log-level",
@@ -52,11 +60,7 @@ def _settings() -> Settings:
 )
 @click.pass_context
 def cli(ctx: click.Context, log_level: str, log_format: str) -> None:
-    """meterstream: usage events from your application to Stripe meter events, exactly once.
-
-    Every command reads its settings from METERSTREAM_* environment variables. The options
-    below go before the command: meterstream --log-format json report
-    """
+    """The command group: logging options, then the command (help: _CLI_HELP)."""
     options = LogOptions(
         cast(LogLevel, log_level.lower()),
         cast(LogFormat, log_format),
@@ -141,6 +145,7 @@ def status(as_json: bool) -> None:
     from aggregators.status import aggregator_status, format_aggregator_status
     from meterstream.db import build_engine
     from meterstream.meters import load_catalogue
+    from reporters.capacity import sending_capacity
     from reporters.status import format_status, reporter_status
 
     settings = _settings()
@@ -149,10 +154,12 @@ def status(as_json: bool) -> None:
     now = datetime.now(UTC)
     try:
         aggregated = aggregator_status(settings, engine, now)
-        reported = {"deployment_id": _deployment_shown(settings, engine)}
+        reported: dict[str, Any] = {"deployment_id": _deployment_shown(settings, engine)}
         reported.update(reporter_status(engine, catalogue, now, settings.horizon_days))
+        sending = sending_capacity(engine, settings, now)
     finally:
         engine.dispose()
+    reported["sending"] = sending.as_dict()
     if as_json:
         from meterstream.cli.json_output import json_document
 
@@ -161,6 +168,7 @@ def status(as_json: bool) -> None:
     click.echo(format_aggregator_status(aggregated))
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
+    click.echo(f"  {sending.line()}")
 
 
 def _deployment_shown(settings: Settings, engine: Engine) -> str:
@@ -290,10 +298,10 @@ def main() -> None:
         cli(standalone_mode=True)
     except MeterstreamError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc)
         if message is None:
             raise
         click.echo(f"error: {message}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)

@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from meterstream.cli.exits import (
+    EXIT_NEEDS_A_PERSON,
+    EXIT_OK,
+    EXIT_PENDING,
+    ConfigExit,
+    failed,
+)
 from meterstream.cli.json_output import json_document
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
@@ -30,16 +37,26 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
 
 
 @contextlib.contextmanager
 def _database(settings: Settings) -> Iterator[Engine]:
+    from sqlalchemy.exc import OperationalError
+
     from meterstream.db import build_engine, migrate
 
     engine = build_engine(settings)
     try:
-        migrate(engine)
+        try:
+            migrate(engine)
+        except OperationalError as exc:
+            # A start-up error (exit 2): no cycle ran, retrying will not fix the address.
+            raise ConfigExit(
+                f"METERSTREAM_DATABASE_URL={engine.url.render_as_string(hide_password=True)}: "
+                f"cannot open the database ({type(exc.orig).__name__}); check the address and "
+                "that the database is up"
+            ) from None
         yield engine
     finally:
         engine.dispose()
@@ -49,7 +66,7 @@ def _catalogue(settings: Settings) -> Catalogue:
     try:
         return load_catalogue(settings.meters_file)
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
 
 
 def _stop_on_signals() -> threading.Event:
@@ -65,15 +82,12 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-EXIT_UNACKNOWLEDGED = 1
-EXIT_NEEDS_A_PERSON = 3
-
-
 @click.command()
 @click.option(
     "--once",
     is_flag=True,
     help="run one cycle; exit 1 if due usage is still unacknowledged (run again later), "
+    "2 on a configuration error (bad key, settings, meters: fix it, do not retry), "
     "3 if usage is held, unknown or was rejected in this cycle (a person must act)",
 )
 @click.option(
@@ -97,6 +111,8 @@ def report(once: bool, accept_restore: bool, backstop: bool) -> None:
     Exit codes of --once:
       0  everything due is acknowledged by Stripe
       1  due usage is still pending (Stripe down, 429, lost answers): run again later
+      2  configuration or start-up error (key missing or refused, settings, catalogue,
+         Stripe meters, a unit_scale change): fix it, retrying will not help
       3  usage needs a person: held (unlinked customer: meterstream customers link;
          negative correction the meter does not allow; revision went back), unknown
          (first sent over 20 h ago with no answer: run meterstream reconcile), or
@@ -114,7 +130,7 @@ def report(once: bool, accept_restore: bool, backstop: bool) -> None:
                 return
             _report(settings, catalogue, engine, once, backstop)
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
 
 
 def _report(
@@ -149,7 +165,7 @@ def _report(
                 sys.exit(EXIT_NEEDS_A_PERSON)
             except BrokerUnavailableError as exc:
                 click.echo(f"nothing sent: {exc}", err=True)
-                sys.exit(EXIT_UNACKNOWLEDGED)
+                sys.exit(EXIT_PENDING)
             result = reporter.run_cycle()
             log_result(result)
             publish_mark(guard)
@@ -181,6 +197,8 @@ def _once_exit_code(result: CycleResult) -> int:
             "they stay pending for the next run (see meterstream status)",
             err=True,
         )
+    for (customer_id, meter), (reason, detail) in sorted(result.held_keys.items()):
+        click.echo(f"held {customer_id} {meter}: {reason}: {detail}", err=True)
     for reason, count in sorted(result.held.items()):
         click.echo(f"{count} report(s) held: {reason} (see meterstream status)", err=True)
     if result.rejected:
@@ -196,7 +214,7 @@ def _once_exit_code(result: CycleResult) -> int:
         )
     if result.needs_a_person:
         return EXIT_NEEDS_A_PERSON
-    return EXIT_UNACKNOWLEDGED if result.unacknowledged else 0
+    return EXIT_PENDING if result.unacknowledged else EXIT_OK
 
 
 @click.group()
@@ -216,7 +234,7 @@ def customers_link(customer_id: str, stripe_customer_id: str) -> None:
         with _database(settings) as engine:
             link_customer(engine, customer_id, stripe_customer_id, datetime.now(UTC))
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
     click.echo(f"{customer_id} -> {stripe_customer_id}")
 
 
@@ -298,10 +316,10 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
                 settle_minutes,
             )
     except MeterstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failed(exc) from exc
     if as_json:
         click.echo(json_document(_reconciliation_document(found, start)))
-        sys.exit(1 if found.drifting else 0)
+        sys.exit(EXIT_PENDING if found.drifting else EXIT_OK)
     for decided in found.settled:
         click.echo(decided)
     for line in found.lines:
@@ -312,7 +330,7 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
         f"{found.drifting} drift"
     )
     if found.drifting:
-        sys.exit(1)
+        sys.exit(EXIT_PENDING)
 
 
 def _reconciliation_document(found: Reconciliation, start: datetime) -> dict[str, Any]:

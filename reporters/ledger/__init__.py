@@ -44,6 +44,7 @@ from reporters.ledger.transitions import (
     mark_unknown,
     start_attempt,
     start_attempts,
+    undo_attempts,
 )
 
 __all__ = [
@@ -81,5 +82,6 @@ __all__ = [
     "rows_with_status",
     "start_attempt",
     "start_attempts",
+    "undo_attempts",
     "window_heads",
 ]

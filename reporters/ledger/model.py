@@ -3,9 +3,10 @@
 A row is written and committed before its call, then updated from the answer. Statuses:
 
 - ``pending``   written, not yet acknowledged; resent (same identifier, same body) until it is.
-                Each call is stamped first (``attempts`` + 1, ``first_attempt_at``) in a
-                committed write (one statement for a round or batch of rows), so after a
-                crash the ledger knows whether Stripe may have it.
+                Each call is stamped just before it is made (``attempts`` + 1,
+                ``first_attempt_at``) in a committed write: v1 the row of that call, the
+                stream the rows of that call; a row never called is never stamped, so after
+                a crash the ledger knows whether Stripe may have it.
 - ``unknown``   pending, but its first call was more than ``UNKNOWN_AFTER`` ago: Stripe only
                 promises to deduplicate an identifier for about 24 h, so a resend could bill
                 twice. Never resent blindly; ``meterstream reconcile`` asks Stripe's summaries
@@ -98,6 +99,9 @@ class LedgerRow:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    # The meter's unit_scale the running totals were computed with (None: written before
+    # migration 0006; the reporter fills it in at start). See reporters/scales.py.
+    unit_scale: Decimal | None = None
 
 
 FIELDS: tuple[str, ...] = LedgerRow.__slots__

@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, select, update
 
 from meterstream.errors import AcknowledgementMismatchError
 from meterstream.schema import ledger
@@ -49,6 +49,25 @@ def _start_attempts(
         return set()
     found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
     return {str(identifier) for (identifier,) in found}
+
+
+def undo_attempts(engine: Engine, identifiers: Collection[str], stamped_at: datetime) -> None:
+    """Take back the stamps of calls that were never made (a stop request came between the
+    stamp and the call): ``unknown`` must only ever mean "Stripe may have it"."""
+    if not identifiers:
+        return
+    with engine.begin() as connection:
+        connection.execute(
+            update(ledger)
+            .where(_l.identifier.in_(list(identifiers)), still_pending(), _l.attempts > 0)
+            .values(
+                attempts=_l.attempts - 1,
+                first_attempt_at=case(
+                    (_l.first_attempt_at == stamped_at, None), else_=_l.first_attempt_at
+                ),
+                updated_at=stamped_at,
+            )
+        )
 
 
 _STILL_PENDING = (

@@ -56,6 +56,7 @@ def pending_row(sequence: int) -> LedgerRow:
         created_at=NOW,
         updated_at=NOW,
         sent_at=None,
+        unit_scale=Decimal(1),
     )
 
 

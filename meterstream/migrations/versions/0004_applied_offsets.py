@@ -1,7 +1,7 @@
 """Each partition's applied offset, kept with the totals; each meter's recorded definition.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ ledger), so nothing due before the upgrade is forgotten; from then on the aggreg
 each change in the transaction that makes it.
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0004
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Rows already in the ledger keep the identifiers they were sent with.
 
 Revision ID: 0007
-Revises: 0002
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from meterstream.deployment import new_deployment_id
 from meterstream.schema import UTCDateTime
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

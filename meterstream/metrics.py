@@ -119,6 +119,12 @@ class AggregatorMetrics:
             "Now minus the newest event time applied.",
             registry=self.registry,
         )
+        self.pruned_rows = Counter(
+            "meterstream_aggregator_pruned_rows",
+            "Rows deleted past their retention, by table (window_totals, rejected_events).",
+            ["table"],
+            registry=self.registry,
+        )
 
 
 class ReporterMetrics:
@@ -180,6 +186,12 @@ class ReporterMetrics:
         self.last_cycle = Gauge(
             "meterstream_reporter_last_cycle_timestamp_seconds",
             "When the last report cycle finished (Unix time).",
+            registry=self.registry,
+        )
+        self.pruned_rows = Counter(
+            "meterstream_reporter_pruned_rows",
+            "Final ledger rows deleted past METERSTREAM_LEDGER_RETENTION_DAYS, by table.",
+            ["table"],
             registry=self.registry,
         )
 

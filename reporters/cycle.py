@@ -32,6 +32,7 @@ from reporters.customers import load_links
 from reporters.due import Key, count_due_windows, due_windows
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
+from reporters.retention import prune_ledger
 from reporters.status import billing_lag_s
 
 __all__ = ["KEYS_PER_CHUNK", "CycleResult", "CycleWork", "Reporter", "Sender"]
@@ -73,6 +74,8 @@ class Reporter:
         clock: Callable[[], datetime],
         stop: threading.Event,
         horizon_days: int,
+        ledger_retention_days: int | None = None,
+        prune_batch_rows: int = 1_000,
     ) -> None:
         self.engine = engine
         self.catalogue = catalogue
@@ -80,6 +83,9 @@ class Reporter:
         self.metrics = metrics
         self.sender = sender
         self._clock = clock
+        self._stop = stop
+        self._ledger_retention_days = ledger_retention_days
+        self._prune_batch_rows = prune_batch_rows
         self._book = Bookkeeper(
             engine,
             catalogue,
@@ -121,3 +127,22 @@ class Reporter:
         self.metrics.due_windows.set(unwritten)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
         self.metrics.last_cycle.set(now.timestamp())
+
+    def prune_ledger(self) -> int:
+        """Delete the ledger rows past ``ledger_retention_days`` that nothing reads again
+        (reporters.retention); call it between cycles. None: keep everything."""
+        if self._ledger_retention_days is None:
+            return 0
+        pruned = prune_ledger(
+            self.engine,
+            self._clock(),
+            self._ledger_retention_days,
+            self._prune_batch_rows,
+            should_stop=self._stop.is_set,
+        )
+        if pruned:
+            self.metrics.pruned_rows.labels("ledger").inc(pruned)
+            _log.info(
+                "pruned %d ledger row(s) older than %d days", pruned, self._ledger_retention_days
+            )
+        return pruned

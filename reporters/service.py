@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,8 @@ from reporters.stripe_push import (
 from reporters.v1_sender import SEND_THREADS, V1Sender
 
 _log = logging.getLogger(__name__)
+# Each pruning reads the old end of the ledger once; every hour keeps up with any traffic.
+PRUNE_INTERVAL_S = 3600.0
 
 
 def utc_now() -> datetime:
@@ -152,11 +155,15 @@ def build_reporter(
         clock=clock,
         stop=stop,
         horizon_days=settings.horizon_days,
+        ledger_retention_days=settings.ledger_retention_days,
+        prune_batch_rows=settings.prune_batch_rows,
     )
 
 
 def run_schedule(reporter: Reporter, interval_s: float, stop: threading.Event) -> None:
-    """A cycle every ``interval_s`` until ``stop``; a failed cycle is logged and retried."""
+    """A cycle every ``interval_s`` until ``stop``; a failed cycle is logged and retried. The
+    ledger is pruned after the first cycle, then at most every PRUNE_INTERVAL_S."""
+    next_prune_s = 0.0
     while not stop.is_set():
         try:
             result = reporter.run_cycle()
@@ -166,6 +173,13 @@ def run_schedule(reporter: Reporter, interval_s: float, stop: threading.Event) -
         except Exception:
             # The loop's edge: the ledger already holds every row, so the next cycle resends.
             _log.exception("report cycle failed; retrying in %.0f s", interval_s)
+        if time.monotonic() >= next_prune_s:
+            next_prune_s = time.monotonic() + PRUNE_INTERVAL_S
+            try:
+                # Between cycles: pruning reads what the cycle wrote; a cycle never waits on it.
+                reporter.prune_ledger()
+            except Exception:
+                _log.exception("pruning the ledger failed; trying again in an hour")
         stop.wait(interval_s)
 
 

@@ -17,7 +17,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -154,7 +153,15 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
         # touch none of these rows (their windows are older than any event still admitted).
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, _prune_aggregates, settings, state, lambda: app.should_stop
+                None,
+                partial(
+                    prune_aggregates,
+                    state.engine,
+                    settings,
+                    datetime.now(UTC),
+                    state.metrics,
+                    lambda: app.should_stop,
+                ),
             )
         except Exception:
             _log.exception("pruning windows and refused events failed; trying again in an hour")
@@ -196,17 +203,6 @@ async def _ack_in_order(
             datetime.now(UTC),
         )
         slots.release()
-
-
-def _prune_aggregates(
-    settings: Settings, state: WorkerState, should_stop: Callable[[], bool]
-) -> None:
-    """Delete windows and refused events past their retention; count and log what went."""
-    pruned = prune_aggregates(state.engine, settings, datetime.now(UTC), should_stop)
-    for table, rows in pruned.items():
-        if rows:
-            state.metrics.pruned_rows.labels(table).inc(rows)
-            _log.info("pruned %d row(s) of %s past their retention", rows, table)
 
 
 def _refresh_gauges(settings: Settings, state: WorkerState, stalls: StallWatch) -> None:

@@ -219,6 +219,16 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
     catalogue = _catalogue(settings)
     now = datetime.now(UTC)
     start = since.replace(tzinfo=UTC) if since else now - timedelta(days=settings.horizon_days)
+    kept_from = now - timedelta(days=settings.ledger_retention_days)
+    if start < kept_from:
+        # Older sent rows may be pruned: the ledger would seem short of what Stripe counted.
+        raise click.BadParameter(
+            f"{start:%Y-%m-%dT%H:%M:%S} is before {kept_from:%Y-%m-%dT%H:%M:%S}: the ledger "
+            f"keeps sent rows for METERSTREAM_LEDGER_RETENTION_DAYS="
+            f"{settings.ledger_retention_days} days; choose a later --since, or raise the "
+            "retention (rows already pruned are not restored)",
+            param_hint="--since",
+        )
     try:
         with (
             _database(settings) as engine,

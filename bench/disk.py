@@ -4,7 +4,8 @@ database holds once every retention is reached, at a few traffic levels.
     python -m bench.disk [--rows N] [--postgres ADMIN_URL]
 
 Fills a fresh, migrated database with N rows per table shaped as meterstream writes them
-(18-character customer ids, uuid event ids, 52-character identifiers, random 16-byte keys),
+(18-character customer ids, uuid event ids, 52-character identifiers, random 16-byte keys,
+a distinct update time per row, 10,000 customers sharing each window's start and end),
 then divides ``pg_total_relation_size`` by N after VACUUM ANALYZE. Deleted rows leave free
 space that autovacuum hands to new rows, so the steady state is what the retention keeps.
 """
@@ -30,7 +31,7 @@ _FILL = {
             timestamptz '2026-01-01' + (i / 10000 + 1) * interval '1 hour',
             round((random() * 100000)::numeric, 6), 360, 60,
             timestamptz '2026-01-01' + (i / 10000) * interval '1 hour',
-            gen_random_uuid()::text, now(), now()
+            gen_random_uuid()::text, now(), now() - i * interval '1 millisecond'
         FROM generate_series(1, %(rows)s) AS i""",
     "ledger": """
         INSERT INTO ledger SELECT
@@ -41,7 +42,8 @@ _FILL = {
             (random() * 1e9)::bigint, (random() * 1000)::bigint, 'tokens',
             'cus_' || substr(md5((i %% 10000)::text), 1, 14), now(),
             'ms1_' || substr(md5(i::text) || md5((-i)::text), 1, 48), 'sent', 1, now(),
-            NULL, NULL, 'req_' || substr(md5(i::text), 1, 14), now(), now(), now()
+            NULL, NULL, 'req_' || substr(md5(i::text), 1, 14), now(),
+            now() - i * interval '1 millisecond', now() - i * interval '1 millisecond'
         FROM generate_series(1, %(rows)s) AS i""",
     "seen_events": """
         INSERT INTO seen_events SELECT date '2026-01-01', decode(md5(i::text), 'hex')
@@ -56,7 +58,7 @@ _FILL = {
             'meterstream.usage', i %% 8, i, decode(md5(i::text), 'hex'), 'invalid_event',
             'value: must be a finite number >= 0, got ''NaN''', gen_random_uuid()::text,
             'cus_' || substr(md5((i %% 10000)::text), 1, 14), 'tokens',
-            convert_to(repeat(md5(i::text), 9), 'UTF8'), now()
+            convert_to(repeat(md5(i::text), 9), 'UTF8'), now() - i * interval '1 millisecond'
         FROM generate_series(1, %(rows)s) AS i""",
 }
 _SIZE = {

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Engine, and_, exists, not_, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, exists, func, not_, or_, select
 
 from meterstream.retention import cutoff, delete_in_batches
 from meterstream.schema import ledger, window_totals
@@ -40,7 +40,9 @@ def prunable(before: datetime) -> ColumnElement[bool]:
         _newer.c.customer_id == _row.customer_id,
         _newer.c.meter == _row.meter,
     )
-    not_head = exists(select(_newer.c.sequence).where(same_key, _newer.c.sequence > _row.sequence))
+    # A scalar max per row (ledger_sequence, read backwards), not EXISTS: PostgreSQL would
+    # rather hash the whole ledger for a semi-join than probe the index for each candidate.
+    not_head = _row.sequence < select(func.max(_newer.c.sequence)).where(same_key).scalar_subquery()
     newer_revision = exists(
         select(_newer.c.revision).where(
             same_key,

@@ -22,7 +22,7 @@ from meterstream.settings import Settings, load_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from reporters.cycle import CycleResult
+    from reporters.cycle import CycleResult, Reporter
     from reporters.reconcile import Reconciliation
 
 
@@ -104,11 +104,24 @@ def report(once: bool) -> None:
             if once:
                 result = reporter.run_cycle()
                 log_result(result)
+                _prune_after_once(reporter)
                 sys.exit(_once_exit_code(result))
             serve_metrics(settings, metrics.registry)
             run_schedule(reporter, settings.report_interval_s, stop)
     except MeterstreamError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _prune_after_once(reporter: Reporter) -> None:
+    """Prune the ledger after a --once cycle too: cron deployments run nothing else."""
+    try:
+        reporter.prune_ledger()
+    except Exception as exc:
+        # The cycle's outcome is the exit code; pruning is tried again at the next run.
+        click.echo(
+            f"pruning the ledger failed ({type(exc).__name__}: {exc}); tried again at the next run",
+            err=True,
+        )
 
 
 def _once_exit_code(result: CycleResult) -> int:

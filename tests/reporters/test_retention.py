@@ -79,7 +79,9 @@ def next_report(world: World, customer_id: str) -> list[Any]:
     first = {m: len(rows_for(world.engine, customer_id, m)) for m in ("tokens", "storage")}
     put_total(world.engine, customer_id, "tokens", hour_start(1), "0.35")
     put_total(world.engine, customer_id, "storage", hour_start(1), "0.0017")
-    world.cycle()
+    result = world.cycle()
+    # A window the aggregators pruned is not due, nor held as "revision went back".
+    assert result.held == {}
     written = [
         (r.meter, r.revision, r.window_value, r.accounted_total, r.units_total, r.value, r.status)
         for m in ("tokens", "storage")

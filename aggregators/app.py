@@ -30,6 +30,7 @@ from aggregators.batch import BatchResult, count_batch, note_newest_event_time
 from aggregators.offset_store import stored_or_seeded
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, RawMessage
+from aggregators.retention import prune_aggregates
 from aggregators.stall import StallWatch
 from meterstream.backoff import backoff_s
 from meterstream.errors import OutOfOrderError
@@ -138,18 +139,34 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
 
     app.agent(source, name="meterstream.aggregate")(aggregate)
 
-    async def prune_dedup_keys() -> None:
+    async def prune() -> None:
         # Keys past the horizon can never match again: Stripe refuses such old usage anyway.
         try:
             dropped = await state.pipeline.prune(datetime.now(UTC).date())
         except Exception:
             # An error escaping a faust timer crashes the worker; pruning can wait an hour.
             _log.exception("pruning deduplication keys failed; trying again in an hour")
-            return
-        if dropped:
-            _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
+        else:
+            if dropped:
+                _log.info("pruned %d day(s) of deduplication keys before the horizon", dropped)
+        # In a thread of this process, not in the applying child: batches go on meanwhile, and
+        # touch none of these rows (their windows are older than any event still admitted).
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                partial(
+                    prune_aggregates,
+                    state.engine,
+                    settings,
+                    datetime.now(UTC),
+                    state.metrics,
+                    lambda: app.should_stop,
+                ),
+            )
+        except Exception:
+            _log.exception("pruning windows and refused events failed; trying again in an hour")
 
-    app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune_dedup_keys)
+    app.timer(_PRUNE_INTERVAL_S, name="meterstream.prune")(prune)
 
     stalls = StallWatch(settings.stall_after_s)
 

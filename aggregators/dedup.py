@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, timedelta
 
-from sqlalchemy import Connection, Engine, delete, select, text, tuple_
+from sqlalchemy import Connection, Engine, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 
 from aggregators import postgres
 from aggregators.sql import insert_ignoring_conflicts
 from meterstream.events import UsageEvent
-from meterstream.schema import seen_events, seen_events_legacy, unique_values
+from meterstream.retention import delete_in_batches
+from meterstream.schema import seen_events, seen_events_legacy
 
 _CHUNK = 1000
 
@@ -149,23 +150,14 @@ class DedupKeys:
         return seen
 
     def prune(self, today: date) -> int:
-        """Forget keys older than the horizon (and unique_count values of windows that no
-        admissible event can reach); return how many key partitions or rows went."""
+        """Forget keys older than the horizon; return how many key partitions or rows went.
+        (unique_count values are pruned with the windows: aggregators.retention.)"""
         cutoff = today - timedelta(days=self._horizon_days + 1)
-        with self._engine.begin() as connection:
-            # unique_count windows are calendar months: one ending before the cutoff is closed
-            # to every event the aggregators still accept.
-            connection.execute(
-                delete(unique_values).where(
-                    unique_values.c.window_start < _as_utc(cutoff - timedelta(days=31))
-                )
-            )
         if not self._partitioned:
-            with self._engine.begin() as connection:
-                result = connection.execute(
-                    delete(seen_events).where(seen_events.c.event_day < cutoff)
-                )
-                return result.rowcount or 0
+            # In small transactions: the embedded database has one writer at a time.
+            return delete_in_batches(
+                self._engine, seen_events, seen_events.c.event_day < cutoff, batch_rows=_CHUNK
+            )
         dropped = 0
         with self._engine.begin() as connection:
             names = connection.execute(
@@ -181,7 +173,3 @@ class DedupKeys:
                     self._ready_days.discard(day)
                     dropped += 1
         return dropped
-
-
-def _as_utc(day: date) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=UTC)

@@ -119,6 +119,12 @@ class AggregatorMetrics:
             "Now minus the newest event time applied.",
             registry=self.registry,
         )
+        self.pruned_rows = Counter(
+            "meterstream_aggregator_pruned_rows",
+            "Rows deleted past their retention, by table (window_totals, rejected_events).",
+            ["table"],
+            registry=self.registry,
+        )
 
 
 class ReporterMetrics:
@@ -221,6 +227,12 @@ class ReporterMetrics:
             "meterstream_reporter_ledger_rows_behind_mark",
             "Ledger rows missing against the mark kept in Kafka: above 0 the database was "
             "restored and all sending is held until meterstream report --accept-restore.",
+            registry=self.registry,
+        )
+        self.pruned_rows = Counter(
+            "meterstream_reporter_pruned_rows",
+            "Final ledger rows deleted past METERSTREAM_LEDGER_RETENTION_DAYS, by table.",
+            ["table"],
             registry=self.registry,
         )
 

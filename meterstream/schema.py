@@ -102,6 +102,8 @@ window_totals = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 Index("window_totals_by_update", window_totals.c.updated_at)
+# Retention prunes windows by their end, oldest first, a bounded batch at a time.
+Index("window_totals_by_end", window_totals.c.window_end)
 
 seen_events = Table(
     "seen_events",
@@ -144,6 +146,7 @@ rejected_events = Table(
     Column("raw", LargeBinary, nullable=False),
     Column("rejected_at", UTCDateTime(), nullable=False),
 )
+Index("rejected_events_by_time", rejected_events.c.rejected_at)
 
 applied_offsets = Table(
     "applied_offsets",

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from meterstream.errors import ConfigError
@@ -84,6 +91,20 @@ class Settings(BaseSettings):
     # recording, the worker's when aggregating): producer clocks drift. Further ahead is refused.
     future_tolerance_s: float = Field(600.0, ge=0.0, le=86_400.0)
 
+    # --- Retention (README "Retention"): rows go only once nothing can change or need them.
+    # A window whose end is older than this is pruned by the aggregators; it must outlive the
+    # horizon (events older than it are refused, so the window is final) and leave the reporter
+    # time to record its last revision, even as "too old, bill by hand".
+    window_retention_days: int = Field(60, ge=2, le=36_500)
+    # Final ledger rows (sent, carried) of windows that ended longer ago than this are pruned
+    # by the reporter; never the newest row of a (customer, meter), which carries the running
+    # totals, nor one of a window still in window_totals. `reconcile --since` works this far back.
+    ledger_retention_days: int = Field(45, ge=2, le=36_500)
+    # Refused events (their raw bytes stay on the dead-letter topic) are kept this long.
+    rejected_retention_days: int = Field(30, ge=1, le=36_500)
+    # Rows deleted per pruning transaction: small enough never to hold a batch or a cycle up.
+    prune_batch_rows: int = Field(1_000, ge=1, le=100_000)
+
     # --- Aggregator
     aggregate_batch_max_events: int = Field(5_000, ge=1, le=1_000_000)
     aggregate_batch_max_wait_s: float = Field(0.5, gt=0.0, le=60.0)
@@ -146,6 +167,19 @@ class Settings(BaseSettings):
             host, _, port = server.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @field_validator("window_retention_days", "ledger_retention_days")
+    @classmethod
+    def _past_the_horizon(cls, value: int, info: ValidationInfo) -> int:
+        horizon = info.data.get("horizon_days")
+        # A window within the horizon (plus a day of future tolerance and send margin) can still
+        # change or be sent: pruning it, or its ledger rows, would bill it again or lose it.
+        if horizon is not None and value < horizon + 2:
+            raise ValueError(
+                f"must be at least METERSTREAM_HORIZON_DAYS + 2 = {horizon + 2} days: rows "
+                "of a window that may still change must stay"
+            )
         return value
 
     @field_validator("database_url")

@@ -36,6 +36,7 @@ from reporters.held_keys import save_held_keys
 from reporters.invoiced import possibly_invoiced
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
+from reporters.retention import prune_ledger
 from reporters.rows import KEY_FAILURES
 from reporters.scales import check_unit_scales
 from reporters.status import billing_lag_s
@@ -81,6 +82,8 @@ class Reporter:
         horizon_days: int,
         deployment_id: str,
         backstop_s: float | None = None,
+        ledger_retention_days: int | None = None,
+        prune_batch_rows: int = 1_000,
     ) -> None:
         # ConfigError: history would be re-priced.
         check_unit_scales(engine, catalogue, clock())
@@ -91,6 +94,9 @@ class Reporter:
         self.sender = sender
         self._clock = clock
         self._horizon_days = horizon_days
+        self._stop = stop
+        self._ledger_retention_days = ledger_retention_days
+        self._prune_batch_rows = prune_batch_rows
         self._book = Bookkeeper(
             engine,
             catalogue,
@@ -156,3 +162,22 @@ class Reporter:
         by_reason = Counter(reason for reason, _ in result.held_keys.values())
         for reason in KEY_FAILURES:
             self.metrics.held_keys.labels(reason=reason).set(by_reason[reason])
+
+    def prune_ledger(self) -> int:
+        """Delete the ledger rows past ``ledger_retention_days`` that nothing reads again
+        (reporters.retention); call it between cycles. None: keep everything."""
+        if self._ledger_retention_days is None:
+            return 0
+        pruned = prune_ledger(
+            self.engine,
+            self._clock(),
+            self._ledger_retention_days,
+            self._prune_batch_rows,
+            should_stop=self._stop.is_set,
+        )
+        if pruned:
+            self.metrics.pruned_rows.labels("ledger").inc(pruned)
+            _log.info(
+                "pruned %d ledger row(s) older than %d days", pruned, self._ledger_retention_days
+            )
+        return pruned

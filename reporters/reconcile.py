@@ -9,7 +9,8 @@ application customers may be linked to one. Three quantities:
 - **ledger**: what Stripe acknowledged (sent, or accepted by the v2 stream) with a timestamp in
   [since, end): a sum meter adds the values; a ``last`` meter takes the newest.
 - **database**: a sum meter's floor(exact total of every window x unit_scale), over all time
-  (the carry makes units global), against the units acknowledged; a ``last`` meter's newest
+  (the carry makes units global; windows pruned by retention count through the ledger's running
+  total), against the units acknowledged; a ``last`` meter's newest
   window's current value, against the newest ledger row. Each difference is listed with its
   reason: held (unlinked customer, negative correction, revision went back), rejected, unknown,
   or in flight (pending or due, normal until the next cycle).
@@ -190,19 +191,24 @@ def _database_side(
         totals.setdefault((customer_id, meter_name), []).append((window_start, value))
     due = due_windows(engine, stripe_meters)
     sides: dict[tuple[str, str], _Side] = {}
-    for (customer_id, meter_name), values in sorted(totals.items()):
+    for customer_id, meter_name in sorted(totals.keys() | by_key.keys()):
         meter = catalogue.meters[meter_name]
         own = by_key.get((customer_id, meter_name), [])
+        values = totals.get((customer_id, meter_name), [])
         stripe_customer_id = stripe_customer_for(customer_id, links) or (
             own[-1].stripe_customer_id if own else UNLINKED
         )
         side = sides.setdefault((stripe_customer_id, meter_name), _Side())
         side.customer_ids.add(customer_id)
         if meter.stripe_formula == "sum":
-            units = whole_units(exact_sum(v for _, v in values), meter.unit_scale)
-        else:
+            units = whole_units(_exact_total(values, own), meter.unit_scale)
+        elif values:
             units = whole_units(max(values)[1], meter.unit_scale)
             own = [r for r in own if r.window_start == max(values)[0]][-1:]
+        else:
+            # Every window pruned (retention): the newest row left stands for the newest one.
+            own = [max(own, key=lambda r: (r.window_start, r.revision))]
+            units = whole_units(own[0].window_value, meter.unit_scale)
         side.value += units
         for status in ("rejected", "unknown", "pending"):
             part = sum(r.value for r in own if r.status == status)
@@ -221,6 +227,24 @@ def _database_side(
             target = side.not_billed if reason.startswith("held") else side.in_flight
             target.append(f"{customer_id} {reason}: {len(unreported)} window(s), {gap} unit(s)")
     return sides
+
+
+def _exact_total(values: list[tuple[datetime, Decimal]], own: list[LedgerRow]) -> Decimal:
+    """A sum meter's exact total over all time: what the ledger's newest row accounted, plus
+    how much each window still in window_totals differs from its newest ledger row.
+
+    The same as adding up every window while none is pruned (the running total is each reported
+    window's newest total, added up); windows pruned (retention) are in it through the ledger.
+    """
+    if not own:
+        return exact_sum(v for _, v in values)
+    reported: dict[datetime, LedgerRow] = {}
+    for row in own:
+        if row.window_start not in reported or row.revision > reported[row.window_start].revision:
+            reported[row.window_start] = row
+    # copy_negate, not a subtraction: exact whatever the default context's precision.
+    reported_values = [reported[s].window_value.copy_negate() for s, _ in values if s in reported]
+    return exact_sum([own[-1].accounted_total, *(v for _, v in values), *reported_values])
 
 
 def settle_rows(

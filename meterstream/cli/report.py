@@ -29,7 +29,7 @@ from meterstream.settings import Settings, load_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from reporters.cycle import CycleResult
+    from reporters.cycle import CycleResult, Reporter
     from reporters.reconcile import Reconciliation
 
 
@@ -169,6 +169,7 @@ def _report(
             result = reporter.run_cycle()
             log_result(result)
             publish_mark(guard)
+            _prune_after_once(reporter)
             sys.exit(_once_exit_code(result))
         serve_metrics(settings, metrics.registry)
         run_schedule(reporter, settings.report_interval_s, stop, guard)
@@ -187,6 +188,18 @@ def _accept_restore(settings: Settings, engine: Engine) -> None:
         f"Stripe holds); the ledger mark is re-based to its {rows} row(s); sending resumes at "
         "the next report cycle"
     )
+
+
+def _prune_after_once(reporter: Reporter) -> None:
+    """Prune the ledger after a --once cycle too: cron deployments run nothing else."""
+    try:
+        reporter.prune_ledger()
+    except Exception as exc:
+        # The cycle's outcome is the exit code; pruning is tried again at the next run.
+        click.echo(
+            f"pruning the ledger failed ({type(exc).__name__}: {exc}); tried again at the next run",
+            err=True,
+        )
 
 
 def _once_exit_code(result: CycleResult) -> int:
@@ -299,6 +312,16 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
     catalogue = _catalogue(settings)
     now = datetime.now(UTC)
     start = since.replace(tzinfo=UTC) if since else now - timedelta(days=settings.horizon_days)
+    kept_from = now - timedelta(days=settings.ledger_retention_days)
+    if start < kept_from:
+        # Older sent rows may be pruned: the ledger would seem short of what Stripe counted.
+        raise click.BadParameter(
+            f"{start:%Y-%m-%dT%H:%M:%S} is before {kept_from:%Y-%m-%dT%H:%M:%S}: the ledger "
+            f"keeps sent rows for METERSTREAM_LEDGER_RETENTION_DAYS="
+            f"{settings.ledger_retention_days} days; choose a later --since, or raise the "
+            "retention (rows already pruned are not restored)",
+            param_hint="--since",
+        )
     try:
         with (
             _database(settings) as engine,

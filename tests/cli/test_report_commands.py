@@ -107,6 +107,13 @@ def test_report_refuses_to_start_without_a_key(env: dict[str, str]) -> None:
     assert "METERSTREAM_STRIPE_API_KEY is not set" in failed.stderr
 
 
+def test_reconcile_refuses_a_since_before_the_ledger_retention(env: dict[str, str]) -> None:
+    env["METERSTREAM_LEDGER_RETENTION_DAYS"] = "40"
+    failed = meterstream(env, "reconcile", "--since", "2020-01-01")
+    assert failed.returncode == 2
+    assert "METERSTREAM_LEDGER_RETENTION_DAYS=40 days" in failed.stderr
+
+
 def test_report_stops_cleanly_on_sigterm(env: dict[str, str]) -> None:
     with subprocess.Popen(
         [METERSTREAM, "report"], env=env, stderr=subprocess.PIPE, text=True

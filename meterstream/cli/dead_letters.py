@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import click
 import orjson
 
-from aggregators.dead_letters import DeadLetter, dead_letters, replay
-from meterstream.db import build_engine
 from meterstream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from aggregators.dead_letters import DeadLetter
 
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -36,6 +38,10 @@ def parse_since(value: str | None, now: datetime) -> datetime | None:
 
 
 def _selected(settings: Settings, reason: str | None, since: str | None) -> list[DeadLetter]:
+    # The aggregators' extra is needed only when the command runs (the base install is the SDK).
+    from aggregators.dead_letters import dead_letters
+    from meterstream.db import build_engine
+
     engine = build_engine(settings)
     try:
         return dead_letters(
@@ -97,6 +103,8 @@ def replay_command(reason: str | None, since: str | None) -> None:
     """
     settings = load_settings()
     letters = _selected(settings, reason, since)
+    from aggregators.dead_letters import replay
+
     sent = replay(settings, letters)
     click.echo(f"replayed {sent} dead letter(s) to {settings.topic}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -31,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from ctypes import c_longlong
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aggregators.batch import BatchApplier, BatchResult, Message
 from aggregators.intake import produced_at
@@ -96,13 +97,21 @@ class _Child:
 _child: _Child | None = None
 
 
-def _start_child(settings: Settings, committed: c_longlong, catalogue: Catalogue) -> None:
+def _start_child(
+    settings: Settings,
+    committed: c_longlong,
+    catalogue: Catalogue,
+    logging_config: dict[str, Any] | None,
+) -> None:
     global _child
     # The worker decides when to stop: Ctrl-C reaches the whole process group, and the child
     # must finish the batch in hand rather than die in the middle of it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING)
+    # A spawned child starts with no logging set up: the face's config, when the worker got one,
+    # so its lines share the format (without one, Python's last-resort handler prints warnings).
+    if logging_config is not None:
+        logging.config.dictConfig(logging_config)
     _child = _Child(settings, committed, catalogue)
     threading.Thread(target=_exit_with_parent, name="meterstream-parent-watch", daemon=True).start()
 
@@ -150,8 +159,14 @@ class ApplyPipeline:
     Not thread-safe: call it from the worker's event loop only.
     """
 
-    def __init__(self, settings: Settings, catalogue: Catalogue | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalogue: Catalogue | None = None,
+        logging_config: dict[str, Any] | None = None,
+    ) -> None:
         self._settings = settings
+        self._logging_config = logging_config
         # The catalogue the worker checked at start (aggregators.definitions), handed to every
         # child: a child replaced later must not read a file edited since.
         self._catalogue = catalogue or load_catalogue(settings.meters_file)
@@ -167,7 +182,7 @@ class ApplyPipeline:
             max_workers=1,
             mp_context=self._context,
             initializer=_start_child,
-            initargs=(self._settings, self._committed, self._catalogue),
+            initargs=(self._settings, self._committed, self._catalogue, self._logging_config),
         )
 
     def submit(self, sequence: int, raw: list[RawMessage]) -> asyncio.Future[AppliedBatch]:

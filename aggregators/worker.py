@@ -56,7 +56,7 @@ def run_worker(
     ensure_topic(settings.kafka_bootstrap, dead_letter_topic(settings), settings.topic_partitions)
     metrics = AggregatorMetrics()
     serve_metrics(settings, metrics.registry)
-    pipeline = ApplyPipeline(settings, catalogue)
+    pipeline = ApplyPipeline(settings, catalogue, logging_config=logging_config)
     app = build_app(settings, WorkerState(pipeline, engine, metrics))
     where = engine.url.render_as_string(hide_password=True)
     _log.info("aggregating %s into %s", settings.topic, where)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
-from meterstream.cli.exits import EXIT_CODES_HELP, EXIT_CONFIG, failed
+from meterstream.cli.exits import EXIT_CODES_HELP, EXIT_CONFIG, settings_or_exit
 from meterstream.cli.logs import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -21,17 +21,10 @@ from meterstream.cli.logs import (
     configure_logging,
 )
 from meterstream.errors import MeterstreamError
-from meterstream.settings import Settings, load_settings
+from meterstream.settings import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except MeterstreamError as exc:
-        raise failed(exc) from exc
 
 
 _CLI_HELP = (
@@ -76,7 +69,7 @@ def broker(port: int, partitions: int | None) -> None:
     """Run the embedded Kafka-protocol broker (memory only) until Ctrl-C."""
     from meterstream.embedded import embedded_broker
 
-    settings = _settings()
+    settings = settings_or_exit()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     topics = {settings.topic: partitions or settings.topic_partitions}
@@ -118,7 +111,7 @@ def migrate() -> None:
     from meterstream.db import migrate as run_migrations
     from meterstream.deployment import stored_deployment_id
 
-    settings = _settings()
+    settings = settings_or_exit()
     engine = build_engine(settings)
     try:
         run_migrations(engine)
@@ -148,7 +141,7 @@ def status(as_json: bool) -> None:
     from reporters.capacity import sending_capacity
     from reporters.status import format_status, reporter_status
 
-    settings = _settings()
+    settings = settings_or_exit()
     catalogue = load_catalogue(settings.meters_file)
     engine = build_engine(settings)
     now = datetime.now(UTC)

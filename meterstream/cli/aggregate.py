@@ -8,9 +8,9 @@ from typing import cast
 import click
 import orjson
 
+from meterstream.cli.exits import settings_or_exit
 from meterstream.cli.logs import LOG_LEVELS, LogLevel, LogOptions, logging_config
 from meterstream.events import format_value
-from meterstream.settings import load_settings
 
 
 @click.command()
@@ -33,7 +33,7 @@ def aggregate(ctx: click.Context, loglevel: str | None) -> None:
     level = cast(LogLevel, loglevel.lower()) if loglevel else options.level
     # faust's worker replaces the logging configuration when it starts: hand it ours.
     run_worker(
-        load_settings(),
+        settings_or_exit(),
         loglevel=level,
         logging_config=logging_config(level, options.log_format),
     )
@@ -50,7 +50,7 @@ def totals(customer: str | None, meter: str | None, as_json: bool) -> None:
     from meterstream.db import build_engine
     from meterstream.schema import window_totals
 
-    settings = load_settings()
+    settings = settings_or_exit()
     engine = build_engine(settings)
     c = window_totals.c
     query = select(c.customer_id, c.meter, c.window_start, c.window_end, c.value, c.events).where(

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import click
 import orjson
 
-from meterstream.settings import Settings, load_settings
+from meterstream.cli.exits import settings_or_exit
+from meterstream.settings import Settings
 
 if TYPE_CHECKING:
     from aggregators.dead_letters import DeadLetter
@@ -66,7 +67,7 @@ def dead_letters_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON array of objects")
 def list_command(reason: str | None, since: str | None, as_json: bool) -> None:
     """Print the dead letters, oldest first."""
-    letters = _selected(load_settings(), reason, since)
+    letters = _selected(settings_or_exit(), reason, since)
     records = [
         {
             "partition": letter.partition,
@@ -101,7 +102,7 @@ def replay_command(reason: str | None, since: str | None) -> None:
     Safe to run twice: an event already counted is skipped by its deduplication key; one still
     at fault is dead-lettered again.
     """
-    settings = load_settings()
+    settings = settings_or_exit()
     letters = _selected(settings, reason, since)
     from aggregators.dead_letters import replay
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 
 from meterstream.errors import LedgerError, MeterstreamError
+from meterstream.settings import Settings, load_settings
 
 EXIT_OK = 0
 EXIT_PENDING = 1
@@ -46,3 +47,11 @@ def failed(exc: MeterstreamError) -> click.ClickException:
     if isinstance(exc, LedgerError):
         return NeedsAPersonExit(str(exc))
     return ConfigExit(str(exc))
+
+
+def settings_or_exit() -> Settings:
+    """The settings from METERSTREAM_*, read once per command; a bad value exits 2 naming it."""
+    try:
+        return load_settings()
+    except MeterstreamError as exc:
+        raise failed(exc) from exc

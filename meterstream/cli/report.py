@@ -19,25 +19,19 @@ from meterstream.cli.exits import (
     EXIT_PENDING,
     ConfigExit,
     failed,
+    settings_or_exit,
 )
 from meterstream.cli.json_output import json_document
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import ReporterMetrics, serve_metrics
-from meterstream.settings import Settings, load_settings
+from meterstream.settings import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from reporters.cycle import CycleResult, Reporter
     from reporters.reconcile import Reconciliation
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except MeterstreamError as exc:
-        raise failed(exc) from exc
 
 
 @contextlib.contextmanager
@@ -121,7 +115,7 @@ def report(once: bool, accept_restore: bool, backstop: bool) -> None:
          meterstream report --accept-restore. 3 wins over 1. Kafka unreachable (the
          mark cannot be checked, nothing is sent): 1.
     """
-    settings = _settings()
+    settings = settings_or_exit()
     catalogue = _catalogue(settings)
     try:
         with _database(settings) as engine:
@@ -242,7 +236,7 @@ def customers_link(customer_id: str, stripe_customer_id: str) -> None:
     """Bill CUSTOMER_ID's usage to STRIPE_CUSTOMER_ID (cus_...); held usage goes out next cycle."""
     from reporters.customers import link_customer
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         with _database(settings) as engine:
             link_customer(engine, customer_id, stripe_customer_id, datetime.now(UTC))
@@ -262,7 +256,7 @@ def customers_list(as_json: bool) -> None:
     """Every link, application id -> Stripe customer id."""
     from reporters.customers import load_links
 
-    with _database(_settings()) as engine:
+    with _database(settings_or_exit()) as engine:
         links = load_links(engine)
     if as_json:
         click.echo(
@@ -308,7 +302,7 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
     from reporters.reconcile import reconcile as compare
     from reporters.service import connect, fetch_summary
 
-    settings = _settings()
+    settings = settings_or_exit()
     catalogue = _catalogue(settings)
     now = datetime.now(UTC)
     start = since.replace(tzinfo=UTC) if since else now - timedelta(days=settings.horizon_days)

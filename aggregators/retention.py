@@ -20,11 +20,11 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, and_, exists
 
 from meterstream.metrics import AggregatorMetrics
 from meterstream.retention import cutoff, delete_in_batches
-from meterstream.schema import rejected_events, unique_values, window_totals
+from meterstream.schema import rejected_events, report_queue, unique_values, window_totals
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -58,10 +58,21 @@ def prune_aggregates(
 def _prune_windows(
     engine: Engine, settings: Settings, now: datetime, should_stop: Callable[[], bool]
 ) -> int:
+    # A window still in the report queue has not reached the ledger (held: an unlinked
+    # customer, a forbidden negative correction): it stays, and keeps showing as held usage,
+    # until the reporter records it; deleting it would drop that usage without a word.
+    queued = exists().where(
+        report_queue.c.customer_id == window_totals.c.customer_id,
+        report_queue.c.meter == window_totals.c.meter,
+        report_queue.c.window_start == window_totals.c.window_start,
+    )
     return delete_in_batches(
         engine,
         window_totals,
-        window_totals.c.window_end < cutoff(now, settings.window_retention_days),
+        and_(
+            window_totals.c.window_end < cutoff(now, settings.window_retention_days),
+            ~queued,
+        ),
         batch_rows=settings.prune_batch_rows,
         should_stop=should_stop,
     )

@@ -22,8 +22,9 @@ from decimal import Decimal
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from meterstream.errors import ConfigError
-from meterstream.meters import Catalogue
+from meterstream.meters import Catalogue, Meter
 from meterstream.schema import ledger, meter_scales
+from reporters.carry import whole_units
 
 _log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def check_unit_scales(engine: Engine, catalogue: Catalogue, now: datetime) -> No
             row.meter: Decimal(row.unit_scale)
             for row in connection.execute(select(meter_scales.c.meter, meter_scales.c.unit_scale))
         }
-        changed: list[tuple[str, Decimal, Decimal]] = []
+        changed: list[tuple[str, Decimal | None, Decimal]] = []
         for name, meter in sorted(catalogue.meters.items()):
             old = recorded.get(name)
             if old == meter.unit_scale:
@@ -46,6 +47,11 @@ def check_unit_scales(engine: Engine, catalogue: Catalogue, now: datetime) -> No
             # Rare (a first start, or a scale edited): one look for a row of this meter.
             if old is not None and _billed(connection, name):
                 changed.append((name, old, meter.unit_scale))
+                continue
+            if old is None and not _agrees(connection, name, meter.unit_scale, meter):
+                # First start after the upgrade, with the scale edited at the same time: the
+                # rows' running totals say which scale issued their units.
+                changed.append((name, None, meter.unit_scale))
                 continue
             connection.execute(delete(meter_scales).where(meter_scales.c.meter == name))
             connection.execute(
@@ -58,7 +64,7 @@ def check_unit_scales(engine: Engine, catalogue: Catalogue, now: datetime) -> No
         raise ConfigError(
             "; ".join(
                 f"meter {name!r}: unit_scale is {new} in METERSTREAM_METERS_FILE but its "
-                f"ledger rows were computed at {old}"
+                f"ledger rows were computed at {old if old is not None else 'another scale'}"
                 for name, old, new in changed
             )
             + ". Sending on would re-price all the usage already billed (the next event "
@@ -73,3 +79,21 @@ def _billed(connection: Connection, meter: str) -> bool:
     """Whether the ledger has a row of ``meter``: looked up only when its scale changed."""
     found = connection.execute(select(ledger.c.meter).where(ledger.c.meter == meter).limit(1))
     return found.first() is not None
+
+
+# Rows looked at when a meter's scale is first recorded over an older ledger: enough to tell a
+# changed scale (a row whose units disagree), read once, at the first start after the upgrade.
+_SCALE_SAMPLE_ROWS = 100
+
+
+def _agrees(connection: Connection, name: str, unit_scale: Decimal, meter: Meter) -> bool:
+    """Whether the ledger rows of ``name`` (a ``sum`` meter) issued their units at
+    ``unit_scale``: after every row, units issued == floor(accounted total x scale)."""
+    if meter.stripe_formula != "sum":
+        return True  # a ``last`` meter carries nothing: each event is the current value
+    rows = connection.execute(
+        select(ledger.c.accounted_total, ledger.c.units_total)
+        .where(ledger.c.meter == name, ledger.c.accounted_total != 0)
+        .limit(_SCALE_SAMPLE_ROWS)
+    ).all()
+    return all(whole_units(Decimal(a), unit_scale) == int(u) for a, u in rows)

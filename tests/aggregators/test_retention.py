@@ -7,14 +7,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, delete, event, func, select
 
 from aggregators.batch import BatchApplier, Message
 from aggregators.retention import prune_aggregates
 from meterstream.events import UsageEvent, encode_event
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
-from meterstream.schema import rejected_events, unique_values, window_totals
+from meterstream.schema import rejected_events, report_queue, unique_values, window_totals
 from meterstream.settings import load_settings
 from tests.conftest import EXAMPLE_METERS
 
@@ -44,6 +44,13 @@ def write_history(engine: Engine) -> None:
         ]
         messages.append(Message("usage", 0, 3 * days + 2, b"not json"))
         applier.apply(messages)
+    reported(engine)
+
+
+def reported(engine: Engine) -> None:
+    """What the reporter leaves once the ledger has every window: an empty report queue."""
+    with engine.begin() as connection:
+        connection.execute(delete(report_queue))
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -120,3 +127,29 @@ def test_pruning_in_batches_removes_everything_in_several_transactions(
     assert len(commits) >= deleted / 3
     assert counts(migrated_engine)["window_totals"] == 1
     assert counts(migrated_engine)["rejected_events"] == 0
+
+
+def test_a_window_still_queued_for_the_reporter_is_kept_past_retention(
+    migrated_engine: Engine,
+) -> None:
+    write_history(migrated_engine)
+    with migrated_engine.begin() as connection:  # the oldest window: held, not in the ledger
+        oldest = connection.execute(
+            select(window_totals.c.customer_id, window_totals.c.meter, window_totals.c.window_start)
+            .order_by(window_totals.c.window_end)
+            .limit(1)
+        ).one()
+        connection.execute(report_queue.insert().values(**oldest._asdict(), revision=1))
+    settings = load_settings(window_retention_days=37, rejected_retention_days=1)
+
+    pruned = prune_aggregates(migrated_engine, settings, THEN + 38 * DAY)
+
+    assert pruned["window_totals"] == 31  # every window past retention but the queued one
+    with migrated_engine.connect() as connection:
+        kept = connection.execute(
+            select(window_totals.c.window_start).where(
+                window_totals.c.window_start == oldest.window_start,
+                window_totals.c.meter == oldest.meter,
+            )
+        ).all()
+    assert len(kept) == 1

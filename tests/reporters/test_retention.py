@@ -203,3 +203,16 @@ def test_pruning_in_batches_removes_everything_in_several_transactions(world: Wo
     with world.engine.connect() as connection:
         left = connection.execute(select(func.count()).select_from(ledger)).scalar_one()
     assert left == len(in_one) - removed
+
+
+def test_a_held_window_outlives_the_windows_retention_until_the_ledger_has_it(
+    world: World,
+) -> None:
+    put_total(world.engine, "acme", "tokens", hour_start(2), "7")  # acme: never linked
+    assert world.cycle().held == {"no_customer_link": 1}
+
+    later = datetime.now(UTC) + timedelta(days=61)
+    pruned = prune_aggregates(world.engine, world.settings, later)
+
+    assert pruned["window_totals"] == 0
+    assert world.cycle().held == {"no_customer_link": 1}  # still held, still shown

@@ -72,3 +72,19 @@ def test_a_ledger_from_before_scales_were_recorded_is_taken_at_the_current_scale
         rows = connection.execute(select(meter_scales.c.meter, meter_scales.c.unit_scale)).all()
     recorded = {meter: scale for meter, scale in rows}
     assert recorded["storage"] == 1000
+
+
+def test_a_scale_edited_with_the_upgrade_is_refused_from_the_rows_running_totals(
+    world: World, tmp_path: Path
+) -> None:
+    put_total(world.engine, "cus_a", "tokens", hour_start(3), "2.5")
+    world.cycle()
+    with world.engine.begin() as connection:  # a ledger from before scales were recorded
+        connection.execute(update(ledger).values(unit_scale=None))
+        connection.execute(delete(meter_scales))
+    billed = world.totals()
+
+    with pytest.raises(ConfigError, match="computed at another scale"):
+        with_catalogue(world, TOKENS_AT_1000, tmp_path).reporter()
+
+    assert world.totals() == billed  # nothing re-priced

@@ -228,7 +228,8 @@ def decide_row(
             window,
             HELD_VALUE_NOT_EXACT,
             detail=f"{window.window_value} x unit_scale {meter.unit_scale} cannot be computed "
-            "exactly; shorten the meter's unit_scale",
+            "exactly; check the usage (a unit_scale of a meter already billed cannot change: bill "
+            "a new scale on a new meter)",
         )
     if report.value not in _INT64 or report.account.units_total not in _INT64:
         return Held(
@@ -236,7 +237,8 @@ def decide_row(
             HELD_VALUE_OUT_OF_RANGE,
             detail=f"{report.value} units ({window.window_value} x unit_scale "
             f"{meter.unit_scale}; {report.account.units_total} in all) pass the 64-bit integers "
-            "Stripe and the ledger hold; check the usage, or lower the meter's unit_scale",
+            "Stripe and the ledger hold; check the usage (a unit_scale of a meter already billed "
+            "cannot change: bill a new scale on a new meter)",
         )
     if formula == "sum" and report.value < 0 and not meter.allow_negative:
         # Sending it would invent a credit the catalogue forbids; dropping it would lose

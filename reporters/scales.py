@@ -32,27 +32,31 @@ _log = logging.getLogger(__name__)
 def check_unit_scales(engine: Engine, catalogue: Catalogue, now: datetime) -> None:
     """Raise ConfigError if a catalogue meter's unit_scale differs from the one its ledger
     was computed with (``meter_scales``, one row per meter: read whole, however long the
-    ledger). A meter seen for the first time is recorded at its current scale; a changed
-    scale of a meter that has no ledger row yet is simply recorded anew."""
+    ledger). A meter not recorded yet has no ledger row and is recorded at its scale; a meter
+    the upgrade found in the ledger is checked against its rows' running totals first; a
+    changed scale of a meter that has no ledger row yet is simply recorded anew."""
     with engine.begin() as connection:
-        recorded = {
-            row.meter: Decimal(row.unit_scale)
+        # None: a meter the ledger held before scales were recorded (migration 0006).
+        recorded: dict[str, Decimal | None] = {
+            row.meter: None if row.unit_scale is None else Decimal(row.unit_scale)
             for row in connection.execute(select(meter_scales.c.meter, meter_scales.c.unit_scale))
         }
         changed: list[tuple[str, Decimal | None, Decimal]] = []
         for name, meter in sorted(catalogue.meters.items()):
-            old = recorded.get(name)
-            if old == meter.unit_scale:
-                continue
-            # Rare (a first start, or a scale edited): one look for a row of this meter.
-            if old is not None and _billed(connection, name):
-                changed.append((name, old, meter.unit_scale))
-                continue
-            if old is None and not _agrees(connection, name, meter.unit_scale, meter):
-                # First start after the upgrade, with the scale edited at the same time: the
-                # rows' running totals say which scale issued their units.
-                changed.append((name, None, meter.unit_scale))
-                continue
+            if name in recorded:
+                old = recorded[name]
+                if old == meter.unit_scale:
+                    continue
+                # Rare (the first start after the upgrade, or a scale edited): one look at
+                # this meter's rows, which exist for a meter recorded before.
+                if old is not None and _billed(connection, name):
+                    changed.append((name, old, meter.unit_scale))
+                    continue
+                if old is None and not _agrees(connection, name, meter.unit_scale, meter):
+                    # Upgraded with the scale edited at the same time: the rows' running
+                    # totals say which scale issued their units.
+                    changed.append((name, None, meter.unit_scale))
+                    continue
             connection.execute(delete(meter_scales).where(meter_scales.c.meter == name))
             connection.execute(
                 insert(meter_scales).values(

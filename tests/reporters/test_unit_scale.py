@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from meterstream.errors import ConfigError
 from meterstream.schema import ledger, meter_scales
@@ -64,7 +64,7 @@ def test_a_ledger_from_before_scales_were_recorded_is_taken_at_the_current_scale
     world.cycle()
     with world.engine.begin() as connection:  # as migration 0006 leaves an older ledger
         connection.execute(update(ledger).values(unit_scale=None))
-        connection.execute(delete(meter_scales))
+        connection.execute(update(meter_scales).values(unit_scale=None))
 
     world.reporter()  # starts
 
@@ -81,7 +81,7 @@ def test_a_scale_edited_with_the_upgrade_is_refused_from_the_rows_running_totals
     world.cycle()
     with world.engine.begin() as connection:  # a ledger from before scales were recorded
         connection.execute(update(ledger).values(unit_scale=None))
-        connection.execute(delete(meter_scales))
+        connection.execute(update(meter_scales).values(unit_scale=None))
     billed = world.totals()
 
     with pytest.raises(ConfigError, match="computed at another scale"):

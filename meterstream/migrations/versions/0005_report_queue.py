@@ -47,7 +47,7 @@ def upgrade() -> None:
     op.create_index(
         "ledger_sent_late",
         "ledger",
-        ["meter"],
+        ["sent_at"],
         postgresql_where=sa.text(SENT_LATE["postgresql"]),
         sqlite_where=sa.text(SENT_LATE["sqlite"]),
     )

@@ -23,7 +23,7 @@ from aggregators.totals import apply_partials
 from meterstream.db import build_engine, migrate
 from meterstream.deployment import stored_deployment_id
 from meterstream.meters import load_catalogue
-from meterstream.schema import ledger, report_queue, window_totals
+from meterstream.schema import ledger, meter_scales, report_queue, window_totals
 from meterstream.settings import load_settings
 from reporters.backstop import queue_missed
 from reporters.due import DueWindow, take_due
@@ -278,8 +278,8 @@ def test_the_backstop_queues_and_counts_a_change_made_without_the_queue(
     assert_reported_once(pg_world, [1, 2], 7)
 
 
-def test_the_migration_queues_the_windows_due_before_the_upgrade(postgres_url: str) -> None:
-    engine = build_engine(load_settings(database_url=postgres_url))
+def test_the_migration_queues_the_windows_due_before_the_upgrade(database_url: str) -> None:
+    engine = build_engine(load_settings(database_url=database_url))
     try:
         migrate(engine, "0002")
         with engine.begin() as connection:
@@ -328,6 +328,10 @@ def test_the_migration_queues_the_windows_due_before_the_upgrade(postgres_url: s
             ).all()
         # Reported at its revision, or revision 0 (created, never changed): nothing to report.
         assert [tuple(row) for row in queued] == [(hour_start(4), 2)]
+        # The meters the ledger held, their scale to check at the reporter's next start.
+        with engine.connect() as connection:
+            scales = connection.execute(select(meter_scales.c.meter, meter_scales.c.unit_scale))
+            assert [tuple(row) for row in scales] == [(METER, None)]
     finally:
         engine.dispose()
 

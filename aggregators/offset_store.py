@@ -17,6 +17,7 @@ from typing import Protocol
 from sqlalchemy import Connection, Engine, Executable, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from meterstream.errors import BatchError
 from meterstream.kafka import watermarks
 from meterstream.lag import committed_offsets
 from meterstream.schema import applied_offsets
@@ -45,6 +46,43 @@ def next_offsets(messages: Iterable[_Located]) -> dict[tuple[str, int], int]:
         key = (message.topic, message.partition)
         highest[key] = max(highest.get(key, 0), message.offset + 1)
     return highest
+
+
+class DatabaseWentBackError(BatchError):
+    """The database's offset of a partition is behind what this worker itself recorded there:
+    it was restored (or its rows deleted) under a running worker. Applying on would commit the
+    next batch past the events the database lost; the worker must re-read from the database's
+    offset instead, which it does when it is assigned the partition again (it exits)."""
+
+    def __init__(self, topic: str, partition: int, stored: int, recorded: int) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: the database's next offset is {stored} but this worker "
+            f"recorded {recorded}; the database went back in time (a restore?). The worker "
+            "must restart to re-read from the database's offset"
+        )
+        self.topic, self.partition, self.stored, self.recorded = topic, partition, stored, recorded
+
+    def __reduce__(self) -> tuple[type[DatabaseWentBackError], tuple[str, int, int, int]]:
+        # It travels back from the child pickled; the default would call __init__(message).
+        return (DatabaseWentBackError, (self.topic, self.partition, self.stored, self.recorded))
+
+
+def check_not_went_back(
+    connection: Connection, wanted: Iterable[tuple[str, int]], recorded: dict[tuple[str, int], int]
+) -> None:
+    """Raise DatabaseWentBackError when the stored offset of a partition in ``wanted`` is behind
+    ``recorded`` (what this process committed there). Offsets only ever rise (GREATEST), so a
+    lower one means the database was restored or edited under the running worker."""
+    mine = {key: recorded[key] for key in wanted if key in recorded}
+    if not mine:
+        return
+    query = select(
+        applied_offsets.c.topic, applied_offsets.c.partition, applied_offsets.c.next_offset
+    ).where(applied_offsets.c.topic.in_({topic for topic, _ in mine}))
+    stored = {(t, int(p)): int(o) for t, p, o in connection.execute(query)}
+    for (topic, partition), offset in sorted(mine.items()):
+        if stored.get((topic, partition), 0) < offset:
+            raise DatabaseWentBackError(topic, partition, stored.get((topic, partition), 0), offset)
 
 
 def record_offsets(connection: Connection, messages: Iterable[_Located]) -> None:

@@ -47,6 +47,17 @@ _FINAL = (
 )
 
 
+def _is_final(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps: faust raises ProducerSendError from aiokafka's
+    error) is a refusal of the record itself."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, _FINAL):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def dead_letter_topic(settings: Settings) -> str:
     return f"{settings.topic}.dlq"
 
@@ -87,7 +98,7 @@ class DeadLetterSender:
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
         retry: BaseException | None = None
         for rejected, outcome in zip(result.rejected, outcomes, strict=True):
-            if isinstance(outcome, _FINAL):
+            if isinstance(outcome, BaseException) and _is_final(outcome):
                 message = rejected.message
                 _log.error(
                     "the broker refused the dead letter of %s[%d]@%d for good (%s); it is kept "

@@ -154,13 +154,20 @@ def start_offsets(stored: dict[int, int], committed: dict[int, int | None]) -> d
     the deduplication keys make them no-ops. A database that records no offset of the topic at
     all never applied anything (``stored_or_seeded`` seeds an upgraded one): Kafka's offsets
     stand. One that records some partitions but not this one never applied it: from 0, which
-    Kafka clamps to the first message kept (the reset policy is ``earliest``).
+    Kafka clamps to the first message kept (the reset policy is ``earliest``). A partition
+    without a committed offset starts from the database's, when it records one.
     """
     if not stored:
         return {}
     seeks: dict[int, int] = {}
     for partition, kafka in committed.items():
-        if kafka is None or kafka <= 0:
+        if kafka is None:
+            # No committed offset (the group's offsets expired, or a new group name): the
+            # reset policy would read the whole retained topic; the database knows better.
+            if partition in stored:
+                seeks[partition] = stored[partition]
+            continue
+        if kafka <= 0:
             continue
         database = stored.get(partition, 0)
         if database < kafka:

@@ -125,7 +125,7 @@ def test_one_message_an_unknown_condition_refuses_is_still_isolated(
     assert [(r.message.offset, r.rejection.reason) for r in result.rejected] == [(3, "unstorable")]
 
 
-def _snapshot(engine: Engine) -> dict[str, list[dict[str, object]]]:
+def snapshot_rows(engine: Engine) -> dict[str, list[dict[str, object]]]:
     with engine.connect() as connection:
         return {
             table.name: [dict(row._mapping) for row in connection.execute(select(table))]
@@ -133,7 +133,7 @@ def _snapshot(engine: Engine) -> dict[str, list[dict[str, object]]]:
         }
 
 
-def _restore(engine: Engine, snapshot: dict[str, list[dict[str, object]]]) -> None:
+def restore_rows(engine: Engine, snapshot: dict[str, list[dict[str, object]]]) -> None:
     """What a restore from a backup does to the rows (partitions left as they are)."""
     with engine.begin() as connection:
         for table in reversed(metadata.sorted_tables):
@@ -150,9 +150,9 @@ def test_a_database_restored_under_a_running_applier_is_refused_then_resumed_fro
     messages = as_messages(events)
     running = applier(migrated_engine, CATALOGUE)
     running.apply(messages[0:5])
-    backup = _snapshot(migrated_engine)
+    backup = snapshot_rows(migrated_engine)
     running.apply(messages[5:10])
-    _restore(migrated_engine, backup)  # back to offset 5, keys and totals of 5..9 gone
+    restore_rows(migrated_engine, backup)  # back to offset 5, keys and totals of 5..9 gone
     restored_totals = stored_totals(migrated_engine)
 
     with pytest.raises(DatabaseWentBackError):
@@ -167,7 +167,7 @@ def test_a_database_restored_under_a_running_applier_is_refused_then_resumed_fro
     assert stored_totals(migrated_engine) == reference_totals(events, CATALOGUE)
 
 
-def test_offsets_raised_by_another_worker_are_not_a_restore(migrated_engine: Engine) -> None:
+def test_offsets_raised_by_another_worker_are_not_arestore_rows(migrated_engine: Engine) -> None:
     messages = as_messages(_events(0, 10))
     mine = applier(migrated_engine, CATALOGUE)
     mine.apply(messages[0:5])

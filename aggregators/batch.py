@@ -30,6 +30,7 @@ from aggregators.intake import Accepted, Clock, Rejection, admit
 from aggregators.offset_store import (
     DatabaseWentBackError,
     check_not_went_back,
+    first_offsets,
     next_offsets,
     record_offsets,
 )
@@ -255,7 +256,7 @@ class BatchApplier:
         result = BatchResult(rejected=rejected)
         offsets = next_offsets(messages)
         with self.engine.begin() as connection:
-            check_not_went_back(connection, offsets, self._recorded)
+            check_not_went_back(connection, first_offsets(messages), self._recorded)
             fresh = self.dedup.claim(connection, [a.event for a in accepted])
             partials: dict[WindowKey, Partial] = {}
             applied: Counter[str] = Counter()

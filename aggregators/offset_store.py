@@ -39,6 +39,15 @@ class _Located(Protocol):
     def offset(self) -> int: ...
 
 
+def first_offsets(messages: Iterable[_Located]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition), the lowest offset among ``messages``."""
+    lowest: dict[tuple[str, int], int] = {}
+    for message in messages:
+        key = (message.topic, message.partition)
+        lowest[key] = min(lowest.get(key, message.offset), message.offset)
+    return lowest
+
+
 def next_offsets(messages: Iterable[_Located]) -> dict[tuple[str, int], int]:
     """Per (topic, partition), one past the highest offset among ``messages``."""
     highest: dict[tuple[str, int], int] = {}
@@ -68,12 +77,16 @@ class DatabaseWentBackError(BatchError):
 
 
 def check_not_went_back(
-    connection: Connection, wanted: Iterable[tuple[str, int]], recorded: dict[tuple[str, int], int]
+    connection: Connection,
+    firsts: dict[tuple[str, int], int],
+    recorded: dict[tuple[str, int], int],
 ) -> None:
-    """Raise DatabaseWentBackError when the stored offset of a partition in ``wanted`` is behind
-    ``recorded`` (what this process committed there). Offsets only ever rise (GREATEST), so a
-    lower one means the database was restored or edited under the running worker."""
-    mine = {key: recorded[key] for key in wanted if key in recorded}
+    """Raise DatabaseWentBackError when a partition's stored offset is behind ``recorded``
+    (what this process committed there) and the batch, starting at ``firsts``, would skip the
+    messages in between. Offsets only ever rise (GREATEST), so a lower one means the database
+    was restored or edited under the running worker. A batch that starts at or before the
+    stored offset (the worker was assigned the partition again and seeked there) is fine."""
+    mine = {key: recorded[key] for key in firsts if key in recorded}
     if not mine:
         return
     query = select(
@@ -81,8 +94,9 @@ def check_not_went_back(
     ).where(applied_offsets.c.topic.in_({topic for topic, _ in mine}))
     stored = {(t, int(p)): int(o) for t, p, o in connection.execute(query)}
     for (topic, partition), offset in sorted(mine.items()):
-        if stored.get((topic, partition), 0) < offset:
-            raise DatabaseWentBackError(topic, partition, stored.get((topic, partition), 0), offset)
+        database = stored.get((topic, partition), 0)
+        if database < offset and firsts[(topic, partition)] > database:
+            raise DatabaseWentBackError(topic, partition, database, offset)
 
 
 def record_offsets(connection: Connection, messages: Iterable[_Located]) -> None:

@@ -175,3 +175,18 @@ def test_offsets_raised_by_another_worker_are_not_arestore_rows(migrated_engine:
         connection.execute(update(applied_offsets).values(next_offset=8))
     assert mine.apply(messages[5:10]).applied == 5
     assert stored_offsets(migrated_engine, "usage") == {0: 10}
+
+
+def test_a_batch_read_again_from_the_restored_offset_is_applied(migrated_engine: Engine) -> None:
+    # The partition left this worker, the database was restored, the partition came back and
+    # the worker seeked to the database's offset: nothing is skipped, nothing to refuse.
+    events = _events(0, 15)
+    messages = as_messages(events)
+    running = applier(migrated_engine, CATALOGUE)
+    running.apply(messages[0:5])
+    backup = snapshot_rows(migrated_engine)
+    running.apply(messages[5:10])
+    restore_rows(migrated_engine, backup)
+    running.apply(messages[5:15])
+    assert stored_offsets(migrated_engine, "usage") == {0: 15}
+    assert stored_totals(migrated_engine) == reference_totals(events, CATALOGUE)

@@ -3,17 +3,24 @@ and never stops the worker; the dead-letter topic gets a bounded copy, the table
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from confluent_kafka import Producer
+from faust.exceptions import ProducerSendError
+from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
 from aggregators.app import split_by_bytes
-from aggregators.dead_letter_topic import DEAD_LETTER_VALUE_BYTES
+from aggregators.batch import BatchResult, Message, Rejected
+from aggregators.dead_letter_topic import DEAD_LETTER_VALUE_BYTES, DeadLetterSender
+from aggregators.intake import Rejection
 from meterstream.events import UsageEvent, encode_event
 from meterstream.kafka import client_config
 from meterstream.lag import consumer_lag
@@ -74,3 +81,56 @@ def test_a_batch_is_split_by_the_bytes_of_its_values() -> None:
     parts = split_by_bytes(events, 100)
     assert [[len(e.value) for e in part] for part in parts] == [[40, 40], [30], [100], [10, 0]]
     assert [e for part in parts for e in part] == events  # nothing lost, order kept
+
+
+class _RefusingTopic:
+    """A dead-letter topic whose broker refuses what ``refuse`` says, as faust reports it
+    (ProducerSendError raised from aiokafka's error)."""
+
+    def __init__(self, refuse: Callable[[bytes], KafkaError | None]) -> None:
+        self._refuse = refuse
+        self.sent: list[bytes] = []
+
+    async def send(
+        self, *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        error = self._refuse(value)
+        if error is None:
+            self.sent.append(value)
+            future.set_result(None)
+        else:
+            try:
+                raise ProducerSendError(f"Error while sending: {error!r}") from error
+            except ProducerSendError as wrapped:
+                future.set_exception(wrapped)
+        return future
+
+
+_UNSENT = "meterstream_aggregator_dead_letters_unsent_total"
+
+
+def _result(*values: bytes) -> BatchResult:
+    rejected = [
+        Rejected(Message("usage", 0, offset, value), Rejection("unparseable", "x"))
+        for offset, value in enumerate(values)
+    ]
+    return BatchResult(rejected=rejected)
+
+
+def test_a_dead_letter_refused_for_good_is_counted_and_the_others_sent() -> None:
+    topic = _RefusingTopic(lambda v: MessageSizeTooLargeError() if v == b"big" else None)
+    registry = CollectorRegistry()
+    sender = DeadLetterSender(topic, registry)
+    asyncio.run(sender.send_once(_result(b"a", b"big", b"b")))  # does not raise
+    assert topic.sent == [b"a", b"b"]
+    assert registry.get_sample_value(_UNSENT, {"reason": "unparseable"}) == 1
+
+
+def test_a_dead_letter_refused_for_now_is_raised_to_be_sent_again() -> None:
+    topic = _RefusingTopic(lambda v: KafkaTimeoutError() if v == b"late" else None)
+    registry = CollectorRegistry()
+    sender = DeadLetterSender(topic, registry)
+    with pytest.raises(ProducerSendError):
+        asyncio.run(sender.send_once(_result(b"a", b"late")))
+    assert registry.get_sample_value(_UNSENT, {"reason": "unparseable"}) is None

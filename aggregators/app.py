@@ -27,7 +27,8 @@ import faust
 from sqlalchemy import Engine
 
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
-from aggregators.offset_store import stored_or_seeded
+from aggregators.dead_letter_topic import DeadLetterSender, dead_letter_topic
+from aggregators.offset_store import DatabaseWentBackError, stored_or_seeded
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, RawMessage
 from aggregators.retention import prune_aggregates
@@ -46,10 +47,6 @@ _GAUGE_INTERVAL_S = 10.0
 # One batch committing while the next is applied and a third is taken: more would only hold
 # more events unacknowledged.
 _IN_FLIGHT = 2
-
-
-def dead_letter_topic(settings: Settings) -> str:
-    return f"{settings.topic}.dlq"
 
 
 @dataclass(slots=True)
@@ -109,8 +106,9 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
     )
-    dead_letters = app.topic(
-        dead_letter_topic(settings), key_serializer="raw", value_serializer="raw"
+    dead_letters = DeadLetterSender(
+        app.topic(dead_letter_topic(settings), key_serializer="raw", value_serializer="raw"),
+        state.metrics.registry,
     )
 
     async def aggregate(stream: Any) -> None:
@@ -124,12 +122,15 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
                 settings.aggregate_batch_max_events, within=settings.aggregate_batch_max_wait_s
             )
             async for events in batches:
-                await slots.acquire()
-                sequence += 1
-                raw = [_raw(event) for event in events]
-                taken.put_nowait(
-                    _Batch(sequence, events, raw, state.pipeline.submit(sequence, raw))
-                )
+                # Bounded in bytes too: the child holds a batch, its pickle and its decoded
+                # events at once.
+                for part in split_by_bytes(events, settings.aggregate_batch_max_bytes):
+                    await slots.acquire()
+                    sequence += 1
+                    raw = [_raw(event) for event in part]
+                    taken.put_nowait(
+                        _Batch(sequence, part, raw, state.pipeline.submit(sequence, raw))
+                    )
         finally:
             # Stopping: the batches taken are still applied and acknowledged. faust may have
             # made its last commit already; then the next worker reads them again, and the
@@ -182,7 +183,7 @@ def build_app(settings: Settings, state: WorkerState) -> faust.App:
 async def _ack_in_order(
     app: faust.App,
     stream: Any,
-    dead_letters: Any,
+    dead_letters: DeadLetterSender,
     state: WorkerState,
     taken: asyncio.Queue[_Batch | None],
     slots: asyncio.Semaphore,
@@ -238,6 +239,12 @@ async def _applied(app: faust.App, state: WorkerState, batch: _Batch) -> Applied
     while True:
         try:
             return await applied
+        except DatabaseWentBackError as exc:
+            # The database was restored under this worker: its next batch would commit past
+            # the events the database lost. Leave without acking; the next worker assigned
+            # these partitions starts from the database's offsets (aggregators.offsets).
+            _log.critical("%s; exiting so that the partitions are read again from there", exc)
+            os._exit(75)
         except OutOfOrderError as exc:
             # Its predecessor has committed by now (batches are awaited in order), so the
             # first resend goes at once; a refusal after that means the record of what was
@@ -286,13 +293,32 @@ def _raw(event: Any) -> RawMessage:
     return (message.topic, message.partition, message.offset, event.value, message.timestamp)
 
 
-async def _send_dead_letters(app: faust.App, topic: Any, result: BatchResult) -> None:
+def split_by_bytes(events: list[Any], max_bytes: int) -> list[list[Any]]:
+    """``events`` in consecutive parts of at most ``max_bytes`` of values each (a single
+    larger event makes a part of its own)."""
+    parts: list[list[Any]] = [[]]
+    size = 0
+    for event in events:
+        length = len(event.value or b"")
+        if parts[-1] and size + length > max_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(event)
+        size += length
+    return parts
+
+
+async def _send_dead_letters(
+    app: faust.App, dead_letters: DeadLetterSender, result: BatchResult
+) -> None:
     """Write every rejected message to the dead-letter topic and wait for the broker's ack;
-    retry until it is confirmed (the batch is not acked before)."""
+    retry until it is confirmed or refused for good (the batch is not acked before)."""
+    if not result.rejected:
+        return
     failures = 0
     while True:
         try:
-            await _send_dead_letters_once(topic, result)
+            await dead_letters.send_once(result)
             return
         except Exception:
             failures += 1
@@ -304,20 +330,3 @@ async def _send_dead_letters(app: faust.App, topic: Any, result: BatchResult) ->
                 "writing %d dead letter(s) failed; retrying in %.1f s", len(result.rejected), delay
             )
             await asyncio.sleep(delay)
-
-
-async def _send_dead_letters_once(topic: Any, result: BatchResult) -> None:
-    pending = []
-    for rejected in result.rejected:
-        message, rejection = rejected.message, rejected.rejection
-        headers = [
-            ("meterstream.reason", rejection.reason.encode()),
-            ("meterstream.detail", rejection.detail.encode()[:1000]),
-            ("meterstream.topic", message.topic.encode()),
-            ("meterstream.partition", str(message.partition).encode()),
-            ("meterstream.offset", str(message.offset).encode()),
-        ]
-        key = rejection.customer_id.encode() if rejection.customer_id else None
-        pending.append(await topic.send(key=key, value=message.value or b"", headers=headers))
-    if pending:
-        await asyncio.gather(*pending)

@@ -25,9 +25,15 @@ from sqlalchemy import Engine
 
 from aggregators.aggregation import Partial, WindowKey, unique_digest
 from aggregators.dedup import DedupKeys
-from aggregators.faults import is_database_failure
+from aggregators.faults import MESSAGE_CLASSES, is_database_failure, sqlstate_of
 from aggregators.intake import Accepted, Clock, Rejection, admit
-from aggregators.offset_store import record_offsets
+from aggregators.offset_store import (
+    DatabaseWentBackError,
+    check_not_went_back,
+    first_offsets,
+    next_offsets,
+    record_offsets,
+)
 from aggregators.sql import insert_ignoring_conflicts
 from aggregators.totals import ChangedWindow, apply_partials
 from aggregators.windows import window_bounds
@@ -44,6 +50,10 @@ _RETRIES = 5
 _BACKOFF_S = 0.1
 _BACKOFF_CAP_S = 2.0
 _Admitted = tuple["Message", Accepted | Rejection]
+
+
+class _DryRun(Exception):
+    """Raised at the end of a dry run's transaction, so that it rolls back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,9 @@ class BatchApplier:
         self._clock = clock
         self.dedup = DedupKeys(engine, horizon_days)
         self._last_now = datetime.min.replace(tzinfo=UTC)
+        # Per (topic, partition), the next offset this applier committed: a database whose
+        # offset falls behind it was restored under us (DatabaseWentBackError).
+        self._recorded: dict[tuple[str, int], int] = {}
 
     def apply(self, messages: Sequence[Message]) -> BatchResult:
         """Apply ``messages`` in one transaction; return what happened.
@@ -135,20 +148,59 @@ class BatchApplier:
         return result
 
     def _apply_isolating(
-        self, admitted: list[_Admitted], now: datetime, result: BatchResult
+        self,
+        admitted: list[_Admitted],
+        now: datetime,
+        result: BatchResult,
+        whole: str | None = None,
+        sibling: list[_Admitted] | None = None,
     ) -> None:
+        """Apply ``admitted``, splitting it until the message at fault is found.
+
+        ``whole`` is the SQLSTATE the whole batch failed with, ``sibling`` the other half of the
+        split this part comes from: the circuit breaker's evidence (``_fails_alike``).
+        """
         try:
             part = self._apply_retrying(admitted, now)
         except Exception as exc:
-            if is_database_failure(exc):
+            if isinstance(exc, DatabaseWentBackError) or is_database_failure(exc):
                 raise
+            state = sqlstate_of(exc)
+            whole = state if sibling is None else whole
             if len(admitted) > 1:
                 middle = len(admitted) // 2
-                self._apply_isolating(admitted[:middle], now, result)
-                self._apply_isolating(admitted[middle:], now, result)
+                first, second = admitted[:middle], admitted[middle:]
+                self._apply_isolating(first, now, result, whole, second)
+                self._apply_isolating(second, now, result, whole, first)
                 return
+            if self._fails_alike(state, whole, sibling, now):
+                _log.error(
+                    "message %s[%d]@%d, its neighbours and the whole batch all fail with "
+                    "SQLSTATE %s: the database's fault, not the message's; retrying the batch",
+                    *_where(admitted[0][0]),
+                    state,
+                )
+                raise
             part = self._reject_alone(admitted[0], exc, now)
         result.merge(part)
+
+    def _fails_alike(
+        self, state: str | None, whole: str | None, sibling: list[_Admitted] | None, now: datetime
+    ) -> bool:
+        """The circuit breaker: a single message that fails with the SQLSTATE the whole batch
+        failed with, while the other half of its split fails with it too, is no evidence
+        against that message. A database condition faults.py does not know yet (a pooler's
+        quirk, say) would otherwise dead-letter good events in bulk. Classes where one value is
+        plausibly at fault (data, integrity, a key too long) are left to the bisection."""
+        if state is None or state != whole or sibling is None or state[:2] in MESSAGE_CLASSES:
+            return False
+        try:
+            self._apply_once(*self._split(sibling), now, [m for m, _ in sibling], dry_run=True)
+        except _DryRun:
+            return False
+        except Exception as exc:
+            return sqlstate_of(exc) == state
+        raise AssertionError("unreachable: a dry run always raises")
 
     def _reject_alone(self, admitted: _Admitted, exc: Exception, now: datetime) -> BatchResult:
         """Dead-letter the one message the database refused, with what is known of it."""
@@ -167,11 +219,16 @@ class BatchApplier:
             bare = Rejection("unstorable", f"could not be applied: {type(exc).__name__}")
             return self._apply_retrying([(message, bare)], now)
 
-    def _apply_retrying(self, admitted: list[_Admitted], now: datetime) -> BatchResult:
+    @staticmethod
+    def _split(admitted: list[_Admitted]) -> tuple[list[Accepted], list[Rejected]]:
         accepted = [outcome for _, outcome in admitted if isinstance(outcome, Accepted)]
         rejected = [
             Rejected(m, outcome) for m, outcome in admitted if isinstance(outcome, Rejection)
         ]
+        return accepted, rejected
+
+    def _apply_retrying(self, admitted: list[_Admitted], now: datetime) -> BatchResult:
+        accepted, rejected = self._split(admitted)
         for attempt in range(1, _RETRIES + 1):
             try:
                 self.dedup.prepare(a.event.event_time.date() for a in accepted)
@@ -179,6 +236,9 @@ class BatchApplier:
             except Exception as exc:
                 if attempt == _RETRIES or not is_database_failure(exc):
                     raise
+                # A day partition dropped under us (a restore, by hand) must be created again:
+                # forget which ones we believe exist (CREATE ... IF NOT EXISTS is cheap).
+                self.dedup.forget_partitions()
                 delay = backoff_s(attempt, _BACKOFF_S, _BACKOFF_CAP_S)
                 _log.warning("the database failed (%s); trying again in %.1f s", exc, delay)
                 time.sleep(delay)
@@ -190,9 +250,13 @@ class BatchApplier:
         rejected: list[Rejected],
         now: datetime,
         messages: Sequence[Message],
+        *,
+        dry_run: bool = False,
     ) -> BatchResult:
         result = BatchResult(rejected=rejected)
+        offsets = next_offsets(messages)
         with self.engine.begin() as connection:
+            check_not_went_back(connection, first_offsets(messages), self._recorded)
             fresh = self.dedup.claim(connection, [a.event for a in accepted])
             partials: dict[WindowKey, Partial] = {}
             applied: Counter[str] = Counter()
@@ -226,6 +290,10 @@ class BatchApplier:
             # Parts of a bisected batch commit in offset order, so the mark never passes a
             # message that is not in the database.
             record_offsets(connection, messages)
+            if dry_run:
+                raise _DryRun  # rolls the transaction back
+        for where, offset in offsets.items():
+            self._recorded[where] = max(self._recorded.get(where, 0), offset)
         result.applied = len(fresh)
         result.duplicates = len(accepted) - len(fresh)
         result.applied_by_meter = applied

@@ -68,6 +68,19 @@ def dead_letters(
         return [DeadLetter(**row._mapping) for row in connection.execute(query)]
 
 
+# Reasons a replay can never cure: the event's time only gets older, its value's digits and its
+# size do not change. Replaying them only dead-letters them again.
+NEVER_PASS = frozenset({"beyond_horizon", "beyond_stripe_digits", "too_large"})
+
+
+def worth_replaying(letters: Sequence[DeadLetter], reason: str | None) -> list[DeadLetter]:
+    """``letters`` without those whose reason can never pass, unless ``reason`` (the one the
+    operator asked for) names it."""
+    return [
+        letter for letter in letters if letter.reason == reason or letter.reason not in NEVER_PASS
+    ]
+
+
 def replay(settings: Settings, letters: Sequence[DeadLetter], timeout_s: float = 60.0) -> int:
     """Produce each distinct message of ``letters`` to the usage topic again and wait for
     Kafka's acknowledgement of every one; return how many were sent.

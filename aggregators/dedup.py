@@ -60,6 +60,11 @@ class DedupKeys:
                     raise
             self._ready_days.add(day)
 
+    def forget_partitions(self) -> None:
+        """Check every day's partition again before the next batch (one may have been
+        dropped under this process: a restored database, a DROP by hand)."""
+        self._ready_days.clear()
+
     def claim(self, connection: Connection, events: Sequence[UsageEvent]) -> list[UsageEvent]:
         """Record the keys of ``events``; return the events seen for the first time, in order.
 

@@ -4,9 +4,12 @@ A batch that fails is never skipped. What decides the next step is what the erro
 guess from its text:
 
 - the database itself failed: its connection, its resources, a conflict with another writer,
-  its schema (SQLSTATE classes 08 connection, 28 authorisation, 3D catalog, 40 transaction
-  rollback, 42 syntax or access rule, 53 insufficient resources, 55 object state (locks),
-  57 operator intervention, 58 system error, XX internal; SQLite's busy, locked, full, I/O,
+  its schema (SQLSTATE classes 08 connection, 0A a cached plan whose result type changed,
+  25 transaction state (a read-only standby after a failover), 26 a prepared statement a
+  pooler lost, 28 authorisation, 3D catalog, 40 transaction rollback, 42 syntax or access
+  rule, 53 insufficient resources, 55 object state (locks), 57 operator intervention, 58 system
+  error, XX internal; and 23514 without a constraint name: no partition for the row, i.e. a
+  ``seen_events`` day partition dropped under the worker; SQLite's busy, locked, full, I/O,
   read-only, corrupt, no memory, and its generic SQLITE_ERROR for a missing table). The batch
   is retried with backoff, and while it fails nothing is acknowledged: the worker stalls, the
   lag metric rises, nothing is lost.
@@ -22,7 +25,13 @@ import sqlite3
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-_DATABASE_CLASSES = frozenset({"08", "28", "3D", "40", "42", "53", "55", "57", "58", "XX"})
+_DATABASE_CLASSES = frozenset(
+    {"08", "0A", "25", "26", "28", "3D", "40", "42", "53", "55", "57", "58", "XX"}
+)
+# Classes where one message's values are plausibly at fault (data exception, integrity, a
+# program limit such as a key too long for an index): never the bisection's circuit breaker.
+MESSAGE_CLASSES = frozenset({"22", "23", "54"})
+_NO_PARTITION = "23514"
 _SQLITE_DATABASE_CODES = frozenset(
     {
         "SQLITE_ERROR",  # no such table or column: the schema, not a message
@@ -66,7 +75,24 @@ def _driver_error_is_database_failure(orig: BaseException | None) -> bool:
     if not sqlstate:
         # psycopg gives no SQLSTATE when there is no server answer: a lost or refused connection.
         return orig is None or _psycopg_without_answer(orig)
-    return str(sqlstate)[:2] in _DATABASE_CLASSES
+    return str(sqlstate)[:2] in _DATABASE_CLASSES or is_missing_partition(orig)
+
+
+def is_missing_partition(orig: BaseException | None) -> bool:
+    """True for PostgreSQL's "no partition of relation ... found for row": 23514 like a CHECK
+    violation, but without a constraint name. The partition was dropped (a restore, by hand)
+    while this process believed it existed; recreating it is the cure, not a dead letter."""
+    if getattr(orig, "sqlstate", None) != _NO_PARTITION:
+        return False
+    diag = getattr(orig, "diag", None)
+    return diag is not None and getattr(diag, "constraint_name", None) is None
+
+
+def sqlstate_of(error: BaseException) -> str | None:
+    """The SQLSTATE of a database error (None for anything else, SQLite included)."""
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else None
+    sqlstate = getattr(orig, "sqlstate", None)
+    return str(sqlstate) if sqlstate else None
 
 
 def _psycopg_without_answer(orig: BaseException) -> bool:

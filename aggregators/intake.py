@@ -17,6 +17,7 @@ from typing import Literal
 from meterstream.errors import InvalidEventError
 from meterstream.events import (
     UsageEvent,
+    check_event_size,
     check_not_ahead,
     check_properties,
     check_stripe_digits,
@@ -36,6 +37,7 @@ RejectReason = Literal[
     "beyond_stripe_digits",
     "unstorable",
     "undecodable",
+    "too_large",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -106,6 +108,12 @@ def _admit(
 ) -> Accepted | Rejection:
     if raw is None:
         return Rejection("unparseable", "message has no value (a tombstone?)")
+    try:
+        # The SDK's limit: what is larger did not come from it, and would cost the worker
+        # memory and the dead-letter topic more than its producer limit.
+        check_event_size(raw)
+    except InvalidEventError as exc:
+        return Rejection("too_large", str(exc))
     try:
         event = decode_event(raw)
     except InvalidEventError as exc:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from aggregators.batch import BatchApplier, BatchResult, Message
 from aggregators.intake import produced_at
+from aggregators.offset_store import DatabaseWentBackError
 from meterstream.db import build_engine
 from meterstream.errors import BatchFailedError, OutOfOrderError
 from meterstream.meters import Catalogue, load_catalogue
@@ -130,8 +131,8 @@ def _apply_in_child(sequence: int, raw: list[RawMessage]) -> AppliedBatch:
     assert _child is not None, "the pool's initializer builds _child"  # noqa: S101
     try:
         return _child.apply(sequence, raw)
-    except OutOfOrderError:
-        raise
+    except (OutOfOrderError, DatabaseWentBackError):
+        raise  # both pickle, and the worker acts on each
     except Exception as exc:
         # Database errors do not all survive pickling, and one that does not breaks the pool
         # (and costs a new child) instead of reaching the worker's retry as an error.

@@ -9,7 +9,8 @@ from typing import Any
 import faust
 from sqlalchemy import Engine, inspect
 
-from aggregators.app import WorkerState, build_app, dead_letter_topic
+from aggregators.app import WorkerState, build_app
+from aggregators.dead_letter_topic import dead_letter_topic
 from aggregators.definitions import check_definitions
 from aggregators.pipeline import ApplyPipeline
 from meterstream.db import build_engine

@@ -79,6 +79,14 @@ def dedup_key(source: str, event_id: str, customer_id: str, meter: str) -> bytes
     return hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def check_event_size(payload: bytes) -> None:
+    """The one size rule of an encoded event, for the SDK and the aggregators alike."""
+    if len(payload) > MAX_EVENT_BYTES:
+        raise InvalidEventError(
+            "event", f"encodes to {len(payload)} bytes; at most {MAX_EVENT_BYTES} allowed"
+        )
+
+
 def check_event_id(event_id: Any, field_name: str = "event_id") -> str:
     if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
         raise InvalidEventError(

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # --- Aggregator
     aggregate_batch_max_events: int = Field(5_000, ge=1, le=1_000_000)
     aggregate_batch_max_wait_s: float = Field(0.5, gt=0.0, le=60.0)
+    # Bytes of message values per batch handed to the applying process: bounds its memory
+    # whatever the messages' sizes (a batch taken larger is split before it is applied).
+    aggregate_batch_max_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024, le=1024**3)
     # A partition with messages waiting whose committed offset stands still this long is
     # reported stalled (meterstream_aggregator_partition_stalled).
     stall_after_s: float = Field(300.0, gt=0.0, le=86_400.0)

@@ -17,6 +17,7 @@ import orjson
 import pytest
 from sqlalchemy import Engine, func, select
 
+from aggregators.dead_letters import DeadLetter, worth_replaying
 from ingest import UsageClient
 from meterstream.cli.dead_letters import parse_since
 from meterstream.schema import rejected_events, window_totals
@@ -105,3 +106,16 @@ def test_since_takes_a_time_or_a_span() -> None:
     assert parse_since(None, now) is None
     with pytest.raises(click.BadParameter, match="a span such as 90m"):
         parse_since("yesterday", now)
+
+
+def test_a_replay_leaves_out_reasons_that_can_never_pass_unless_named() -> None:
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    letters = [
+        DeadLetter("usage", 0, offset, reason, "", None, None, None, at, b"{}")
+        for offset, reason in enumerate(
+            ["unknown_meter", "beyond_horizon", "too_large", "beyond_stripe_digits", "in_future"]
+        )
+    ]
+    assert [x.reason for x in worth_replaying(letters, None)] == ["unknown_meter", "in_future"]
+    named = worth_replaying(letters, "too_large")
+    assert [x.reason for x in named] == ["unknown_meter", "too_large", "in_future"]

@@ -14,10 +14,12 @@ from tests.conftest import POSTGRES_ADMIN_URL
 
 
 def _error_of(url: str, statement: str) -> DBAPIError:
+    """The error of ``statement`` (several, separated by "; ", run in one transaction)."""
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     try:
         with pytest.raises(DBAPIError) as caught, engine.connect() as connection:
-            connection.execute(text(statement))
+            for part in statement.split("; "):
+                connection.execute(text(part))
         return caught.value
     finally:
         engine.dispose()
@@ -31,6 +33,17 @@ def _error_of(url: str, statement: str) -> DBAPIError:
         ("SELECT chr(0)", False),  # 54000: a value PostgreSQL text cannot hold
         ("SELECT * FROM no_such_table", True),  # 42P01: the schema, not a message
         ("SELECT pg_terminate_backend(pg_backend_pid())", True),  # 57P01: the server went away
+        # 25006: a standby promoted/demoted under us (failover), or a read-only default.
+        ("SET TRANSACTION READ ONLY; CREATE TEMP TABLE ro (x int)", True),
+        ("EXECUTE nosuch", True),  # 26000: a prepared statement a pooler (PgBouncer) lost
+        # 23514 without a constraint: a day partition of seen_events dropped under the worker.
+        (
+            "CREATE TEMP TABLE parted (d date) PARTITION BY RANGE (d); "
+            "INSERT INTO parted VALUES ('2026-12-05')",
+            True,
+        ),
+        # 23514 with a constraint: a CHECK the row's values break, the message's fault.
+        ("CREATE TEMP TABLE checked (v int CHECK (v > 0)); INSERT INTO checked VALUES (-1)", False),
     ],
 )
 def test_postgresql_errors_are_told_apart_by_their_sqlstate(

@@ -24,7 +24,7 @@ from aggregators.dedup import DedupKeys, legacy_dedup_key
 from aggregators.pipeline import ApplyPipeline, RawMessage
 from aggregators.reference import reference_totals
 from meterstream.db import build_engine, migrate
-from meterstream.events import UsageEvent, encode_event
+from meterstream.events import MAX_EVENT_BYTES, UsageEvent, encode_event
 from meterstream.kafka import client_config
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
@@ -152,6 +152,20 @@ def test_a_value_beyond_stripes_fifteen_digits_is_dead_lettered_with_its_reason(
         (1, "beyond_stripe_digits"),
         (2, "beyond_stripe_digits"),
     ]
+
+
+def test_a_message_beyond_the_sdks_size_limit_is_dead_lettered_whole_as_too_large(
+    migrated_engine: Engine,
+) -> None:
+    # Valid in every other way: only its size (an extension attribute a foreign producer
+    # added) is beyond what the SDK would ever send.
+    big = _foreign(1, padding="x" * MAX_EVENT_BYTES)
+    result = _applier(migrated_engine).apply([_foreign(0), big, _foreign(2)])
+    assert result.applied == 2
+    assert _rejected_reasons(migrated_engine) == [(1, "too_large")]
+    with migrated_engine.connect() as connection:
+        raw = connection.execute(select(rejected_events.c.raw)).scalar_one()
+    assert raw == big.value  # the whole message is kept for a replay, however large
 
 
 def test_one_request_id_for_two_meters_counts_twice_and_a_resend_once(

@@ -28,6 +28,7 @@ from meterstream.metrics import AggregatorMetrics
 from meterstream.schema import applied_offsets
 from meterstream.settings import Settings
 from tests.aggregators.test_batch import stored_totals
+from tests.aggregators.test_database_conditions import restore_rows, snapshot_rows
 from tests.aggregators.test_worker import migrated, record_stream
 from tests.aggregators.workers import all_applied, events_applied, wait_until, worker
 from tests.conftest import EXAMPLE_METERS, POSTGRES_ADMIN_URL
@@ -110,8 +111,9 @@ def test_the_batch_transaction_records_each_partitions_next_offset(
 
 def test_partitions_start_from_the_database_only_when_it_is_behind() -> None:
     committed: dict[int, int | None] = {0: 100, 1: 100, 2: None, 3: 50}
-    # Behind: read again from the database's offset; ahead or equal: Kafka's stands.
-    assert start_offsets({0: 60, 1: 100, 2: 10, 3: 80}, committed) == {0: 60}
+    # Behind: read again from the database's offset; ahead or equal: Kafka's stands; none
+    # committed (the group's offsets expired): the database's, not the whole topic again.
+    assert start_offsets({0: 60, 1: 100, 2: 10, 3: 80}, committed) == {0: 60, 2: 10}
     # A partition the database never applied, while it applied others: from the beginning.
     assert start_offsets({0: 100}, committed) == {1: 0, 3: 0}
     # Nothing recorded at all (a database upgraded to keep offsets): Kafka's offsets stand.
@@ -143,4 +145,31 @@ def test_an_upgraded_database_adopts_the_groups_committed_offsets_once(
     assert seed() == {0: 5, 1: 3}
     # From now on the database's offsets are the record: nothing to seek, on either partition.
     assert start_offsets(seed(), {0: 5, 1: 3, 2: None}) == {}
+    engine.dispose()
+
+
+def test_a_database_restored_under_a_running_worker_stops_it_and_the_next_resumes_from_it(
+    settings_factory: SettingsFactory,
+    topic_factory: Callable[..., str],
+    postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(topic=topic_factory(2), database_url=postgres_url)
+    engine = migrated(settings)
+    log = tmp_path / "worker.log"
+    with worker(settings, log) as process:
+        first = record_stream(settings, 300, seed=21)
+        wait_until(lambda: all_applied(settings, engine), 60, "the first events applied")
+        backup = snapshot_rows(engine)
+        second = record_stream(settings, 300, seed=22, id_prefix="second-")
+        wait_until(lambda: all_applied(settings, engine), 60, "the second events applied")
+        restore_rows(engine, backup)  # the worker keeps running: its offsets are now ahead
+        third = record_stream(settings, 300, seed=23, id_prefix="third-")
+        wait_until(lambda: process.poll() is not None, 60, "the worker to stop")
+    assert process.returncode == 75
+    assert "the database went back in time" in log.read_text(errors="replace")
+    with worker(settings, log):
+        wait_until(lambda: all_applied(settings, engine), 60, "everything applied again")
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    assert stored_totals(engine) == reference_totals(first + second + third, catalogue)
     engine.dispose()

@@ -103,9 +103,10 @@ def replay_command(reason: str | None, since: str | None) -> None:
     at fault is dead-lettered again.
     """
     settings = settings_or_exit()
-    letters = _selected(settings, reason, since)
-    from aggregators.dead_letters import replay
+    from aggregators.dead_letters import replay, worth_replaying
 
+    # Reasons that can never pass (too old, too large, past Stripe's digits) only when named.
+    letters = worth_replaying(_selected(settings, reason, since), reason)
     sent = replay(settings, letters)
     click.echo(f"replayed {sent} dead letter(s) to {settings.topic}")
 

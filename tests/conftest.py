@@ -56,6 +56,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def postgres_engine(postgres_url: str) -> Iterator[Engine]:
+    """An engine on a freshly migrated PostgreSQL database (for what only PostgreSQL has)."""
+    engine = build_engine(load_settings(database_url=postgres_url))
+    migrate(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
 def migrated_engine(database_url: str) -> Iterator[Engine]:
     """An engine on a freshly migrated database (PostgreSQL and SQLite, see database_url)."""
     engine = build_engine(load_settings(database_url=database_url))

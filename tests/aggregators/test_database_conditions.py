@@ -6,7 +6,6 @@ past events the database lost."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 
@@ -17,11 +16,9 @@ from sqlalchemy.exc import DBAPIError
 
 from aggregators.offset_store import DatabaseWentBackError, start_offsets, stored_offsets
 from aggregators.reference import reference_totals
-from meterstream.db import build_engine, migrate
 from meterstream.events import UsageEvent
 from meterstream.meters import load_catalogue
 from meterstream.schema import applied_offsets, metadata, rejected_events
-from meterstream.settings import load_settings
 from tests.aggregators.test_batch import NOW, applier, as_messages, stored_totals
 from tests.conftest import EXAMPLE_METERS, POSTGRES_ADMIN_URL
 
@@ -39,16 +36,6 @@ def _events(first: int, count: int) -> list[UsageEvent]:
 def _rejected(engine: Engine) -> int:
     with engine.connect() as connection:
         return connection.execute(select(func.count()).select_from(rejected_events)).scalar_one()
-
-
-@pytest.fixture
-def postgres_engine(postgres_url: str) -> Iterator[Engine]:
-    engine = build_engine(load_settings(database_url=postgres_url))
-    migrate(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def test_a_day_partition_dropped_under_the_applier_is_created_again(

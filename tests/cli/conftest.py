@@ -36,6 +36,13 @@ def env(
     """The environment of a ``meterstream`` process: this test's database, a catalogue, the
     emulator and the broker (the reporter keeps its ledger mark there, on a topic of the
     test's own); no METERSTREAM_* variable of the caller's leaks in."""
+    return command_env(emulator, database_url, tmp_path, kafka_bootstrap)
+
+
+def command_env(
+    emulator: Emulator, database_url: str, tmp_path: Path, kafka_bootstrap: str
+) -> dict[str, str]:
+    """The environment of one command on ``database_url`` (see the env fixture)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     return {
         **clean,

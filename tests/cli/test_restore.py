@@ -5,49 +5,25 @@ a person accepts the restore."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
-from meterstream.db import build_engine, migrate
 from meterstream.deployment import stored_deployment_id
-from meterstream.settings import load_settings
 from reporters.ledger import all_rows
 from stripe_emulator import Emulator
 from tests.cli.commands import meterstream
-from tests.reporters.test_reporter import SECRET, hour_start, put_total, write_catalogue
-
-
-@pytest.fixture
-def pg_engine(postgres_url: str) -> Iterator[Engine]:
-    engine = build_engine(load_settings(database_url=postgres_url))
-    migrate(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+from tests.cli.conftest import command_env
+from tests.reporters.test_reporter import hour_start, put_total
 
 
 @pytest.fixture
 def pg_env(
     emulator: Emulator, postgres_url: str, tmp_path: Path, kafka_bootstrap: str
 ) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    return {
-        **clean,
-        "METERSTREAM_DATABASE_URL": postgres_url,
-        "METERSTREAM_METERS_FILE": str(write_catalogue(tmp_path)),
-        "METERSTREAM_STRIPE_API_KEY": SECRET,
-        "METERSTREAM_STRIPE_API_BASE": emulator.url,
-        "METERSTREAM_METRICS_PORT": "0",
-        "METERSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "METERSTREAM_MARKS_TOPIC": f"marks-{uuid.uuid4().hex[:12]}",
-    }
+    return command_env(emulator, postgres_url, tmp_path, kafka_bootstrap)
 
 
 def _tool(*args: str) -> None:
@@ -56,23 +32,27 @@ def _tool(*args: str) -> None:
 
 
 def test_a_restored_database_holds_all_sending_until_the_restore_is_accepted(
-    emulator: Emulator, pg_env: dict[str, str], pg_engine: Engine, postgres_url: str, tmp_path: Path
+    emulator: Emulator,
+    pg_env: dict[str, str],
+    postgres_engine: Engine,
+    postgres_url: str,
+    tmp_path: Path,
 ) -> None:
     window = hour_start(2)
-    put_total(pg_engine, "cus_a", "tokens", window, "5")
+    put_total(postgres_engine, "cus_a", "tokens", window, "5")
     assert meterstream(pg_env, "report", "--once").returncode == 0
     dump = tmp_path / "backup.dump"
     _tool("pg_dump", "--format=custom", f"--file={dump}", postgres_url)
-    put_total(pg_engine, "cus_a", "tokens", window, "8")  # revision 2
+    put_total(postgres_engine, "cus_a", "tokens", window, "8")  # revision 2
     assert meterstream(pg_env, "report", "--once").returncode == 0
     assert [e.value for e in emulator.state.events] == [5, 3]
-    deployment_before = stored_deployment_id(pg_engine)
+    deployment_before = stored_deployment_id(postgres_engine)
 
-    pg_engine.dispose()
+    postgres_engine.dispose()
     _tool("pg_restore", "--clean", "--if-exists", f"--dbname={postgres_url}", str(dump))
-    assert len(all_rows(pg_engine)) == 1  # the ledger went back in time
+    assert len(all_rows(postgres_engine)) == 1  # the ledger went back in time
     # The aggregators count on: revision 2 again, with another value than the lost one.
-    put_total(pg_engine, "cus_a", "tokens", window, "9")
+    put_total(postgres_engine, "cus_a", "tokens", window, "9")
 
     held = meterstream(pg_env, "report", "--once")
     status = meterstream(pg_env, "status")
@@ -82,7 +62,7 @@ def test_a_restored_database_holds_all_sending_until_the_restore_is_accepted(
     assert held.returncode == 3, held.stderr
     assert "the database was restored" in held.stderr
     assert [e.value for e in emulator.state.events] == [5, 3]  # nothing sent
-    assert len(all_rows(pg_engine)) == 1  # nothing written
+    assert len(all_rows(postgres_engine)) == 1  # nothing written
     assert "SENDING HELD" in status.stdout
     assert (facts["restore_hold"]["ledger_rows"], facts["restore_hold"]["mark_rows"]) == (1, 2)
     assert compared.returncode == 1  # Stripe has 8, the ledger knows of 5
@@ -90,11 +70,11 @@ def test_a_restored_database_holds_all_sending_until_the_restore_is_accepted(
 
     accepted = meterstream(pg_env, "report", "--accept-restore")
     assert accepted.returncode == 0, accepted.stderr
-    assert stored_deployment_id(pg_engine) != deployment_before
+    assert stored_deployment_id(postgres_engine) != deployment_before
     resumed = meterstream(pg_env, "report", "--once")
 
     assert resumed.returncode == 0, resumed.stderr
-    rows = all_rows(pg_engine)
+    rows = all_rows(postgres_engine)
     assert [(r.revision, r.value, r.status) for r in rows] == [(1, 5, "sent"), (2, 4, "sent")]
     # The new row went out under a new identifier: not taken for the lost one ("already
     # exists" with another amount). Stripe holds the lost 3 units too, as reconcile showed.
@@ -103,9 +83,9 @@ def test_a_restored_database_holds_all_sending_until_the_restore_is_accepted(
 
 
 def test_without_the_broker_the_mark_cannot_be_checked_and_nothing_is_sent(
-    emulator: Emulator, pg_env: dict[str, str], pg_engine: Engine
+    emulator: Emulator, pg_env: dict[str, str], postgres_engine: Engine
 ) -> None:
-    put_total(pg_engine, "cus_a", "tokens", hour_start(2), "5")
+    put_total(postgres_engine, "cus_a", "tokens", hour_start(2), "5")
     no_broker = {**pg_env, "METERSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:9"}
 
     failed = meterstream(no_broker, "report", "--once")

@@ -22,9 +22,9 @@ from meterstream.errors import (
     UndeliveredEvent,
 )
 from meterstream.events import (
-    MAX_EVENT_BYTES,
     check_customer,
     check_event_id,
+    check_event_size,
     check_event_time,
     check_meter,
     check_properties,
@@ -160,10 +160,7 @@ class UsageClient:
             payload = encode_fields(
                 event_id, self._source, customer, meter, exact, event_time, props
             )
-            if len(payload) > MAX_EVENT_BYTES:
-                raise InvalidEventError(
-                    "event", f"encodes to {len(payload)} bytes; at most {MAX_EVENT_BYTES} allowed"
-                )
+            check_event_size(payload)
         except InvalidEventError as exc:
             self.metrics.rejected.labels(exc.field.split(".")[0]).inc()
             raise

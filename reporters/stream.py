@@ -5,7 +5,7 @@ A session (POST /v2/billing/meter_event_session, with the secret key) gives a to
 that token. The session is renewed ``renew_margin_s`` before it expires, and once more if Stripe
 says it expired anyway (clock skew).
 
-Stripe validates stream events asynchronously: a 202 means "accepted", not "valid". Rows are
+Stripe validates stream events asynchronously: a 200 means "accepted", not "valid". Rows are
 therefore marked ``accepted`` (not ``sent``) and count as unconfirmed (status, billing lag)
 until ``meterstream reconcile`` finds them in Stripe's summaries and marks them ``sent``. An
 event Stripe refuses later stays ``accepted`` and shows as drift; consuming Stripe's

@@ -70,6 +70,7 @@ class StripeApi:
                     f"Idempotency-Key '{request.headers.get('idempotency-key', '')}'. "
                     "Please try again later.",
                     type="idempotency_error",
+                    code="idempotency_key_in_use",
                 )
             call = Call(request, path_ids, self.faults.stall if fault == "hold" else _no_stall)
             key = request.headers.get("idempotency-key")
@@ -92,13 +93,11 @@ class StripeApi:
                 "You did not provide an API key. You need to provide your API key in the "
                 "Authorization header, using Bearer auth (e.g. 'Authorization: Bearer "
                 "YOUR_SECRET_KEY').",
-                type="authentication_error",
             )
         if self.state.is_revoked(token):
             raise StripeApiError(
                 401,
                 f"Expired API Key provided: {token[:8]}****. This key was revoked.",
-                type="authentication_error",
                 code="api_key_expired",
             )
         if not token.startswith(_KEY_PREFIXES):
@@ -106,7 +105,6 @@ class StripeApi:
                 401,
                 f"Invalid API Key provided: {token[:8]}****; the emulator takes test-mode "
                 "keys starting with sk_test_ or rk_test_.",
-                type="authentication_error",
             )
 
     def _idempotent(self, key: str, route: Route, call: Call) -> ApiResponse:

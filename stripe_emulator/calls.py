@@ -47,7 +47,7 @@ class Call:
         try:
             return json.loads(self.request.body or b"{}")
         except ValueError as exc:
-            raise StripeApiError(400, f"Invalid JSON body: {exc}.", code="invalid_json") from exc
+            raise StripeApiError(400, f"Invalid JSON body: {exc}.") from exc
 
 
 def parse_form(text: str) -> dict[str, Any]:

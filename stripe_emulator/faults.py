@@ -2,7 +2,7 @@
 
 Kinds:
 - `http_500`: answer 500 `api_error` before doing anything (the SDK retries it).
-- `http_429`: answer 429 `rate_limit_error` before doing anything (the SDK does not retry).
+- `http_429`: answer 429 (code `rate_limit`) before doing anything (the SDK does not retry).
 - `http_409`: answer 409 `idempotency_error` "another in-progress request" before doing
   anything, as Stripe does while an earlier call with the same Idempotency-Key still runs
   (a slow call the client timed out on and retried).

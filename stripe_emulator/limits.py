@@ -73,11 +73,13 @@ class CallSlots:
 
 def rate_limit_error() -> StripeApiError:
     # No Stripe-Should-Retry header: stripe-python then does not retry a 429, like Stripe.
+    # The document's error types are api_error, card_error, idempotency_error and
+    # invalid_request_error: a 429 is an invalid_request_error with code rate_limit (the SDK
+    # tells it apart by its HTTP status).
     return StripeApiError(
         429,
         "Request rate limit exceeded. You can make requests at a limited rate; back off "
         "with jitter and retry. Learn more about rate limits: https://stripe.com/docs/rate-limits.",
-        type="rate_limit_error",
         code="rate_limit",
     )
 
@@ -87,6 +89,5 @@ def concurrent_call_error() -> StripeApiError:
         429,
         "Too many concurrent requests for this customer and meter: Stripe allows one meter "
         "event call at a time per customer per meter. Wait for the call in flight, then retry.",
-        type="rate_limit_error",
         code="rate_limit",
     )

@@ -17,8 +17,9 @@ JsonObject = dict[str, Any]
 class StripeApiError(Exception):
     """A rule Stripe enforces was broken; carries everything the HTTP answer needs.
 
-    `type` follows Stripe's error types (`invalid_request_error`, `rate_limit_error`,
-    `authentication_error`, `idempotency_error`, v2's `temporary_session_expired`), and
+    `type` is one of the document's v1 error types (`invalid_request_error`, `api_error`,
+    `idempotency_error`; 401 and 429 are `invalid_request_error` told apart by status) or
+    v2's `temporary_session_expired`; `code`, when set, is one the document lists; and
     `should_retry` becomes the `Stripe-Should-Retry` header when not None.
     """
 
@@ -176,7 +177,7 @@ class MeterEvent:
 
 @dataclass(frozen=True)
 class AsyncError:
-    """A stream event Stripe accepted with 202 and would later report as invalid."""
+    """A stream event Stripe accepted with 200 and would later report as invalid."""
 
     code: str
     message: str

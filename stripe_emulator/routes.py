@@ -7,7 +7,7 @@ JSON and RFC 3339 times. Each endpoint returns (HTTP status, JSON body).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +69,61 @@ def _only(params: dict[str, Any], *allowed: str) -> dict[str, Any]:
     return params
 
 
+def _nested(params: dict[str, Any], name: str, *allowed: str) -> dict[str, Any]:
+    """The hash parameter ``name`` ({} if absent), refusing keys it does not take."""
+    value = params.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StripeApiError(400, f"Invalid {name}: must be a hash.", param=name)
+    for key in value:
+        if key not in allowed:
+            raise StripeApiError(
+                400,
+                f"Received unknown parameter: {name}[{key}]",
+                code="parameter_unknown",
+                param=f"{name}[{key}]",
+            )
+    return value
+
+
+_PAGING = ("limit", "starting_after", "ending_before")
+
+
+def _page(query: dict[str, Any], url: str, items: Sequence[JsonObject]) -> JsonObject:
+    """One page of ``items`` (in the list's order) by Stripe's cursor pagination: ``limit``
+    1..100 (default 10), then the items after ``starting_after`` or before ``ending_before``
+    (an id in the list; 404 if not); ``has_more`` says whether more lie that way."""
+    limit = _integer(query, "limit")
+    limit = 10 if limit is None else limit
+    if not 1 <= limit <= 100:
+        raise StripeApiError(
+            400, f"Invalid limit: must be between 1 and 100, got {limit}.", param="limit"
+        )
+    after, before = _text(query, "starting_after"), _text(query, "ending_before")
+    if after and before:
+        raise StripeApiError(
+            400,
+            "starting_after and ending_before cannot both be given: page one way at a time.",
+            code="parameters_exclusive",
+            param="ending_before",
+        )
+    ids = [item["id"] for item in items]
+    if before:
+        end = _position(ids, before, "ending_before")
+        start = max(0, end - limit)
+        return _list(url, list(items[start:end]), has_more=start > 0)
+    start = _position(ids, after, "starting_after") + 1 if after else 0
+    return _list(url, list(items[start : start + limit]), has_more=start + limit < len(items))
+
+
+def _position(ids: list[str], cursor: str, param: str) -> int:
+    try:
+        return ids.index(cursor)
+    except ValueError:
+        raise rules.resource_missing("object", cursor, param) from None
+
+
 def _list(url: str, data: list[JsonObject], has_more: bool = False) -> JsonObject:
     return {"object": "list", "data": data, "has_more": has_more, "url": url}
 
@@ -112,8 +167,24 @@ def create_adjustment(state: EmulatorState, call: Call) -> tuple[int, object]:
 
 
 def list_meters(state: EmulatorState, call: Call) -> tuple[int, object]:
-    meters = state.meters(_text(call.query, "status"))
-    return 200, _list("/v1/billing/meters", [m.to_stripe() for m in meters])
+    query = _only(call.query, *_PAGING, "status")
+    status = _text(query, "status")
+    if status not in (None, "active", "inactive"):
+        raise StripeApiError(
+            400, f"Invalid status: must be active or inactive, got '{status}'.", param="status"
+        )
+    meters = [m.to_stripe() for m in state.meters(status)]
+    return 200, _page(query, "/v1/billing/meters", meters)
+
+
+def _check_meter_lengths(form: dict[str, Any], *keys: tuple[str, str]) -> None:
+    rules.check_length("display_name", _text(form, "display_name"), rules.MAX_DISPLAY_NAME_CHARS)
+    rules.check_length("event_name", _text(form, "event_name"), rules.MAX_NAME_CHARS)
+    for hash_name, key in keys:
+        value = form.get(hash_name)
+        if isinstance(value, dict):
+            text = _text(value, key)
+            rules.check_length(f"{hash_name}[{key}]", text, rules.MAX_NAME_CHARS)
 
 
 def create_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
@@ -127,35 +198,37 @@ def create_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
         raise StripeApiError(
             400,
             "event_time_window is not supported by the emulator; create a raw meter.",
-            code="parameter_unsupported",
             param="event_time_window",
         )
-    aggregation = form.get("default_aggregation")
-    mapping = form.get("customer_mapping")
-    value_settings = form.get("value_settings")
-    formula = _text(aggregation, "formula") if isinstance(aggregation, dict) else None
-    if isinstance(mapping, dict) and _text(mapping, "type") not in (None, "by_id"):
+    aggregation = _nested(form, "default_aggregation", "formula")
+    mapping = _nested(form, "customer_mapping", "event_payload_key", "type")
+    value_settings = _nested(form, "value_settings", "event_payload_key")
+    _check_meter_lengths(
+        form, ("customer_mapping", "event_payload_key"), ("value_settings", "event_payload_key")
+    )
+    if _text(mapping, "type") not in (None, "by_id"):
         raise StripeApiError(
             400, "Invalid customer_mapping[type]: must be by_id.", param="customer_mapping[type]"
         )
     meter = state.create_meter(
         display_name=_text(form, "display_name"),
         event_name=_text(form, "event_name"),
-        formula=formula,
-        customer_key=(isinstance(mapping, dict) and _text(mapping, "event_payload_key"))
-        or "stripe_customer_id",
-        value_key=(isinstance(value_settings, dict) and _text(value_settings, "event_payload_key"))
-        or "value",
+        formula=_text(aggregation, "formula"),
+        customer_key=_text(mapping, "event_payload_key") or "stripe_customer_id",
+        value_key=_text(value_settings, "event_payload_key") or "value",
     )
     return 200, meter.to_stripe()
 
 
 def retrieve_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
+    _only(call.query)
     return 200, state.meter(call.path_ids[0]).to_stripe()
 
 
 def update_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
-    name = _text(call.form, "display_name")
+    form = _only(call.form, "display_name")
+    _check_meter_lengths(form)
+    name = _text(form, "display_name")
     return 200, state.update_meter(call.path_ids[0], display_name=name).to_stripe()
 
 
@@ -168,14 +241,14 @@ def reactivate_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
 
 
 def list_event_summaries(state: EmulatorState, call: Call) -> tuple[int, object]:
-    """Stripe's cursor pagination: `limit` 1..100 (default 10), `starting_after` an id."""
-    query, meter_id = call.query, call.path_ids[0]
+    """A customer's summaries, newest first, one page at a time (_page)."""
+    query = _only(
+        call.query, *_PAGING, "customer", "start_time", "end_time", "value_grouping_window"
+    )
+    meter_id = call.path_ids[0]
     customer_id = _text(query, "customer")
     if not customer_id:
         raise rules.param_missing("customer")
-    limit = _integer(query, "limit") or 10
-    if not 1 <= limit <= 100:
-        raise StripeApiError(400, f"Invalid limit: must be 1 to 100, got {limit}.", param="limit")
     summaries = state.event_summaries(
         meter_id,
         customer_id=customer_id,
@@ -183,12 +256,7 @@ def list_event_summaries(state: EmulatorState, call: Call) -> tuple[int, object]
         end_time=_integer(query, "end_time", required=True) or 0,
         window=_text(query, "value_grouping_window"),
     )
-    after = _text(query, "starting_after")
-    ids = [s["id"] for s in summaries]
-    first = ids.index(after) + 1 if after in ids else 0
-    page = summaries[first : first + limit]
-    url = f"/v1/billing/meters/{meter_id}/event_summaries"
-    return 200, _list(url, page, has_more=first + limit < len(summaries))
+    return 200, _page(query, f"/v1/billing/meters/{meter_id}/event_summaries", summaries)
 
 
 # -- customers ------------------------------------------------------------------------------
@@ -207,13 +275,17 @@ def retrieve_customer(state: EmulatorState, call: Call) -> tuple[int, object]:
 
 
 def list_customers(state: EmulatorState, call: Call) -> tuple[int, object]:
-    return 200, _list("/v1/customers", [c.to_stripe() for c in state.customers()])
+    query = _only(call.query, *_PAGING)
+    return 200, _page(query, "/v1/customers", [c.to_stripe() for c in state.customers()])
 
 
 # -- v2 -------------------------------------------------------------------------------------
 
 
 def create_session(state: EmulatorState, call: Call) -> tuple[int, object]:
+    body = call.json
+    if isinstance(body, dict):
+        _only(body)  # the session takes no parameters
     return 200, state.create_session().to_stripe()
 
 
@@ -221,6 +293,14 @@ def _stream_event(item: object, param: str) -> StreamEvent:
     """Check one v2 event's shape; its rules are checked later, as Stripe does."""
     if not isinstance(item, dict):
         raise StripeApiError(400, f"Invalid {param}: must be an object.", param=param)
+    for key in item:
+        if key not in ("event_name", "payload", "identifier", "timestamp"):
+            raise StripeApiError(
+                400,
+                f"Received unknown parameter: {param}.{key}",
+                code="parameter_unknown",
+                param=f"{param}.{key}",
+            )
     name = _text(item, "event_name")
     if not name:
         raise rules.param_missing(f"{param}.event_name")
@@ -243,6 +323,8 @@ def _stream_event(item: object, param: str) -> StreamEvent:
 
 def create_stream(state: EmulatorState, call: Call) -> tuple[int, object]:
     body = call.json
+    if isinstance(body, dict):
+        _only(body, "events")
     events = body.get("events") if isinstance(body, dict) else None
     if not isinstance(events, list) or not events:
         raise rules.param_missing("events")
@@ -255,7 +337,8 @@ def create_stream(state: EmulatorState, call: Call) -> tuple[int, object]:
             param="events",
         )
     state.record_stream([_stream_event(item, f"events[{i}]") for i, item in enumerate(events)])
-    return 202, {}
+    # The document answers 200 with an empty object: accepted, not yet validated.
+    return 200, {}
 
 
 def create_v2_meter_event(state: EmulatorState, call: Call) -> tuple[int, object]:

@@ -18,7 +18,8 @@ MAX_FUTURE_S = 5 * 60
 CANCEL_WINDOW_S = 24 * 3_600
 SESSION_TTL_S = 15 * 60
 MAX_VALUE_DIGITS = 15
-MAX_NAME_CHARS = 100
+MAX_NAME_CHARS = 100  # event_name, identifier and payload keys (maxLength in the document)
+MAX_DISPLAY_NAME_CHARS = 250
 MAX_STREAM_EVENTS = 100
 FORMULAS = ("sum", "count", "last")
 _WHOLE_NUMBER = re.compile(r"-?[0-9]+", re.ASCII)
@@ -29,15 +30,22 @@ def check_names(event_name: str | None, identifier: str | None) -> str:
     """The event name, present and short enough; the identifier short enough if given."""
     if not event_name:
         raise param_missing("event_name")
-    for param, text in (("event_name", event_name), ("identifier", identifier)):
-        if text is not None and len(text) > MAX_NAME_CHARS:
-            raise StripeApiError(
-                400,
-                f"Invalid {param}: must be at most {MAX_NAME_CHARS} characters, got {len(text)}.",
-                code="string_too_long",
-                param=param,
-            )
+    check_length("event_name", event_name, MAX_NAME_CHARS)
+    check_length("identifier", identifier, MAX_NAME_CHARS)
     return event_name
+
+
+def check_length(param: str, text: str | None, max_chars: int) -> None:
+    """Refuse a string longer than the document's maxLength for ``param``.
+
+    The document has no error code for this (api_errors.code lists none), so none is sent;
+    ``param`` names the field, as Stripe does."""
+    if text is not None and len(text) > max_chars:
+        raise StripeApiError(
+            400,
+            f"Invalid {param}: must be at most {max_chars} characters, got {len(text)}.",
+            param=param,
+        )
 
 
 def check_meter_active(meter: Meter | None, event_name: str) -> Meter:
@@ -130,12 +138,17 @@ def check_timestamp(timestamp: int, now: int) -> int:
     return timestamp
 
 
-def duplicate_identifier(identifier: str) -> StripeApiError:
+DUPLICATE_MESSAGE = "An event already exists with identifier {identifier}."
+
+
+def duplicate_identifier(identifier: str, message: str = DUPLICATE_MESSAGE) -> StripeApiError:
+    """The answer to an identifier Stripe already has. ``message`` is a template with
+    ``{identifier}``: the document fixes no wording, so tests can change it."""
     # Retrying cannot help, so say so: the SDK honours Stripe-Should-Retry: false.
     return StripeApiError(
         400,
-        f"An event already exists with identifier {identifier}.",
-        code="duplicate_meter_event",
+        message.format(identifier=identifier),
+        code="resource_already_exists",
         param="identifier",
         should_retry=False,
     )
@@ -146,7 +159,6 @@ def check_cancellable(event: MeterEvent, now: int) -> None:
         raise StripeApiError(
             400,
             f"The meter event with identifier {event.identifier} is already cancelled.",
-            code="meter_event_already_cancelled",
             param="cancel[identifier]",
         )
     if now - event.created > CANCEL_WINDOW_S:
@@ -154,7 +166,6 @@ def check_cancellable(event: MeterEvent, now: int) -> None:
             400,
             f"The meter event with identifier {event.identifier} was received more than "
             "24 hours ago and can no longer be cancelled; send a compensating event.",
-            code="meter_event_adjustment_window_expired",
             param="cancel[identifier]",
         )
 
@@ -216,7 +227,6 @@ def _check_summary_range(start_time: int, end_time: int, window: str | None) -> 
         raise StripeApiError(
             400,
             f"Invalid value_grouping_window: must be hour or day, got '{window}'.",
-            code="parameter_invalid",
             param="value_grouping_window",
         )
     for param, moment in (("start_time", start_time), ("end_time", end_time)):
@@ -224,14 +234,12 @@ def _check_summary_range(start_time: int, end_time: int, window: str | None) -> 
             raise StripeApiError(
                 400,
                 f"{param} {moment} must be aligned with {window or 'minute'} boundaries.",
-                code="parameter_invalid",
                 param=param,
             )
     if end_time <= start_time:
         raise StripeApiError(
             400,
             f"end_time {end_time} must be after start_time {start_time}.",
-            code="parameter_invalid",
             param="end_time",
         )
     return step

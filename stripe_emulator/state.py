@@ -62,6 +62,9 @@ class EmulatorState:
     def __init__(self, clock: EpochSeconds = time.time) -> None:
         self.clock = clock
         self.lock = threading.RLock()
+        # The duplicate-identifier answer's wording (a template with {identifier}); the
+        # document fixes none, so a test can change it and check the reporter does not care.
+        self.duplicate_message = rules.DUPLICATE_MESSAGE
         self.reset()
 
     def reset(self) -> None:
@@ -98,7 +101,7 @@ class EmulatorState:
 
     @property
     def async_errors(self) -> tuple[AsyncError, ...]:
-        """Stream events Stripe would have rejected after answering 202."""
+        """Stream events Stripe would have rejected after answering 200."""
         with self.lock:
             return tuple(self._async_errors)
 
@@ -164,7 +167,6 @@ class EmulatorState:
                 400,
                 f"Invalid default_aggregation[formula]: must be one of sum, count or last, "
                 f"got '{formula}'.",
-                code="parameter_invalid",
                 param="default_aggregation[formula]",
             )
         with self.lock:
@@ -261,7 +263,7 @@ class EmulatorState:
             at = rules.check_timestamp(now if timestamp is None else timestamp, now)
             identifier = identifier or f"emu_{secrets.token_hex(12)}"
             if identifier in self._event_index:
-                raise rules.duplicate_identifier(identifier)
+                raise rules.duplicate_identifier(identifier, self.duplicate_message)
             event = MeterEvent(
                 event_name=name,
                 meter_id=meter.id,
@@ -280,7 +282,7 @@ class EmulatorState:
     def record_stream(self, events: Sequence[StreamEvent]) -> None:
         """Record the valid events of one stream call; keep the others as async errors.
 
-        Stripe answers a stream call with 202 before it validates the events, so a bad
+        Stripe answers a stream call with 200 before it validates the events, so a bad
         event cannot fail the call; Stripe reports it later, the emulator in `async_errors`.
         """
         with self.lock:
@@ -371,6 +373,7 @@ class EmulatorState:
                     "There is currently another in-progress request using this "
                     f"Idempotency-Key '{key}'. Please try again later.",
                     type="idempotency_error",
+                    code="idempotency_key_in_use",
                 )
             self._in_flight[key] = fingerprint
             return None

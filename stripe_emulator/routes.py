@@ -150,8 +150,9 @@ def create_adjustment(state: EmulatorState, call: Call) -> tuple[int, object]:
         if not kind:
             raise rules.param_missing("type")
         raise StripeApiError(400, f"Invalid type: must be cancel, got '{kind}'.", param="type")
-    cancel = form.get("cancel")
-    identifier = _text(cancel, "identifier") if isinstance(cancel, dict) else None
+    identifier = _text(_nested(form, "cancel", "identifier"), "identifier")
+    rules.check_length("event_name", _text(form, "event_name"), rules.MAX_NAME_CHARS)
+    rules.check_length("cancel[identifier]", identifier, rules.MAX_NAME_CHARS)
     event = state.cancel_event(event_name=_text(form, "event_name"), identifier=identifier)
     return 200, {
         "object": "billing.meter_event_adjustment",

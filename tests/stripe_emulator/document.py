@@ -26,7 +26,10 @@ Schema = dict[str, Any]
 
 _ID = {"type": "string", "maxLength": 5000}
 _TIME = {"type": "integer"}  # format unix-time
-_RFC3339 = {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$"}
+_RFC3339 = {
+    "type": "string",
+    "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$",
+}
 _BOOL = {"type": "boolean"}
 
 
@@ -242,7 +245,11 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("POST", r"/v1/customers", 200, "customer"),
     Operation("GET", r"/v1/customers/[^/]+", 200, "customer"),
     Operation(
-        "POST", r"/v2/billing/meter_event_session", 200, "v2.billing.meter_event_session", "v2.error"
+        "POST",
+        r"/v2/billing/meter_event_session",
+        200,
+        "v2.billing.meter_event_session",
+        "v2.error",
     ),
     Operation("POST", r"/v2/billing/meter_event_stream", 200, "v2.empty", "v2.error"),
     Operation("POST", r"/v2/billing/meter_events", 200, "v2.billing.meter_event", "v2.error"),

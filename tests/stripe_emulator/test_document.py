@@ -22,6 +22,8 @@ from tests.stripe_emulator.document import answer_problems, problems
 
 NOW_S = 1_795_500_000  # 2026-11-24T06:00:00Z, minute-aligned
 KEY = "sk_test_document"
+UNKNOWN_SESSION = "mes_tok_unknown"
+NOT_A_KEY = "nope"
 
 
 def _form(params: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -159,7 +161,10 @@ def test_v2_session_stream_and_event_answers_are_as_documented(stripe_api: Strip
     status, _ = api.call("POST", "/v2/billing/meter_events", json_body=event)
     assert status == 200
     status, refused = api.call(
-        "POST", "/v2/billing/meter_event_stream", json_body={"events": [event]}, token="mes_x"
+        "POST",
+        "/v2/billing/meter_event_stream",
+        json_body={"events": [event]},
+        token=UNKNOWN_SESSION,
     )
     assert (status, refused["error"]["type"]) == (401, "temporary_session_expired")
 
@@ -178,7 +183,7 @@ def test_refusals_use_only_the_documents_types_and_codes(stripe_api: Stripe) -> 
     unknown = api.error("POST", "/v1/billing/meter_events", _event("x", colour="blue"), 400)
     assert (unknown["code"], unknown["param"]) == ("parameter_unknown", "colour")
 
-    status, unauthorized = api.call("GET", "/v1/billing/meters", token="nope")
+    status, unauthorized = api.call("GET", "/v1/billing/meters", token=NOT_A_KEY)
     assert (status, unauthorized["error"]["type"]) == (401, "invalid_request_error")
 
     api.emulator.faults.inject("http_429", path_prefix="/v1/billing/meters")
@@ -243,7 +248,7 @@ def test_over_long_fields_and_unknown_parameters_are_refused(
     }[path]
     error = stripe_api.error("POST", path, {**base, **params}, 400)
     assert error["param"] == param
-    assert not stripe_api.emulator.state.meters()[1:]  # nothing created but the fixtures'
+    assert stripe_api.emulator.state.meters() == []  # refused, so nothing was created
 
 
 def test_meter_list_pages_by_the_documents_cursor_rules(stripe_api: Stripe) -> None:
@@ -252,9 +257,13 @@ def test_meter_list_pages_by_the_documents_cursor_rules(stripe_api: Stripe) -> N
         api.emulator.state.create_meter(display_name=f"m{n}", event_name=f"m{n}")
     _, first = api.call("GET", "/v1/billing/meters")
     assert (len(first["data"]), first["has_more"], first["url"]) == (10, True, "/v1/billing/meters")
-    _, rest = api.call("GET", "/v1/billing/meters", {"limit": 100, "starting_after": first["data"][-1]["id"]})
+    _, rest = api.call(
+        "GET", "/v1/billing/meters", {"limit": 100, "starting_after": first["data"][-1]["id"]}
+    )
     assert (len(rest["data"]), rest["has_more"]) == (15, False)
-    _, back = api.call("GET", "/v1/billing/meters", {"limit": 3, "ending_before": rest["data"][0]["id"]})
+    _, back = api.call(
+        "GET", "/v1/billing/meters", {"limit": 3, "ending_before": rest["data"][0]["id"]}
+    )
     assert [m["id"] for m in back["data"]] == [m["id"] for m in first["data"][-3:]]
     assert back["has_more"] is True
     names = [m["event_name"] for m in first["data"] + rest["data"]]

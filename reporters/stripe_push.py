@@ -9,7 +9,10 @@ Which errors are retried, and by whom:
 - 429: the SDK does not retry a plain 429, so :class:`StripeGateway` does, with exponential
   backoff and jitter, a bounded number of times; then the row stays ``pending``.
 - 400 "An event already exists with identifier <ours>": Stripe already has this very event
-  (the answer to an earlier try was lost): the row is ``sent``.
+  (the answer to an earlier try was lost): the row is ``sent``. Stripe's document fixes no
+  wording for it, so it is recognised by type (invalid_request_error), param (identifier),
+  code (resource_already_exists, or none with Stripe's known wording) and by naming our
+  identifier; see :func:`is_duplicate`.
 - 400 idempotency_error (same key, different body): final, ``rejected``; a person must look.
 - any other 400/404: not retried; the row is ``rejected`` with Stripe's code and message.
 
@@ -49,6 +52,8 @@ SDK_NETWORK_RETRIES = 2
 # "sk_test_51H8****"), v2 session tokens, and whatever follows "Bearer".
 _CREDENTIAL = re.compile(r"(?:sk|rk|pk)_(?:test|live)_\S*|mes_tok_\S*|Bearer\s+\S*", re.IGNORECASE)
 _ALREADY_EXISTS = re.compile(r"An event already exists with identifier (\S+?)\.?$")
+# The document's code for "that identifier is taken" (api_errors.code).
+_DUPLICATE_CODES = frozenset({"resource_already_exists"})
 
 
 def scrub(text: str) -> str:
@@ -235,7 +240,7 @@ def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:
         # SDK gave up on and retried): its answer decides the row, so try again later.
         return Outcome("retry", request_id, error=f"{type(exc).__name__} (409): {message}")
     if isinstance(exc, stripe.InvalidRequestError) and exc.http_status in (400, 404):
-        if identifier and _existing_identifier(message) == identifier:
+        if is_duplicate(exc, identifier):
             return Outcome("acknowledged", request_id=request_id)
         return Outcome("rejected", request_id, exc.code or "invalid_request_error", message)
     if isinstance(exc, stripe.IdempotencyError) and exc.http_status == 400:
@@ -243,6 +248,35 @@ def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:
         # ledger forbids. Retrying cannot help; a person must look.
         return Outcome("rejected", request_id, "idempotency_error", message)
     return Outcome("retry", request_id, error=f"{type(exc).__name__}: {message}")
+
+
+def is_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
+    """True if ``exc`` is Stripe saying it already has the event ``identifier`` (ours).
+
+    A 400 ``invalid_request_error`` about ``identifier`` (or no param) whose message names
+    our identifier as a whole word, and whose code is the document's
+    ``resource_already_exists``, or which has Stripe's known wording when it has no such
+    code. A new wording keeps working as long as the code is there; another error that
+    merely names our identifier (a bad value, an idempotency clash) does not qualify."""
+    if not identifier or exc.http_status != 400:
+        return False
+    body = exc.json_body if isinstance(exc.json_body, dict) else {}
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    if error.get("type", "invalid_request_error") != "invalid_request_error":
+        return False
+    if error.get("param", getattr(exc, "param", None)) not in (None, "identifier"):
+        return False
+    message = str(error.get("message") or exc.user_message or "")
+    if not _names(message, identifier):
+        return False
+    return exc.code in _DUPLICATE_CODES or _existing_identifier(message) == identifier
+
+
+def _names(message: str, identifier: str) -> bool:
+    """``identifier`` appears in ``message`` as a whole word (not inside a longer one)."""
+    word = r"[A-Za-z0-9_\-:]"
+    pattern = rf"(?<!{word})(?<!{word}\.){re.escape(identifier)}(?!{word})(?!\.{word})"
+    return re.search(pattern, message) is not None
 
 
 def _existing_identifier(message: str) -> str | None:

@@ -139,6 +139,82 @@ def test_already_exists_for_another_identifier_is_not_taken_as_ours() -> None:
     assert classify(error, "ms1_abcdef").kind == "acknowledged"
 
 
+def _stripe_400(
+    message: str, code: str | None, param: str | None, type_: str
+) -> stripe.StripeError:
+    """The SDK's error for a 400 answer with this ``error`` object, as it builds one."""
+    error: dict[str, str] = {"type": type_, "message": message}
+    error.update({k: v for k, v in (("code", code), ("param", param)) if v is not None})
+    cls = stripe.IdempotencyError if type_ == "idempotency_error" else stripe.InvalidRequestError
+    if cls is stripe.IdempotencyError:
+        return cls(message, http_status=400, json_body={"error": error}, code=code)
+    return cls(message, param, code=code, http_status=400, json_body={"error": error})
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "param", "type_", "kind"),
+    [
+        # Stripe rewords it: the code, param and the identifier it names still say "ours".
+        (
+            "Meter event ms1_abc was already recorded",
+            "resource_already_exists",
+            "identifier",
+            "invalid_request_error",
+            "acknowledged",
+        ),
+        (
+            "Duplicate: 'ms1_abc'.",
+            "resource_already_exists",
+            None,
+            "invalid_request_error",
+            "acknowledged",
+        ),
+        # The same code about another identifier, or about another field, is not ours.
+        (
+            "Meter event ms1_abcdef was already recorded",
+            "resource_already_exists",
+            "identifier",
+            "invalid_request_error",
+            "rejected",
+        ),
+        (
+            "A meter with event_name 'ms1_abc' already exists.",
+            "resource_already_exists",
+            "event_name",
+            "invalid_request_error",
+            "rejected",
+        ),
+        # Another error that names our identifier is not a duplicate.
+        (
+            "Invalid identifier ms1_abc: contains a space",
+            "parameter_invalid_string_blank",
+            "identifier",
+            "invalid_request_error",
+            "rejected",
+        ),
+        (
+            "Keys for idempotent requests can only be used with the same parameters: ms1_abc",
+            None,
+            None,
+            "idempotency_error",
+            "rejected",
+        ),
+        # A new wording without the code is not trusted: held for a person, not marked sent.
+        (
+            "Meter event ms1_abc was already recorded",
+            None,
+            "identifier",
+            "invalid_request_error",
+            "rejected",
+        ),
+    ],
+)
+def test_a_duplicate_is_known_by_code_type_and_identifier_not_by_wording(
+    message: str, code: str | None, param: str | None, type_: str, kind: str
+) -> None:
+    assert classify(_stripe_400(message, code, param, type_), "ms1_abc").kind == kind
+
+
 # -- 3. no blind resend after Stripe's dedup window ------------------------------------------
 
 

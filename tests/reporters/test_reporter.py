@@ -364,6 +364,22 @@ def test_already_existing_identifier_marks_the_row_sent(world: World) -> None:
     assert [e.identifier for e in world.emulator.state.events] == [row.identifier]
 
 
+def test_already_existing_identifier_in_new_words_still_marks_the_row_sent(world: World) -> None:
+    # The document fixes no wording for the duplicate answer: Stripe may change it. The code,
+    # type and the identifier it names still say "Stripe has this very event".
+    world.emulator.state.duplicate_message = "Meter event '{identifier}' was recorded before"
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "3")
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    assert world.cycle().unacknowledged == 1  # Stripe recorded it, every answer was lost
+    world.emulator.state._replies.clear()  # past Stripe's 24 h of idempotency keys
+
+    world.cycle()
+
+    [row] = all_rows(world.engine)
+    assert (row.status, row.error_code) == ("sent", None)
+    assert [e.identifier for e in world.emulator.state.events] == [row.identifier]
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 

@@ -138,7 +138,8 @@ class EmulatorState:
 
     def customers(self) -> list[Customer]:
         with self.lock:
-            return sorted(self._customers.values(), key=lambda c: c.created, reverse=True)
+            newest = reversed(self._customers.values())
+            return sorted(newest, key=lambda c: c.created, reverse=True)
 
     def create_meter(
         self,
@@ -203,7 +204,8 @@ class EmulatorState:
 
     def meters(self, status: str | None = None) -> list[Meter]:
         with self.lock:
-            found = [m for m in self._meters.values() if status in (None, m.status)]
+            # Newest first, as Stripe lists; within one second, the later created first.
+            found = [m for m in reversed(self._meters.values()) if status in (None, m.status)]
         return sorted(found, key=lambda m: m.created, reverse=True)
 
     def update_meter(

@@ -260,8 +260,8 @@ def is_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
     merely names our identifier (a bad value, an idempotency clash) does not qualify."""
     if not identifier or exc.http_status != 400:
         return False
-    body = exc.json_body if isinstance(exc.json_body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    raw = exc.json_body.get("error") if isinstance(exc.json_body, dict) else None
+    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if error.get("type", "invalid_request_error") != "invalid_request_error":
         return False
     if error.get("param", getattr(exc, "param", None)) not in (None, "identifier"):

@@ -7,7 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import stripe
+from sqlalchemy import create_engine
+
 from meterstream.cli.demo import MeterRow, Traffic, print_table
+from meterstream.cli.demo.traffic import prepare_stripe, stripe_meters_by_event_name
+from meterstream.meters import load_catalogue
+from stripe_emulator import run_stripe_emulator
+from tests.conftest import EXAMPLE_METERS
 
 
 def test_demo_runs_the_pipeline_and_finds_stripe_matches_the_database(tmp_path: Path) -> None:
@@ -60,3 +67,27 @@ def test_a_window_unlike_the_events_sent_fails_even_when_stripe_agrees() -> None
     facts = {**FACTS, "windows_wrong": 1}
     assert print_table(lines.append, Traffic(sent=10, unique=10), facts, rows) == 1
     assert lines[-1] == "VERDICT: 1 window(s) differ from the events sent"
+
+
+def test_preparing_stripe_reads_every_page_of_meters_and_creates_none_twice() -> None:
+    # The catalogue's meters first, so newest first they are on the 3rd page of 100: a
+    # demo that read one page would create them again, which Stripe refuses.
+    catalogue = load_catalogue(EXAMPLE_METERS)
+    with run_stripe_emulator(rate_limit_per_s=None) as emulator:
+        for meter in catalogue:
+            emulator.state.create_meter(
+                display_name=meter.name,
+                event_name=meter.stripe_event_name,
+                formula=meter.stripe_formula,
+            )
+        for n in range(205):
+            emulator.state.create_meter(display_name=f"other {n}", event_name=f"other_{n}")
+        client = stripe.StripeClient(
+            "sk_test_demo", base_addresses={"api": emulator.url}, max_network_retries=0
+        )
+
+        prepare_stripe(client, catalogue, create_engine("sqlite://"), 0)
+
+        assert len(emulator.state.meters()) == len(catalogue) + 205
+        names = {m.stripe_event_name for m in catalogue}
+        assert names <= set(stripe_meters_by_event_name(client))

@@ -37,7 +37,7 @@ def prepare_stripe(
     demo customer, linked in the database. Returns app customer id -> Stripe customer id."""
     from reporters.customers import link_customer
 
-    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).data}
+    existing = stripe_meters_by_event_name(client)
     for meter in catalogue:
         if meter.stripe_event_name not in existing:
             client.v1.billing.meters.create(
@@ -56,6 +56,17 @@ def prepare_stripe(
         link_customer(engine, app_id, created.id, now)
         links[app_id] = created.id
     return links
+
+
+def stripe_meters_by_event_name(client: stripe.StripeClient) -> dict[str, Any]:
+    """Every Stripe meter by event name, page after page: an account can hold more than the
+    100 meters one page lists, and a meter missed there would be created twice."""
+    from reporters.pages import all_items
+
+    def page(params: Any) -> Any:
+        return client.v1.billing.meters.list(params)
+
+    return {meter.event_name: meter for meter in all_items(page, {"limit": 100})}
 
 
 def send_traffic(

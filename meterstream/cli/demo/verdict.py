@@ -13,7 +13,7 @@ import stripe
 from sqlalchemy import Engine, func, select
 
 from meterstream.cli.demo.options import Echo
-from meterstream.cli.demo.traffic import Traffic
+from meterstream.cli.demo.traffic import Traffic, stripe_meters_by_event_name
 from meterstream.meters import Catalogue, Meter
 from meterstream.schema import ledger, window_totals
 
@@ -50,21 +50,29 @@ def compare(
     client: stripe.StripeClient, catalogue: Catalogue, engine: Engine, customers: dict[str, str]
 ) -> list[MeterRow]:
     """Per meter: the database's exact totals in Stripe units beside Stripe's event summaries."""
-    stripe_meters = {m.event_name: m.id for m in client.v1.billing.meters.list({"limit": 100}).data}
+    from reporters.pages import all_items
+
+    stripe_meters = {name: m.id for name, m in stripe_meters_by_event_name(client).items()}
     now = datetime.now(UTC)
     start = (now - timedelta(days=34)).replace(second=0, microsecond=0)
     end = now.replace(second=0, microsecond=0) + timedelta(minutes=2)
     expected = _database_units(engine, catalogue)
 
     def stripe_units(meter: Meter, stripe_id: str) -> int:
-        summaries = client.v1.billing.meters.event_summaries.list(
-            stripe_meters[meter.stripe_event_name],
+        meter_id = stripe_meters[meter.stripe_event_name]
+
+        def page(params: Any) -> Any:
+            return client.v1.billing.meters.event_summaries.list(meter_id, params)
+
+        summaries = all_items(
+            page,
             {
                 "customer": stripe_id,
                 "start_time": int(start.timestamp()),
                 "end_time": int(end.timestamp()),
+                "limit": 100,
             },
-        ).data
+        )
         return int(sum(Decimal(str(s.aggregated_value)) for s in summaries))
 
     rows = []

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import stripe
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from meterstream.deployment import stored_deployment_id
@@ -531,3 +533,35 @@ def test_crash_after_the_calls_before_the_bulk_acknowledgement_resends_each_row_
         if r.identifier in {c.identifier for c in called}
     )
     _assert_each_event_once(world, expected)
+
+
+_IDENTIFIER = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-:.", min_size=1
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    identifier=_IDENTIFIER.filter(lambda s: s[0] != "." and s[-1] != "."),
+    before=st.sampled_from(["", "identifier ", "'", '"', "(", "Meter event "]),
+    after=st.sampled_from(["", ".", "'", '"', ")", " was already recorded", ". Retry."]),
+    longer=st.sampled_from(["x", "_1", "-a", ":b", ".c"]),
+)
+def test_the_identifier_is_matched_whole_in_any_wording(
+    identifier: str, before: str, after: str, longer: str
+) -> None:
+    ours = _stripe_400(
+        f"{before}{identifier}{after}",
+        "resource_already_exists",
+        "identifier",
+        "invalid_request_error",
+    )
+    assert classify(ours, identifier).kind == "acknowledged"
+    # Stripe naming a longer identifier that starts with ours is about another event.
+    theirs = _stripe_400(
+        f"{before}{identifier}{longer}{after}",
+        "resource_already_exists",
+        "identifier",
+        "invalid_request_error",
+    )
+    assert classify(theirs, identifier).kind == "rejected"

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from stripe_emulator import Emulator, ManualClock, run_stripe_emulator
+from stripe_emulator import Emulator, ManualClock, routes, run_stripe_emulator
 from tests.stripe_emulator.document import answer_problems, problems
 
 NOW_S = 1_795_500_000  # 2026-11-24T06:00:00Z, minute-aligned
@@ -310,3 +312,30 @@ def test_the_check_is_real_a_wrong_status_or_missing_field_fails() -> None:
     made_up = {"error": {"type": "invalid_request_error", "code": "duplicate_meter_event"}}
     assert answer_problems("POST", "/v1/billing/meter_events", 400, made_up)
     assert problems("x" * 101, {"type": "string", "maxLength": 100}, "event_name")
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(0, 250), limit=st.integers(1, 100))
+def test_paging_either_way_gives_every_item_once_in_order(count: int, limit: int) -> None:
+    items = [{"id": f"it_{n}"} for n in range(count)]
+    forward: list[dict[str, str]] = []
+    query: dict[str, str] = {"limit": str(limit)}
+    while True:
+        page = routes._page(query, "/v1/things", items)
+        assert len(page["data"]) <= limit
+        forward += page["data"]
+        if not page["has_more"]:
+            break
+        query = {"limit": str(limit), "starting_after": page["data"][-1]["id"]}
+    assert forward == items
+    if not items:
+        return
+    backward = [items[-1]]
+    query = {"limit": str(limit), "ending_before": items[-1]["id"]}
+    while True:
+        page = routes._page(query, "/v1/things", items)
+        backward = page["data"] + backward
+        if not page["has_more"]:
+            break
+        query = {"limit": str(limit), "ending_before": page["data"][0]["id"]}
+    assert backward == items

@@ -203,7 +203,7 @@ ledger = Table(
     Column("stripe_customer_id", String(255), nullable=False),
     Column("timestamp", UTCDateTime(), nullable=False),  # the meter event's timestamp
     Column("identifier", String(100), nullable=False, unique=True),
-    # pending | sent | accepted (v2 stream: 202, validated later) | rejected | carried (0 units)
+    # pending | sent | accepted (v2 stream: 200, validated later) | rejected | carried (0 units)
     # | unknown (first call too long ago to resend safely; reconcile decides)
     Column("status", String(20), nullable=False),
     # Calls started, each committed BEFORE its call, so "never called" and "called, then

@@ -12,7 +12,7 @@ A row is written and committed before its call, then updated from the answer. St
                 twice. Never resent blindly; ``meterstream reconcile`` asks Stripe's summaries
                 and marks it ``sent`` or back to ``pending``, or leaves it for a person.
 - ``sent``      Stripe acknowledged it (v1: 200, or "already exists" for our own identifier).
-- ``accepted``  the v2 stream answered 202: Stripe took it but validates later, so it is
+- ``accepted``  the v2 stream answered 200: Stripe took it but validates later, so it is
                 *unconfirmed*: not final for billing lag and status until ``meterstream
                 reconcile`` finds it in Stripe's summaries and marks it ``sent``. Consuming
                 Stripe's ``v1.billing.meter.error_report_triggered`` events is not implemented;

@@ -3,12 +3,15 @@
 Transcribed by hand (our words and layout; nothing copied in bulk) from the subset of
 stripe/openapi ``openapi/spec3.json`` and ``openapi/spec3.sdk.json`` at 2026-07-29.dahlia
 (commit af5309ca of that repository) that the emulator serves: the ``billing.meter``,
-``billing.meter_event``, ``billing.meter_event_adjustment``, ``billing.meter_event_summary``,
-``customer`` (the fields the emulator gives) and list objects, the v1 ``error`` object
-(``api_errors``: ``type`` enum; ``code`` from the document's enum), and the operations'
-success statuses. Those files carry no ``/v2`` paths at this version: the v2 shapes below
-(session, meter event, the stream's empty 200 answer, ``{"error": {type, code, message}}``)
-follow Stripe's v2 API reference and stripe-python's v2 types and error mapping.
+``billing.meter_event``, ``billing.meter_event_adjustment`` and ``billing.meter_event_summary``
+objects, the list object with its ``url`` patterns, the v1 ``error`` object (``api_errors``:
+``type`` enum; ``code`` from the document's enum), the request maxLengths the emulator enforces
+(routes.py) and the operations' success statuses. ``customer`` is only the few fields the
+emulator gives, with the types the document uses for them; its required list was not read
+from the document. Those files carry no ``/v2`` paths or ``v2.*`` schemas at this version:
+the v2 shapes below (session, meter event, the stream's empty 200 answer,
+``{"error": {type, code, message}}``) follow Stripe's v2 API reference and stripe-python's v2
+types and error mapping.
 
 Schemas use a small JSON-Schema dialect (``type``, ``nullable``, ``enum``, ``maxLength``,
 ``pattern``, ``required``, ``properties``, ``additionalProperties``, ``items``, ``ref``),

@@ -6,11 +6,13 @@ MeterstreamError
  |    +-- MeterCheckError      Stripe's meters do not fit the catalogue; lists every problem
  |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
+ |    +-- HeaderError          a Kafka message's headers break the CloudEvents binding
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
+ +-- UsageQueryError           a usage query that cannot be answered exactly; names the parameter
  +-- BatchError                an aggregator batch was not applied; the worker sends it again
  |    +-- OutOfOrderError      it reached the applying child before its predecessor committed
  |    +-- BatchFailedError     the child could not apply it; nothing of it was kept
@@ -64,6 +66,12 @@ class InvalidEventError(MeterstreamError):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+
+class HeaderError(InvalidEventError):
+    """A Kafka message's headers break the CloudEvents Kafka binding (both content modes at
+    once, a header twice, a header value absent or not UTF-8, data whose type is not JSON);
+    ``field`` names the header (meterstream/content_modes.py)."""
 
 
 class BrokerUnavailableError(MeterstreamError):
@@ -136,6 +144,17 @@ class AcknowledgementMismatchError(LedgerError):
 
 class ReplayError(MeterstreamError):
     """Kafka did not acknowledge every dead letter sent back; the replay can be run again."""
+
+
+class UsageQueryError(MeterstreamError):
+    """A usage query cannot be answered exactly (an unknown meter, a range too wide or off the
+    window boundaries, a rollup that cannot be exact); ``parameter`` names the query parameter
+    at fault and the message says what to ask instead."""
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"{parameter}: {reason}")
 
 
 class BatchError(MeterstreamError):

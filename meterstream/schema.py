@@ -145,6 +145,9 @@ rejected_events = Table(
     Column("meter", String(100), nullable=True),
     Column("raw", LargeBinary, nullable=False),
     Column("rejected_at", UTCDateTime(), nullable=False),
+    # Its Kafka headers (meterstream.content_modes.encode_headers), NULL when it had none: a
+    # binary-mode event's attributes are headers, and a replay must send them back.
+    Column("headers", LargeBinary, nullable=True),
 )
 Index("rejected_events_by_time", rejected_events.c.rejected_at)
 

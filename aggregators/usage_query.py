@@ -21,6 +21,7 @@ up window, the sum of its windows' revisions, so it too rises whenever any of th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,10 @@ REQUESTED_WINDOWS: tuple[RequestedWindow, ...] = ("own", "1h", "1d", "total")
 # The most of a meter's own windows one query reads: 1m windows for about a week, 1h windows
 # for over a year. A wider range is refused, with this figure in the message.
 MAX_WINDOWS = 10_000
+# A range ending further ahead than this holds no usage yet, and dates near year 9999 have no
+# next window: refused rather than computed.
+FURTHEST_AHEAD = timedelta(days=400)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIXED = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 # Which rolled-up windows a meter's own window divides exactly.
 _DIVIDES = {"1m": ("1h", "1d"), "1h": ("1h", "1d"), "1d": ("1d",), "1mo": ()}
@@ -86,10 +91,13 @@ def query_usage(
     too wide, older than the retention of window totals (``retention_days`` before ``now``),
     not on the window's boundaries, or when the rollup cannot be exact.
     """
+    if not customer or _CONTROL.search(customer):
+        raise UsageQueryError("customer", "must be a customer id without control characters")
     found = catalogue.get(meter)
     if found is None:
         known = ", ".join(sorted(catalogue.meters))
         raise UsageQueryError("meter", f"no meter {meter!r:.100} in the catalogue; known: {known}")
+    start, end = _utc("from", start), _utc("to", end)
     _check_range(found, start, end, window, now, retention_days)
     rows = _stored(engine, customer, found.name, start, end)
     label = found.window if window == "own" else window
@@ -104,10 +112,10 @@ def _check_range(
     now: datetime,
     retention_days: int,
 ) -> None:
-    if start.tzinfo is None or end.tzinfo is None:
-        raise UsageQueryError("from", "from and to must carry a UTC offset (e.g. Z)")
     if end <= start:
         raise UsageQueryError("to", f"must be after from ({_iso(start)}), got {_iso(end)}")
+    if end > now + FURTHEST_AHEAD:
+        raise UsageQueryError("to", f"at most {FURTHEST_AHEAD.days} days ahead of now")
     if start < now - timedelta(days=retention_days):
         raise UsageQueryError(
             "from",
@@ -141,6 +149,15 @@ def _check_range(
             "months cannot be added (one value seen in two months would count twice): ask for "
             "window=1mo, or a range of one month",
         )
+
+
+def _utc(name: str, at: datetime) -> datetime:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise UsageQueryError(name, "must carry a UTC offset (e.g. 2026-11-24T00:00:00Z)")
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:
+        raise UsageQueryError(name, f"{at.isoformat()} is out of range in UTC") from None
 
 
 def _own_windows(own: str, start: datetime, end: datetime) -> int:

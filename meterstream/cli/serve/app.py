@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aggregators.usage_api import UsageRoutes, usage_router
 from ingest.http import IngestRoutes, RequestProducer, events_router, openapi_schemas
 from ingest.rules import EventRules
 from meterstream.api_keys import KeyVerifier
@@ -80,7 +81,17 @@ def build_app(parts: ServerParts) -> FastAPI:
             )
         )
     )
-    # More stages' routers are included here: usage reads (scope "read") and Stripe webhooks.
+    app.include_router(
+        usage_router(
+            UsageRoutes(
+                engine=parts.engine,
+                catalogue=parts.catalogue,
+                retention_days=settings.window_retention_days,
+                require_read=authenticator.require("read"),
+            )
+        )
+    )
+    # More stages' routers are included here: Stripe webhooks.
     _add_server_routes(app, parts, producer)
     app.add_exception_handler(HTTPException, _http_error)
     _document_schemas(app, openapi_schemas())

@@ -2,7 +2,7 @@
 headers, its value only the data) can be replayed whole.
 
 Revision ID: 0017
-Revises: 0009
+Revises: 0010 (0009 before the merge of s6-http; the lead re-chains)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0017"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

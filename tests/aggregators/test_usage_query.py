@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from aggregators.batch import BatchApplier, Message
@@ -173,3 +175,82 @@ def test_questions_without_an_exact_answer_are_refused_naming_the_parameter(
     with pytest.raises(UsageQueryError) as refused:
         _query(migrated_engine, meter, start, end, window)
     assert refused.value.parameter == parameter
+
+
+_TIMES = st.one_of(
+    # Off the boundaries around the stored usage, and anywhere a datetime can be.
+    st.integers(-24 * 70 * 60, 24 * 40 * 60).map(lambda m: DAY + timedelta(minutes=m)),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=14))])),
+    st.datetimes(),  # naive
+)
+
+
+_MONTHS = [datetime(2026, m, 1, tzinfo=UTC) for m in (9, 10, 11, 12)]
+
+
+@st.composite
+def _aligned(draw: st.DrawFn, meter: str, window: str) -> tuple[datetime, datetime]:
+    """A range on the boundaries of ``window`` (or of the meter's own), near the usage."""
+    found = CATALOGUE.get(meter)
+    unit = window if window in ("1h", "1d") else (found.window if found else "1h")
+    if unit == "1mo":
+        first = draw(st.integers(0, len(_MONTHS) - 2))
+        return _MONTHS[first], _MONTHS[draw(st.integers(first + 1, len(_MONTHS) - 1))]
+    size = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}[unit]
+    start = DAY - draw(st.integers(0, 20)) * timedelta(days=1)
+    return start, start + draw(st.integers(1, 24 * 60 if unit == "1m" else 24 * 20)) * size
+
+
+@st.composite
+def _questions(draw: st.DrawFn) -> tuple[str, datetime, datetime, str]:
+    meter = draw(st.sampled_from([*sorted(CATALOGUE.meters), "nope", ""]))
+    window = draw(st.sampled_from(["own", "1h", "1d", "total"]))
+    if draw(st.integers(0, 3)) == 0:  # anything at all
+        start, end = draw(_TIMES), draw(_TIMES)
+    else:
+        start, end = draw(_aligned(meter, window))
+    return meter, start, end, window
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(question=_questions())
+def test_any_question_gets_an_exact_answer_or_a_named_refusal(
+    usage_engine: Engine, question: tuple[str, datetime, datetime, Any]
+) -> None:
+    meter, start, end, window = question
+    try:
+        asked = _query(usage_engine, meter, start, end, window)
+    except UsageQueryError as exc:
+        assert exc.parameter in ("meter", "from", "to", "window", "customer")
+        return
+    own = _query(usage_engine, meter, start, end, "own")
+    # A rolled-up answer holds exactly the stored windows' events; sums and counts agree.
+    assert sum(w.events for w in asked.windows) == sum(w.events for w in own.windows)
+    assert all(start <= w.start < w.end <= end for w in asked.windows)
+    if asked.meter.aggregation in ("sum", "count"):
+        assert sum(w.value for w in asked.windows) == sum(w.value for w in own.windows)
+
+
+@pytest.fixture
+def usage_engine(migrated_engine: Engine) -> Engine:
+    """Usage of every meter over about two weeks, across a month's end."""
+    meters = sorted(CATALOGUE.meters) * 6
+    _apply(
+        migrated_engine,
+        [
+            (
+                "c1",
+                meter,
+                Decimal(i) / 8,
+                NOW - timedelta(hours=7 * i + 1),
+                {"user_id": f"u{i % 3}"},
+            )
+            for i, meter in enumerate(meters)
+        ],
+    )
+    return migrated_engine

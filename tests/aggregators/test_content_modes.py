@@ -242,3 +242,37 @@ def test_sdk_messages_in_both_modes_through_a_running_worker(
     replayed = [m for m in again if m.offset() == len(sent)]
     assert [(m.value(), m.headers()) for m in replayed] == [sent[2]]
     engine.dispose()
+
+
+def test_a_header_name_that_is_not_utf8_does_not_stop_the_worker(
+    settings_factory: SettingsFactory,
+    topic_factory: Callable[..., str],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(topic=topic_factory(1), database_url=database_url)
+    engine = build_engine(settings)
+    migrate(engine)
+    now = datetime.now(UTC)
+    producer = Producer(client_config(settings.kafka_bootstrap))
+    # Kafka header names are bytes on the wire; librdkafka lets any through.
+    sent = [("g1", "tokens"), ("bad-name", "tokens"), ("dead", "gpu_seconds"), ("g2", "tokens")]
+    for event_id, meter in sent:
+        message = ce_kafka.to_binary_event(_event(event_id, meter, "2", now))
+        headers: list[tuple[Any, bytes]] = [*message.headers.items(), (b"\xff\xfe", b"x")]
+        producer.produce(settings.topic, message.value, b"customer-7", headers=headers)
+    producer.flush(10)
+    with worker(settings, tmp_path / "worker.log"):
+        wait_until(lambda: all_applied(settings, engine), what="every message applied")
+        [letter] = read_topic(settings.kafka_bootstrap, f"{settings.topic}.dlq", 1)
+    # A header that is not ours is not judged: the three tokens events count.
+    [(value, count)] = stored_totals(engine).values()
+    assert (value, count) == (Decimal(6), 3)
+    # The dead letter went out (without the name no producer can write) and is stored whole.
+    assert dict(letter.headers())["meterstream.reason"] == b"unknown_meter"
+    assert dict(letter.headers())["ce_id"] == b"dead"
+    [stored] = dead_letters(engine, settings.topic)
+    assert (
+        len(stored.headers) == len(ce_kafka.to_binary_event(_event("d", "t", "1", now)).headers) + 1
+    )
+    engine.dispose()

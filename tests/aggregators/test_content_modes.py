@@ -21,11 +21,15 @@ from cloudevents.core.v1.event import CloudEvent
 from cloudevents.v1 import kafka as ce_kafka_v1
 from cloudevents.v1.http import CloudEvent as CloudEventV1
 from confluent_kafka import Producer
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select
 
+from aggregators.batch import Message, Rejected
+from aggregators.dead_letter_topic import dead_letter_headers
 from aggregators.dead_letters import dead_letters, replay
 from aggregators.intake import Accepted, Clock, Rejection, admit
-from meterstream.content_modes import decode_message
+from meterstream.content_modes import decode_headers, decode_message, encode_headers
 from meterstream.db import build_engine, migrate
 from meterstream.errors import HeaderError
 from meterstream.events import UsageEvent
@@ -276,3 +280,32 @@ def test_a_header_name_that_is_not_utf8_does_not_stop_the_worker(
         len(stored.headers) == len(ce_kafka.to_binary_event(_event("d", "t", "1", now)).headers) + 1
     )
     engine.dispose()
+
+
+def _letter(headers: list[tuple[str, bytes | None]]) -> list[tuple[str, bytes | None]]:
+    message = Message("usage", 0, 7, b"{}", None, tuple(headers))
+    return dead_letter_headers(Rejected(message, Rejection("invalid_headers", "x")))
+
+
+def test_the_dead_letter_copy_keeps_own_headers_bounded_and_never_passing_for_ours() -> None:
+    own: list[tuple[str, bytes | None]] = [("ce_id", b"1"), ("ce_id", b"2"), ("ce_x", None)]
+    letter = _letter([*own, ("meterstream.reason", b"forged"), ("\udcff", b"lone surrogate")])
+    assert letter[:3] == own
+    assert [v for n, v in letter if n == "meterstream.reason"] == [b"invalid_headers"]
+    assert dict(letter)["meterstream.headers_truncated"] == b"0"
+    huge = _letter([("ce_id", b"1"), ("ce_padding", b"x" * 70_000)])
+    assert not [n for n, _ in huge if not n.startswith("meterstream.")]
+    assert dict(huge)["meterstream.headers_truncated"] == b"1"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(), max_size=20),  # lone surrogates included
+            st.one_of(st.none(), st.binary(max_size=40)),
+        ),
+        max_size=8,
+    )
+)
+def test_stored_headers_come_back_as_they_were(headers: list[tuple[str, bytes | None]]) -> None:
+    assert decode_headers(encode_headers(headers)) == tuple(headers)

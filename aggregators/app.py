@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -28,12 +29,14 @@ from sqlalchemy import Engine
 
 from aggregators.batch import BatchResult, count_batch, note_newest_event_time
 from aggregators.dead_letter_topic import DeadLetterSender, dead_letter_topic
+from aggregators.intake import header_bytes
 from aggregators.offset_store import DatabaseWentBackError, stored_or_seeded
 from aggregators.offsets import AppliedOffsets, use_applied_offsets
 from aggregators.pipeline import AppliedBatch, ApplyPipeline, RawMessage
 from aggregators.retention import prune_aggregates
 from aggregators.stall import StallWatch
 from meterstream.backoff import backoff_s
+from meterstream.content_modes import Header
 from meterstream.errors import OutOfOrderError
 from meterstream.lag import group_progress
 from meterstream.metrics import AggregatorMetrics
@@ -290,7 +293,23 @@ def _exit_if_failed(acker: asyncio.Task[None]) -> None:
 
 def _raw(event: Any) -> RawMessage:
     message = event.message
-    return (message.topic, message.partition, message.offset, event.value, message.timestamp)
+    return (
+        message.topic,
+        message.partition,
+        message.offset,
+        event.value,
+        message.timestamp,
+        kafka_headers(message.headers),
+    )
+
+
+def kafka_headers(headers: Any) -> tuple[Header, ...]:
+    """A message's headers as (name, value) pairs, in their order, duplicates kept (the
+    decoder refuses them by name): faust hands over aiokafka's pairs, or a mapping."""
+    if not headers:
+        return ()
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(name), None if value is None else bytes(value)) for name, value in pairs)
 
 
 def split_by_bytes(events: list[Any], max_bytes: int) -> list[list[Any]]:
@@ -299,7 +318,7 @@ def split_by_bytes(events: list[Any], max_bytes: int) -> list[list[Any]]:
     parts: list[list[Any]] = [[]]
     size = 0
     for event in events:
-        length = len(event.value or b"")
+        length = len(event.value or b"") + header_bytes(kafka_headers(event.message.headers))
         if parts[-1] and size + length > max_bytes:
             parts.append([])
             size = 0

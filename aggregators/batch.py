@@ -38,6 +38,7 @@ from aggregators.sql import insert_ignoring_conflicts
 from aggregators.totals import ChangedWindow, apply_partials
 from aggregators.windows import window_bounds
 from meterstream.backoff import backoff_s
+from meterstream.content_modes import Header, encode_headers
 from meterstream.meters import Catalogue
 from meterstream.metrics import AggregatorMetrics
 from meterstream.schema import rejected_events
@@ -66,6 +67,8 @@ class Message:
     value: bytes | None
     # The Kafka timestamp: when the producer handed it over (the SDK never back-dates it).
     produced_at: datetime | None = None
+    # A binary-mode event's attributes are headers (meterstream/content_modes.py).
+    headers: tuple[Header, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +138,16 @@ class BatchApplier:
         self._last_now = now
         clock = Clock(now, self._future_tolerance_s, self._horizon_days)
         admitted = [
-            (m, admit(m.value, self._catalogue, clock=clock, produced=m.produced_at))
+            (
+                m,
+                admit(
+                    m.value,
+                    self._catalogue,
+                    clock=clock,
+                    produced=m.produced_at,
+                    headers=m.headers,
+                ),
+            )
             for m in messages
         ]
         result = BatchResult()
@@ -354,6 +366,7 @@ def _rejected_row(rejected: Rejected, now: datetime) -> dict[str, object]:
         "raw": raw,
         "raw_digest": hashlib.blake2b(raw, digest_size=16).digest(),
         "rejected_at": now,
+        "headers": encode_headers(message.headers),
     }
 
 

@@ -27,6 +27,7 @@ from aiokafka.errors import (
 from prometheus_client import CollectorRegistry, Counter
 
 from aggregators.batch import BatchResult, Rejected
+from aggregators.intake import header_bytes
 from meterstream.events import MAX_EVENT_BYTES
 from meterstream.settings import Settings
 
@@ -62,11 +63,23 @@ def dead_letter_topic(settings: Settings) -> str:
     return f"{settings.topic}.dlq"
 
 
-def dead_letter_headers(rejected: Rejected) -> list[tuple[str, bytes]]:
-    """Why, and from where: enough to find the whole message in ``rejected_events``."""
+def dead_letter_headers(rejected: Rejected) -> list[tuple[str, bytes | None]]:
+    """The message's own headers (a binary-mode event's attributes), then why and from where:
+    enough to find the whole message in ``rejected_events``.
+
+    Its own headers are kept in order, unless they take more than ``DEAD_LETTER_VALUE_BYTES``
+    (then ``meterstream.headers_truncated`` is 1 and the table alone has them) and except any
+    named ``meterstream.*``, which would pass for ours."""
     message, rejection = rejected.message, rejected.rejection
     raw = message.value or b""
+    own = [
+        (name, value)
+        for name, value in message.headers
+        if not name.startswith("meterstream.") and _encodable(name)
+    ]
+    cut = header_bytes(own) > DEAD_LETTER_VALUE_BYTES
     return [
+        *([] if cut else own),
         ("meterstream.reason", rejection.reason.encode()),
         ("meterstream.detail", rejection.detail.encode()[:1000]),
         ("meterstream.topic", message.topic.encode()),
@@ -76,7 +89,18 @@ def dead_letter_headers(rejected: Rejected) -> list[tuple[str, bytes]]:
         # The raw_digest of its rejected_events row.
         ("meterstream.digest", hashlib.blake2b(raw, digest_size=16).hexdigest().encode()),
         ("meterstream.truncated", b"1" if len(raw) > DEAD_LETTER_VALUE_BYTES else b"0"),
+        ("meterstream.headers_truncated", b"1" if cut else b"0"),
     ]
+
+
+def _encodable(name: str) -> bool:
+    """Whether the producer can write ``name`` (UTF-8): a name with a lone surrogate would be
+    refused on every try, and the batch never acknowledged."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class DeadLetterSender:

@@ -17,6 +17,7 @@ from datetime import datetime
 from confluent_kafka import KafkaError, Message, Producer
 from sqlalchemy import Engine, select
 
+from meterstream.content_modes import Header, decode_headers, encode_headers
 from meterstream.errors import ReplayError
 from meterstream.kafka import client_config
 from meterstream.schema import rejected_events
@@ -39,6 +40,8 @@ class DeadLetter:
     meter: str | None
     rejected_at: datetime
     raw: bytes
+    # Its Kafka headers: a binary-mode event's attributes, sent back with it.
+    headers: tuple[Header, ...] = ()
 
 
 def dead_letters(
@@ -58,6 +61,7 @@ def dead_letters(
         c.meter,
         c.rejected_at,
         c.raw,
+        c.headers,
     ).where(c.topic == topic)
     if reason is not None:
         query = query.where(c.reason == reason)
@@ -65,7 +69,10 @@ def dead_letters(
         query = query.where(c.rejected_at >= since)
     query = query.order_by(c.rejected_at, c.partition, c.offset)
     with engine.connect() as connection:
-        return [DeadLetter(**row._mapping) for row in connection.execute(query)]
+        return [
+            DeadLetter(**{**row._mapping, "headers": decode_headers(row.headers)})
+            for row in connection.execute(query)
+        ]
 
 
 # Reasons a replay can never cure: the event's time only gets older, its value's digits and its
@@ -102,17 +109,29 @@ def replay(settings: Settings, letters: Sequence[DeadLetter], timeout_s: float =
         if error is not None:
             failures.append(str(error))
 
-    # A message refused twice (its producer re-sent it) has two rows; once is enough.
+    # A message refused twice (its producer re-sent it) has two rows; once is enough. Its
+    # headers count: two binary-mode events may carry the same data under two ids.
     sent: set[bytes] = set()
     for letter in letters:
-        digest = hashlib.blake2b(letter.raw, digest_size=16).digest()
+        digest = hashlib.blake2b(
+            len(letter.raw).to_bytes(8, "big")
+            + letter.raw
+            + (encode_headers(letter.headers) or b""),
+            digest_size=16,
+        ).digest()
         if digest in sent:
             continue
         sent.add(digest)
         key = letter.customer_id.encode() if letter.customer_id else None
         while True:
             try:
-                producer.produce(settings.topic, letter.raw, key, on_delivery=delivered)
+                producer.produce(
+                    settings.topic,
+                    letter.raw,
+                    key,
+                    headers=list(letter.headers) or None,
+                    on_delivery=delivered,
+                )
                 break
             except BufferError:  # the local queue is full: let deliveries drain it
                 producer.poll(1.0)

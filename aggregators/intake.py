@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
-from meterstream.errors import InvalidEventError
+from meterstream.content_modes import Headers, decode_message
+from meterstream.errors import HeaderError, InvalidEventError
 from meterstream.events import (
     UsageEvent,
     check_event_size,
@@ -22,7 +23,6 @@ from meterstream.events import (
     check_properties,
     check_stripe_digits,
     check_value,
-    decode_event,
 )
 from meterstream.horizon import accepted_age_text, oldest_accepted
 from meterstream.meters import Catalogue, Meter
@@ -38,6 +38,7 @@ RejectReason = Literal[
     "unstorable",
     "undecodable",
     "too_large",
+    "invalid_headers",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -87,8 +88,11 @@ def admit(
     *,
     clock: Clock,
     produced: datetime | None,
+    headers: Headers = (),
 ) -> Accepted | Rejection:
-    """Decode ``raw`` and check it against the catalogue, the clock and the storage limits.
+    """Decode ``raw`` (with its Kafka ``headers``: either CloudEvents content mode,
+    meterstream/content_modes.py) and check it against the catalogue, the clock and the
+    storage limits.
 
     Never raises: an unexpected error is the message's rejection (``undecodable``).
 
@@ -97,25 +101,32 @@ def admit(
     workers were behind.
     """
     try:
-        return _admit(raw, catalogue, clock, produced)
+        return _admit(raw, headers, catalogue, clock, produced)
     except Exception as exc:
         # A bug of ours that one message reaches must not stop the worker: park the message.
         return Rejection("undecodable", f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def _admit(
-    raw: bytes | None, catalogue: Catalogue, clock: Clock, produced: datetime | None
+    raw: bytes | None,
+    headers: Headers,
+    catalogue: Catalogue,
+    clock: Clock,
+    produced: datetime | None,
 ) -> Accepted | Rejection:
     if raw is None:
         return Rejection("unparseable", "message has no value (a tombstone?)")
     try:
         # The SDK's limit: what is larger did not come from it, and would cost the worker
-        # memory and the dead-letter topic more than its producer limit.
-        check_event_size(raw)
+        # memory and the dead-letter topic more than its producer limit. Binary mode carries
+        # the attributes in headers: they count too.
+        check_event_size(raw, header_bytes(headers))
     except InvalidEventError as exc:
         return Rejection("too_large", str(exc))
     try:
-        event = decode_event(raw)
+        event = decode_message(raw, headers)
+    except HeaderError as exc:
+        return Rejection("invalid_headers", str(exc))
     except InvalidEventError as exc:
         return Rejection("unparseable", str(exc))
     known = {"event_id": event.event_id, "customer_id": event.customer_id, "meter": event.meter}
@@ -169,6 +180,13 @@ def _check_time(
             f"kept ({clock.horizon_days} days + 1); it can no longer be counted exactly once"
         )
     return None
+
+
+def header_bytes(headers: Headers) -> int:
+    """The bytes the headers of a message take (names and values)."""
+    return sum(
+        len(name.encode("utf-8", "surrogatepass")) + len(value or b"") for name, value in headers
+    )
 
 
 def dedup_floor(now: datetime, horizon_days: int) -> date:

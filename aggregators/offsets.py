@@ -67,7 +67,7 @@ class AppliedOffsets:
     def note(self, raw: Iterable[RawMessage]) -> None:
         """Record a batch whose transaction committed (call before acknowledging it)."""
         highest: dict[_Partition, int] = {}
-        for topic, partition, offset, _value, _timestamp_s in raw:
+        for topic, partition, offset, *_rest in raw:
             key = (topic, partition)
             if offset >= highest.get(key, -1):
                 highest[key] = offset

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from aggregators.batch import BatchApplier, BatchResult, Message
 from aggregators.intake import produced_at
 from aggregators.offset_store import DatabaseWentBackError
+from meterstream.content_modes import Header
 from meterstream.db import build_engine
 from meterstream.errors import BatchFailedError, OutOfOrderError
 from meterstream.meters import Catalogue, load_catalogue
@@ -45,8 +46,9 @@ from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
 
-# (topic, partition, offset, value, Kafka timestamp in s or 0): plain values pickle fast.
-RawMessage = tuple[str, int, int, bytes | None, float]
+# (topic, partition, offset, value, Kafka timestamp in s or 0, headers): plain values pickle
+# fast. The headers carry a binary-mode event's attributes (meterstream/content_modes.py).
+RawMessage = tuple[str, int, int, bytes | None, float, tuple[Header, ...]]
 _T = TypeVar("_T")
 
 
@@ -82,8 +84,8 @@ class _Child:
             raise OutOfOrderError(sequence, expected)
         started = time.perf_counter()
         messages = [
-            Message(topic, partition, offset, value, _produced_at(timestamp_s))
-            for topic, partition, offset, value, timestamp_s in raw
+            Message(topic, partition, offset, value, _produced_at(timestamp_s), headers)
+            for topic, partition, offset, value, timestamp_s, headers in raw
         ]
         result = self.applier.apply(messages)
         # A crash before this line replays a committed batch: a no-op, never a loss.

@@ -5,12 +5,17 @@ MeterstreamError
  |    +-- CatalogueError       names the meter, the key and the reason
  |    +-- MeterCheckError      Stripe's meters do not fit the catalogue; lists every problem
  |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
+ |    +-- ApiKeyError          an api-keys command was given a bad name, source or scope
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
+ |    +-- HeaderError          a Kafka message's headers break the CloudEvents binding
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
+ +-- KafkaNotAcknowledgedError Kafka did not acknowledge every event of an HTTP request in
+ |                             time (the answer is 503); a retry of the request is deduplicated
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
+ +-- UsageQueryError           a usage query that cannot be answered exactly; names the parameter
  +-- BatchError                an aggregator batch was not applied; the worker sends it again
  |    +-- OutOfOrderError      it reached the applying child before its predecessor committed
  |    +-- BatchFailedError     the child could not apply it; nothing of it was kept
@@ -57,6 +62,10 @@ class CatalogueChangedError(ConfigError):
     """The catalogue no longer describes totals the database holds (aggregators.definitions)."""
 
 
+class ApiKeyError(ConfigError):
+    """An ``api-keys`` command was given a bad name, source or scope, or a name taken."""
+
+
 class InvalidEventError(MeterstreamError):
     """A usage event broke a rule. Nothing of it was sent; ``field`` and ``reason`` say why."""
 
@@ -66,6 +75,12 @@ class InvalidEventError(MeterstreamError):
         super().__init__(f"{field}: {reason}")
 
 
+class HeaderError(InvalidEventError):
+    """A Kafka message's headers break the CloudEvents Kafka binding (both content modes at
+    once, a header twice, a header value absent or not UTF-8, data whose type is not JSON);
+    ``field`` names the header (meterstream/content_modes.py)."""
+
+
 class BrokerUnavailableError(MeterstreamError):
     """No Kafka broker answered at the configured bootstrap."""
 
@@ -73,6 +88,13 @@ class BrokerUnavailableError(MeterstreamError):
 class BackpressureError(MeterstreamError):
     """The producer's queue stayed full for longer than the configured wait; the event was not
     accepted, so the caller still owns it and may retry."""
+
+
+class KafkaNotAcknowledgedError(MeterstreamError):
+    """Kafka did not acknowledge every event of an HTTP request within
+    ``METERSTREAM_HTTP_PRODUCE_TIMEOUT_S`` (or refused one, or the queue was full). The request
+    is answered 503 with Retry-After; events of it that did reach Kafka are counted once when
+    the producer sends the request again, since the workers deduplicate by event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +158,17 @@ class AcknowledgementMismatchError(LedgerError):
 
 class ReplayError(MeterstreamError):
     """Kafka did not acknowledge every dead letter sent back; the replay can be run again."""
+
+
+class UsageQueryError(MeterstreamError):
+    """A usage query cannot be answered exactly (an unknown meter, a range too wide or off the
+    window boundaries, a rollup that cannot be exact); ``parameter`` names the query parameter
+    at fault and the message says what to ask instead."""
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"{parameter}: {reason}")
 
 
 class BatchError(MeterstreamError):

@@ -79,11 +79,13 @@ def dedup_key(source: str, event_id: str, customer_id: str, meter: str) -> bytes
     return hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def check_event_size(payload: bytes) -> None:
-    """The one size rule of an encoded event, for the SDK and the aggregators alike."""
-    if len(payload) > MAX_EVENT_BYTES:
+def check_event_size(payload: bytes, header_bytes: int = 0) -> None:
+    """The one size rule of an encoded event (its value and any headers), for the SDK and the
+    aggregators alike."""
+    size = len(payload) + header_bytes
+    if size > MAX_EVENT_BYTES:
         raise InvalidEventError(
-            "event", f"encodes to {len(payload)} bytes; at most {MAX_EVENT_BYTES} allowed"
+            "event", f"encodes to {size} bytes; at most {MAX_EVENT_BYTES} allowed"
         )
 
 
@@ -312,7 +314,7 @@ def encode_fields(
 
 
 def decode_event(raw: bytes) -> UsageEvent:
-    """Parse one Kafka message value. Raises InvalidEventError naming the field at fault.
+    """Parse one structured-mode message value. Raises InvalidEventError naming the field.
 
     This checks the structure only; the catalogue and the horizon are the reader's business.
     """
@@ -320,11 +322,24 @@ def decode_event(raw: bytes) -> UsageEvent:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEventError("message", f"not JSON: {exc}") from None
+    return decode_document(doc)
+
+
+def decode_document(doc: Any) -> UsageEvent:
+    """Like :func:`decode_event` for a document already parsed from JSON (one element of a
+    CloudEvents batch, or the attributes of a binary-mode event with its data)."""
     if not isinstance(doc, dict):
         raise InvalidEventError("message", "expected a CloudEvents JSON object")
+    return event_from_document(doc)
+
+
+def event_from_document(doc: dict[str, Any], field_prefix: str = "") -> UsageEvent:
+    """The event of a CloudEvents document: the structured JSON, or binary mode's headers
+    with its data (meterstream/content_modes.py). One set of rules for both; errors name the
+    attribute with ``field_prefix`` (``ce_`` for a header)."""
     if doc.get("specversion") != SPECVERSION:
         raise InvalidEventError(
-            "specversion", f"expected '1.0', got {doc.get('specversion')!r:.40}"
+            f"{field_prefix}specversion", f"expected '1.0', got {doc.get('specversion')!r:.40}"
         )
     data = doc.get("data")
     if not isinstance(data, dict):
@@ -338,20 +353,20 @@ def decode_event(raw: bytes) -> UsageEvent:
             "data.properties", "must be an object of strings without control characters"
         )
     return UsageEvent(
-        event_id=check_event_id(doc.get("id"), "id"),
-        source=check_event_id(doc.get("source"), "source"),
+        event_id=check_event_id(doc.get("id"), f"{field_prefix}id"),
+        source=check_event_id(doc.get("source"), f"{field_prefix}source"),
         customer_id=check_customer(doc.get("subject")),
-        meter=_decode_meter(doc.get("type")),
+        meter=_decode_meter(doc.get("type"), f"{field_prefix}type"),
         value=_decode_value(data.get("value")),
-        event_time=_parse_time(doc.get("time")),
+        event_time=_parse_time(doc.get("time"), f"{field_prefix}time"),
         properties=properties,
     )
 
 
-def _decode_meter(meter: Any) -> str:
+def _decode_meter(meter: Any, field_name: str) -> str:
     if not isinstance(meter, str) or not 0 < len(meter) <= 100 or _CONTROL.search(meter):
         raise InvalidEventError(
-            "type", f"must be a meter name of 1 to 100 characters: {meter!r:.60}"
+            field_name, f"must be a meter name of 1 to 100 characters: {meter!r:.60}"
         )
     return meter
 
@@ -374,18 +389,18 @@ def _decode_value(raw: Any) -> Decimal:
     return Decimal(raw)
 
 
-def _parse_time(raw: Any) -> datetime:
+def _parse_time(raw: Any, field_name: str) -> datetime:
     if not isinstance(raw, str):
-        raise InvalidEventError("time", "must be an RFC 3339 timestamp")
+        raise InvalidEventError(field_name, "must be an RFC 3339 timestamp")
     try:
         # RFC 3339 allows a lowercase t and z; fromisoformat does not.
         parsed = datetime.fromisoformat(raw.upper())
     except ValueError:
-        raise InvalidEventError("time", f"not an RFC 3339 timestamp: {raw!r:.40}") from None
+        raise InvalidEventError(field_name, f"not an RFC 3339 timestamp: {raw!r:.40}") from None
     if parsed.tzinfo is None:
-        raise InvalidEventError("time", f"must carry a UTC offset: {raw!r:.40}")
+        raise InvalidEventError(field_name, f"must carry a UTC offset: {raw!r:.40}")
     try:
         return parsed.astimezone(UTC)
     except OverflowError:
         # 0001-01-01T00:00:00+14:00 and 9999-12-31T23:59:59-14:00 have no UTC datetime.
-        raise InvalidEventError("time", f"out of range in UTC: {raw!r:.40}") from None
+        raise InvalidEventError(field_name, f"out of range in UTC: {raw!r:.40}") from None

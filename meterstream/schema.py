@@ -145,6 +145,9 @@ rejected_events = Table(
     Column("meter", String(100), nullable=True),
     Column("raw", LargeBinary, nullable=False),
     Column("rejected_at", UTCDateTime(), nullable=False),
+    # Its Kafka headers (meterstream.content_modes.encode_headers), NULL when it had none: a
+    # binary-mode event's attributes are headers, and a replay must send them back.
+    Column("headers", LargeBinary, nullable=True),
 )
 Index("rejected_events_by_time", rejected_events.c.rejected_at)
 
@@ -295,4 +298,20 @@ meter_scales = Table(
     # NULL: a meter migration 0006 found in the ledger, its scale checked at the next start.
     Column("unit_scale", ExactDecimal(), nullable=True),
     Column("recorded_at", UTCDateTime(), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # The HTTP API's keys (meterstream/api_keys.py). A key is ``msk_<key_id>_<secret>``: only the
+    # SHA-256 of its 256-bit secret is kept, so a copy of this table lets no one in.
+    Column("name", String(100), primary_key=True),
+    Column("key_id", String(16), nullable=False, unique=True),
+    Column("secret_sha256", LargeBinary(32), nullable=False),
+    # The CloudEvents source every event sent with the key must carry (its dedup namespace).
+    Column("source", String(200), nullable=False),
+    Column("scope", String(10), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    CheckConstraint("scope IN ('ingest', 'read', 'all')", name="api_keys_scope"),
 )

@@ -1,5 +1,7 @@
 """Hypothesis strategies for usage messages: good events, and hostile messages that break a
 rule for certain (so the tests know, without asking the code under test, which is which).
+Each comes in either CloudEvents content mode: structured (the value is the event) or binary
+(the attributes are ``ce_`` headers, the value is the data).
 
 Every message comes with a Kafka timestamp (seconds, as faust gives it) drawn from the whole
 int64 range of milliseconds, or 0 (none).
@@ -52,6 +54,7 @@ class Generated:
     value: bytes | None
     timestamp_s: float
     event: UsageEvent | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 kafka_timestamps = st.one_of(
@@ -218,6 +221,88 @@ hostile_values = st.one_of(
     _broken_document().map(orjson.dumps),
 )
 
+Headers = tuple[tuple[str, bytes | None], ...]
+BinaryMessage = tuple[bytes, Headers]
+_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
+
+
+def binary_message(doc: dict[str, Any]) -> BinaryMessage:
+    """``doc`` in binary content mode, as the CloudEvents Kafka binding writes it: each
+    attribute a ``ce_`` header, ``content-type`` the data's type, the value the data."""
+    headers: list[tuple[str, bytes | None]] = [("content-type", b"application/json")]
+    for name in _ATTRIBUTES:
+        if name in doc:
+            text = doc[name] if isinstance(doc[name], str) else orjson.dumps(doc[name]).decode()
+            headers.append((f"ce_{name}", text.encode()))
+    return (orjson.dumps(doc["data"]) if "data" in doc else b""), tuple(headers)
+
+
+def binary_event(event: UsageEvent) -> BinaryMessage:
+    return binary_message(_document(event))
+
+
+# The breakers whose fault survives the trip into headers (a header is always a string, so a
+# wrong JSON type in an attribute is no fault there).
+_BINARY_BREAKERS = [b for b in _BREAKERS if b is not _wrong_type]
+
+
+@st.composite
+def _broken_binary(draw: st.DrawFn) -> BinaryMessage:
+    """A binary-mode message that breaks one event rule, for certain."""
+    doc = _document(draw(good_events()))
+    draw(st.sampled_from(_BINARY_BREAKERS))(draw, doc)
+    return binary_message(doc)
+
+
+def _shuffled(draw: st.DrawFn, headers: list[tuple[str, bytes | None]]) -> Headers:
+    return tuple(draw(st.permutations(headers)))
+
+
+@st.composite
+def _bad_headers(draw: st.DrawFn) -> BinaryMessage:
+    """A good event whose headers break the binding: mixed modes, a header twice (in any
+    case), a header without a value or not UTF-8, data that is not JSON by its type."""
+    event = draw(good_events())
+    value, headers = binary_event(event)
+    listed = list(headers)
+    fault = draw(st.sampled_from(["mixed", "whole", "twice", "none", "utf8", "type", "dct"]))
+    if fault == "mixed":  # a structured content type beside ce_ headers
+        listed[0] = ("content-type", b"application/cloudevents+json")
+        value = encode_event(event)
+    elif fault == "whole":  # ce_ headers, and the whole event as the value
+        value = encode_event(event)
+    elif fault == "twice":
+        name, raw = draw(st.sampled_from(listed))
+        listed.append((draw(st.sampled_from([name, name.upper(), name.title()])), raw))
+    elif fault in ("none", "utf8"):
+        at = draw(st.integers(0, len(listed) - 1))
+        listed[at] = (
+            listed[at][0],
+            None if fault == "none" else b"\xff\xfe" + (listed[at][1] or b""),
+        )
+    elif fault == "type":
+        listed[0] = ("content-type", draw(st.sampled_from([b"text/plain", b"application/xml"])))
+    else:
+        listed.append(("ce_datacontenttype", b"application/json"))
+    return value, _shuffled(draw, listed)
+
+
+# Any headers at all: names from the binding's and beyond, values any bytes or none.
+_header_names = st.one_of(
+    st.sampled_from([f"ce_{n}" for n in _ATTRIBUTES] + ["content-type", "ce_data", "traceparent"]),
+    st.text(_TEXT, max_size=20),
+)
+_any_headers = st.lists(st.tuples(_header_names, st.one_of(st.none(), st.binary(max_size=60))))
+hostile_binary = st.one_of(
+    _broken_binary(),
+    _bad_headers(),
+    st.tuples(hostile_values.map(lambda v: v or b""), _any_headers.map(tuple)).filter(
+        # Without a ce_ header or a content-type, a message is structured: hostile_values
+        # covers it (and without them a good event could be drawn by chance).
+        lambda m: any(n.lower().startswith("ce_") or n.lower() == "content-type" for n, _ in m[1])
+    ),
+)
+
 
 @st.composite
 def streams(draw: st.DrawFn) -> list[Generated]:
@@ -229,6 +314,16 @@ def streams(draw: st.DrawFn) -> list[Generated]:
     good = list(events.values())
     resent = draw(st.lists(st.sampled_from(good), max_size=4)) if good else []
     hostile = draw(st.lists(hostile_values, max_size=12))
-    items = [Generated(encode_event(e), draw(kafka_timestamps), e) for e in good + resent]
+    items = [_good(draw, e) for e in good + resent]
     items += [Generated(value, draw(kafka_timestamps), None) for value in hostile]
+    for value, headers in draw(st.lists(st.one_of(_broken_binary(), _bad_headers()), max_size=6)):
+        items.append(Generated(value, draw(kafka_timestamps), None, headers))
     return draw(st.permutations(items))
+
+
+def _good(draw: st.DrawFn, event: UsageEvent) -> Generated:
+    """``event`` in either content mode (a re-send may change mode: it is the same event)."""
+    if draw(st.booleans()):
+        value, headers = binary_event(event)
+        return Generated(value, draw(kafka_timestamps), event, headers)
+    return Generated(encode_event(event), draw(kafka_timestamps), event)

@@ -39,7 +39,7 @@ SettingsFactory = Callable[..., Settings]
 
 def _raw(offset: int, timestamp_s: float, now: datetime) -> RawMessage:
     event = UsageEvent(f"e{offset}", "s", "c1", "tokens", Decimal(1), now)
-    return ("usage", 0, offset, encode_event(event), timestamp_s)
+    return ("usage", 0, offset, encode_event(event), timestamp_s, ())
 
 
 def test_a_kafka_timestamp_in_the_far_future_does_not_stop_the_batch(

@@ -77,7 +77,10 @@ def test_a_one_megabyte_message_is_parked_and_the_worker_goes_on(
 
 
 def test_a_batch_is_split_by_the_bytes_of_its_values() -> None:
-    events = [SimpleNamespace(value=b"x" * size) for size in (40, 40, 30, 100, 10, 0)]
+    events = [
+        SimpleNamespace(value=b"x" * size, message=SimpleNamespace(headers=None))
+        for size in (40, 40, 30, 100, 10, 0)
+    ]
     parts = split_by_bytes(events, 100)
     assert [[len(e.value) for e in part] for part in parts] == [[40, 40], [30], [100], [10, 0]]
     assert [e for part in parts for e in part] == events  # nothing lost, order kept

@@ -34,7 +34,7 @@ SettingsFactory = Callable[..., Settings]
 
 
 def _raw(partition: int, *offsets: int, topic: str = "usage") -> list[RawMessage]:
-    return [(topic, partition, offset, b"", 0.0) for offset in offsets]
+    return [(topic, partition, offset, b"", 0.0, ()) for offset in offsets]
 
 
 def test_cap_is_one_past_the_highest_offset_applied_per_partition() -> None:

@@ -164,6 +164,7 @@ def _batch(first: int, count: int) -> list[RawMessage]:
             offset,
             encode_event(UsageEvent(f"e{offset}", "s", "c1", "tokens", Decimal(1), now)),
             now.timestamp(),
+            (),
         )
         for offset in range(first, first + count)
     ]

@@ -1,0 +1,25 @@
+"""The Kafka headers of a rejected message, so a binary-mode CloudEvent (its attributes are
+headers, its value only the data) can be replayed whole.
+
+Revision ID: 0017
+Revises: 0010 (0009 before the merge of s6-http; the lead re-chains)
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0017"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("rejected_events", sa.Column("headers", sa.LargeBinary(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("rejected_events") as batch:
+        batch.drop_column("headers")

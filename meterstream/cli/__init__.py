@@ -88,19 +88,38 @@ def broker(port: int, partitions: int | None) -> None:
 @click.option(
     "--rate", type=int, default=100, show_default=True, help="calls per second it accepts"
 )
-def stripe_emulator(port: int, rate: int) -> None:
+@click.option(
+    "--webhook-url",
+    default=None,
+    help="send the account's events (meter error reports, invoices) here, e.g. "
+    "http://127.0.0.1:8000/v1/stripe/webhooks",
+)
+@click.option(
+    "--webhook-secret",
+    "webhook_secrets",
+    multiple=True,
+    help="sign webhooks with this secret (whsec_...); twice while a secret is rolled",
+)
+def stripe_emulator(
+    port: int, rate: int, webhook_url: str | None, webhook_secrets: tuple[str, ...]
+) -> None:
     """Serve the slice of Stripe's API that meterstream uses, with Stripe's rules, until Ctrl-C.
 
     Point the reporter at it with METERSTREAM_STRIPE_API_BASE=http://127.0.0.1:PORT and any
-    METERSTREAM_STRIPE_API_KEY=sk_test_... key.
+    METERSTREAM_STRIPE_API_KEY=sk_test_... key. With --webhook-url it signs and sends the
+    account's events there, retrying until it answers 2xx, as Stripe does.
     """
     from stripe_emulator import serve_forever
 
+    if webhook_url and not webhook_secrets:
+        raise click.UsageError("--webhook-url needs --webhook-secret (Stripe signs every event)")
     serve_forever(
         "127.0.0.1",
         port,
         rate_limit_per_s=rate,
         on_ready=lambda emulator: click.echo(f"Stripe emulator listening on {emulator.url}"),
+        webhook_url=webhook_url,
+        webhook_secrets=webhook_secrets,
     )
 
 

@@ -159,6 +159,7 @@ def status(as_json: bool) -> None:
     from meterstream.meters import load_catalogue
     from reporters.capacity import sending_capacity
     from reporters.status import format_status, reporter_status
+    from reporters.webhooks.status import format_webhook_status, webhook_status
 
     settings = settings_or_exit()
     catalogue = load_catalogue(settings.meters_file)
@@ -169,6 +170,7 @@ def status(as_json: bool) -> None:
         reported: dict[str, Any] = {"deployment_id": _deployment_shown(settings, engine)}
         reported.update(reporter_status(engine, catalogue, now, settings.horizon_days))
         sending = sending_capacity(engine, settings, now)
+        reported["webhooks"] = webhook_status(engine, now)
     finally:
         engine.dispose()
     reported["sending"] = sending.as_dict()
@@ -181,6 +183,7 @@ def status(as_json: bool) -> None:
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
     click.echo(f"  {sending.line()}")
+    click.echo("\n".join(f"  {line}" for line in format_webhook_status(reported["webhooks"])))
 
 
 def _deployment_shown(settings: Settings, engine: Engine) -> str:
@@ -270,9 +273,15 @@ def _register_stage_commands() -> None:
     # other.
     from meterstream.cli.aggregate import AGGREGATOR_COMMANDS
     from meterstream.cli.dead_letters import DEAD_LETTER_COMMANDS
+    from meterstream.cli.payments import PAYMENT_COMMANDS
     from meterstream.cli.report import REPORTER_COMMANDS
 
-    for command in (*AGGREGATOR_COMMANDS, *DEAD_LETTER_COMMANDS, *REPORTER_COMMANDS):
+    for command in (
+        *AGGREGATOR_COMMANDS,
+        *DEAD_LETTER_COMMANDS,
+        *REPORTER_COMMANDS,
+        *PAYMENT_COMMANDS,
+    ):
         cli.add_command(command)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import stripe
 from sqlalchemy import Connection, Engine
 
+from meterstream.errors import ConfigError
 from meterstream.metrics import WebhookMetrics
 from reporters.webhooks import alerts, inbox, meter_errors, payments
 from reporters.webhooks.inbox import StoredEvent
@@ -63,8 +64,11 @@ class WebhookProcessor:
         client: stripe.StripeClient,
         metrics: WebhookMetrics,
         clock: Callable[[], datetime] = _utcnow,
+        *,
+        can_fetch: bool = True,
     ) -> None:
         self.engine = engine
+        self.can_fetch = can_fetch  # False: no API key, so thin events wait (failing, shown)
         self.client = client
         self.metrics = metrics
         self.clock = clock
@@ -186,6 +190,11 @@ class WebhookProcessor:
         return apply
 
     def _prepare_error_report(self, event: StoredEvent) -> Apply:
+        if not self.can_fetch:
+            raise ConfigError(
+                "METERSTREAM_STRIPE_API_KEY is not set: a thin event is fetched in full through "
+                "Stripe's API; set it and restart, the event is retried"
+            )
         notification: Any = self.client.parse_event_notification_without_verification(event.body)
         full = notification.fetch_event()
         event_name = meter_id = None

@@ -15,29 +15,18 @@ from typing import Self
 
 from ingest.exit_flush import ExitFlush
 from ingest.producer import DeliveryFailedCallback, EventProducer
+from ingest.rules import EventRules, encode_checked
 from meterstream.errors import (
     ClientClosedError,
     DeliveryError,
     InvalidEventError,
     UndeliveredEvent,
 )
-from meterstream.events import (
-    check_customer,
-    check_event_id,
-    check_event_size,
-    check_event_time,
-    check_meter,
-    check_properties,
-    check_stripe_digits,
-    check_value,
-    encode_fields,
-)
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import IngestMetrics
 from meterstream.settings import Settings, load_settings
 
 _log = logging.getLogger(__name__)
-_EMPTY: Mapping[str, str] = {}
 
 
 class UsageClient:
@@ -66,7 +55,9 @@ class UsageClient:
         self._catalogue = catalogue or load_catalogue(self._settings.meters_file)
         self.metrics = metrics or IngestMetrics()
         self._source = self._settings.source
-        self._horizon_days = self._settings.horizon_days
+        self._rules = EventRules(
+            self._catalogue, self._settings.horizon_days, self._settings.future_tolerance_s
+        )
         self._producer = EventProducer(self._settings, self.metrics)
         self._exit_flush = ExitFlush(self._producer, self._settings.exit_flush_timeout_s)
         self._closed = False
@@ -132,35 +123,20 @@ class UsageClient:
                 "this UsageClient is closed; nothing was queued: create a new UsageClient"
             )
         try:
-            found = check_meter(meter, self._catalogue)
-            customer = check_customer(customer)
-            exact = check_value(value, found)
-            check_stripe_digits(exact, found)
-            now = datetime.now(UTC)
-            event_time = (
-                now
-                if timestamp is None
-                else check_event_time(
-                    timestamp,
-                    now=now,
-                    horizon_days=self._horizon_days,
-                    future_tolerance_s=self._settings.future_tolerance_s,
-                )
-            )
-            props = (
-                check_properties(properties, found)
-                if properties or found.unique_property
-                else _EMPTY
-            )
             event_id = (
-                f"{self._id_prefix}{next(self._id_counter):012x}"
-                if event_id is None
-                else check_event_id(event_id)
+                f"{self._id_prefix}{next(self._id_counter):012x}" if event_id is None else event_id
             )
-            payload = encode_fields(
-                event_id, self._source, customer, meter, exact, event_time, props
+            payload = encode_checked(
+                self._rules,
+                source=self._source,
+                event_id=event_id,
+                customer=customer,
+                meter=meter,
+                value=value,
+                event_time=timestamp,
+                properties=properties,
+                now=datetime.now(UTC),
             )
-            check_event_size(payload)
         except InvalidEventError as exc:
             self.metrics.rejected.labels(exc.field.split(".")[0]).inc()
             raise

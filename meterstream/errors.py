@@ -5,9 +5,12 @@ MeterstreamError
  |    +-- CatalogueError       names the meter, the key and the reason
  |    +-- MeterCheckError      Stripe's meters do not fit the catalogue; lists every problem
  |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
+ |    +-- ApiKeyError          an api-keys command was given a bad name, source or scope
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
+ +-- KafkaNotAcknowledgedError Kafka did not acknowledge every event of an HTTP request in
+ |                             time (the answer is 503); a retry of the request is deduplicated
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
@@ -59,6 +62,10 @@ class CatalogueChangedError(ConfigError):
     """The catalogue no longer describes totals the database holds (aggregators.definitions)."""
 
 
+class ApiKeyError(ConfigError):
+    """An ``api-keys`` command was given a bad name, source or scope, or a name taken."""
+
+
 class InvalidEventError(MeterstreamError):
     """A usage event broke a rule. Nothing of it was sent; ``field`` and ``reason`` say why."""
 
@@ -75,6 +82,13 @@ class BrokerUnavailableError(MeterstreamError):
 class BackpressureError(MeterstreamError):
     """The producer's queue stayed full for longer than the configured wait; the event was not
     accepted, so the caller still owns it and may retry."""
+
+
+class KafkaNotAcknowledgedError(MeterstreamError):
+    """Kafka did not acknowledge every event of an HTTP request within
+    ``METERSTREAM_HTTP_PRODUCE_TIMEOUT_S`` (or refused one, or the queue was full). The request
+    is answered 503 with Retry-After; events of it that did reach Kafka are counted once when
+    the producer sends the request again, since the workers deduplicate by event."""
 
 
 @dataclass(frozen=True, slots=True)

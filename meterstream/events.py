@@ -320,6 +320,12 @@ def decode_event(raw: bytes) -> UsageEvent:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEventError("message", f"not JSON: {exc}") from None
+    return decode_document(doc)
+
+
+def decode_document(doc: Any) -> UsageEvent:
+    """Like :func:`decode_event` for a document already parsed from JSON (one element of a
+    CloudEvents batch, or the attributes of a binary-mode event with its data)."""
     if not isinstance(doc, dict):
         raise InvalidEventError("message", "expected a CloudEvents JSON object")
     if doc.get("specversion") != SPECVERSION:

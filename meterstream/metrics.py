@@ -308,6 +308,49 @@ class WebhookMetrics:
         )
 
 
+class HttpMetrics:
+    """What ``meterstream serve`` counts and measures. Labels never hold a key or a customer."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "meterstream_http_requests",
+            "HTTP requests answered, by route template and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "meterstream_http_request_duration_seconds",
+            "Time from a request's arrival to its answer, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.events_accepted = Counter(
+            "meterstream_http_events_accepted",
+            "Events of POST /v1/events that Kafka acknowledged (answered 202).",
+            registry=self.registry,
+        )
+        self.events_refused = Counter(
+            "meterstream_http_events_refused",
+            "Events of POST /v1/events not accepted, by reason: the field at fault (400), "
+            "event (413: too large), body (unreadable), kafka (503).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.produce_latency = Histogram(
+            "meterstream_http_produce_duration_seconds",
+            "Time from producing a request's events to Kafka's acknowledgement of the last one.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.kafka_queue = Gauge(
+            "meterstream_http_kafka_queue_events",
+            "Events produced by the HTTP server and not yet acknowledged by Kafka.",
+            registry=self.registry,
+        )
+
+
 def serve_metrics(settings: Settings, registry: CollectorRegistry) -> None:
     """Serve ``registry`` on http://METERSTREAM_METRICS_HOST:METERSTREAM_METRICS_PORT/metrics from
     a daemon thread; nothing when the port is 0. The host is loopback unless set otherwise:

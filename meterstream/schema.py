@@ -384,3 +384,19 @@ billing_alert_counts = Table(
     Column("last_value", ExactDecimal(), nullable=True),
     Column("last_triggered_at", UTCDateTime(), nullable=False),
 )
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # The HTTP API's keys (meterstream/api_keys.py). A key is ``msk_<key_id>_<secret>``: only the
+    # SHA-256 of its 256-bit secret is kept, so a copy of this table lets no one in.
+    Column("name", String(100), primary_key=True),
+    Column("key_id", String(16), nullable=False, unique=True),
+    Column("secret_sha256", LargeBinary(32), nullable=False),
+    # The CloudEvents source every event sent with the key must carry (its dedup namespace).
+    Column("source", String(200), nullable=False),
+    Column("scope", String(10), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    CheckConstraint("scope IN ('ingest', 'read', 'all')", name="api_keys_scope"),
+)

@@ -153,6 +153,22 @@ class Settings(BaseSettings):
         description="address the /metrics servers listen on; 0.0.0.0 inside a container",
     )
 
+    # --- HTTP ingest API (meterstream serve)
+    # Loopback by default: a deployment opens it on purpose (0.0.0.0 in a container).
+    http_host: str = Field("127.0.0.1", min_length=1, max_length=255)
+    http_port: int = Field(8480, ge=1, le=65535)
+    # A body larger than this is refused with 413 before it is parsed. A full batch of 1,000
+    # typical events is about 300 KB; 64 KiB events are refused one by one (413 too).
+    http_max_body_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    http_max_batch_events: int = Field(1_000, ge=1, le=10_000)
+    # How long a request waits for Kafka to acknowledge all of its events before answering 503
+    # (with Retry-After); librdkafka gives those events up at the same time.
+    http_produce_timeout_s: float = Field(10.0, gt=0.0, le=300.0)
+    http_retry_after_s: int = Field(5, ge=1, le=3600)
+    # How long a server trusts what it read of an API key: a revoked key is refused by every
+    # running server within this many seconds.
+    http_api_key_cache_s: float = Field(5.0, ge=0.0, le=300.0)
+
     # --- SDK at exit
     # How long a UsageClient never closed may wait, when the interpreter exits, for Kafka to
     # acknowledge what it queued; what is left then is logged (ERROR, by id) and counted failed.

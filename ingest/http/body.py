@@ -1,0 +1,153 @@
+"""The body of ``POST /v1/events`` in its three CloudEvents forms, checked by the SDK's rules.
+
+- structured: ``application/cloudevents+json``, one event object;
+- batch: ``application/cloudevents-batch+json``, an array of event objects;
+- binary: the attributes in ``ce-*`` headers, the body is the event's ``data``.
+
+Each event is parsed by the workers' decoder (``meterstream.events.decode_document``) and then
+checked and encoded by the SDK's rules (``ingest.rules.encode_checked``): the same code, so an
+event the API takes is one ``record()`` would take and the workers will count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from ingest.rules import EventRules, encode_checked
+from meterstream.errors import InvalidEventError
+from meterstream.events import decode_document
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+# The SDK's field names, as the API's clients know them: the CloudEvents attributes.
+_CLOUDEVENTS_FIELD = {
+    "customer": "subject",
+    "meter": "type",
+    "value": "data.value",
+    "timestamp": "time",
+    "event_id": "id",
+    "properties": "data.properties",
+}
+_BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why the event at ``index`` of the request (0 for a single event) was refused."""
+
+    index: int
+    field: str
+    reason: str
+
+
+class BodyRefusedError(Exception):
+    """The body as a whole cannot be read: answered with ``status`` and ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header, without parameters, lower case."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def documents(
+    content_type: str | None, headers: Mapping[str, str], body: bytes, max_events: int
+) -> list[Any]:
+    """The event documents of a request. Raises BodyRefusedError (400, 413 or 415)."""
+    kind = media_type(content_type)
+    if kind == BATCH:
+        batch = _json(body)
+        if not isinstance(batch, list):
+            raise BodyRefusedError(400, f"{BATCH} must be a JSON array of events")
+        if not batch:
+            raise BodyRefusedError(400, f"the batch is empty: send 1 to {max_events} events")
+        if len(batch) > max_events:
+            raise BodyRefusedError(
+                413, f"the batch holds {len(batch)} events; at most {max_events} per request"
+            )
+        return batch
+    if kind == STRUCTURED:
+        return [_json(body)]
+    if "ce-specversion" in headers:
+        return [_binary_document(kind, headers, body)]
+    raise BodyRefusedError(
+        415,
+        f"Content-Type {kind or 'missing'!r}: send {STRUCTURED} (one event), {BATCH} (an "
+        "array), or an event in binary mode (ce-* headers and Content-Type application/json)",
+    )
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BodyRefusedError(400, f"the body is not JSON: {exc}") from None
+
+
+def _binary_document(kind: str, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise BodyRefusedError(
+            415, f"binary mode: Content-Type {kind or 'missing'!r}; the data must be JSON"
+        )
+    # The HTTP binding percent-encodes header values outside printable ASCII.
+    doc: dict[str, Any] = {
+        name: unquote(headers[f"ce-{name}"])
+        for name in _BINARY_ATTRIBUTES
+        if f"ce-{name}" in headers
+    }
+    doc["data"] = _json(body)
+    return doc
+
+
+def admit(
+    docs: list[Any], rules: EventRules, source: str, now: datetime | None = None
+) -> tuple[list[tuple[bytes, bytes]], list[Problem]]:
+    """Each document as a Kafka message (key = customer, value = CloudEvents JSON), or the
+    problems of those that break a rule. The caller produces nothing unless problems is empty.
+
+    ``source`` is the API key's: an event naming another is refused, so one producer cannot
+    take another's deduplication keys. An event without ``time`` is stamped ``now``.
+    """
+    now = now or datetime.now(UTC)
+    messages: list[tuple[bytes, bytes]] = []
+    problems: list[Problem] = []
+    stamp = now.isoformat()
+    for index, doc in enumerate(docs):
+        try:
+            if isinstance(doc, dict) and "time" not in doc:
+                doc = {**doc, "time": stamp}
+            event = decode_document(doc)
+            if event.source != source:
+                raise InvalidEventError(
+                    "source",
+                    f"this API key sends events of source {source!r}, not {event.source!r:.80}",
+                )
+            payload = encode_checked(
+                rules,
+                source=source,
+                event_id=event.event_id,
+                customer=event.customer_id,
+                meter=event.meter,
+                value=event.value,
+                event_time=event.event_time,
+                properties=event.properties,
+                now=now,
+            )
+        except InvalidEventError as exc:
+            head, dot, rest = exc.field.partition(".")
+            field = _CLOUDEVENTS_FIELD.get(head, head) + dot + rest
+            problems.append(Problem(index, field, exc.reason))
+            continue
+        # key = customer id so one customer's events stay ordered in one partition.
+        messages.append((event.customer_id.encode(), payload))
+    return messages, problems

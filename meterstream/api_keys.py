@@ -1,0 +1,202 @@
+"""The HTTP API's keys: made, listed, revoked, and checked on every request.
+
+A key reads ``msk_<key_id>_<secret>``: 16 hex digits that find its row, then 256 random bits.
+Only SHA-256 of the secret is stored. A slow password hash would be wrong here: it would cost
+every request tens of milliseconds, and it protects low-entropy secrets, which these are not.
+The digest is compared in constant time, so answer times tell nothing about it. A server keeps
+what it read of a key for ``METERSTREAM_HTTP_API_KEY_CACHE_S``: a revoked key is refused
+everywhere within that time, and a request costs no database query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, get_args
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from meterstream.errors import ApiKeyError
+from meterstream.schema import api_keys
+
+Scope = Literal["ingest", "read", "all"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+KEY_PREFIX = "msk_"
+_KEY = re.compile(r"msk_([0-9a-f]{16})_([0-9a-f]{64})")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Keys a server remembers at most (known and unknown): bounds its memory whatever is tried.
+_CACHE_MAX_KEYS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What is known of a key, never its secret."""
+
+    name: str
+    key_id: str
+    source: str
+    scope: Scope
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def allows(self, needed: Scope) -> bool:
+        """Whether this key may be used for ``needed`` (ingest or read); ``all`` allows both."""
+        return self.scope == "all" or self.scope == needed
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def create_key(engine: Engine, name: str, source: str, scope: Scope) -> tuple[ApiKey, str]:
+    """Store a new key and return it with its full text, which exists nowhere else: show it once.
+
+    Raises ApiKeyError for a bad name, source or scope, or a name already taken (revoked keys
+    keep their name, so the audit trail stays whole).
+    """
+    if not _NAME.fullmatch(name):
+        raise ApiKeyError(
+            f"name {name!r:.120}: use 1 to 100 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    if not source or len(source) > 200 or re.search(r"[\x00-\x1f\x7f]", source):
+        raise ApiKeyError(
+            "--source: the CloudEvents source of the producing service, 1 to 200 characters "
+            "without control characters"
+        )
+    if scope not in SCOPES:
+        raise ApiKeyError(f"--scope {scope!r}: expected one of {', '.join(SCOPES)}")
+    key_id, secret = secrets.token_hex(8), secrets.token_hex(32)
+    key = ApiKey(name, key_id, source, scope, datetime.now(UTC).replace(microsecond=0), None)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(api_keys).values(
+                    name=name,
+                    key_id=key_id,
+                    secret_sha256=_digest(secret),
+                    source=source,
+                    scope=scope,
+                    created_at=key.created_at,
+                )
+            )
+    except IntegrityError:
+        raise ApiKeyError(
+            f"an API key named {name!r} exists already (revoked keys keep their name): "
+            "choose another name"
+        ) from None
+    return key, f"{KEY_PREFIX}{key_id}_{secret}"
+
+
+def list_keys(engine: Engine) -> list[ApiKey]:
+    """Every key, revoked ones included, by name."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                api_keys.c.name,
+                api_keys.c.key_id,
+                api_keys.c.source,
+                api_keys.c.scope,
+                api_keys.c.created_at,
+                api_keys.c.revoked_at,
+            ).order_by(api_keys.c.name)
+        ).all()
+    return [ApiKey(*row) for row in rows]
+
+
+def revoke_key(engine: Engine, name: str) -> ApiKey:
+    """Revoke the key named ``name``; revoking it again changes nothing. Raises ApiKeyError when
+    there is no such key."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(api_keys)
+            .where(api_keys.c.name == name, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC).replace(microsecond=0))
+        )
+    for key in list_keys(engine):
+        if key.name == name:
+            return key
+    raise ApiKeyError(f"no API key named {name!r}; meterstream api-keys list shows them")
+
+
+def _lookup(engine: Engine, key_id: str) -> tuple[ApiKey, bytes] | None:
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(
+                api_keys.c.name,
+                api_keys.c.key_id,
+                api_keys.c.source,
+                api_keys.c.scope,
+                api_keys.c.created_at,
+                api_keys.c.revoked_at,
+                api_keys.c.secret_sha256,
+            ).where(api_keys.c.key_id == key_id)
+        ).first()
+    if row is None:
+        return None
+    return ApiKey(*row[:6]), bytes(row[6])
+
+
+class KeyVerifier:
+    """Finds the key a request presents. Rows are read through a cache of ``ttl_s`` seconds.
+
+    :meth:`cached` answers from memory only; :meth:`load` reads the database (blocking: call it
+    from a worker thread) and fills the cache.
+    """
+
+    def __init__(
+        self, engine: Engine, ttl_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._engine = engine
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._rows: dict[str, tuple[float, tuple[ApiKey, bytes] | None]] = {}
+
+    @staticmethod
+    def key_id_of(presented: str) -> str | None:
+        """The key id of a well-formed key, else None (then no database read is needed)."""
+        match = _KEY.fullmatch(presented)
+        return match.group(1) if match else None
+
+    def cached(self, presented: str) -> ApiKey | Literal[False] | None:
+        """The live key, None when refused (unknown, revoked, wrong secret), False when the
+        cache does not know and :meth:`load` must be called."""
+        match = _KEY.fullmatch(presented)
+        if match is None:
+            return None
+        entry = self._rows.get(match.group(1))
+        if entry is None or entry[0] <= self._clock():
+            return False
+        return _checked(entry[1], match.group(2))
+
+    def load(self, presented: str) -> ApiKey | None:
+        """Read the key's row, remember it for ``ttl_s`` and check the presented secret."""
+        match = _KEY.fullmatch(presented)
+        if match is None:
+            return None
+        found = _lookup(self._engine, match.group(1))
+        now = self._clock()
+        if len(self._rows) >= _CACHE_MAX_KEYS:
+            self._rows = {k: v for k, v in self._rows.items() if v[0] > now}
+            if len(self._rows) >= _CACHE_MAX_KEYS:
+                self._rows.clear()
+        self._rows[match.group(1)] = (now + self._ttl_s, found)
+        return _checked(found, match.group(2))
+
+
+def _checked(found: tuple[ApiKey, bytes] | None, secret: str) -> ApiKey | None:
+    if found is None:
+        # The same work as for a known key, so timing does not tell known ids from unknown.
+        hmac.compare_digest(_digest(secret), bytes(32))
+        return None
+    key, stored = found
+    if not hmac.compare_digest(_digest(secret), stored) or key.revoked_at is not None:
+        return None
+    return key

@@ -306,6 +306,12 @@ class WebhookMetrics:
             ["alert"],
             registry=self.registry,
         )
+        self.pruned_rows = Counter(
+            "meterstream_stripe_webhook_pruned_rows",
+            "Processed Stripe events and closed payment failures deleted past retention, by table.",
+            ["table"],
+            registry=self.registry,
+        )
 
 
 class HttpMetrics:

@@ -88,16 +88,22 @@ def due(engine: Engine, now: datetime, limit: int = 100) -> list[StoredEvent]:
     return [StoredEvent(*row) for row in found]
 
 
-def claim(connection: Connection, event_id: str, outcome: str, now: datetime) -> bool:
-    """Mark ``event_id`` processed with ``outcome`` inside the caller's transaction, only if
-    it is still pending; False: another process took it (apply nothing). On PostgreSQL the
-    update's row lock makes a concurrent claim wait for this transaction, then find it taken."""
+def claim(connection: Connection, event_id: str, now: datetime) -> bool:
+    """Mark ``event_id`` processed inside the caller's transaction (which then applies its
+    effects), only if it is still pending; False: another process took it (apply nothing).
+    On PostgreSQL the update's row lock makes a concurrent claim wait for this transaction,
+    then find it taken; a rollback leaves it pending."""
     done = connection.execute(
         update(events)
         .where(_e.event_id == event_id, _e.status == "pending")
-        .values(status="processed", outcome=outcome, processed_at=now, last_error=None)
+        .values(status="processed", processed_at=now, last_error=None)
     )
     return bool(done.rowcount)
+
+
+def set_outcome(connection: Connection, event_id: str, outcome: str) -> None:
+    """What acting on a claimed event did: applied, stale or ignored."""
+    connection.execute(update(events).where(_e.event_id == event_id).values(outcome=outcome))
 
 
 def record_failure(engine: Engine, event_id: str, error: str, now: datetime) -> int:

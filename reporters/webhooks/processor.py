@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
@@ -22,11 +22,12 @@ from sqlalchemy import Connection, Engine
 
 from meterstream.errors import ConfigError
 from meterstream.metrics import WebhookMetrics
-from reporters.webhooks import alerts, inbox, meter_errors, payments
+from reporters.webhooks import alerts, inbox, meter_errors, payments, retention
 from reporters.webhooks.inbox import StoredEvent
 
 _log = logging.getLogger(__name__)
 IDLE_WAIT_S = 1.0  # how often due retries are looked for when nothing new arrives
+PRUNE_EVERY = timedelta(hours=1)
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
 NO_METER_FOUND = "v1.billing.meter.no_meter_found"
 _INVOICE_TYPES = (
@@ -66,6 +67,7 @@ class WebhookProcessor:
         clock: Callable[[], datetime] = _utcnow,
         *,
         can_fetch: bool = True,
+        prune_batch_rows: int = 1_000,
     ) -> None:
         self.engine = engine
         self.can_fetch = can_fetch  # False: no API key, so thin events wait (failing, shown)
@@ -74,6 +76,8 @@ class WebhookProcessor:
         self.clock = clock
         self._wake = threading.Event()
         self._currencies: set[str] = set()
+        self.prune_batch_rows = prune_batch_rows
+        self._pruned_at: datetime | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -95,7 +99,18 @@ class WebhookProcessor:
         for event in inbox.due(self.engine, self.clock(), limit):
             done += self._process(event)
         self.refresh_gauges()
+        self._prune_now_and_then()
         return done
+
+    def _prune_now_and_then(self) -> None:
+        now = self.clock()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        for table, rows in retention.prune(self.engine, now, self.prune_batch_rows).items():
+            if rows:
+                self.metrics.pruned_rows.labels(table=table).inc(rows)
+                _log.info("pruned %d row(s) of %s past retention", rows, table)
 
     def refresh_gauges(self) -> None:
         counts = inbox.counts(self.engine)
@@ -117,10 +132,12 @@ class WebhookProcessor:
             apply = self._prepare(event)
             now = self.clock()
             with self.engine.begin() as connection:
-                effects = apply(connection, now) if apply else _Effects("ignored")
-                if not inbox.claim(connection, event.event_id, effects.outcome, now):
-                    connection.rollback()  # another process took it: its effects stand
+                # Claim first: a second process waits on the event's row lock, then finds it
+                # taken and applies nothing.
+                if not inbox.claim(connection, event.event_id, now):
                     return 0
+                effects = apply(connection, now) if apply else _Effects("ignored")
+                inbox.set_outcome(connection, event.event_id, effects.outcome)
         except Exception as exc:
             attempts = inbox.record_failure(
                 self.engine, event.event_id, _describe(exc), self.clock()

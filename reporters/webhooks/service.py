@@ -67,7 +67,13 @@ def build_webhook_service(
     )
     metrics = WebhookMetrics(registry)
     processor = (
-        WebhookProcessor(engine, client, metrics, can_fetch=settings.stripe_api_key is not None)
+        WebhookProcessor(
+            engine,
+            client,
+            metrics,
+            can_fetch=settings.stripe_api_key is not None,
+            prune_batch_rows=settings.prune_batch_rows,
+        )
         if settings.stripe_webhook_processing
         else None
     )

@@ -57,7 +57,7 @@ def verify(
             payload_kind = "snapshot"
     except stripe.SignatureVerificationError as exc:
         raise WebhookSignatureError(_reason(exc)) from None
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as exc:
         raise WebhookError(
             f"a signed body that is not a Stripe event ({type(exc).__name__})"
         ) from None

@@ -1,0 +1,132 @@
+"""Whatever a signed body holds, verification answers with a VerifiedEvent or a WebhookError
+(a 400), never another exception (a 500 Stripe would retry for days); and the webhook tables
+are pruned by age, pending events never."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import stripe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, select
+
+from meterstream.errors import WebhookError
+from meterstream.schema import payment_failures, stripe_webhook_events
+from reporters.webhooks import retention
+from reporters.webhooks.verify import VerifiedEvent, verify
+
+SECRET = "whsec_parsingSecret"  # noqa: S105 (a test secret)
+CLIENT = stripe.StripeClient("sk_test_x", base_addresses={"api": "http://127.0.0.1:9"})
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=30),
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _json,
+        "object": st.sampled_from(["event", "v2.core.event", "invoice"]) | _json,
+        "type": st.sampled_from(["invoice.paid", "v1.billing.meter.error_report_triggered"])
+        | _json,
+        "created": st.integers(min_value=-(2**40), max_value=2**40) | _json,
+        "data": _json,
+        "related_object": _json,
+    },
+)
+
+
+def _signed(body: bytes) -> str:
+    return stripe.WebhookSignature.generate_signature_header(
+        body.decode("utf-8", "replace"), SECRET, int(time.time())
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=_fields)
+def test_a_signed_document_is_an_event_or_a_400(document: dict[str, Any]) -> None:
+    body = json.dumps(document).encode()
+    try:
+        event = verify(body, _signed(body), [SECRET], CLIENT)
+    except WebhookError:
+        return
+    assert isinstance(event, VerifiedEvent)
+    assert 0 < len(event.event_id) <= 255 and event.created.tzinfo is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=200), header=st.text(max_size=60) | st.none())
+def test_any_bytes_and_header_are_a_400(body: bytes, header: str | None) -> None:
+    try:
+        verify(body, header, [SECRET], CLIENT)
+    except WebhookError:
+        return
+    raise AssertionError("an unsigned body was taken")
+
+
+def test_processed_events_and_closed_failures_go_after_retention(migrated_engine: Engine) -> None:
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    old = now - timedelta(days=40)
+    with migrated_engine.begin() as connection:
+        for event_id, status, at in (
+            ("evt_old_done", "processed", old),
+            ("evt_old_pending", "pending", old),  # still failing: kept, whatever its age
+            ("evt_new_done", "processed", now - timedelta(days=1)),
+        ):
+            connection.execute(
+                stripe_webhook_events.insert().values(
+                    event_id=event_id,
+                    type="invoice.paid",
+                    payload_kind="snapshot",
+                    created=at,
+                    body="{}",
+                    received_at=at,
+                    deliveries=1,
+                    status=status,
+                    attempts=0,
+                    next_attempt_at=at,
+                )
+            )
+        for invoice_id, state, closed_at in (
+            ("in_old_closed", "closed", old),
+            ("in_old_open", "open", None),
+            ("in_recently_closed", "closed", now - timedelta(days=2)),
+        ):
+            connection.execute(
+                payment_failures.insert().values(
+                    invoice_id=invoice_id,
+                    stripe_customer_id="cus_a",
+                    state=state,
+                    reason="paid" if state == "closed" else "payment_failed",
+                    amount_remaining=0,
+                    currency="usd",
+                    attempts=1,
+                    opened_at=old,
+                    closed_at=closed_at,
+                    event_created=old,
+                    event_id="evt_x",
+                )
+            )
+    assert retention.prune(migrated_engine, now, batch_rows=1) == {
+        "stripe_webhook_events": 1,
+        "payment_failures": 1,
+    }
+    with migrated_engine.connect() as connection:
+        events = set(connection.execute(select(stripe_webhook_events.c.event_id)).scalars())
+        failures = set(connection.execute(select(payment_failures.c.invoice_id)).scalars())
+    assert events == {"evt_old_pending", "evt_new_done"}
+    assert failures == {"in_old_open", "in_recently_closed"}

@@ -254,10 +254,11 @@ def test_a_thin_error_report_makes_the_named_rows_rejected(
         "sk_test_x", base_addresses={"api": emulator.url, "meter_events": emulator.url}
     )
     session = client.v2.billing.meter_event_session.create()
-    stripe.StripeClient(
+    stream = stripe.StripeClient(
         session.authentication_token,
         base_addresses={"api": emulator.url, "meter_events": emulator.url},
-    ).v2.billing.meter_event_stream.create(
+    )
+    stream.v2.billing.meter_event_stream.create(
         params={
             "events": [
                 {
@@ -280,6 +281,26 @@ def test_a_thin_error_report_makes_the_named_rows_rejected(
         1,
         1,
     )
+
+    # A report that names no sample: counted for reconcile to look for.
+    emulator.notifier.samples_per_code = 0
+    stream.v2.billing.meter_event_stream.create(
+        params={
+            "events": [
+                {
+                    "event_name": "api_calls",
+                    "identifier": "ms2_test_unnamed",
+                    "payload": {"stripe_customer_id": "cus_gone", "value": "5"},
+                }
+            ]
+        }
+    )
+    _wait(_processed(engine, 2))
+    compared = meterstream(server.env, "reconcile")
+    assert (
+        "Stripe refused 1 event(s) of api_calls (meter_event_customer_not_found) without "
+        "naming them" in compared.stdout
+    ), compared.stdout + compared.stderr
 
 
 def test_a_crash_between_storing_and_acting_loses_nothing(

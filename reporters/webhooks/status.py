@@ -95,18 +95,31 @@ def payments_document(engine: Engine, limit: int | None = None) -> list[dict[str
 
 
 def format_payments(items: list[dict[str, Any]]) -> str:
+    """One line per open failure; amounts in the currency's minor unit (4990 usd = $49.90)."""
     if not items:
         return "no open payment failures"
-    lines = [
-        f"{'invoice':<28} {'customer':<20} {'amount':>12} cur {'attempts':>8}  "
-        f"{'next retry':<20} reason (code)"
-    ]
+    rows = [("invoice", "customer", "owed", "cur", "attempts", "next retry", "reason (code)")]
     for item in items:
         retry = item["next_payment_attempt"]
-        lines.append(
-            f"{item['invoice_id']:<28} {item['customer_id'] or item['stripe_customer_id']:<20} "
-            f"{item['amount_remaining']:>12} {item['currency']} {item['attempts']:>8}  "
-            f"{retry.isoformat() if retry else 'none':<20} {item['reason']} "
-            f"({item['failure_code'] or '-'})"
+        rows.append(
+            (
+                item["invoice_id"],
+                item["customer_id"] or item["stripe_customer_id"],
+                str(item["amount_remaining"]),
+                item["currency"],
+                str(item["attempts"]),
+                retry.isoformat() if retry else "none",
+                f"{item['reason']} ({item['failure_code'] or '-'})",
+            )
         )
-    return "\n".join(lines)
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    right = {2, 4}  # numbers
+    return "\n".join(
+        "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row[:6])
+        )
+        + "  "
+        + row[6]
+        for row in rows
+    )

@@ -95,6 +95,8 @@ class Notifier:
         for error in fresh:
             meter = meters.get(error.event_name or "") if error.code != "no_meter" else None
             by_meter[meter.id if meter else None].append(error)
+        if self.sender.endpoint is None:
+            return 0  # no endpoint: Stripe has nowhere to send them, and keeps nothing to send
         for meter_id, found in by_meter.items():
             meter = self.state.meter(meter_id) if meter_id else None
             self._send_thin(self._error_report(meter, found, start, end))

@@ -213,8 +213,15 @@ def test_signed_deliveries_are_verified_stored_and_acted_on(
         ("in_by_hand", 700),
         ("in_emulated", 1000),
     ]
-    assert "evt_test_by_hand" not in (server.log.read_text())  # ids at INFO only, no body
-    assert NEW_SECRET not in server.log.read_text()
+    log = server.log.read_text()
+    assert NEW_SECRET not in log and OLD_SECRET not in log
+    assert '"amount_remaining"' not in log  # bodies are stored, never logged
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as page:  # noqa: S310
+        metrics = page.read().decode()
+    assert 'meterstream_stripe_webhook_events_total{outcome="refused",type="unknown"} 4.0' in (
+        metrics
+    )
+    assert "meterstream_stripe_payment_failures_open 2.0" in metrics
 
 
 def test_a_thin_error_report_makes_the_named_rows_rejected(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
 from meterstream.errors import WebhookError
-from meterstream.schema import payment_failures, stripe_webhook_events
+from meterstream.schema import customer_links, payment_failures, stripe_webhook_events
 from reporters.webhooks import retention
 from reporters.webhooks.verify import VerifiedEvent, verify
 
@@ -130,3 +130,129 @@ def test_processed_events_and_closed_failures_go_after_retention(migrated_engine
         failures = set(connection.execute(select(payment_failures.c.invoice_id)).scalars())
     assert events == {"evt_old_pending", "evt_new_done"}
     assert failures == {"in_old_open", "in_recently_closed"}
+
+
+def test_processing_status_and_payments_never_scan_history(postgres_engine: Engine) -> None:
+    """With 20,000 processed events and 5,000 closed failures (after ANALYZE), a processing
+    pass, its gauges and pruning, status and payments read through indexes only."""
+    from typing import Any as _Any
+
+    from sqlalchemy import event
+
+    from meterstream.metrics import WebhookMetrics
+    from reporters.webhooks import WebhookProcessor
+    from reporters.webhooks.status import payments_document, webhook_status
+
+    engine = postgres_engine
+    now = datetime.now(UTC)
+    day = timedelta(days=1)
+    with engine.begin() as connection:
+        connection.execute(
+            stripe_webhook_events.insert(),
+            [
+                {
+                    "event_id": f"evt_done_{n}",
+                    "type": "invoice.paid",
+                    "payload_kind": "snapshot",
+                    "created": now - day,
+                    "body": "{}",
+                    "received_at": now - day,
+                    "deliveries": 1,
+                    "status": "processed",
+                    "attempts": 0,
+                    "next_attempt_at": now - day,
+                    "outcome": "applied",
+                }
+                for n in range(20_000)
+            ],
+        )
+        connection.execute(
+            payment_failures.insert(),
+            [
+                {
+                    "invoice_id": f"in_{n}",
+                    "stripe_customer_id": f"cus_{n % 500}",
+                    "state": "closed" if n else "open",
+                    "reason": "paid" if n else "payment_failed",
+                    "amount_remaining": 0 if n else 990,
+                    "currency": "usd",
+                    "attempts": 1,
+                    "opened_at": now - day,
+                    "closed_at": now - day if n else None,
+                    "event_created": now - day,
+                    "event_id": f"evt_{n}",
+                }
+                for n in range(5_000)
+            ],
+        )
+        connection.execute(
+            customer_links.insert(),
+            [
+                {
+                    "customer_id": f"app-{n}",
+                    "stripe_customer_id": f"cus_{n}",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for n in range(5_000)
+            ],
+        )
+        connection.exec_driver_sql("ANALYZE")
+    body = json.dumps(
+        {
+            "id": "evt_new",
+            "object": "event",
+            "type": "invoice.payment_failed",
+            "created": int(now.timestamp()),
+            "data": {
+                "object": {
+                    "id": "in_new",
+                    "object": "invoice",
+                    "customer": "cus_7",
+                    "amount_remaining": 100,
+                    "currency": "usd",
+                }
+            },
+        }
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            stripe_webhook_events.insert().values(
+                event_id="evt_new",
+                type="invoice.payment_failed",
+                payload_kind="snapshot",
+                created=now,
+                body=body,
+                received_at=now,
+                deliveries=1,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+            )
+        )
+    plans: list[str] = []
+
+    def explain(
+        connection: _Any, _cursor: _Any, statement: str, parameters: _Any, *_: _Any
+    ) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+            first = parameters[0] if isinstance(parameters, list) else parameters
+            cursor = connection.connection.dbapi_connection.cursor()
+            cursor.execute(f"EXPLAIN {statement}", first)
+            plans.append("\n".join(str(r[0]) for r in cursor.fetchall()))
+
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        processor = WebhookProcessor(engine, CLIENT, WebhookMetrics())
+        assert processor.run_once() == 1
+        facts = webhook_status(engine, now)
+        listed = payments_document(engine)
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+    assert facts["payment_failures_open"] == 2 and len(listed) == 2
+    assert {item["customer_id"] for item in listed} == {None, "app-7"}  # linked back
+    assert len(plans) > 8
+    for plan in plans:
+        assert "Seq Scan on stripe_webhook_events" not in plan, plan
+        assert "Seq Scan on payment_failures" not in plan, plan
+        assert "Seq Scan on customer_links" not in plan, plan

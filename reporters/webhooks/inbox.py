@@ -116,7 +116,7 @@ def record_failure(engine: Engine, event_id: str, error: str, now: datetime) -> 
         if attempts is None:
             return 0
         attempts = int(attempts) + 1
-        wait_s = min(RETRY_CAP_S, 2.0 ** (attempts - 1))
+        wait_s = retry_wait_s(attempts)
         connection.execute(
             update(events)
             .where(_e.event_id == event_id, _e.status == "pending")
@@ -127,6 +127,13 @@ def record_failure(engine: Engine, event_id: str, error: str, now: datetime) -> 
             )
         )
     return attempts
+
+
+def retry_wait_s(attempts: int) -> float:
+    """The wait after the ``attempts``-th failure: 1 s doubling to RETRY_CAP_S. The exponent
+    is bounded: an event failing for days (2.0 ** 1024 overflows) must not raise here, or the
+    processor stops at it, the longest-due event, on every pass, and acts on nothing else."""
+    return min(RETRY_CAP_S, 2.0 ** min(max(attempts - 1, 0), 30))
 
 
 def counts(engine: Engine) -> InboxCounts:

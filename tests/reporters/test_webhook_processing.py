@@ -1,0 +1,124 @@
+"""Processing stored Stripe events, from the table (reporters/webhooks/processor.py), on
+PostgreSQL and SQLite: an event failing for days never stops the others; payment failures
+keep the invoice's facts whatever order Stripe's invoice and subscription events come in, and
+a paid invoice stays paid.
+
+Events are stored as the route stores them (inbox.store of a verified event) and acted on by
+the real processor; snapshot events need no call to Stripe, so no emulator runs here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import count
+from typing import Any
+
+import pytest
+import stripe
+from sqlalchemy import Engine, select, update
+
+from meterstream.metrics import WebhookMetrics
+from meterstream.schema import payment_failures, stripe_webhook_events
+from reporters.webhooks import WebhookProcessor, inbox
+from reporters.webhooks.inbox import RETRY_CAP_S
+from reporters.webhooks.verify import VerifiedEvent
+
+START = datetime(2026, 12, 1, 12, tzinfo=UTC)
+_ids = count(1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def processor(migrated_engine: Engine, clock: Clock) -> Iterator[WebhookProcessor]:
+    # No call reaches Stripe: snapshot events are read from their stored bodies.
+    client = stripe.StripeClient("sk_test_0", base_addresses={"api": "http://127.0.0.1:9"})
+    yield WebhookProcessor(migrated_engine, client, WebhookMetrics(), clock)
+
+
+def _store(engine: Engine, clock: Clock, type_: str, obj: dict[str, Any], created: int) -> str:
+    event_id = f"evt_test_{next(_ids)}"
+    body = {
+        "id": event_id,
+        "object": "event",
+        "type": type_,
+        "created": created,
+        "data": {"object": obj},
+    }
+    event = VerifiedEvent(
+        event_id, type_, "snapshot", datetime.fromtimestamp(created, UTC), json.dumps(body)
+    )
+    assert inbox.store(engine, event, clock())
+    return event_id
+
+
+def _invoice(invoice_id: str, *, amount: int = 12_345, attempts: int = 1) -> dict[str, Any]:
+    return {
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": "cus_test_1",
+        "subscription": "sub_test_1",
+        "amount_remaining": amount,
+        "currency": "eur",
+        "attempt_count": attempts,
+        "next_payment_attempt": int(START.timestamp()) + 86_400,
+    }
+
+
+def _subscription(status: str, latest_invoice: str | None) -> dict[str, Any]:
+    return {
+        "id": "sub_test_1",
+        "object": "subscription",
+        "customer": "cus_test_1",
+        "status": status,
+        "currency": "eur",
+        "latest_invoice": latest_invoice,
+    }
+
+
+def _failure(engine: Engine, invoice_id: str) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(
+            select(payment_failures).where(payment_failures.c.invoice_id == invoice_id)
+        ).one()
+
+
+T = int(START.timestamp())
+
+
+def test_an_event_failing_for_days_never_stops_the_others(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # An invoice event the processor cannot read (no amount): retried every 5 minutes for
+    # days (the API key missing for a week does the same to every thin event).
+    unreadable = {"id": "in_test_bad", "object": "invoice", "customer": "cus_test_1"}
+    poison = _store(migrated_engine, clock, "invoice.payment_failed", unreadable, T)
+    with migrated_engine.begin() as connection:
+        connection.execute(
+            update(stripe_webhook_events)
+            .where(stripe_webhook_events.c.event_id == poison)
+            .values(attempts=1_100)
+        )
+    clock.now += timedelta(seconds=1)
+    _store(migrated_engine, clock, "invoice.payment_failed", _invoice("in_test_ok"), T)
+
+    assert processor.run_once() == 1
+    assert _failure(migrated_engine, "in_test_ok").state == "open"
+    with migrated_engine.connect() as connection:
+        row = connection.execute(
+            select(stripe_webhook_events).where(stripe_webhook_events.c.event_id == poison)
+        ).one()
+    assert (row.status, row.attempts) == ("pending", 1_101)
+    assert row.next_attempt_at == clock.now + timedelta(seconds=RETRY_CAP_S)

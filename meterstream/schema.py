@@ -350,7 +350,8 @@ payment_failures = Table(
     Column("next_payment_attempt", UTCDateTime(), nullable=True),
     Column("opened_at", UTCDateTime(), nullable=False),
     Column("closed_at", UTCDateTime(), nullable=True),
-    # The newest Stripe event applied (its time, then its id): an older one changes nothing.
+    # The newest invoice event applied (its time and id): an older one changes nothing.
+    # 1970-01-01: none yet (a subscription event opened the row). See webhooks/payments.py.
     Column("event_created", UTCDateTime(), nullable=False),
     Column("event_id", String(255), nullable=False),
 )

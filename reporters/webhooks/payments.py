@@ -4,10 +4,16 @@ subscription events.
 ``invoice.payment_failed`` and ``invoice.payment_action_required`` open (or update) the
 invoice's failure; ``invoice.paid`` closes it; ``invoice.marked_uncollectible`` and a
 subscription turning ``past_due`` or ``unpaid`` mark it, and it stays open until paid (a
-written-off invoice is money a person may still collect). Stripe delivers out of order: each
-row keeps the time and id of the newest event applied, and an older event changes nothing
-(``stale``). A paid invoice with no failure leaves a closed row, so a failure delivered after
-its payment cannot open it.
+written-off invoice is money a person may still collect). Stripe delivers out of order:
+
+- A payment is final at Stripe (a paid invoice cannot fail again): ``invoice.paid`` closes
+  the row whatever its time, and nothing after it changes the row (``stale``). A paid invoice
+  with no failure leaves a closed row, so a failure delivered after its payment cannot open it.
+- The invoice's facts (amount, attempts, next attempt, code) come from invoice events only;
+  the row keeps the time and id of the newest one applied, and an older one is ``stale``.
+- A subscription event carries none of them: it opens a row (no invoice event applied yet,
+  so any invoice event fills it in) or, if newer than the row's invoice event, sets its
+  reason; it never hides the amount of an invoice event delivered after it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from sqlalchemy import Connection, func, insert, select, update
 from meterstream.schema import customer_links, payment_failures
 
 Outcome = Literal["applied", "stale", "ignored"]
+# The event time of a row no invoice event has reached yet (opened by a subscription event).
+NO_INVOICE_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
 FAILED = {
     "invoice.payment_failed": "payment_failed",
     "invoice.payment_action_required": "payment_action_required",
@@ -42,6 +50,11 @@ class InvoiceFacts:
     currency: str
     attempts: int | None
     next_payment_attempt: datetime | None
+
+    @property
+    def from_invoice(self) -> bool:
+        """An invoice event's facts (a subscription event's carry no amount)."""
+        return self.amount_remaining is not None
 
 
 def invoice_facts(event_type: str, invoice: Mapping[str, Any]) -> InvoiceFacts:
@@ -97,22 +110,21 @@ def apply(
 ) -> Outcome:
     """Open, update or close the invoice's failure, inside the caller's transaction."""
     row = connection.execute(
-        select(_p.state, _p.event_created, _p.event_id).where(_p.invoice_id == facts.invoice_id)
+        select(_p.state, _p.reason, _p.event_created).where(_p.invoice_id == facts.invoice_id)
     ).first()
-    if row is not None and not _newer(created, facts.reason, row.event_created):
+    if row is not None and not _applies(facts, created, row.reason, row.event_created):
         return "stale"
     paid = facts.reason == "paid"
-    values: dict[str, Any] = {
-        "reason": facts.reason,
-        "state": "closed" if paid else "open",
-        "event_created": created,
-        "event_id": event_id,
-    }
-    for column in ("failure_code", "amount_remaining", "attempts"):
-        if getattr(facts, column) is not None:
-            values[column] = getattr(facts, column)
-    if facts.attempts is not None:  # an invoice event: its next attempt, or none (paid)
-        values["next_payment_attempt"] = facts.next_payment_attempt
+    values: dict[str, Any] = {"reason": facts.reason, "state": "closed" if paid else "open"}
+    if facts.from_invoice:
+        values.update(event_created=created, event_id=event_id, currency=facts.currency)
+        values.update(
+            amount_remaining=facts.amount_remaining,
+            attempts=facts.attempts,
+            next_payment_attempt=facts.next_payment_attempt,
+        )
+        if facts.failure_code is not None:
+            values["failure_code"] = facts.failure_code
     if facts.subscription_id:
         values["subscription_id"] = facts.subscription_id
     if row is None:
@@ -121,26 +133,33 @@ def apply(
                 invoice_id=facts.invoice_id,
                 stripe_customer_id=facts.stripe_customer_id,
                 customer_id=_application_customer(connection, facts.stripe_customer_id),
-                currency=facts.currency,
                 opened_at=now,
                 closed_at=now if paid else None,
-                **{"amount_remaining": 0, "attempts": 0, **values},
+                **{
+                    "amount_remaining": 0,
+                    "attempts": 0,
+                    "event_created": NO_INVOICE_EVENT,
+                    "event_id": event_id,
+                    "currency": facts.currency,
+                    **values,
+                },
             )
         )
         return "applied"
-    if paid and row.state == "open":
+    if paid:
         values["closed_at"] = now
-    if not paid and row.state == "closed":
-        values.update(opened_at=now, closed_at=None)
     connection.execute(
         update(payment_failures).where(_p.invoice_id == facts.invoice_id).values(values)
     )
     return "applied"
 
 
-def _newer(created: datetime, reason: str, applied_created: datetime) -> bool:
-    # Stripe's times are whole seconds: in a tie, a payment wins (it is final for the invoice).
-    return created > applied_created or (created == applied_created and reason == "paid")
+def _applies(facts: InvoiceFacts, created: datetime, reason: str, applied: datetime) -> bool:
+    """Whether an event changes a row: never once paid; a payment always; else the newer
+    (Stripe's times are whole seconds: in a tie, the first applied stays)."""
+    if reason == "paid":
+        return False
+    return facts.reason == "paid" or created > applied
 
 
 def _application_customer(connection: Connection, stripe_customer_id: str) -> str | None:

@@ -122,3 +122,64 @@ def test_an_event_failing_for_days_never_stops_the_others(
         ).one()
     assert (row.status, row.attempts) == ("pending", 1_101)
     assert row.next_attempt_at == clock.now + timedelta(seconds=RETRY_CAP_S)
+
+
+def test_a_subscription_event_first_does_not_hide_the_invoice_amount(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # Stripe sends invoice.payment_failed and the subscription's past_due in the same second
+    # or the next, in any order: the subscription's, carrying no amount, arrives first.
+    _store(
+        migrated_engine,
+        clock,
+        "customer.subscription.updated",
+        _subscription("past_due", "in_test_1"),
+        T + 1,
+    )
+    assert processor.run_once() == 1
+    clock.now += timedelta(seconds=1)
+    _store(migrated_engine, clock, "invoice.payment_failed", _invoice("in_test_1"), T)
+    assert processor.run_once() == 1
+
+    failure = _failure(migrated_engine, "in_test_1")
+    assert (failure.state, failure.amount_remaining, failure.attempts) == ("open", 12_345, 1)
+    assert failure.failure_code == "unknown"
+    assert failure.next_payment_attempt is not None
+    assert processor.metrics.registry.get_sample_value(
+        "meterstream_stripe_payment_failures_amount_at_risk", {"currency": "eur"}
+    ) == pytest.approx(12_345)
+
+
+def test_a_paid_invoice_is_not_reopened_by_a_later_subscription_event(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # The subscription stays past_due for an older unpaid invoice while its latest invoice
+    # (here paid at once) is settled: a later update still names the paid one.
+    _store(migrated_engine, clock, "invoice.paid", _invoice("in_test_2", amount=0), T)
+    clock.now += timedelta(seconds=1)
+    _store(
+        migrated_engine,
+        clock,
+        "customer.subscription.updated",
+        _subscription("past_due", "in_test_2"),
+        T + 60,
+    )
+    assert processor.run_once() == 2
+
+    failure = _failure(migrated_engine, "in_test_2")
+    assert (failure.state, failure.reason) == ("closed", "paid")
+
+
+def test_nothing_after_a_payment_reopens_the_invoice(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    _store(migrated_engine, clock, "invoice.payment_failed", _invoice("in_test_3"), T)
+    clock.now += timedelta(seconds=1)
+    _store(migrated_engine, clock, "invoice.paid", _invoice("in_test_3", amount=0), T + 30)
+    clock.now += timedelta(seconds=1)
+    # A newer failure of a paid invoice cannot happen at Stripe: it changes nothing here.
+    _store(migrated_engine, clock, "invoice.payment_action_required", _invoice("in_test_3"), T + 31)
+    assert processor.run_once() == 3
+
+    failure = _failure(migrated_engine, "in_test_3")
+    assert (failure.state, failure.reason, failure.amount_remaining) == ("closed", "paid", 0)

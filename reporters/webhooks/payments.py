@@ -109,8 +109,13 @@ def apply(
     connection: Connection, facts: InvoiceFacts, event_id: str, created: datetime, now: datetime
 ) -> Outcome:
     """Open, update or close the invoice's failure, inside the caller's transaction."""
+    # Locked (PostgreSQL): a second processor acting on another event of this invoice waits,
+    # then reads what this one wrote; without the lock it would overwrite it (a failure
+    # reopening the payment it raced). SQLite has one writer at a time anyway.
     row = connection.execute(
-        select(_p.state, _p.reason, _p.event_created).where(_p.invoice_id == facts.invoice_id)
+        select(_p.state, _p.reason, _p.event_created)
+        .where(_p.invoice_id == facts.invoice_id)
+        .with_for_update()
     ).first()
     if row is not None and not _applies(facts, created, row.reason, row.event_created):
         return "stale"

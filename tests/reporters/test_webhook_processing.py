@@ -9,6 +9,8 @@ the real processor; snapshot events need no call to Stripe, so no emulator runs 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
@@ -16,11 +18,11 @@ from typing import Any
 
 import pytest
 import stripe
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
 from meterstream.metrics import WebhookMetrics
 from meterstream.schema import payment_failures, stripe_webhook_events
-from reporters.webhooks import WebhookProcessor, inbox
+from reporters.webhooks import WebhookProcessor, inbox, payments
 from reporters.webhooks.inbox import RETRY_CAP_S
 from reporters.webhooks.verify import VerifiedEvent
 
@@ -183,3 +185,51 @@ def test_nothing_after_a_payment_reopens_the_invoice(
 
     failure = _failure(migrated_engine, "in_test_3")
     assert (failure.state, failure.reason, failure.amount_remaining) == ("closed", "paid", 0)
+
+
+def test_two_processors_never_reopen_a_payment_they_raced(postgres_engine: Engine) -> None:
+    # Two `serve` processes act on two events of one invoice at once: a failure and the
+    # payment that follows it. The failure's transaction reads the row before the payment
+    # commits and writes after: it must see the payment, not overwrite it.
+    engine = postgres_engine
+    now = START
+    with engine.begin() as connection:
+        opened = payments.invoice_facts("invoice.payment_failed", _invoice("in_test_4"))
+        assert payments.apply(connection, opened, "evt_1", START, now) == "applied"
+    paid = payments.invoice_facts("invoice.paid", _invoice("in_test_4", amount=0))
+    again = payments.invoice_facts("invoice.payment_failed", _invoice("in_test_4", attempts=2))
+    outcome: list[str] = []
+
+    def second_processor() -> None:
+        with engine.begin() as connection:
+            outcome.append(
+                payments.apply(connection, again, "evt_2", START + timedelta(seconds=10), now)
+            )
+
+    with engine.connect() as first:
+        first.begin()
+        assert payments.apply(first, paid, "evt_3", START + timedelta(seconds=20), now) == "applied"
+        thread = threading.Thread(target=second_processor)
+        thread.start()
+        _wait_for_a_lock_wait(engine)
+        first.commit()
+    thread.join(timeout=30)
+    assert outcome == ["stale"]
+    failure = _failure(engine, "in_test_4")
+    assert (failure.state, failure.reason, failure.event_id) == ("closed", "paid", "evt_3")
+
+
+def _wait_for_a_lock_wait(engine: Engine) -> None:
+    """Until a session of this database waits on a row lock (the second processor's)."""
+    for _ in range(1_000):
+        with engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        if waiting:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the second processor never waited on the invoice's row")

@@ -301,9 +301,9 @@ class WebhookMetrics:
         )
         self.billing_alerts = Counter(
             "meterstream_stripe_billing_alerts",
-            "Stripe usage-threshold alerts triggered (billing.alert.triggered), by alert id; "
-            "per customer in the billing_alert_counts table.",
-            ["alert"],
+            "Stripe usage-threshold alerts triggered (billing.alert.triggered); per alert and "
+            "customer in the billing_alert_counts table (an alert is often one customer's: a "
+            "label per alert would be a series per customer).",
             registry=self.registry,
         )
         self.pruned_rows = Counter(

@@ -172,7 +172,7 @@ class WebhookProcessor:
         if effects.failure_code is not None:
             self.metrics.payment_failures.labels(code=effects.failure_code).inc()
         if effects.alert_id is not None:
-            self.metrics.billing_alerts.labels(alert=effects.alert_id).inc()
+            self.metrics.billing_alerts.inc()
 
     def _prepare(self, event: StoredEvent) -> Apply | None:
         """How to apply ``event`` (None: nothing acts on its type), with what it needs from

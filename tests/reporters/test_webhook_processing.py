@@ -21,7 +21,7 @@ import stripe
 from sqlalchemy import Engine, select, text, update
 
 from meterstream.metrics import WebhookMetrics
-from meterstream.schema import payment_failures, stripe_webhook_events
+from meterstream.schema import billing_alert_counts, payment_failures, stripe_webhook_events
 from reporters.webhooks import WebhookProcessor, inbox, payments
 from reporters.webhooks.inbox import RETRY_CAP_S
 from reporters.webhooks.verify import VerifiedEvent
@@ -233,3 +233,29 @@ def _wait_for_a_lock_wait(engine: Engine) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("the second processor never waited on the invoice's row")
+
+
+def test_alerts_per_customer_are_counted_without_a_metric_series_each(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # A usage alert filtered to one customer is the usual setup: with 100,000 subscribers
+    # that is 100,000 alert ids, which the table keeps and a metric label must not.
+    for n in range(5):
+        alert = {
+            "object": "billing.alert_triggered",
+            "alert": {"id": f"alrt_test_{n}", "object": "billing.alert"},
+            "customer": f"cus_test_{n}",
+            "value": 1_000,
+        }
+        _store(migrated_engine, clock, "billing.alert.triggered", alert, T + n)
+    assert processor.run_once() == 5
+    with migrated_engine.connect() as connection:
+        assert len(connection.execute(select(billing_alert_counts)).all()) == 5
+    samples = [
+        sample
+        for metric in processor.metrics.registry.collect()
+        if metric.name == "meterstream_stripe_billing_alerts"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    ]
+    assert [(sample.labels, sample.value) for sample in samples] == [({}, 5.0)]

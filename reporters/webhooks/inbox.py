@@ -76,14 +76,18 @@ def _count_delivery(connection: Connection, event_id: str) -> bool:
     return bool(done.rowcount)
 
 
-def due(engine: Engine, now: datetime, limit: int = 100) -> list[StoredEvent]:
-    """Pending events whose next attempt is due, the longest-waiting first (index range)."""
+def due(
+    engine: Engine, now: datetime, limit: int = 100, payload_kind: str | None = None
+) -> list[StoredEvent]:
+    """Pending events whose next attempt is due, the longest-waiting first (index range);
+    of one payload kind (snapshot, thin) when given."""
+    query = select(_e.event_id, _e.type, _e.payload_kind, _e.created, _e.body, _e.attempts)
+    query = query.where(_e.status == "pending", _e.next_attempt_at <= now)
+    if payload_kind is not None:
+        query = query.where(_e.payload_kind == payload_kind)
     with engine.connect() as connection:
         found = connection.execute(
-            select(_e.event_id, _e.type, _e.payload_kind, _e.created, _e.body, _e.attempts)
-            .where(_e.status == "pending", _e.next_attempt_at <= now)
-            .order_by(_e.next_attempt_at, _e.created)
-            .limit(limit)
+            query.order_by(_e.next_attempt_at, _e.created).limit(limit)
         ).all()
     return [StoredEvent(*row) for row in found]
 

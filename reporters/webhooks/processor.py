@@ -30,6 +30,8 @@ IDLE_WAIT_S = 1.0  # how often due retries are looked for when nothing new arriv
 PRUNE_EVERY = timedelta(hours=1)
 ERROR_REPORT = "v1.billing.meter.error_report_triggered"
 NO_METER_FOUND = "v1.billing.meter.no_meter_found"
+# Stripe's API is unreachable, failing or throttling: every fetch would fail the same way.
+STRIPE_UNAVAILABLE = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
 _INVOICE_TYPES = (
     "invoice.payment_failed",
     "invoice.payment_action_required",
@@ -93,11 +95,21 @@ class WebhookProcessor:
             self._wake.clear()
 
     def run_once(self, limit: int = 100) -> int:
-        """Process up to ``limit`` due events; the number processed (applied, stale or
-        ignored), failures apart. Then refresh the gauges."""
+        """Process up to ``limit`` due events of each kind; the number processed (applied,
+        stale or ignored), failures apart. Then refresh the gauges.
+
+        Snapshot events (payments, alerts) need no call to Stripe and go first: they never
+        wait behind thin ones, each a fetch that may hang for the client's timeout while
+        Stripe is unwell. The first thin event that finds Stripe unavailable ends the pass's
+        thin events (one failed call per pass, not one per event); the rest wait, due."""
         done = 0
-        for event in inbox.due(self.engine, self.clock(), limit):
-            done += self._process(event)
+        for event in inbox.due(self.engine, self.clock(), limit, "snapshot"):
+            done += self._process(event)[0]
+        for event in inbox.due(self.engine, self.clock(), limit, "thin"):
+            processed, error = self._process(event)
+            done += processed
+            if isinstance(error, STRIPE_UNAVAILABLE):
+                break
         self.refresh_gauges()
         self._prune_now_and_then()
         return done
@@ -127,7 +139,8 @@ class WebhookProcessor:
             self.metrics.amount_at_risk.labels(currency=currency).set(amounts.get(currency, 0))
         self._currencies |= amounts.keys()
 
-    def _process(self, event: StoredEvent) -> int:
+    def _process(self, event: StoredEvent) -> tuple[int, Exception | None]:
+        """(1 if the event was processed here, else 0; the error its action failed with)."""
         try:
             apply = self._prepare(event)
             now = self.clock()
@@ -135,7 +148,7 @@ class WebhookProcessor:
                 # Claim first: a second process waits on the event's row lock, then finds it
                 # taken and applies nothing.
                 if not inbox.claim(connection, event.event_id, now):
-                    return 0
+                    return 0, None
                 effects = apply(connection, now) if apply else _Effects("ignored")
                 inbox.set_outcome(connection, event.event_id, effects.outcome)
         except Exception as exc:
@@ -150,9 +163,9 @@ class WebhookProcessor:
                 attempts,
                 _describe(exc),
             )
-            return 0
+            return 0, exc
         self._count(event, effects)
-        return 1
+        return 1, None
 
     def _count(self, event: StoredEvent, effects: _Effects) -> None:
         self.metrics.events.labels(type=event.type, outcome=effects.outcome).inc()

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from meterstream.metrics import WebhookMetrics
 from meterstream.settings import Settings
+from reporters.stripe_push import REQUEST_TIMEOUT_S
 from reporters.webhooks.processor import WebhookProcessor
 from reporters.webhooks.route import webhooks_router
 
@@ -64,6 +65,9 @@ def build_webhook_service(
             "meter_events": settings.meter_events_base,
         },
         max_network_retries=SDK_NETWORK_RETRIES,
+        # The SDK's default waits 80 s for an answer; the processor acts on events one at a
+        # time, so a hanging fetch holds up each pass's thin events for that long.
+        http_client=stripe.RequestsClient(timeout=REQUEST_TIMEOUT_S),
     )
     metrics = WebhookMetrics(registry)
     processor = (

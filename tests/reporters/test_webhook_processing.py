@@ -259,3 +259,47 @@ def test_alerts_per_customer_are_counted_without_a_metric_series_each(
         if sample.name.endswith("_total")
     ]
     assert [(sample.labels, sample.value) for sample in samples] == [({}, 5.0)]
+
+
+def _store_thin(engine: Engine, clock: Clock, created: int) -> str:
+    event_id = f"evt_test_thin_{next(_ids)}"
+    thin = {
+        "id": event_id,
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.no_meter_found",
+        "created": datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z"),
+        "livemode": False,
+        "context": None,
+    }
+    event = VerifiedEvent(
+        event_id,
+        "v1.billing.meter.no_meter_found",
+        "thin",
+        datetime.fromtimestamp(created, UTC),
+        json.dumps(thin),
+    )
+    assert inbox.store(engine, event, clock())
+    return event_id
+
+
+def test_stripe_being_down_costs_one_call_per_pass_and_never_delays_payments(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # Thin events are fetched from Stripe's API (here a closed port: Stripe unreachable). A
+    # pass must not try them one after another (each a timeout when Stripe hangs), and the
+    # invoice events behind them, which need no call, must not wait for them.
+    thin = [_store_thin(migrated_engine, clock, T + n) for n in range(3)]
+    clock.now += timedelta(seconds=1)
+    _store(migrated_engine, clock, "invoice.payment_failed", _invoice("in_test_5"), T)
+
+    assert processor.run_once(limit=2) == 1
+    assert _failure(migrated_engine, "in_test_5").state == "open"
+    with migrated_engine.connect() as connection:
+        attempts = dict(
+            connection.execute(
+                select(stripe_webhook_events.c.event_id, stripe_webhook_events.c.attempts).where(
+                    stripe_webhook_events.c.event_id.in_(thin)
+                )
+            ).all()
+        )
+    assert sorted(attempts.values()) == [0, 0, 1]  # the first failed; the others wait

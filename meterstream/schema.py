@@ -341,7 +341,7 @@ payment_failures = Table(
     Column("subscription_id", String(255), nullable=True),
     Column("state", String(10), nullable=False),  # open | closed
     # what the newest event said: payment_failed | payment_action_required | uncollectible
-    # | past_due | unpaid | paid
+    # | past_due | unpaid | paid | voided
     Column("reason", String(30), nullable=False),
     Column("failure_code", String(100), nullable=True),
     Column("amount_remaining", BigInteger, nullable=False),

@@ -2,12 +2,13 @@
 subscription events.
 
 ``invoice.payment_failed`` and ``invoice.payment_action_required`` open (or update) the
-invoice's failure; ``invoice.paid`` closes it; ``invoice.marked_uncollectible`` and a
+invoice's failure; ``invoice.paid`` closes it, and so does ``invoice.voided`` (a void invoice
+can never be paid: nothing else would close it); ``invoice.marked_uncollectible`` and a
 subscription turning ``past_due`` or ``unpaid`` mark it, and it stays open until paid (a
 written-off invoice is money a person may still collect). Stripe delivers out of order:
 
-- A payment is final at Stripe (a paid invoice cannot fail again): ``invoice.paid`` closes
-  the row whatever its time, and nothing after it changes the row (``stale``). A paid invoice
+- A payment or a void is final at Stripe (such an invoice cannot fail again): it closes the
+  row whatever its time, and nothing after it changes the row (``stale``). A paid invoice
   with no failure leaves a closed row, so a failure delivered after its payment cannot open it.
 - The invoice's facts (amount, attempts, next attempt, code) come from invoice events only;
   the row keeps the time and id of the newest one applied, and an older one is ``stale``.
@@ -30,6 +31,8 @@ from meterstream.schema import customer_links, payment_failures
 Outcome = Literal["applied", "stale", "ignored"]
 # The event time of a row no invoice event has reached yet (opened by a subscription event).
 NO_INVOICE_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
+# What closes a failure for good: the invoice can neither fail nor be paid after it.
+FINAL = ("paid", "voided")
 FAILED = {
     "invoice.payment_failed": "payment_failed",
     "invoice.payment_action_required": "payment_action_required",
@@ -63,6 +66,7 @@ def invoice_facts(event_type: str, invoice: Mapping[str, Any]) -> InvoiceFacts:
         FAILED.get(event_type)
         or {
             "invoice.paid": "paid",
+            "invoice.voided": "voided",
             "invoice.marked_uncollectible": "uncollectible",
         }[event_type]
     )
@@ -78,7 +82,7 @@ def invoice_facts(event_type: str, invoice: Mapping[str, Any]) -> InvoiceFacts:
         subscription_id=_id(subscription) if subscription else None,
         reason=reason,
         failure_code=_failure_code(event_type, invoice) if event_type in FAILED else None,
-        amount_remaining=0 if reason == "paid" else amount,
+        amount_remaining=0 if reason in FINAL else amount,
         currency=_currency(invoice.get("currency")),
         attempts=attempts,
         next_payment_attempt=datetime.fromtimestamp(next_at, UTC) if next_at else None,
@@ -86,14 +90,15 @@ def invoice_facts(event_type: str, invoice: Mapping[str, Any]) -> InvoiceFacts:
 
 
 def subscription_facts(subscription: Mapping[str, Any]) -> InvoiceFacts | None:
-    """A subscription now ``past_due`` or ``unpaid``: a failure of its latest invoice (the
-    subscription's id stands in when it names none); None for any other status."""
+    """A subscription now ``past_due`` or ``unpaid``: a failure of its latest invoice; None
+    for any other status, or when it names no invoice (only an invoice event can close a
+    failure: a row keyed otherwise would stay open for ever)."""
     status = subscription.get("status")
-    if status not in ("past_due", "unpaid"):
-        return None
     latest = subscription.get("latest_invoice")
+    if status not in ("past_due", "unpaid") or not latest:
+        return None
     return InvoiceFacts(
-        invoice_id=_id(latest) if latest else _id(subscription["id"]),
+        invoice_id=_id(latest),
         stripe_customer_id=_id(subscription["customer"]),
         subscription_id=_id(subscription["id"]),
         reason=str(status),
@@ -119,8 +124,8 @@ def apply(
     ).first()
     if row is not None and not _applies(facts, created, row.reason, row.event_created):
         return "stale"
-    paid = facts.reason == "paid"
-    values: dict[str, Any] = {"reason": facts.reason, "state": "closed" if paid else "open"}
+    closes = facts.reason in FINAL
+    values: dict[str, Any] = {"reason": facts.reason, "state": "closed" if closes else "open"}
     if facts.from_invoice:
         values.update(event_created=created, event_id=event_id, currency=facts.currency)
         values.update(
@@ -139,7 +144,7 @@ def apply(
                 stripe_customer_id=facts.stripe_customer_id,
                 customer_id=_application_customer(connection, facts.stripe_customer_id),
                 opened_at=now,
-                closed_at=now if paid else None,
+                closed_at=now if closes else None,
                 **{
                     "amount_remaining": 0,
                     "attempts": 0,
@@ -151,7 +156,7 @@ def apply(
             )
         )
         return "applied"
-    if paid:
+    if closes:
         values["closed_at"] = now
     connection.execute(
         update(payment_failures).where(_p.invoice_id == facts.invoice_id).values(values)
@@ -160,11 +165,11 @@ def apply(
 
 
 def _applies(facts: InvoiceFacts, created: datetime, reason: str, applied: datetime) -> bool:
-    """Whether an event changes a row: never once paid; a payment always; else the newer
-    (Stripe's times are whole seconds: in a tie, the first applied stays)."""
-    if reason == "paid":
+    """Whether an event changes a row: never once paid or void; a payment or a void always;
+    else the newer (Stripe's times are whole seconds: in a tie, the first applied stays)."""
+    if reason in FINAL:
         return False
-    return facts.reason == "paid" or created > applied
+    return facts.reason in FINAL or created > applied
 
 
 def _application_customer(connection: Connection, stripe_customer_id: str) -> str | None:

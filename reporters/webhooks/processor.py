@@ -37,6 +37,7 @@ _INVOICE_TYPES = (
     "invoice.payment_action_required",
     "invoice.paid",
     "invoice.marked_uncollectible",
+    "invoice.voided",
 )
 
 

@@ -303,3 +303,39 @@ def test_stripe_being_down_costs_one_call_per_pass_and_never_delays_payments(
             ).all()
         )
     assert sorted(attempts.values()) == [0, 0, 1]  # the first failed; the others wait
+
+
+def test_a_voided_invoice_closes_its_failure_for_good(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # Finance voids a failed invoice (a cancelled subscription, a reissued bill): it can
+    # never be paid, so nothing else would close it, and it would count as at risk for ever.
+    _store(migrated_engine, clock, "invoice.payment_failed", _invoice("in_test_6"), T)
+    clock.now += timedelta(seconds=1)
+    _store(migrated_engine, clock, "invoice.voided", _invoice("in_test_6"), T + 60)
+    clock.now += timedelta(seconds=1)
+    _store(migrated_engine, clock, "invoice.payment_failed", _invoice("in_test_6"), T + 120)
+    assert processor.run_once() == 3
+
+    failure = _failure(migrated_engine, "in_test_6")
+    assert (failure.state, failure.reason, failure.amount_remaining) == ("closed", "voided", 0)
+    assert processor.metrics.registry.get_sample_value(
+        "meterstream_stripe_payment_failures_open"
+    ) == pytest.approx(0)
+
+
+def test_a_subscription_naming_no_invoice_opens_nothing_that_cannot_close(
+    migrated_engine: Engine, clock: Clock, processor: WebhookProcessor
+) -> None:
+    # Only an invoice event can close a failure; a row keyed by the subscription's id would
+    # stay open for ever.
+    _store(
+        migrated_engine,
+        clock,
+        "customer.subscription.updated",
+        _subscription("past_due", None),
+        T,
+    )
+    assert processor.run_once() == 1
+    with migrated_engine.connect() as connection:
+        assert connection.execute(select(payment_failures)).all() == []

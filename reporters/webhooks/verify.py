@@ -57,7 +57,16 @@ def verify(
             payload_kind = "snapshot"
     except stripe.SignatureVerificationError as exc:
         raise WebhookSignatureError(_reason(exc)) from None
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError) as exc:
+    # RecursionError: JSON nested deeper than the parser goes (a few KiB of brackets).
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+        OSError,
+        RecursionError,
+    ) as exc:
         raise WebhookError(
             f"a signed body that is not a Stripe event ({type(exc).__name__})"
         ) from None

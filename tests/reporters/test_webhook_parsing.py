@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import stripe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -66,6 +67,13 @@ def test_a_signed_document_is_an_event_or_a_400(document: dict[str, Any]) -> Non
         return
     assert isinstance(event, VerifiedEvent)
     assert 0 < len(event.event_id) <= 255 and event.created.tzinfo is not None
+
+
+def test_a_signed_body_nested_too_deep_to_parse_is_a_400() -> None:
+    # Well under the 1 MiB the route reads: Python's JSON parser gives up on the depth.
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"id": ' * 50_000 + b"1" + b"}" * 50_000):
+        with pytest.raises(WebhookError, match="not a Stripe event"):
+            verify(body, _signed(body), [SECRET], CLIENT)
 
 
 @settings(max_examples=200, deadline=None)

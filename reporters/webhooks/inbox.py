@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from meterstream.schema import stripe_webhook_events as events
-from reporters.webhooks.verify import VerifiedEvent
+from reporters.webhooks.verify import PayloadKind, VerifiedEvent
 
 RETRY_CAP_S = 300.0  # a failing action is retried at least every 5 minutes
 _e = events.c
@@ -77,7 +77,7 @@ def _count_delivery(connection: Connection, event_id: str) -> bool:
 
 
 def due(
-    engine: Engine, now: datetime, limit: int = 100, payload_kind: str | None = None
+    engine: Engine, now: datetime, limit: int = 100, payload_kind: PayloadKind | None = None
 ) -> list[StoredEvent]:
     """Pending events whose next attempt is due, the longest-waiting first (index range);
     of one payload kind (snapshot, thin) when given."""

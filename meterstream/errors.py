@@ -22,6 +22,8 @@ MeterstreamError
  +-- StripeCallError           a call to Stripe failed for a reason no row is to blame for
  |    +-- StripeAuthError      Stripe refused the API key (401/403); fix the key
  |    +-- StoppedError         a stop was requested before the call; nothing was sent
+ +-- WebhookError              a Stripe webhook was not taken: answered 400, nothing stored
+ |    +-- WebhookSignatureError  its Stripe-Signature matches no configured secret, or is stale
  +-- LedgerError               the ledger refused a write that would break its rules
       +-- AcknowledgementMismatchError  an acknowledgement touched other rows than it found
       |                        pending; rolled back, the rows stay pending
@@ -209,3 +211,21 @@ class RestoredLedgerError(LedgerError):
             "is held. Run meterstream reconcile to see, per customer and meter, what Stripe "
             "already has; correct what it lists; then meterstream report --accept-restore"
         )
+
+
+class WebhookError(MeterstreamError):
+    """A request to the Stripe webhook route was refused (400) and nothing of it was stored.
+
+    ``reason`` says why without quoting the body, the header or any secret.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class WebhookSignatureError(WebhookError):
+    """The body's Stripe-Signature matches none of METERSTREAM_STRIPE_WEBHOOK_SECRET's secrets,
+    or its timestamp is older than the 300 s tolerance. Check that the endpoint's signing
+    secret in the Stripe Dashboard is among them (both, while one is rolled) and that this
+    host's clock is right."""

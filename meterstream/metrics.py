@@ -237,6 +237,83 @@ class ReporterMetrics:
         )
 
 
+class WebhookMetrics:
+    """What the Stripe webhook route and its processing count (reporters/webhooks/)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.events = Counter(
+            "meterstream_stripe_webhook_events",
+            "Stripe webhook events by type and outcome: stored (new, committed before the 2xx), "
+            "duplicate (a delivery of an event already stored), refused (bad or missing "
+            "signature, stale, unreadable: 400, nothing stored; type unknown), applied, stale "
+            "(older than what was applied), ignored (a type nothing acts on), failed (an "
+            "action failed; retried).",
+            ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "meterstream_stripe_webhook_events_pending",
+            "Stored Stripe events not yet acted on (waiting, or retried after a failure).",
+            registry=self.registry,
+        )
+        self.failing = Gauge(
+            "meterstream_stripe_webhook_events_failing",
+            "Stored Stripe events whose action failed at least once and is being retried "
+            "(meterstream status shows the error).",
+            registry=self.registry,
+        )
+        self.oldest_pending = Gauge(
+            "meterstream_stripe_webhook_oldest_pending_seconds",
+            "Age of the oldest stored Stripe event not yet acted on; 0 when none.",
+            registry=self.registry,
+        )
+        self.meter_errors = Counter(
+            "meterstream_stripe_meter_errors",
+            "Meter events Stripe refused after accepting them (its error reports), by meter "
+            "event name and Stripe error code; no_meter: Stripe has no meter for the name.",
+            ["event_name", "code"],
+            registry=self.registry,
+        )
+        self.rows_rejected = Counter(
+            "meterstream_stripe_meter_error_rows_rejected",
+            "Ledger rows made rejected by Stripe's error reports (found by identifier), by code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.payment_failures = Counter(
+            "meterstream_stripe_payment_failures",
+            "Invoice payment failures Stripe reported, by failure code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.open_failures = Gauge(
+            "meterstream_stripe_payment_failures_open",
+            "Invoices whose payment failed and that are not paid yet.",
+            registry=self.registry,
+        )
+        self.amount_at_risk = Gauge(
+            "meterstream_stripe_payment_failures_amount_at_risk",
+            "What the open failed invoices still owe, per currency, in the currency's minor "
+            "unit (cents).",
+            ["currency"],
+            registry=self.registry,
+        )
+        self.billing_alerts = Counter(
+            "meterstream_stripe_billing_alerts",
+            "Stripe usage-threshold alerts triggered (billing.alert.triggered); per alert and "
+            "customer in the billing_alert_counts table (an alert is often one customer's: a "
+            "label per alert would be a series per customer).",
+            registry=self.registry,
+        )
+        self.pruned_rows = Counter(
+            "meterstream_stripe_webhook_pruned_rows",
+            "Processed Stripe events and closed payment failures deleted past retention, by table.",
+            ["table"],
+            registry=self.registry,
+        )
+
+
 class HttpMetrics:
     """What ``meterstream serve`` counts and measures. Labels never hold a key or a customer."""
 

@@ -184,6 +184,8 @@ customer_links = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
+# Stripe's events name the Stripe customer: payment failures find the application's id here.
+Index("customer_links_by_stripe_customer", customer_links.c.stripe_customer_id)
 
 ledger = Table(
     "ledger",
@@ -298,6 +300,93 @@ meter_scales = Table(
     # NULL: a meter migration 0006 found in the ledger, its scale checked at the next start.
     Column("unit_scale", ExactDecimal(), nullable=True),
     Column("recorded_at", UTCDateTime(), nullable=False),
+)
+
+# --- Stripe webhooks (reporters/webhooks/) ----------------------------------------------------
+
+stripe_webhook_events = Table(
+    "stripe_webhook_events",
+    metadata,
+    # Every verified event Stripe sent, committed BEFORE the 2xx answer, then acted on from
+    # here: a crash after the answer loses nothing, a failed action is retried (never dropped),
+    # and a duplicate delivery finds its id and changes nothing.
+    Column("event_id", String(255), primary_key=True),
+    Column("type", String(100), nullable=False),
+    Column("payload_kind", String(10), nullable=False),  # snapshot | thin
+    Column("created", UTCDateTime(), nullable=False),  # Stripe's time of the event
+    Column("body", Text, nullable=False),  # the verified body, as received
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("deliveries", Integer, nullable=False),  # Stripe's deliveries of it, duplicates too
+    # pending (to act on, or retried after a failure) | processed
+    Column("status", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False),  # actions tried and failed
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("last_error", Text, nullable=True),
+    # applied | stale (older than what was applied) | ignored (a type nothing acts on)
+    Column("outcome", String(20), nullable=True),
+    Column("processed_at", UTCDateTime(), nullable=True),
+)
+Index(
+    "stripe_webhook_events_due",
+    stripe_webhook_events.c.status,
+    stripe_webhook_events.c.next_attempt_at,
+)
+
+payment_failures = Table(
+    "payment_failures",
+    metadata,
+    # One row per invoice whose payment failed: open until Stripe says it is paid. Amounts are
+    # the invoice's integers in the currency's minor unit (cents), never floats.
+    Column("invoice_id", String(255), primary_key=True),
+    Column("stripe_customer_id", String(255), nullable=False),
+    # The application's customer id (customer_links), when one is linked to that customer.
+    Column("customer_id", String(200), nullable=True),
+    Column("subscription_id", String(255), nullable=True),
+    Column("state", String(10), nullable=False),  # open | closed
+    # what the newest event said: payment_failed | payment_action_required | uncollectible
+    # | past_due | unpaid | paid | voided
+    Column("reason", String(30), nullable=False),
+    Column("failure_code", String(100), nullable=True),
+    Column("amount_remaining", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("attempts", Integer, nullable=False),  # Stripe's attempt_count
+    Column("next_payment_attempt", UTCDateTime(), nullable=True),
+    Column("opened_at", UTCDateTime(), nullable=False),
+    Column("closed_at", UTCDateTime(), nullable=True),
+    # The newest invoice event applied (its time and id): an older one changes nothing.
+    # 1970-01-01: none yet (a subscription event opened the row). See webhooks/payments.py.
+    Column("event_created", UTCDateTime(), nullable=False),
+    Column("event_id", String(255), nullable=False),
+)
+Index("payment_failures_by_state", payment_failures.c.state, payment_failures.c.opened_at)
+
+meter_error_counts = Table(
+    "meter_error_counts",
+    metadata,
+    # Stripe's asynchronous refusals of meter events, summed over its error reports, per meter
+    # event name and error code. Stripe names only samples: ``rows_rejected`` counts the ledger
+    # rows found by their identifier (now ``rejected``), ``unidentified`` the rest, which
+    # reconcile must find by comparing totals.
+    Column("event_name", String(100), primary_key=True),
+    Column("code", String(100), primary_key=True),
+    Column("stripe_meter_id", String(255), nullable=True),  # None: no meter (no_meter_found)
+    Column("errors_total", BigInteger, nullable=False),
+    Column("rows_rejected", BigInteger, nullable=False),
+    Column("unidentified", BigInteger, nullable=False),
+    Column("last_message", Text, nullable=True),
+    Column("last_report_at", UTCDateTime(), nullable=False),
+)
+
+billing_alert_counts = Table(
+    "billing_alert_counts",
+    metadata,
+    # Stripe's usage-threshold alerts (billing.alert.triggered), counted per alert and customer.
+    Column("alert_id", String(255), primary_key=True),
+    Column("stripe_customer_id", String(255), primary_key=True),
+    Column("customer_id", String(200), nullable=True),
+    Column("triggered", BigInteger, nullable=False),
+    Column("last_value", ExactDecimal(), nullable=True),
+    Column("last_triggered_at", UTCDateTime(), nullable=False),
 )
 
 api_keys = Table(

@@ -31,7 +31,8 @@ ENV_PREFIX = "METERSTREAM_"
 STRIPE_API_KEY_PATTERN = re.compile(r"(?:sk|rk)_(?:test|live)_[A-Za-z0-9]+")
 # Settings whose value may hold a secret: never shown as given, only as redact_url() shows them
 # (the key: not at all). The Stripe bases refuse user info, but an error names them before that.
-_SECRET_SETTINGS = frozenset({"stripe_api_key"})
+WEBHOOK_SECRET_PATTERN = re.compile(r"whsec_[A-Za-z0-9_]+")
+_SECRET_SETTINGS = frozenset({"stripe_api_key", "stripe_webhook_secret"})
 _URL_SETTINGS = frozenset({"database_url", "stripe_api_base", "stripe_meter_events_base"})
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 # The driver the code uses for PostgreSQL (psycopg 3), and the spellings that mean it.
@@ -133,6 +134,13 @@ class Settings(BaseSettings):
     # How often a running reporter compares every window total with the ledger (the backstop
     # of the report queue, reporters/backstop.py); its cost grows with history.
     report_backstop_s: float = Field(3600.0, gt=0.0, le=30 * 86_400.0)
+
+    # --- Stripe webhooks (reporters/webhooks/): the endpoint's signing secrets, comma-separated
+    # so a secret can be rolled (Stripe signs with both while it is). None: the route is off.
+    stripe_webhook_secret: SecretStr | None = None
+    # Act on stored events in this process. False: only store them (and answer 2xx); another
+    # process with True acts on them, or this one after a restart.
+    stripe_webhook_processing: bool = True
 
     # --- Observability
     metrics_port: int = Field(9464, ge=0, le=65535, description="0: no metrics server")
@@ -248,6 +256,27 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("stripe_webhook_secret")
+    @classmethod
+    def _webhook_secrets_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never echo a secret. Stripe's endpoint secrets are whsec_ then letters and digits.
+        if value is None:
+            return None
+        secrets = value.get_secret_value().split(",")
+        if not all(WEBHOOK_SECRET_PATTERN.fullmatch(secret.strip()) for secret in secrets):
+            raise ValueError(
+                "expected one or more Stripe webhook signing secrets, comma-separated: whsec_ "
+                "then letters and digits (copy them from the endpoint in the Stripe Dashboard)"
+            )
+        return value
+
+    @property
+    def stripe_webhook_secrets(self) -> tuple[str, ...]:
+        """The webhook signing secrets, in the order given (empty: webhooks are off)."""
+        if self.stripe_webhook_secret is None:
+            return ()
+        return tuple(s.strip() for s in self.stripe_webhook_secret.get_secret_value().split(","))
+
     @property
     def meter_events_base(self) -> str:
         """The base address of Stripe's v2 meter event stream (a separate host at Stripe)."""
@@ -330,5 +359,7 @@ def environment_of(settings: Settings, inherit: Mapping[str, str]) -> dict[str, 
     for name, value in settings.model_dump(exclude_none=True).items():
         if name == "stripe_api_key" and settings.stripe_api_key is not None:
             value = settings.stripe_api_key.get_secret_value()
+        if name == "stripe_webhook_secret" and settings.stripe_webhook_secret is not None:
+            value = settings.stripe_webhook_secret.get_secret_value()
         environment[ENV_PREFIX + name.upper()] = str(value)
     return environment

@@ -259,7 +259,7 @@ def format_status(facts: dict[str, Any]) -> str:
     lines.append(f"due windows (changed, not yet in the ledger): {facts['due_windows']:,}")
     lines.append(
         f"unconfirmed (v2 stream accepted, not yet confirmed by reconcile): {facts['unconfirmed']}"
-        " (Stripe's error_report_triggered events are not consumed; run meterstream reconcile)"
+        " (Stripe's error reports reject the rows they name; run meterstream reconcile)"
     )
     lines.extend(_possibly_invoiced_lines(facts["possibly_invoiced"]))
     lines.append(f"unknown (not resent; run meterstream reconcile): {len(facts['unknown'])}")

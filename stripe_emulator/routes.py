@@ -354,6 +354,11 @@ def create_v2_meter_event(state: EmulatorState, call: Call) -> tuple[int, object
     return 200, event.to_stripe_v2()
 
 
+def retrieve_v2_event(state: EmulatorState, call: Call) -> tuple[int, object]:
+    """The full event behind a thin webhook notification (the SDK's ``fetch_event()``)."""
+    return 200, state.v2_event(call.path_ids[0])
+
+
 _ID = r"([A-Za-z0-9_]+)"
 
 
@@ -377,4 +382,5 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v2/billing/meter_event_session", create_session),
     _route("POST", "/v2/billing/meter_event_stream", create_stream, auth="session"),
     _route("POST", "/v2/billing/meter_events", create_v2_meter_event),
+    _route("GET", f"/v2/core/events/{_ID}", retrieve_v2_event),
 )

@@ -25,8 +25,10 @@ from stripe_emulator.api import ApiResponse, StripeApi, error_response
 from stripe_emulator.calls import ApiRequest
 from stripe_emulator.faults import Faults
 from stripe_emulator.limits import CallSlots, RefusingRateLimit
+from stripe_emulator.notifications import Notifier
 from stripe_emulator.records import StripeApiError
 from stripe_emulator.state import EmulatorState, EpochSeconds
+from stripe_emulator.webhooks import WebhookSender
 
 DEFAULT_RATE_LIMIT_PER_S = 100  # Stripe's live-mode default per account
 _log = logging.getLogger(__name__)
@@ -38,20 +40,30 @@ class Emulator:
 
     `received` holds the last API calls as they arrived (control calls apart), as many as
     `run_stripe_emulator(keep_requests=...)` asked for (none by default), for tests that
-    check what went over the wire.
+    check what went over the wire. `webhooks` delivers the account's events to the endpoint
+    configured with `webhooks.configure(url, secrets)`; `notifier` makes them.
     """
 
     url: str
     state: EmulatorState
     faults: Faults
     rate_limit: RefusingRateLimit
+    webhooks: WebhookSender
+    notifier: Notifier
     received: deque[ApiRequest] = field(default_factory=lambda: deque(maxlen=0))
 
     def reset(self) -> None:
-        """Empty the account, clear faults, refill the rate limit."""
+        """Empty the account, clear faults, refill the rate limit, forget deliveries."""
         self.state.reset()
         self.faults.clear()
         self.rate_limit.reset()
+        self.notifier.reset()
+        self.webhooks.reset()
+
+    def close(self) -> None:
+        """Stop the webhook threads."""
+        self.notifier.close()
+        self.webhooks.close()
 
 
 class _Server(ThreadingHTTPServer):
@@ -153,8 +165,49 @@ def _control(emulator: Emulator, request: ApiRequest) -> ApiResponse:
     elif target == ("POST", "faults/release"):
         emulator.faults.release()
         body = {"released": True}
+    elif target[1] in _WEBHOOK_CONTROLS:
+        return _webhook_control(emulator, request)
     else:
         return _control_error(404, f"Unknown control call {request.method} {request.path}.")
+    return ApiResponse(200, json.dumps(body).encode())
+
+
+_WEBHOOK_CONTROLS = frozenset(
+    {"webhooks", "webhooks/resend", "invoices", "subscriptions", "billing_alerts"}
+)
+
+
+def _webhook_control(emulator: Emulator, request: ApiRequest) -> ApiResponse:
+    """GET webhooks (deliveries); POST webhooks {"url", "secrets"}; POST webhooks/resend
+    {"event_id"}; POST invoices / subscriptions / billing_alerts: make and send one event
+    (see Notifier)."""
+    target = (request.method, request.path.removeprefix("/_emulator/").rstrip("/"))
+    if target == ("GET", "webhooks"):
+        deliveries = [d.to_json() for d in emulator.webhooks.deliveries()]
+        return ApiResponse(200, json.dumps({"data": deliveries}).encode())
+    try:
+        spec = json.loads(request.body or b"{}")
+        if not isinstance(spec, dict) or request.method != "POST":
+            raise ValueError("POST a JSON object")
+        body: object
+        if target[1] == "webhooks":
+            secrets = spec.get("secrets") or []
+            if not isinstance(secrets, list) or not all(isinstance(x, str) for x in secrets):
+                raise ValueError("secrets must be a list of strings")
+            emulator.webhooks.configure(spec.get("url"), secrets)
+            body = {"configured": spec.get("url")}
+        elif target[1] == "webhooks/resend":
+            body = {"resent": emulator.webhooks.resend(str(spec.get("event_id")))}
+        elif target[1] == "invoices":
+            body = emulator.notifier.invoice_event(spec)
+        elif target[1] == "subscriptions":
+            body = emulator.notifier.subscription_event(spec)
+        else:
+            body = emulator.notifier.billing_alert_event(spec)
+    except StripeApiError as exc:
+        return _control_error(exc.status, exc.message)
+    except (TypeError, ValueError) as exc:
+        return _control_error(400, f"Bad webhook control call {request.body!r}: {exc}.")
     return ApiResponse(200, json.dumps(body).encode())
 
 
@@ -190,11 +243,15 @@ def _make_server(
     keep_requests: int = 0,
 ) -> _Server:
     def emulator_of(url: str) -> Emulator:
+        state = EmulatorState(clock)
+        sender = WebhookSender()
         return Emulator(
             url,
-            EmulatorState(clock),
+            state,
             Faults(fault_seed),
             RefusingRateLimit(rate_limit_per_s, rate_clock),
+            sender,
+            Notifier(state, sender),
             deque(maxlen=keep_requests),
         )
 
@@ -239,6 +296,7 @@ def run_stripe_emulator(
         server.shutdown()
         server.server_close()
         thread.join()
+        server.emulator.close()
 
 
 def serve_forever(
@@ -248,10 +306,13 @@ def serve_forever(
     rate_limit_per_s: int | None = DEFAULT_RATE_LIMIT_PER_S,
     fault_seed: int = 0,
     on_ready: Callable[[Emulator], None] | None = None,
+    webhook_url: str | None = None,
+    webhook_secrets: tuple[str, ...] = (),
 ) -> None:
     """Serve on the calling thread until interrupted (Ctrl-C returns normally).
 
     `on_ready` gets the running emulator once the port is bound, e.g. to print its url.
+    `webhook_url`: where the account's events are sent, signed with `webhook_secrets`.
     """
     server = _make_server(
         host,
@@ -261,6 +322,8 @@ def serve_forever(
         rate_clock=time.monotonic,
         fault_seed=fault_seed,
     )
+    if webhook_url:
+        server.emulator.webhooks.configure(webhook_url, webhook_secrets)
     with server:
         if on_ready is not None:
             on_ready(server.emulator)
@@ -268,3 +331,5 @@ def serve_forever(
             server.serve_forever()
         except KeyboardInterrupt:
             return
+        finally:
+            server.emulator.close()

@@ -79,6 +79,7 @@ class EmulatorState:
             self._replies: dict[str, tuple[str, CachedResponse]] = {}
             self._in_flight: dict[str, str] = {}
             self._revoked: set[str] = set()
+            self._v2_events: dict[str, JsonObject] = {}
 
     def revoke_key(self, key: str) -> None:
         """Refuse ``key`` from now on (401), as Stripe does once a key is rolled or deleted
@@ -352,6 +353,18 @@ class EmulatorState:
             session = self._sessions.get(token)
             if session is None or self.now_s() >= session.expires_at:
                 raise rules.session_expired()
+
+    # -- v2 events (the full events behind thin webhook notifications) ------------------------
+
+    def save_v2_event(self, event: JsonObject) -> None:
+        with self.lock:
+            self._v2_events[str(event["id"])] = event
+
+    def v2_event(self, event_id: str) -> JsonObject:
+        with self.lock:
+            if event_id not in self._v2_events:
+                raise rules.resource_missing("v2.core.event", event_id, "id")
+            return self._v2_events[event_id]
 
     # -- idempotency --------------------------------------------------------------------------
 

@@ -159,3 +159,22 @@ def test_a_misspelt_setting_is_named_without_its_value() -> None:
     with pytest.raises(ConfigError, match="METERSTREAM_DATABSE_URL") as caught:
         load_settings(databse_url=f"postgres://billing:{PASSWORD}@db/meterstream")
     assert PASSWORD not in str(caught.value)
+
+
+WEBHOOK_SECRET = "whsec_neverprintedAbc123"  # noqa: S105 - a made-up secret the output must not show
+
+
+def test_webhook_secrets_are_read_comma_separated_and_never_shown() -> None:
+    settings = load_settings(stripe_webhook_secret=f"{WEBHOOK_SECRET}, whsec_second2")
+    assert settings.stripe_webhook_secrets == (WEBHOOK_SECRET, "whsec_second2")
+    assert WEBHOOK_SECRET not in repr(settings)
+    assert WEBHOOK_SECRET not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    "given", [f"{WEBHOOK_SECRET}!", f"{WEBHOOK_SECRET},", f"sk_test_{WEBHOOK_SECRET}", ""]
+)
+def test_a_bad_webhook_secret_is_named_but_never_shown(given: str) -> None:
+    with pytest.raises(ConfigError, match="METERSTREAM_STRIPE_WEBHOOK_SECRET") as caught:
+        load_settings(stripe_webhook_secret=given)
+    assert WEBHOOK_SECRET not in str(caught.value)

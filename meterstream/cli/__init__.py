@@ -88,19 +88,38 @@ def broker(port: int, partitions: int | None) -> None:
 @click.option(
     "--rate", type=int, default=100, show_default=True, help="calls per second it accepts"
 )
-def stripe_emulator(port: int, rate: int) -> None:
+@click.option(
+    "--webhook-url",
+    default=None,
+    help="send the account's events (meter error reports, invoices) here, e.g. "
+    "http://127.0.0.1:8000/v1/stripe/webhooks",
+)
+@click.option(
+    "--webhook-secret",
+    "webhook_secrets",
+    multiple=True,
+    help="sign webhooks with this secret (whsec_...); twice while a secret is rolled",
+)
+def stripe_emulator(
+    port: int, rate: int, webhook_url: str | None, webhook_secrets: tuple[str, ...]
+) -> None:
     """Serve the slice of Stripe's API that meterstream uses, with Stripe's rules, until Ctrl-C.
 
     Point the reporter at it with METERSTREAM_STRIPE_API_BASE=http://127.0.0.1:PORT and any
-    METERSTREAM_STRIPE_API_KEY=sk_test_... key.
+    METERSTREAM_STRIPE_API_KEY=sk_test_... key. With --webhook-url it signs and sends the
+    account's events there, retrying until it answers 2xx, as Stripe does.
     """
     from stripe_emulator import serve_forever
 
+    if webhook_url and not webhook_secrets:
+        raise click.UsageError("--webhook-url needs --webhook-secret (Stripe signs every event)")
     serve_forever(
         "127.0.0.1",
         port,
         rate_limit_per_s=rate,
         on_ready=lambda emulator: click.echo(f"Stripe emulator listening on {emulator.url}"),
+        webhook_url=webhook_url,
+        webhook_secrets=webhook_secrets,
     )
 
 
@@ -140,6 +159,7 @@ def status(as_json: bool) -> None:
     from meterstream.meters import load_catalogue
     from reporters.capacity import sending_capacity
     from reporters.status import format_status, reporter_status
+    from reporters.webhooks.status import format_webhook_status, webhook_status
 
     settings = settings_or_exit()
     catalogue = load_catalogue(settings.meters_file)
@@ -150,6 +170,7 @@ def status(as_json: bool) -> None:
         reported: dict[str, Any] = {"deployment_id": _deployment_shown(settings, engine)}
         reported.update(reporter_status(engine, catalogue, now, settings.horizon_days))
         sending = sending_capacity(engine, settings, now)
+        reported["webhooks"] = webhook_status(engine, now)
     finally:
         engine.dispose()
     reported["sending"] = sending.as_dict()
@@ -162,6 +183,7 @@ def status(as_json: bool) -> None:
     click.echo("reporter")
     click.echo("\n".join(f"  {line}" for line in format_status(reported).splitlines()))
     click.echo(f"  {sending.line()}")
+    click.echo("\n".join(f"  {line}" for line in format_webhook_status(reported["webhooks"])))
 
 
 def _deployment_shown(settings: Settings, engine: Engine) -> str:
@@ -251,6 +273,7 @@ def _register_stage_commands() -> None:
     # other.
     from meterstream.cli.aggregate import AGGREGATOR_COMMANDS
     from meterstream.cli.dead_letters import DEAD_LETTER_COMMANDS
+    from meterstream.cli.payments import PAYMENT_COMMANDS
     from meterstream.cli.report import REPORTER_COMMANDS
     from meterstream.cli.serve import SERVE_COMMANDS
 
@@ -258,6 +281,7 @@ def _register_stage_commands() -> None:
         *AGGREGATOR_COMMANDS,
         *DEAD_LETTER_COMMANDS,
         *REPORTER_COMMANDS,
+        *PAYMENT_COMMANDS,
         *SERVE_COMMANDS,
     ):
         cli.add_command(command)

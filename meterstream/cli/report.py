@@ -332,15 +332,21 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
                 now,
                 settle_minutes,
             )
+            unnamed = _unnamed_errors(engine)
     except MeterstreamError as exc:
         raise failed(exc) from exc
     if as_json:
-        click.echo(json_document(_reconciliation_document(found, start)))
+        click.echo(json_document({**_reconciliation_document(found, start), "unnamed": unnamed}))
         sys.exit(EXIT_PENDING if found.drifting else EXIT_OK)
     for decided in found.settled:
         click.echo(decided)
     for line in found.lines:
         click.echo(str(line))
+    for item in unnamed:
+        click.echo(
+            f"Stripe refused {item['unidentified']} event(s) of {item['event_name']} "
+            f"({item['code']}) without naming them: they are in that meter's DRIFT lines"
+        )
     click.echo(
         f"{len(found.lines)} Stripe customer meter(s) compared over "
         f"[{start.isoformat()}, {found.end.isoformat() if found.end else '?'}); "
@@ -348,6 +354,18 @@ def reconcile(since: datetime | None, settle_minutes: int, as_json: bool) -> Non
     )
     if found.drifting:
         sys.exit(EXIT_PENDING)
+
+
+def _unnamed_errors(engine: Engine) -> list[dict[str, Any]]:
+    """Stripe's error reports' counts beyond their samples (reporters/webhooks)."""
+    from reporters.webhooks.meter_errors import error_counts
+
+    with engine.connect() as connection:
+        return [
+            {k: row[k] for k in ("event_name", "code", "unidentified")}
+            for row in error_counts(connection)
+            if row["unidentified"]
+        ]
 
 
 def _reconciliation_document(found: Reconciliation, start: datetime) -> dict[str, Any]:

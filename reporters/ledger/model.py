@@ -14,11 +14,11 @@ A row is written and committed before its call, then updated from the answer. St
 - ``sent``      Stripe acknowledged it (v1: 200, or "already exists" for our own identifier).
 - ``accepted``  the v2 stream answered 200: Stripe took it but validates later, so it is
                 *unconfirmed*: not final for billing lag and status until ``meterstream
-                reconcile`` finds it in Stripe's summaries and marks it ``sent``. Consuming
-                Stripe's ``v1.billing.meter.error_report_triggered`` events is not implemented;
-                a bad event shows as an ``accepted`` row that reconcile cannot confirm.
-- ``rejected``  Stripe refused it for good (400), or it was too old to send; ``error_code`` and
-                ``last_error`` say why. Its units stay accounted: a person decides.
+                reconcile`` finds it in Stripe's summaries and marks it ``sent``, or Stripe's
+                ``v1.billing.meter.error_report_triggered`` webhook names it (``rejected``).
+- ``rejected``  Stripe refused it for good (400, or named in an error report), or it was too
+                old to send; ``error_code`` and ``last_error`` say why. Its units stay
+                accounted: a person decides.
 - ``carried``   a sum-meter row worth 0 whole units; nothing to send, its fraction is carried.
 """
 

@@ -259,3 +259,28 @@ def accept_then_stamp(
     with engine.begin() as connection:
         marked = _acknowledge(connection, dict.fromkeys(accepted), "accepted", now)
         return marked, _start_attempts(connection, to_stamp, now)
+
+
+# Stripe's error reports may name a row in any status its call can leave it in: accepted (the
+# stream's 202), pending or unknown (a crash before the answer was recorded), even sent
+# (reconcile matched totals that another event made up). Its word is final: rejected.
+_REPORTABLE = ("accepted", "pending", "unknown", "sent")
+
+
+def reject_reported(
+    connection: Connection, identifier: str, code: str, message: str, now: datetime
+) -> bool:
+    """Make the row of ``identifier`` ``rejected`` with Stripe's asynchronous error (its
+    ``v1.billing.meter.error_report_triggered``), inside the caller's transaction; False when
+    no such row is in a status a call leaves (not ours, pruned, or already final)."""
+    done = connection.execute(
+        update(ledger)
+        .where(ledger.c.identifier == identifier, ledger.c.status.in_(_REPORTABLE))
+        .values(
+            status="rejected",
+            error_code=code[:100],
+            last_error=message,
+            updated_at=now,
+        )
+    )
+    return bool(done.rowcount)

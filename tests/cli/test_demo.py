@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ def test_demo_runs_the_pipeline_and_finds_stripe_matches_the_database(tmp_path: 
         assert line in done.stdout
     for meter in ("api_calls", "tokens", "storage_gb_hours", "peak_connections", "active_users"):
         assert f"\n{meter} " in done.stdout
+    # Stripe's webhook of a failed invoice, through meterstream serve, listed by payments.
+    assert "invoice.payment_failed for customer-" in done.stdout
+    listed = done.stdout.split("meterstream payments", 1)[1]
+    assert re.search(r"4990\s+usd", listed) and "(card_declined)" in listed, done.stdout
 
 
 FACTS = {"duplicates_skipped": 0, "windows": 2, "reported": 2, "carried": 0, "cycles": 1}

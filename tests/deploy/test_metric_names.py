@@ -10,7 +10,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from meterstream.metrics import AggregatorMetrics, HttpMetrics, IngestMetrics, ReporterMetrics
+from meterstream.metrics import (
+    AggregatorMetrics,
+    HttpMetrics,
+    IngestMetrics,
+    ReporterMetrics,
+    WebhookMetrics,
+)
 from tests.deploy.conftest import GRAFANA_DIR, PROMETHEUS_DIR, load_yaml
 
 # Series Prometheus makes itself for every target.
@@ -39,7 +45,13 @@ def metric_names(expr: str) -> set[str]:
 def exported_series() -> set[str]:
     """Sample names the three metric sets produce, each on its own fresh registry."""
     names: set[str] = set()
-    for metrics_class in (IngestMetrics, AggregatorMetrics, ReporterMetrics, HttpMetrics):
+    for metrics_class in (
+        IngestMetrics,
+        AggregatorMetrics,
+        ReporterMetrics,
+        HttpMetrics,
+        WebhookMetrics,
+    ):
         metrics = metrics_class(CollectorRegistry())
         for metric in vars(metrics).values():
             # A labelled metric has no sample until it has a child: make one.

@@ -4,7 +4,8 @@ Starts an embedded broker, an SQLite database and the local Stripe emulator (or 
 ones it is given), one aggregator worker and the reporter (parts.py); sends realistic traffic
 through the SDK, duplicates and late events included (traffic.py); then compares, per meter,
 the exact totals in the database with what Stripe holds (verdict.py). Everything it starts, it
-stops.
+stops. On the emulator it ends with a payment failure sent as Stripe's webhook to
+``meterstream serve`` and listed by ``meterstream payments`` (payments.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from meterstream.cli.demo.parts import (
     stripe_client,
     wait_for_totals,
 )
+from meterstream.cli.demo.payments import show_a_payment_failure
 from meterstream.cli.demo.traffic import Traffic, prepare_stripe, send_traffic
 from meterstream.cli.demo.verdict import MeterRow, compare, database_facts, print_table
 from meterstream.db import build_engine, migrate
@@ -69,4 +71,6 @@ def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
                 metrics_port, "meterstream_aggregator_duplicates_skipped_total"
             ),
         }
+        if options.stripe_api_key is None:  # the emulator plays Stripe: it can fail an invoice
+            show_a_payment_failure(settings, customers, workdir, echo)
     return print_table(echo, traffic, facts, rows)

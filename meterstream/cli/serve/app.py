@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -31,6 +31,9 @@ from meterstream.http import Authenticator, error_answer
 from meterstream.meters import Catalogue
 from meterstream.metrics import HttpMetrics
 from meterstream.settings import Settings
+
+if TYPE_CHECKING:
+    from reporters.webhooks.service import WebhookService
 
 _log = logging.getLogger(__name__)
 _READY_TIMEOUT_S = 2.0
@@ -52,10 +55,15 @@ def build_app(parts: ServerParts) -> FastAPI:
     settings, metrics = parts.settings, parts.metrics
     producer = RequestProducer(settings, metrics)
     authenticator = Authenticator(KeyVerifier(parts.engine, settings.http_api_key_cache_s))
+    webhooks = _stripe_webhooks(parts)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if webhooks is not None:
+            webhooks.start()  # events a crash left stored are acted on first
         yield
+        if webhooks is not None:
+            await run_in_threadpool(webhooks.stop)
         left = await run_in_threadpool(producer.close, _CLOSE_TIMEOUT_S)
         if left:
             _log.error("%d events were not acknowledged by Kafka at shutdown (answered 503)", left)
@@ -91,12 +99,23 @@ def build_app(parts: ServerParts) -> FastAPI:
             )
         )
     )
-    # More stages' routers are included here: Stripe webhooks.
+    if webhooks is not None:
+        # Stripe authenticates by its signature (reporters/webhooks/verify.py), not an API key.
+        app.include_router(webhooks.router)
     _add_server_routes(app, parts, producer)
     app.add_exception_handler(HTTPException, _http_error)
     _document_schemas(app, openapi_schemas())
     app.add_middleware(_Measured, metrics=metrics)
     return app
+
+
+def _stripe_webhooks(parts: ServerParts) -> WebhookService | None:
+    """POST /v1/stripe/webhooks and its processor, when METERSTREAM_STRIPE_WEBHOOK_SECRET is set."""
+    if not parts.settings.stripe_webhook_secrets:
+        return None
+    from reporters.webhooks.service import build_webhook_service
+
+    return build_webhook_service(parts.settings, parts.engine, parts.metrics.registry)
 
 
 def _add_server_routes(app: FastAPI, parts: ServerParts, producer: RequestProducer) -> None:

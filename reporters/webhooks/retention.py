@@ -1,0 +1,49 @@
+"""Retention of the webhook tables: nothing of them grows with history.
+
+- ``stripe_webhook_events``: processed events go after ``EVENT_RETENTION_DAYS``. Stripe
+  retries a delivery for up to 3 days, so a duplicate arriving later than that cannot happen;
+  30 days leave room for a manual resend from the Dashboard. Pending events are never pruned.
+- ``payment_failures``: closed failures go once opened and closed more than
+  ``FAILURE_RETENTION_DAYS`` ago (the row only guards against an older event arriving late).
+
+Found through the tables' (status, next_attempt_at) and (state, opened_at) indexes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Engine, and_
+
+from meterstream.retention import cutoff, delete_in_batches
+from meterstream.schema import payment_failures, stripe_webhook_events
+
+EVENT_RETENTION_DAYS = 30
+FAILURE_RETENTION_DAYS = 35
+
+
+def prune(engine: Engine, now: datetime, batch_rows: int) -> dict[str, int]:
+    """Delete what retention let go; rows deleted per table."""
+    events = stripe_webhook_events.c
+    failures = payment_failures.c
+    event_cutoff = cutoff(now, EVENT_RETENTION_DAYS)
+    failure_cutoff = cutoff(now, FAILURE_RETENTION_DAYS)
+    return {
+        "stripe_webhook_events": delete_in_batches(
+            engine,
+            stripe_webhook_events,
+            # next_attempt_at of a processed event is no later than its processing.
+            and_(events.status == "processed", events.next_attempt_at < event_cutoff),
+            batch_rows=batch_rows,
+        ),
+        "payment_failures": delete_in_batches(
+            engine,
+            payment_failures,
+            and_(
+                failures.state == "closed",
+                failures.opened_at < failure_cutoff,
+                failures.closed_at < failure_cutoff,
+            ),
+            batch_rows=batch_rows,
+        ),
+    }

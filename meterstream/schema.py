@@ -222,6 +222,9 @@ ledger = Table(
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
+# reconcile reads the rows of a time range and of one minute by their meter event timestamp
+# (reporters/reconcile.py, reporters/settle.py), never the whole ledger (migration 0011).
+Index("ledger_by_time", ledger.c.timestamp)
 
 deployment = Table(
     "deployment",

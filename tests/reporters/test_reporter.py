@@ -565,7 +565,7 @@ def test_calls_stay_under_the_configured_rate(
 # -- reconcile, status, billing lag ----------------------------------------------------------
 
 
-def _reconcile(world: World) -> list[Any]:
+def _reconcile(world: World, since: timedelta = timedelta(days=2)) -> list[Any]:
     from reporters.reconcile import reconcile
     from reporters.service import fetch_summary
 
@@ -576,7 +576,7 @@ def _reconcile(world: World) -> list[Any]:
         world.catalogue,
         connected.stripe_meters,
         fetch_summary(connected),
-        now - timedelta(days=2),
+        now - since,
         now,
     ).lines
 

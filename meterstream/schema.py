@@ -289,6 +289,19 @@ held_keys = Table(
     Column("held_at", UTCDateTime(), nullable=False),
 )
 
+ledger_prune_marks = Table(
+    "ledger_prune_marks",
+    metadata,
+    # One row: where the reporter's last ledger prune pass ended (reporters/retention.py), so
+    # the next one reads only rows that turned old since, not the 45-60-day rows it kept.
+    Column("singleton", Integer, primary_key=True),
+    Column("updated_mark", UTCDateTime(), nullable=True),  # rows updated before: examined
+    Column("timestamp_mark", UTCDateTime(), nullable=True),  # rows timestamped before: examined
+    Column("full_pass_at", UTCDateTime(), nullable=True),  # the last pass that read everything
+    Column("last_pass_at", UTCDateTime(), nullable=True),  # the last pass (report --once: due?)
+    CheckConstraint("singleton = 1", name="ledger_prune_marks_one_row"),
+)
+
 meter_scales = Table(
     "meter_scales",
     metadata,

@@ -36,7 +36,7 @@ from reporters.held_keys import save_held_keys
 from reporters.invoiced import possibly_invoiced
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.retention import prune_ledger
+from reporters.retention import prune_ledger_pass
 from reporters.rows import KEY_FAILURES
 from reporters.scales import check_unit_scales
 from reporters.status import billing_lag_s
@@ -83,6 +83,7 @@ class Reporter:
         deployment_id: str,
         backstop_s: float | None = None,
         ledger_retention_days: int | None = None,
+        window_retention_days: int = 60,
         prune_batch_rows: int = 1_000,
     ) -> None:
         # ConfigError: history would be re-priced.
@@ -96,6 +97,7 @@ class Reporter:
         self._horizon_days = horizon_days
         self._stop = stop
         self._ledger_retention_days = ledger_retention_days
+        self._window_retention_days = window_retention_days
         self._prune_batch_rows = prune_batch_rows
         self._book = Bookkeeper(
             engine,
@@ -163,15 +165,18 @@ class Reporter:
         for reason in KEY_FAILURES:
             self.metrics.held_keys.labels(reason=reason).set(by_reason[reason])
 
-    def prune_ledger(self) -> int:
+    def prune_ledger(self) -> int | None:
         """Delete the ledger rows past ``ledger_retention_days`` that nothing reads again
-        (reporters.retention); call it between cycles. None: keep everything."""
+        (reporters.retention), from where the last pass ended; call it between cycles. None:
+        no pass due yet (one an hour), or retention is off."""
         if self._ledger_retention_days is None:
-            return 0
-        pruned = prune_ledger(
+            return None
+        pruned = prune_ledger_pass(
             self.engine,
             self._clock(),
             self._ledger_retention_days,
+            self._window_retention_days,
+            [meter.window for meter in self.catalogue],
             self._prune_batch_rows,
             should_stop=self._stop.is_set,
         )

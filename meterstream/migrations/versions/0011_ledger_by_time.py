@@ -1,5 +1,9 @@
-"""An index on the ledger's meter event timestamp: reconcile reads the rows of its range and
-the rows of an ``unknown`` row's minute through it, not the whole ledger.
+"""Reconcile and retention read the ledger by range, not whole (issues #15, #19).
+
+- ``ledger_by_time``: the meter event timestamp. Reconcile reads the rows of its range and of
+  an ``unknown`` row's minute through it; retention the rows whose windows went since its
+  last pass.
+- ``ledger_prune_marks``: where the last prune pass ended, and when it ran.
 
 Revision ID: 0011
 Revises: 0009
@@ -7,7 +11,10 @@ Revises: 0009
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
+
+from meterstream.schema import UTCDateTime
 
 revision = "0011"
 down_revision = "0009"
@@ -17,7 +24,17 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_index("ledger_by_time", "ledger", ["timestamp"])
+    op.create_table(
+        "ledger_prune_marks",
+        sa.Column("singleton", sa.Integer, primary_key=True),
+        sa.Column("updated_mark", UTCDateTime(), nullable=True),
+        sa.Column("timestamp_mark", UTCDateTime(), nullable=True),
+        sa.Column("full_pass_at", UTCDateTime(), nullable=True),
+        sa.Column("last_pass_at", UTCDateTime(), nullable=True),
+        sa.CheckConstraint("singleton = 1", name="ledger_prune_marks_one_row"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("ledger_prune_marks")
     op.drop_index("ledger_by_time", table_name="ledger")

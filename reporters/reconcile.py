@@ -34,13 +34,13 @@ row's minute.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, String, and_, column, func, select, values
 
 from meterstream.meters import Catalogue
 from meterstream.schema import ledger as ledger_table
@@ -52,11 +52,11 @@ from reporters.due import DueWindow, due_windows
 from reporters.ledger import (
     ACKNOWLEDGED,
     LedgerRow,
-    latest_row,
     latest_window_row,
     reported_window_value,
     rows_with_status,
 )
+from reporters.ledger.model import row_from
 from reporters.meters_check import StripeMeter
 from reporters.settle import FetchSummary, minute_floor, settle_rows
 
@@ -255,8 +255,9 @@ def _database_side(
         app_keys.update((customer_id, meter_name) for customer_id in entry.customer_ids)
     sides: dict[StripeKey, _Side] = {}
     with engine.connect() as connection:
+        heads = _heads(connection, app_keys)
         for customer_id, meter_name in sorted(app_keys):
-            head = latest_row(connection, customer_id, meter_name)
+            head = heads.get((customer_id, meter_name))
             stripe_customer_id = stripe_customer_for(customer_id, links) or (
                 head.stripe_customer_id if head else UNLINKED
             )
@@ -273,6 +274,38 @@ def _database_side(
                 linked=stripe_customer_for(customer_id, links) is not None,
             )
     return sides
+
+
+_HEADS_PER_QUERY = 1_000
+_newer = ledger_table.alias("newer")
+
+
+def _heads(connection: Connection, keys: Collection[AppKey]) -> dict[AppKey, LedgerRow]:
+    """The newest row of each (customer, meter) of ``keys``: one backward step of
+    ledger_sequence per key, a thousand keys per query (one query per key cost 3 ms each)."""
+    heads: dict[AppKey, LedgerRow] = {}
+    ordered = sorted(keys)
+    for first in range(0, len(ordered), _HEADS_PER_QUERY):
+        chunk = ordered[first : first + _HEADS_PER_QUERY]
+        wanted = values(column("c", String), column("m", String), name="wanted").data(chunk).cte()
+        newest = (
+            select(func.max(_newer.c.sequence))
+            .where(_newer.c.customer_id == wanted.c.c, _newer.c.meter == wanted.c.m)
+            .scalar_subquery()
+        )
+        c = ledger_table.c
+        found = connection.execute(
+            select(ledger_table).select_from(
+                wanted.join(
+                    ledger_table,
+                    and_(c.customer_id == wanted.c.c, c.meter == wanted.c.m, c.sequence == newest),
+                )
+            )
+        ).mappings()
+        for mapping in found:
+            row = row_from(mapping)
+            heads[(row.customer_id, row.meter)] = row
+    return heads
 
 
 def _add_key(

@@ -96,7 +96,7 @@ def test_reconcile_since_reads_the_range_and_asks_stripe_once_per_pair(
     assert all(line.ledger_value == 3 == line.stripe_value for line in found.lines)
     summaries = [r for r in world.emulator.received if "event_summaries" in r.path]
     assert len(summaries) == len(ACTIVE) + 1  # one per pair, one for the unknown row's minute
-    assert len(plans) > 10
+    assert len(plans) >= 5
     for plan in plans:
         assert "Seq Scan on ledger" not in plan, plan
         assert "Seq Scan on window_totals" not in plan, plan

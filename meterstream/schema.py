@@ -274,6 +274,14 @@ report_queue = Table(
     Column("meter", String(100), primary_key=True),
     Column("window_start", UTCDateTime(), primary_key=True),
     Column("revision", BigInteger, nullable=False),
+    # Set aside by the reporter (reporters/held_windows.py): held at ``held_revision`` for
+    # ``held_reason`` (customer not linked, negative correction, ...). A cycle skips the row
+    # while ``revision`` is still ``held_revision``; a new revision, a link for the customer or
+    # the slow re-check (``checked_at``) brings it back. The aggregators write ``revision`` only.
+    Column("held_reason", String(50), nullable=True),
+    Column("held_revision", BigInteger, nullable=True),
+    Column("held_since", UTCDateTime(), nullable=True),
+    Column("checked_at", UTCDateTime(), nullable=True),
 )
 
 held_keys = Table(

@@ -249,7 +249,7 @@ def _database_side(
         for row in rows_with_status(engine, status):
             if row.meter in stripe_meters:
                 outstanding.setdefault((row.customer_id, row.meter), []).append(row)
-    due = due_windows(engine, stripe_meters)
+    due = due_windows(engine, stripe_meters, include_held=True)
     app_keys = set(outstanding) | set(due)
     for (_, meter_name), entry in ranges.items():
         app_keys.update((customer_id, meter_name) for customer_id in entry.customer_ids)

@@ -34,7 +34,7 @@ from meterstream.metrics import ReporterMetrics
 from reporters import ledger
 from reporters.customers import stripe_customer_for
 from reporters.due import DueWindow, Key
-from reporters.held_windows import set_aside
+from reporters.held_windows import set_aside_and_count
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.rows import (
@@ -88,9 +88,8 @@ class CycleWork:
 
 class Bookkeeper:
     """The ledger side of sending: rows written, checked, stamped and settled, and counted.
-    Holds no state between cycles but the key failures still held that it has counted;
-    held windows are counted through the queue's held
-    state (reporters/held_windows.py), not a set in memory."""
+    Holds no state between cycles but the key failures still held that it has counted
+    (held windows are counted through the queue's held state, not a set in memory)."""
 
     def __init__(
         self,
@@ -164,9 +163,7 @@ class Bookkeeper:
         _log.error("held %s %s: %s: %s", key[0], key[1], reason, detail)
 
     def forget_released(self, held: Mapping[Key, tuple[str, str]]) -> None:
-        """Keep in memory only the key failures still held after a cycle (``held``), so the
-        set is bounded by what is held now, not by every pair ever held; a pair held again
-        later is counted again."""
+        """Forget the counted key failures no longer held: the set stays as small as ``held``."""
         with self._lock:
             self._keys_counted = {
                 (key, reason)
@@ -383,30 +380,11 @@ class Bookkeeper:
             result.carried += row.status == "carried"
 
     def _hold(self, held: Sequence[Held], result: CycleResult) -> None:
-        """Count this cycle's holds and set aside the windows nothing in the next cycle
-        would change (reporters/held_windows.py): the metric and the log count each once
-        per revision and reason, not once per cycle."""
+        """Count this cycle's holds; set aside the windows (reporters/held_windows.py)."""
         if not held:
             return
         with self._lock:
             for item in held:
                 result.held[item.reason] = result.held.get(item.reason, 0) + 1
         with self._sqlite_turn:
-            first = set_aside(
-                self.engine, [(item.window, item.reason) for item in held], self.clock()
-            )
-        for index, item in enumerate(held):
-            if index not in first:
-                # A re-check (counted when first held), or a key failure: counted per key
-                # and reason in meterstream_reporter_key_failures_total instead.
-                continue
-            window = item.window
-            self.metrics.held.labels(reason=item.reason).inc()
-            _log.warning(
-                "held %s %s window %s revision %s: %s",
-                window.customer_id,
-                window.meter,
-                window.window_start.isoformat(),
-                window.revision,
-                item.reason,
-            )
+            set_aside_and_count(self.engine, self.metrics, held, self.clock())

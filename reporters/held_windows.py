@@ -21,13 +21,15 @@ measures what could be sent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import Connection, Engine, and_, func, select, update
 
+from meterstream.metrics import ReporterMetrics
 from meterstream.schema import report_queue, window_totals
 from reporters.due import IS_HELD, DueWindow
 from reporters.rows import (
@@ -35,7 +37,10 @@ from reporters.rows import (
     HELD_NO_CUSTOMER_LINK,
     HELD_NO_LATER_TIMESTAMP,
     HELD_REVISION_WENT_BACK,
+    Held,
 )
+
+_log = logging.getLogger(__name__)
 
 SET_ASIDE = frozenset(
     {
@@ -85,6 +90,26 @@ def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: dateti
             if marked:
                 first.add(index)
     return first
+
+
+def set_aside_and_count(
+    engine: Engine, metrics: ReporterMetrics, held: Sequence[Held], now: datetime
+) -> None:
+    """set_aside, then count and log each hold once per revision and reason (not once per
+    cycle). Key failures are not set aside and not counted here: they have their own
+    counter, per (customer, meter) and reason (meterstream_reporter_key_failures_total)."""
+    first = set_aside(engine, [(item.window, item.reason) for item in held], now)
+    for index in sorted(first):
+        window, reason = held[index].window, held[index].reason
+        metrics.held.labels(reason=reason).inc()
+        _log.warning(
+            "held %s %s window %s revision %s: %s",
+            window.customer_id,
+            window.meter,
+            window.window_start.isoformat(),
+            window.revision,
+            reason,
+        )
 
 
 def release_customer(connection: Connection, customer_id: str) -> int:

@@ -7,14 +7,17 @@ decision rules themselves with plain values.
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, Status, all_rows
-from reporters.settle import decide_last, decide_sum
+from reporters.settle import Decision, decide_last, decide_sum
 from tests.reporters.test_billing_safety import StepClock, reconcile_now, reporter_with
 from tests.reporters.test_reporter import World, month_window, put_total
 
@@ -152,3 +155,65 @@ def test_sum_row_is_decided_from_the_sent_rows_of_its_minute(
 ) -> None:
     row = _row("r", 7, "unknown", second=20)
     assert decide_sum(row, [_row("s", 5, "sent", second=5)], summary).verdict == verdict
+
+
+# -- never wrong: whatever Stripe holds, a decision agrees with it ---------------------------
+
+STATUSES: tuple[Status, ...] = ("sent", "accepted", "unknown", "pending", "rejected", "carried")
+_other = st.tuples(
+    st.sampled_from(STATUSES),
+    st.integers(-3, 3),  # value (sum meters may carry credits)
+    st.integers(0, 59),  # second of the minute
+    st.integers(0, 2),  # attempts
+    st.booleans(),  # in Stripe, where its status leaves it open
+)
+
+
+def _stripe_has(status: Status, attempts: int, coin: bool) -> bool:
+    if status == "sent":
+        return True
+    if status in ("rejected", "carried") or (status == "pending" and attempts == 0):
+        return False
+    return coin  # accepted, unknown, or called without an answer: either way
+
+
+@given(
+    formula=st.sampled_from(["sum", "last"]),
+    value=st.integers(-3, 3),
+    second=st.integers(0, 59),
+    ours_in_stripe=st.booleans(),
+    others=st.lists(_other, max_size=4),
+    arrival=st.randoms(use_true_random=False),
+)
+def test_a_decision_is_never_contradicted_by_what_stripe_holds(
+    formula: str,
+    value: int,
+    second: int,
+    ours_in_stripe: bool,
+    others: list[tuple[Status, int, int, int, bool]],
+    arrival: random.Random,
+) -> None:
+    if formula == "last":
+        value = abs(value)  # a last meter reports a window's value, never a difference
+    row = _row("r", value, "unknown", second=second)
+    rows = [
+        _row(f"o{i}", abs(v) if formula == "last" else v, status, second=sec, attempts=attempts)
+        for i, (status, v, sec, attempts, _) in enumerate(others)
+    ]
+    held = [r for r, o in zip(rows, others, strict=True) if _stripe_has(o[0], o[3], o[4])]
+    if ours_in_stripe:
+        held.append(row)
+    arrival.shuffle(held)  # Stripe's arrival order
+    if formula == "sum":
+        summary = Decimal(sum(r.value for r in held))
+        decision: Decision = decide_sum(row, rows, summary)
+    else:
+        # The newest timestamp wins; on equal timestamps, the later arrival.
+        newest = max(enumerate(held), key=lambda p: (p[1].timestamp, p[0]), default=None)
+        summary = Decimal(0 if newest is None else newest[1].value)
+        decision = decide_last(row, rows, summary)
+
+    if decision.verdict == "sent":
+        assert ours_in_stripe, decision
+    elif decision.verdict == "pending":
+        assert not ours_in_stripe, decision

@@ -159,7 +159,8 @@ class ReporterMetrics:
             "meterstream_reporter_key_failures",
             "(customer, meter) pairs held for a failure of their own (meter not in the "
             "catalogue, value out of range or not exact, a call that failed), by reason; "
-            "counted once per pair and reason. The other pairs are sent as usual.",
+            "counted once per pair and reason while it stays held. The other pairs are sent "
+            "as usual.",
             ["reason"],
             registry=self.registry,
         )
@@ -168,6 +169,19 @@ class ReporterMetrics:
             "(customer, meter) pairs held as the last report cycle ended, by reason; a person "
             "must act (meterstream status lists them).",
             ["reason"],
+            registry=self.registry,
+        )
+        self.held_windows = Gauge(
+            "meterstream_reporter_held_windows",
+            "Windows held back and set aside (customer not linked, negative correction, "
+            "revision went back, no later timestamp), by reason, as the last report cycle "
+            "ended; not in the billing lag. meterstream status lists them.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.held_oldest_age = Gauge(
+            "meterstream_reporter_held_oldest_age_seconds",
+            "How long the oldest held window has been held (0 when none).",
             registry=self.registry,
         )
         self.rate_limited = Counter(
@@ -189,8 +203,9 @@ class ReporterMetrics:
         self.due_windows = Gauge(
             "meterstream_reporter_due_windows",
             "Windows whose newest revision has no ledger row yet (changed since the reporter "
-            "last wrote them), as the last report cycle ended; what it wrote but Stripe has "
-            "not acknowledged is meterstream_reporter_ledger_pending_rows.",
+            "last wrote them), as the last report cycle ended, held ones apart "
+            "(meterstream_reporter_held_windows); what it wrote but Stripe has not "
+            "acknowledged is meterstream_reporter_ledger_pending_rows.",
             registry=self.registry,
         )
         self.backstop_found = Counter(
@@ -201,7 +216,9 @@ class ReporterMetrics:
         )
         self.billing_lag = Gauge(
             "meterstream_reporter_billing_lag_seconds",
-            "Age of the oldest closed window whose usage Stripe has not acknowledged.",
+            "Age of the oldest closed window whose usage Stripe has not acknowledged and that "
+            "could be sent: held windows and held (customer, meter) pairs apart (see "
+            "meterstream_reporter_held_windows and meterstream_reporter_held_keys).",
             registry=self.registry,
         )
         self.last_cycle = Gauge(

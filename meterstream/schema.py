@@ -227,6 +227,9 @@ ledger = Table(
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
+# reconcile reads the rows of a time range and of one minute by their meter event timestamp
+# (reporters/reconcile.py, reporters/settle.py), never the whole ledger (migration 0011).
+Index("ledger_by_time", ledger.c.timestamp)
 
 deployment = Table(
     "deployment",
@@ -276,6 +279,14 @@ report_queue = Table(
     Column("meter", String(100), primary_key=True),
     Column("window_start", UTCDateTime(), primary_key=True),
     Column("revision", BigInteger, nullable=False),
+    # Set aside by the reporter (reporters/held_windows.py): held at ``held_revision`` for
+    # ``held_reason`` (customer not linked, negative correction, ...). A cycle skips the row
+    # while ``revision`` is still ``held_revision``; a new revision, a link for the customer or
+    # the slow re-check (``checked_at``) brings it back. The aggregators write ``revision`` only.
+    Column("held_reason", String(50), nullable=True),
+    Column("held_revision", BigInteger, nullable=True),
+    Column("held_since", UTCDateTime(), nullable=True),
+    Column("checked_at", UTCDateTime(), nullable=True),
 )
 
 held_keys = Table(
@@ -289,6 +300,19 @@ held_keys = Table(
     Column("reason", String(50), nullable=False),
     Column("detail", Text, nullable=False),
     Column("held_at", UTCDateTime(), nullable=False),
+)
+
+ledger_prune_marks = Table(
+    "ledger_prune_marks",
+    metadata,
+    # One row: where the reporter's last ledger prune pass ended (reporters/retention.py), so
+    # the next one reads only rows that turned old since, not the 45-60-day rows it kept.
+    Column("singleton", Integer, primary_key=True),
+    Column("updated_mark", UTCDateTime(), nullable=True),  # rows updated before: examined
+    Column("timestamp_mark", UTCDateTime(), nullable=True),  # rows timestamped before: examined
+    Column("full_pass_at", UTCDateTime(), nullable=True),  # the last pass that read everything
+    Column("last_pass_at", UTCDateTime(), nullable=True),  # the last pass (report --once: due?)
+    CheckConstraint("singleton = 1", name="ledger_prune_marks_one_row"),
 )
 
 meter_scales = Table(

@@ -34,6 +34,7 @@ from meterstream.metrics import ReporterMetrics
 from reporters import ledger
 from reporters.customers import stripe_customer_for
 from reporters.due import DueWindow, Key
+from reporters.held_windows import set_aside_and_count
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.rows import (
@@ -87,7 +88,8 @@ class CycleWork:
 
 class Bookkeeper:
     """The ledger side of sending: rows written, checked, stamped and settled, and counted.
-    Holds no state between cycles but the holds it has already counted."""
+    Holds no state between cycles but the key failures still held that it has counted
+    (held windows are counted through the queue's held state, not a set in memory)."""
 
     def __init__(
         self,
@@ -114,7 +116,6 @@ class Bookkeeper:
         self.stop = stop
         self._horizon_days = horizon_days
         self.deployment_id = deployment_id
-        self._held_counted: set[tuple[str, str, datetime, int, str]] = set()
         self._keys_counted: set[tuple[Key, str]] = set()
         self._lock = threading.Lock()
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
@@ -161,17 +162,27 @@ class Bookkeeper:
             self.metrics.key_failures.labels(reason=reason).inc()
         _log.error("held %s %s: %s: %s", key[0], key[1], reason, detail)
 
+    def forget_released(self, held: Mapping[Key, tuple[str, str]]) -> None:
+        """Forget the counted key failures no longer held: the set stays as small as ``held``."""
+        with self._lock:
+            self._keys_counted = {
+                (key, reason)
+                for key, reason in self._keys_counted
+                if held.get(key, ("",))[0] == reason
+            }
+
     def _write_chunk(
         self, keys: Sequence[Key], work: CycleWork, result: CycleResult
     ) -> dict[Key, list[LedgerRow]]:
         """Write the rows of ``keys``' due windows in one transaction; the pending ones, per
         (customer, meter), in ledger order."""
         jobs: list[RowJob] = []
+        held: list[Held] = []
         for key in keys:
             for window in work.due.get(key, ()):
                 stripe_customer_id = stripe_customer_for(window.customer_id, work.links)
                 if stripe_customer_id is None:
-                    self._hold(Held(window, HELD_NO_CUSTOMER_LINK), result)
+                    held.append(Held(window, HELD_NO_CUSTOMER_LINK))
                     continue
                 meter = self.catalogue.meters[window.meter]
                 event_name = self.stripe_meters[window.meter].event_name
@@ -179,6 +190,7 @@ class Bookkeeper:
                     RowJob(window, meter, event_name, stripe_customer_id, self.deployment_id)
                 )
         if self.stop.is_set() or not jobs:
+            self._hold(held, result)
             return {}
         try:
             with self._sqlite_turn:
@@ -191,13 +203,14 @@ class Bookkeeper:
         written: dict[Key, list[LedgerRow]] = {}
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, Held):
-                self._hold(outcome, result)
+                held.append(outcome)
                 if outcome.reason in KEY_FAILURES:
                     self.hold_key(job.window.key, outcome.reason, outcome.detail, result)
             elif outcome is not None:
                 self._count_written(outcome, result)
                 if outcome.status == "pending":
                     written.setdefault(job.window.key, []).append(outcome)
+        self._hold(held, result)
         return written
 
     def _write_one_by_one(self, jobs: Sequence[RowJob]) -> list[LedgerRow | Held | None]:
@@ -366,22 +379,12 @@ class Bookkeeper:
             result.rejected += row.status == "rejected"
             result.carried += row.status == "carried"
 
-    def _hold(self, held: Held, result: CycleResult) -> None:
-        window = held.window
-        seen = (window.customer_id, window.meter, window.window_start, window.revision, held.reason)
+    def _hold(self, held: Sequence[Held], result: CycleResult) -> None:
+        """Count this cycle's holds; set aside the windows (reporters/held_windows.py)."""
+        if not held:
+            return
         with self._lock:
-            result.held[held.reason] = result.held.get(held.reason, 0) + 1
-            first_time = seen not in self._held_counted
-            self._held_counted.add(seen)
-        if first_time:
-            # Counted once per revision, not once per cycle, so the counter means "reports
-            # held", not "cycles spent holding them".
-            self.metrics.held.labels(reason=held.reason).inc()
-            _log.warning(
-                "held %s %s window %s revision %s: %s",
-                window.customer_id,
-                window.meter,
-                window.window_start.isoformat(),
-                window.revision,
-                held.reason,
-            )
+            for item in held:
+                result.held[item.reason] = result.held.get(item.reason, 0) + 1
+        with self._sqlite_turn:
+            set_aside_and_count(self.engine, self.metrics, held, self.clock())

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 
 from meterstream.errors import ConfigError
 from meterstream.schema import customer_links
+from reporters.held_windows import release_customer
 
 _STRIPE_CUSTOMER = re.compile(r"^cus_[A-Za-z0-9_]{1,250}$")
 
@@ -63,3 +64,6 @@ def link_customer(engine: Engine, customer_id: str, stripe_customer_id: str, now
                     updated_at=now,
                 )
             )
+        # Its held windows are due again, read by the next cycle (reporters/held_windows.py):
+        # in this transaction, so no cycle sees the link without them.
+        release_customer(connection, customer_id)

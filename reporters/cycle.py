@@ -33,10 +33,11 @@ from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
 from reporters.due import Key, count_due_windows, take_due
 from reporters.held_keys import save_held_keys
+from reporters.held_windows import RECHECK_AFTER, SET_ASIDE, held_usage_summary
 from reporters.invoiced import possibly_invoiced
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
-from reporters.retention import prune_ledger
+from reporters.retention import prune_ledger_pass
 from reporters.rows import KEY_FAILURES
 from reporters.scales import check_unit_scales
 from reporters.status import billing_lag_s
@@ -83,6 +84,7 @@ class Reporter:
         deployment_id: str,
         backstop_s: float | None = None,
         ledger_retention_days: int | None = None,
+        window_retention_days: int = 60,
         prune_batch_rows: int = 1_000,
     ) -> None:
         # ConfigError: history would be re-priced.
@@ -96,6 +98,7 @@ class Reporter:
         self._horizon_days = horizon_days
         self._stop = stop
         self._ledger_retention_days = ledger_retention_days
+        self._window_retention_days = window_retention_days
         self._prune_batch_rows = prune_batch_rows
         self._book = Bookkeeper(
             engine,
@@ -126,7 +129,7 @@ class Reporter:
             self.run_backstop()
             self._backstop_at = self._clock() + timedelta(seconds=self._backstop_s or 0)
         links = load_links(self.engine)
-        due = take_due(self.engine, self.stripe_meters)
+        due = take_due(self.engine, self.stripe_meters, self._clock() - RECHECK_AFTER)
         pending: dict[Key, list[LedgerRow]] = {}
         for row in ledger.pending_rows(self.engine):
             pending.setdefault((row.customer_id, row.meter), []).append(row)
@@ -144,10 +147,23 @@ class Reporter:
 
     def _finish(self, result: CycleResult) -> None:
         now = self._clock()
+        # First: the billing lag leaves out the pairs this cycle held.
+        save_held_keys(self.engine, result.held_keys, now)
+        self._book.forget_released(result.held_keys)
         pending = ledger.count_with_status(self.engine, "pending")
-        unwritten = count_due_windows(self.engine, self.stripe_meters)
-        result.unacknowledged = pending + max(0, unwritten - sum(result.held.values()))
+        unwritten = count_due_windows(self.engine, self.stripe_meters)  # held ones apart
+        kept_in_queue = sum(n for reason, n in result.held.items() if reason in KEY_FAILURES)
+        result.unacknowledged = pending + max(0, unwritten - kept_in_queue)
         result.unknown = ledger.count_with_status(self.engine, "unknown")
+        # Every window set aside, not only this cycle's: a cycle no longer reads them.
+        held = held_usage_summary(self.engine, self.stripe_meters)
+        result.held = {
+            **{r: n for r, n in result.held.items() if r in KEY_FAILURES},
+            **held.windows,
+        }
+        for reason in SET_ASIDE:
+            self.metrics.held_windows.labels(reason=reason).set(held.windows.get(reason, 0))
+        self.metrics.held_oldest_age.set(held.oldest_age_s(now))
         self.metrics.pending.set(pending)
         self.metrics.due_windows.set(unwritten)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
@@ -158,20 +174,22 @@ class Reporter:
             units = sum(i.units for i in of_meter)
             self.metrics.possibly_invoiced_units.labels(meter.name).set(units)
         self.metrics.last_cycle.set(now.timestamp())
-        save_held_keys(self.engine, result.held_keys, now)
         by_reason = Counter(reason for reason, _ in result.held_keys.values())
         for reason in KEY_FAILURES:
             self.metrics.held_keys.labels(reason=reason).set(by_reason[reason])
 
-    def prune_ledger(self) -> int:
+    def prune_ledger(self) -> int | None:
         """Delete the ledger rows past ``ledger_retention_days`` that nothing reads again
-        (reporters.retention); call it between cycles. None: keep everything."""
+        (reporters.retention), from where the last pass ended; call it between cycles. None:
+        no pass due yet (one an hour), or retention is off."""
         if self._ledger_retention_days is None:
-            return 0
-        pruned = prune_ledger(
+            return None
+        pruned = prune_ledger_pass(
             self.engine,
             self._clock(),
             self._ledger_retention_days,
+            self._window_retention_days,
+            [meter.window for meter in self.catalogue],
             self._prune_batch_rows,
             should_stop=self._stop.is_set,
         )

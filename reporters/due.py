@@ -27,9 +27,11 @@ a row it read at revision R (with the window at R in the same snapshot):
 Two workers on one window serialise on the window's row (its lock, taken before the queue's,
 both in key order): the second computes its revision from the first's, so the queue ends
 with the newer revision whatever the commit order. Windows held (customer not linked,
-negative correction the meter forbids, revision went back) keep their row and are read again
-each cycle from the queue. A periodic full comparison (reporters/backstop.py) counts what the
-queue missed (meterstream_reporter_backstop_found_total, which must stay 0).
+negative correction the meter forbids, revision went back) keep their row, set aside
+(reporters/held_windows.py): a cycle skips it while its revision is the one held, and takes
+it back on a new revision, a link, or a slow re-check. A periodic full comparison
+(reporters/backstop.py) counts what the queue missed (meterstream_reporter_backstop_found_total,
+which must stay 0).
 
 The argument needs revisions that only grow. Two ways to break it, neither done by meterstream
 today: rebuilding window_totals from scratch (revisions start again: held loudly as
@@ -50,7 +52,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, and_, bindparam, delete, func, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+)
 
 from meterstream.report_queue import QueuedWindow
 from meterstream.schema import ledger, report_queue, window_totals
@@ -80,6 +92,10 @@ class DueWindow:
 
 _q = report_queue.c
 _wt = window_totals.c
+# A queue row set aside (reporters/held_windows.py): held at the revision it still has.
+IS_HELD = and_(_q.held_revision.is_not(None), _q.held_revision == _q.revision)
+NOT_HELD = or_(_q.held_revision.is_(None), _q.held_revision != _q.revision)
+RECHECK_PER_CYCLE = 1_000
 # The ledger's newest revision of the queued window: one index lookup (its primary key).
 _REPORTED = (
     select(func.max(ledger.c.revision))
@@ -92,8 +108,12 @@ _REPORTED = (
 )
 
 
-def _queue_query(meters: Iterable[str]) -> Select[Any]:
-    return (
+def _queue_query(
+    meters: Iterable[str], *, held: bool = False, recheck_before: datetime | None = None
+) -> Select[Any]:
+    """The queue rows not held; or the held ones (with ``recheck_before``: those last
+    checked before it, RECHECK_PER_CYCLE of them, oldest check first)."""
+    query = (
         select(
             _q.customer_id,
             _q.meter,
@@ -116,45 +136,77 @@ def _queue_query(meters: Iterable[str]) -> Select[Any]:
             )
         )
         .where(_q.meter.in_(list(meters)))
-        .order_by(_q.customer_id, _q.meter, _q.window_start)
+    )
+    if not held:
+        return query.where(NOT_HELD).order_by(_q.customer_id, _q.meter, _q.window_start)
+    if recheck_before is None:
+        return query.where(IS_HELD).order_by(_q.customer_id, _q.meter, _q.window_start)
+    return (
+        query.where(IS_HELD, _q.checked_at < recheck_before)
+        .order_by(_q.checked_at, _q.customer_id, _q.meter, _q.window_start)
+        .limit(RECHECK_PER_CYCLE)
     )
 
 
 def _read(
-    connection: Connection, meters: Iterable[str]
+    connection: Connection, meters: Iterable[str], recheck_before: datetime | None = None
 ) -> tuple[dict[Key, list[DueWindow]], list[QueuedWindow]]:
-    """(due windows per key, queue rows found not due: to settle)."""
+    """(due windows per key, queue rows found not due: to settle). Held rows apart, but
+    those last checked before ``recheck_before``."""
     due: dict[Key, list[DueWindow]] = {}
     settled: list[QueuedWindow] = []
-    for row in connection.execute(_queue_query(meters)):
+    meters = list(meters)
+    found = list(connection.execute(_queue_query(meters)))
+    if recheck_before is not None:
+        found += connection.execute(_queue_query(meters, held=True, recheck_before=recheck_before))
+        found.sort(key=lambda row: (row.customer_id, row.meter, row.window_start))
+    for row in found:
         if row.revision is None or int(row.revision) == int(row.reported):
             # Gone from window_totals, or the ledger already has this revision.
             settled.append((row.customer_id, row.meter, row.window_start, int(row.queued)))
             continue
-        window = DueWindow(
-            customer_id=row.customer_id,
-            meter=row.meter,
-            window_start=row.window_start,
-            window_end=row.window_end,
-            revision=int(row.revision),
-            window_value=row.value,
-            last_event_time=row.last_event_time,
-            queued=int(row.queued),
-        )
+        window = _window(row)
         due.setdefault(window.key, []).append(window)
     return due, settled
 
 
-def due_windows(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWindow]]:
-    """The due windows of ``meters``, per (customer, meter), oldest window first. Reads only."""
-    with engine.connect() as connection:
-        return _read(connection, meters)[0]
+def _window(row: Any) -> DueWindow:
+    return DueWindow(
+        customer_id=row.customer_id,
+        meter=row.meter,
+        window_start=row.window_start,
+        window_end=row.window_end,
+        revision=int(row.revision),
+        window_value=row.value,
+        last_event_time=row.last_event_time,
+        queued=int(row.queued),
+    )
 
 
-def take_due(engine: Engine, meters: Iterable[str]) -> dict[Key, list[DueWindow]]:
-    """due_windows, and delete the queue rows of the windows found not due (guarded)."""
+def due_windows(
+    engine: Engine, meters: Iterable[str], *, include_held: bool = False
+) -> dict[Key, list[DueWindow]]:
+    """The due windows of ``meters``, per (customer, meter), oldest window first, held ones
+    apart unless ``include_held``. Reads only."""
     with engine.connect() as connection:
-        due, settled = _read(connection, meters)
+        due = _read(connection, meters)[0]
+        if include_held:
+            for row in connection.execute(_queue_query(meters, held=True)):
+                if row.revision is not None and int(row.revision) != int(row.reported):
+                    window = _window(row)
+                    due.setdefault(window.key, []).append(window)
+            for windows in due.values():
+                windows.sort(key=lambda w: w.window_start)
+        return due
+
+
+def take_due(
+    engine: Engine, meters: Iterable[str], recheck_before: datetime | None = None
+) -> dict[Key, list[DueWindow]]:
+    """due_windows, plus held windows last checked before ``recheck_before`` (bounded), and
+    delete the queue rows of the windows found not due (guarded)."""
+    with engine.connect() as connection:
+        due, settled = _read(connection, meters, recheck_before)
         connection.rollback()  # end the read's transaction before writing (SQLite: one writer)
     if settled:
         with engine.begin() as connection:

@@ -19,32 +19,54 @@ A line drifts when Stripe differs from the ledger, or when usage in the database
 rejected or unknown. (customer, meter) pairs with database rows but no Stripe customer are
 listed as such.
 
-Before comparing, :func:`settle_rows` uses the same summaries to decide two kinds of rows:
-``unknown`` rows (resend window expired) and ``accepted`` rows (v2 stream, not confirmed).
+Before comparing, :func:`settle_rows` (reporters/settle.py) decides ``unknown`` rows (resend
+window expired) from their minute's summary, and a line whose Stripe value matches the ledger
+confirms its ``accepted`` rows (v2 stream, not confirmed).
+
+What it reads grows with the range and the work in hand, never with history: the ledger rows
+timestamped in [since, end) (one range read through ledger_by_time, aggregated per key as it
+streams), the rows not final (ledger_by_status), the report queue, and per (customer, meter)
+found there its newest row, its due windows' reported revisions and, for a ``last`` meter, its
+newest window (each one index lookup). Pairs with nothing in the range and nothing in hand are
+not listed. Stripe is asked once per (Stripe customer, meter) (paged), plus once per ``unknown``
+row's minute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, String, and_, column, func, select, values
 
 from meterstream.meters import Catalogue
+from meterstream.schema import ledger as ledger_table
 from meterstream.schema import window_totals
 from reporters import ledger
 from reporters.carry import exact_sum, whole_units
 from reporters.customers import load_links, stripe_customer_for
-from reporters.due import due_windows
-from reporters.ledger import ACKNOWLEDGED, LedgerRow, all_rows
+from reporters.due import DueWindow, due_windows
+from reporters.ledger import (
+    ACKNOWLEDGED,
+    LedgerRow,
+    latest_window_row,
+    reported_window_value,
+    rows_with_status,
+)
+from reporters.ledger.model import row_from
 from reporters.meters_check import StripeMeter
+from reporters.settle import FetchSummary, minute_floor, settle_rows
 
-# (stripe meter id, stripe customer id, start_s, end_s) -> Stripe's aggregated value
-FetchSummary = Callable[[str, str, int, int], Decimal]
+__all__ = ["UNLINKED", "FetchSummary", "Line", "Reconciliation", "reconcile", "settle_rows"]
+
 UNLINKED = "(unlinked)"
-MINUTE = timedelta(minutes=1)
+AppKey = tuple[str, str]  # (customer_id, meter)
+StripeKey = tuple[str, str]  # (stripe_customer_id, meter)
+# Rows read per fetch of the range: memory stays per key, whatever the range holds.
+_ROWS_PER_FETCH = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +113,6 @@ class Reconciliation:
         return sum(line.drift for line in self.lines)
 
 
-def minute_floor(moment: datetime) -> datetime:
-    return moment.replace(second=0, microsecond=0)
-
-
 def reconcile(
     engine: Engine,
     catalogue: Catalogue,
@@ -103,51 +121,47 @@ def reconcile(
     since: datetime,
     now: datetime,
     settle_minutes: int = 5,
+    workers: int = 8,
 ) -> Reconciliation:
-    """Settle unknown and accepted rows, then one line per (Stripe customer, meter)."""
+    """Settle unknown rows, then one line per (Stripe customer, meter) with rows in the range
+    or work in hand; confirms the accepted rows of lines Stripe agrees with. ``workers``:
+    summary calls in flight at once (``fetch_summary`` must be thread-safe)."""
     if settle_minutes < 0:
         raise ValueError(f"settle_minutes must be >= 0, got {settle_minutes}")
     start = minute_floor(since)
     end = minute_floor(now - timedelta(minutes=settle_minutes))
     settled = settle_rows(engine, stripe_meters, fetch_summary, end, now)
-    rows = [r for r in all_rows(engine) if r.meter in stripe_meters]
+    ranges = _ledger_in_range(engine, stripe_meters, start, end)
     links = load_links(engine)
-    database = _database_side(engine, catalogue, stripe_meters, rows, links)
-    groups: dict[tuple[str, str], list[LedgerRow]] = {}
-    for row in rows:
-        groups.setdefault((row.stripe_customer_id, row.meter), []).append(row)
-    for key in database:
-        groups.setdefault(key, [])
+    database = _database_side(engine, catalogue, stripe_meters, ranges, links)
+    stripe_keys = sorted(ranges.keys() | database.keys())
+    asked = [key for key in stripe_keys if key[0] != UNLINKED]
+
+    def ask(key: StripeKey) -> Decimal:
+        meter_id = stripe_meters[key[1]].id
+        return fetch_summary(meter_id, key[0], int(start.timestamp()), int(end.timestamp()))
+
+    # A call waits on Stripe far longer than the work around it: several in flight, each
+    # paced by the gateway like the reporter's own (an error of any one is raised here).
+    with ThreadPoolExecutor(max(1, min(workers, len(asked))), "reconcile") as pool:
+        stripe_values = dict(zip(asked, pool.map(ask, asked), strict=True))
     lines = []
-    for (stripe_customer_id, meter_name), group in sorted(groups.items()):
+    for stripe_key in stripe_keys:
+        stripe_customer_id, meter_name = stripe_key
+        in_range = ranges.get(stripe_key, _Range())
+        stripe_value = stripe_values.get(stripe_key)
         formula = catalogue.meters[meter_name].stripe_formula
-        in_range = [r for r in group if r.status in ACKNOWLEDGED and start <= r.timestamp < end]
-        stripe_value = None
-        if stripe_customer_id != UNLINKED:
-            stripe_value = fetch_summary(
-                stripe_meters[meter_name].id,
-                stripe_customer_id,
-                int(start.timestamp()),
-                int(end.timestamp()),
-            )
-        if formula == "sum":
-            ledger_value = sum(r.value for r in in_range)
-        else:
-            newest = max(in_range, key=lambda r: (r.timestamp, r.sequence), default=None)
-            ledger_value = 0 if newest is None else newest.value
+        ledger_value = in_range.total if formula == "sum" else in_range.newest_value
         if stripe_value is not None and stripe_value == ledger_value:
-            for row in in_range:
-                if row.status == "accepted" and ledger.confirm_accepted(
-                    engine, row.identifier, now
-                ):
-                    settled.append(f"confirmed {row.identifier}: in Stripe's summaries")
-        side = database.get((stripe_customer_id, meter_name), _Side())
-        customer_ids = sorted({r.customer_id for r in group} | side.customer_ids)
+            for identifier in in_range.accepted:
+                if ledger.confirm_accepted(engine, identifier, now):
+                    settled.append(f"confirmed {identifier}: in Stripe's summaries")
+        side = database.get(stripe_key, _Side())
         lines.append(
             Line(
                 stripe_customer_id,
                 meter_name,
-                tuple(customer_ids),
+                tuple(sorted(in_range.customer_ids | side.customer_ids)),
                 stripe_value,
                 ledger_value,
                 side.value,
@@ -159,6 +173,58 @@ def reconcile(
 
 
 @dataclass
+class _Range:
+    """One (Stripe customer, meter)'s acknowledged rows timestamped in the range."""
+
+    customer_ids: set[str] = field(default_factory=set)
+    total: int = 0  # a sum meter: their values added up
+    newest: tuple[datetime, int] | None = None  # a last meter: (timestamp, sequence) ...
+    newest_value: int = 0  # ... and value of the newest
+    accepted: list[str] = field(default_factory=list)  # identifiers, to confirm
+
+
+def _ledger_in_range(
+    engine: Engine, stripe_meters: Mapping[str, StripeMeter], start: datetime, end: datetime
+) -> dict[StripeKey, _Range]:
+    """Per (Stripe customer, meter), its rows timestamped in [start, end): one range read of
+    ledger_by_time, streamed, so memory holds one entry per key, not the rows."""
+    c = ledger_table.c
+    query = select(
+        c.customer_id,
+        c.stripe_customer_id,
+        c.meter,
+        c.status,
+        c.value,
+        c.timestamp,
+        c.sequence,
+        c.identifier,
+    ).where(c.timestamp >= start, c.timestamp < end, c.meter.in_(list(stripe_meters)))
+    ranges: dict[StripeKey, _Range] = {}
+    with engine.connect() as connection:
+        found = connection.execution_options(yield_per=_ROWS_PER_FETCH).execute(query)
+        for (
+            customer_id,
+            stripe_customer_id,
+            meter,
+            status,
+            value,
+            stamp,
+            sequence,
+            identifier,
+        ) in found:
+            entry = ranges.setdefault((stripe_customer_id, meter), _Range())
+            entry.customer_ids.add(customer_id)
+            if status not in ACKNOWLEDGED:
+                continue
+            entry.total += value
+            if entry.newest is None or (stamp, sequence) > entry.newest:
+                entry.newest, entry.newest_value = (stamp, sequence), value
+            if status == "accepted":
+                entry.accepted.append(identifier)
+    return ranges
+
+
+@dataclass
 class _Side:
     customer_ids: set[str] = field(default_factory=set)
     value: int = 0
@@ -166,138 +232,140 @@ class _Side:
     in_flight: list[str] = field(default_factory=list)
 
 
+_OUTSTANDING: tuple[ledger.Status, ...] = ("rejected", "unknown", "pending")
+
+
 def _database_side(
     engine: Engine,
     catalogue: Catalogue,
     stripe_meters: Mapping[str, StripeMeter],
-    rows: list[LedgerRow],
+    ranges: Mapping[StripeKey, _Range],
     links: Mapping[str, str],
-) -> dict[tuple[str, str], _Side]:
-    """Per (Stripe customer, meter): the database's units and why some are not in Stripe."""
-    by_key: dict[tuple[str, str], list[LedgerRow]] = {}
-    for row in rows:
-        by_key.setdefault((row.customer_id, row.meter), []).append(row)
+) -> dict[StripeKey, _Side]:
+    """Per (Stripe customer, meter): the database's units and why some are not in Stripe, for
+    the (customer, meter) pairs with rows in the range, rows not final or due windows."""
+    outstanding: dict[AppKey, list[LedgerRow]] = {}
+    for status in _OUTSTANDING:
+        for row in rows_with_status(engine, status):
+            if row.meter in stripe_meters:
+                outstanding.setdefault((row.customer_id, row.meter), []).append(row)
+    due = due_windows(engine, stripe_meters, include_held=True)
+    app_keys = set(outstanding) | set(due)
+    for (_, meter_name), entry in ranges.items():
+        app_keys.update((customer_id, meter_name) for customer_id in entry.customer_ids)
+    sides: dict[StripeKey, _Side] = {}
     with engine.connect() as connection:
-        windows = connection.execute(
-            select(
-                window_totals.c.customer_id,
-                window_totals.c.meter,
-                window_totals.c.window_start,
-                window_totals.c.value,
-            ).where(window_totals.c.meter.in_(list(stripe_meters)))
-        ).all()
-    totals: dict[tuple[str, str], list[tuple[datetime, Decimal]]] = {}
-    for customer_id, meter_name, window_start, value in windows:
-        totals.setdefault((customer_id, meter_name), []).append((window_start, value))
-    due = due_windows(engine, stripe_meters)
-    sides: dict[tuple[str, str], _Side] = {}
-    for customer_id, meter_name in sorted(totals.keys() | by_key.keys()):
-        meter = catalogue.meters[meter_name]
-        own = by_key.get((customer_id, meter_name), [])
-        values = totals.get((customer_id, meter_name), [])
-        stripe_customer_id = stripe_customer_for(customer_id, links) or (
-            own[-1].stripe_customer_id if own else UNLINKED
-        )
-        side = sides.setdefault((stripe_customer_id, meter_name), _Side())
-        side.customer_ids.add(customer_id)
-        if meter.stripe_formula == "sum":
-            units = whole_units(_exact_total(values, own), meter.unit_scale)
-        elif values:
-            units = whole_units(max(values)[1], meter.unit_scale)
-            own = [r for r in own if r.window_start == max(values)[0]][-1:]
-        else:
-            # Every window pruned (retention): the newest row left stands for the newest one.
-            own = [max(own, key=lambda r: (r.window_start, r.revision))]
-            units = whole_units(own[0].window_value, meter.unit_scale)
-        side.value += units
-        for status in ("rejected", "unknown", "pending"):
-            part = sum(r.value for r in own if r.status == status)
-            if part or any(r.status == status for r in own):
-                target = side.in_flight if status == "pending" else side.not_billed
-                target.append(f"{customer_id} {status} {part}")
-        unreported = due.get((customer_id, meter_name), [])
-        if unreported:
-            reason = (
-                "held: no_customer_link"
-                if stripe_customer_for(customer_id, links) is None
-                else "due or held (see meterstream status)"
+        heads = _heads(connection, app_keys)
+        for customer_id, meter_name in sorted(app_keys):
+            head = heads.get((customer_id, meter_name))
+            stripe_customer_id = stripe_customer_for(customer_id, links) or (
+                head.stripe_customer_id if head else UNLINKED
             )
-            issued = own[-1].units_total if own and meter.stripe_formula == "sum" else 0
-            gap = units - issued if meter.stripe_formula == "sum" else units
-            target = side.not_billed if reason.startswith("held") else side.in_flight
-            target.append(f"{customer_id} {reason}: {len(unreported)} window(s), {gap} unit(s)")
+            side = sides.setdefault((stripe_customer_id, meter_name), _Side())
+            side.customer_ids.add(customer_id)
+            _add_key(
+                connection,
+                side,
+                catalogue,
+                (customer_id, meter_name),
+                head,
+                outstanding.get((customer_id, meter_name), []),
+                due.get((customer_id, meter_name), []),
+                linked=stripe_customer_for(customer_id, links) is not None,
+            )
     return sides
 
 
-def _exact_total(values: list[tuple[datetime, Decimal]], own: list[LedgerRow]) -> Decimal:
-    """A sum meter's exact total over all time: what the ledger's newest row accounted, plus
-    how much each window still in window_totals differs from its newest ledger row.
-
-    The same as adding up every window while none is pruned (the running total is each reported
-    window's newest total, added up); windows pruned (retention) are in it through the ledger.
-    """
-    if not own:
-        return exact_sum(v for _, v in values)
-    reported: dict[datetime, LedgerRow] = {}
-    for row in own:
-        if row.window_start not in reported or row.revision > reported[row.window_start].revision:
-            reported[row.window_start] = row
-    # copy_negate, not a subtraction: exact whatever the default context's precision.
-    reported_values = [reported[s].window_value.copy_negate() for s, _ in values if s in reported]
-    return exact_sum([own[-1].accounted_total, *(v for _, v in values), *reported_values])
+_HEADS_PER_QUERY = 1_000
+_newer = ledger_table.alias("newer")
 
 
-def settle_rows(
-    engine: Engine,
-    stripe_meters: Mapping[str, StripeMeter],
-    fetch_summary: FetchSummary,
-    end: datetime,
-    now: datetime,
-) -> list[str]:
-    """Decide ``unknown`` rows of sum meters from Stripe's summary of their minute.
-
-    Stripe's summary for the row's minute equals the acknowledged rows of that minute plus the
-    row: Stripe has it (``sent``). Equals them without it: Stripe never recorded it, so it is
-    ``pending`` again (sent afresh next cycle). Anything else, another undecided row in the
-    same minute, or a ``last`` meter: left ``unknown`` for a person. Returns what it did.
-    """
-    done: list[str] = []
-    everything = [r for r in all_rows(engine) if r.meter in stripe_meters]
-    for row in everything:
-        if row.status != "unknown" or row.timestamp >= end:
-            continue
-        minute = minute_floor(row.timestamp)
-        same_minute = [
-            r
-            for r in everything
-            if r.stripe_customer_id == row.stripe_customer_id
-            and r.meter == row.meter
-            and minute <= r.timestamp < minute + MINUTE
-            and r.identifier != row.identifier
-        ]
-        undecided = [r for r in same_minute if r.status in ("pending", "unknown", "accepted")]
-        if stripe_meters[row.meter].formula != "sum":
-            done.append(f"left {row.identifier} unknown: a last meter's summary cannot tell")
-            continue
-        if undecided:
-            done.append(f"left {row.identifier} unknown: other undecided rows in its minute")
-            continue
-        known = sum(r.value for r in same_minute if r.status == "sent")
-        stripe_value = fetch_summary(
-            stripe_meters[row.meter].id,
-            row.stripe_customer_id,
-            int(minute.timestamp()),
-            int((minute + MINUTE).timestamp()),
+def _heads(connection: Connection, keys: Collection[AppKey]) -> dict[AppKey, LedgerRow]:
+    """The newest row of each (customer, meter) of ``keys``: one backward step of
+    ledger_sequence per key, a thousand keys per query (one query per key cost 3 ms each)."""
+    heads: dict[AppKey, LedgerRow] = {}
+    ordered = sorted(keys)
+    for first in range(0, len(ordered), _HEADS_PER_QUERY):
+        chunk = ordered[first : first + _HEADS_PER_QUERY]
+        wanted = values(column("c", String), column("m", String), name="wanted").data(chunk).cte()
+        newest = (
+            select(func.max(_newer.c.sequence))
+            .where(_newer.c.customer_id == wanted.c.c, _newer.c.meter == wanted.c.m)
+            .scalar_subquery()
         )
-        if stripe_value == known + row.value and row.value != 0:
-            ledger.mark_acknowledged(engine, row.identifier, "sent", None, now, expected="unknown")
-            done.append(f"{row.identifier}: Stripe has it; marked sent")
-        elif stripe_value == known and row.value != 0:
-            ledger.mark_pending_again(engine, row.identifier, now)
-            done.append(f"{row.identifier}: not in Stripe; pending again, sent next cycle")
-        else:
-            done.append(
-                f"left {row.identifier} unknown: Stripe's summary {stripe_value} for its minute "
-                f"matches neither {known} nor {known + row.value}; a person must decide"
+        c = ledger_table.c
+        found = connection.execute(
+            select(ledger_table).select_from(
+                wanted.join(
+                    ledger_table,
+                    and_(c.customer_id == wanted.c.c, c.meter == wanted.c.m, c.sequence == newest),
+                )
             )
-    return done
+        ).mappings()
+        for mapping in found:
+            row = row_from(mapping)
+            heads[(row.customer_id, row.meter)] = row
+    return heads
+
+
+def _add_key(
+    connection: Connection,
+    side: _Side,
+    catalogue: Catalogue,
+    key: AppKey,
+    head: LedgerRow | None,
+    own: list[LedgerRow],
+    unreported: list[DueWindow],
+    *,
+    linked: bool,
+) -> None:
+    """Add one (customer, meter)'s units and reasons to its Stripe customer's side."""
+    customer_id, meter_name = key
+    meter = catalogue.meters[meter_name]
+    if meter.stripe_formula == "sum":
+        units = whole_units(_exact_total(connection, key, head, unreported), meter.unit_scale)
+    else:
+        newest = connection.execute(
+            select(window_totals.c.window_start, window_totals.c.value)
+            .where(window_totals.c.customer_id == customer_id, window_totals.c.meter == meter_name)
+            .order_by(window_totals.c.window_start.desc())
+            .limit(1)
+        ).first()
+        if newest is not None:
+            units = whole_units(newest.value, meter.unit_scale)
+            row = latest_window_row(connection, customer_id, meter_name, newest.window_start)
+        else:
+            # Every window pruned (retention): the newest row left stands for the newest one.
+            row = head
+            units = 0 if head is None else whole_units(head.window_value, meter.unit_scale)
+        own = [] if row is None else [row]
+    side.value += units
+    for status in _OUTSTANDING:
+        of_status = [r for r in own if r.status == status]
+        if of_status:
+            target = side.in_flight if status == "pending" else side.not_billed
+            target.append(f"{customer_id} {status} {sum(r.value for r in of_status)}")
+    if unreported:
+        reason = "held: no_customer_link" if not linked else "due or held (see meterstream status)"
+        issued = head.units_total if head is not None and meter.stripe_formula == "sum" else 0
+        gap = units - issued if meter.stripe_formula == "sum" else units
+        target = side.not_billed if reason.startswith("held") else side.in_flight
+        target.append(f"{customer_id} {reason}: {len(unreported)} window(s), {gap} unit(s)")
+
+
+def _exact_total(
+    connection: Connection, key: AppKey, head: LedgerRow | None, unreported: list[DueWindow]
+) -> Decimal:
+    """A sum meter's exact total over all time: what the ledger's newest row accounted, plus
+    how much each due window differs from its newest ledger row.
+
+    Every other window's newest revision is in the ledger (the report queue's invariant,
+    reporters/due.py, checked by the backstop), so it adds nothing: the same as adding up every
+    window, pruned ones included, without reading them.
+    """
+    parts = [Decimal(0) if head is None else head.accounted_total]
+    for window in unreported:
+        _, reported = reported_window_value(connection, key[0], key[1], window.window_start)
+        # copy_negate, not a subtraction: exact whatever the default context's precision.
+        parts += [window.window_value, reported.copy_negate()]
+    return exact_sum(parts)

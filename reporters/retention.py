@@ -14,19 +14,46 @@ A row is pruned only if every one of these holds (each is checked again in the d
   all read that row. A window the aggregators pruned is never due again, so its rows may go.
 - no ``unknown`` row of its (Stripe customer, meter) waits for reconcile, which decides it from
   the ``sent`` rows of its minute.
+
+The reporter's passes (:func:`prune_ledger_pass`) start where the last one ended, so a pass
+does not read again the rows it kept (the newest rows of windows 45 to 60 days old, about a
+quarter of the ledger). Marks in ``ledger_prune_marks``:
+
+- ``updated_mark``: rows last updated before it were examined (ledger_by_status); a pass reads
+  the final rows updated in [mark, retention cutoff): those that turned old since.
+- ``timestamp_mark``: rows timestamped before it were examined after their window was pruned
+  (ledger_by_time); a pass reads the rows timestamped in [mark, window cutoff - the longest
+  window of the catalogue): a row's timestamp lies in its window, so their windows are gone
+  (METERSTREAM_WINDOW_RETENTION_DAYS) and the rows kept for them may go now.
+- a row kept as its key's head, or for an ``unknown`` row, becomes prunable without either
+  range moving over it: every FULL_PASS_EVERY a pass reads everything again.
+
+A pass runs when PRUNE_EVERY has passed since the last one (``last_pass_at``), so ``report
+--once`` run by cron each minute prunes hourly, as the long-running reporter does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Engine, and_, exists, func, not_, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, exists, func, insert, not_, or_, select, update
 
+from meterstream.meters import Window
 from meterstream.retention import cutoff, delete_in_batches
-from meterstream.schema import ledger, window_totals
+from meterstream.schema import ledger, ledger_prune_marks, window_totals
 
 PRUNABLE = ("sent", "carried")
+PRUNE_EVERY = timedelta(hours=1)
+FULL_PASS_EVERY = timedelta(days=7)
+# The longest a window of each length can be (a calendar month: 31 days).
+WINDOW_LENGTHS: dict[Window, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+    "1mo": timedelta(days=31),
+}
 
 _row = ledger.c
 _newer = ledger.alias("newer_row")
@@ -93,3 +120,125 @@ def prune_ledger(
         key=("identifier",),
         should_stop=should_stop,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PruneMarks:
+    updated_mark: datetime | None = None
+    timestamp_mark: datetime | None = None
+    full_pass_at: datetime | None = None
+    last_pass_at: datetime | None = None
+
+
+def load_marks(engine: Engine) -> PruneMarks:
+    m = ledger_prune_marks.c
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(m.updated_mark, m.timestamp_mark, m.full_pass_at, m.last_pass_at)
+        ).first()
+    return PruneMarks() if found is None else PruneMarks(*found)
+
+
+def _save_marks(engine: Engine, marks: PruneMarks) -> None:
+    values = {
+        "updated_mark": marks.updated_mark,
+        "timestamp_mark": marks.timestamp_mark,
+        "full_pass_at": marks.full_pass_at,
+        "last_pass_at": marks.last_pass_at,
+    }
+    with engine.begin() as connection:
+        changed = connection.execute(update(ledger_prune_marks).values(**values)).rowcount
+        if not changed:
+            connection.execute(insert(ledger_prune_marks).values(singleton=1, **values))
+
+
+@dataclass(frozen=True, slots=True)
+class PassRanges:
+    """What one pass reads: final rows updated in [updated_from, updated_to) and rows
+    timestamped in [timestamp_from, timestamp_to); ``*_from`` None: from the oldest."""
+
+    updated_from: datetime | None
+    updated_to: datetime
+    timestamp_from: datetime | None
+    timestamp_to: datetime
+
+    @property
+    def full(self) -> bool:
+        return self.updated_from is None
+
+    def condition(self) -> ColumnElement[bool]:
+        """The rows the pass reads (each must also be ``prunable``)."""
+        if self.updated_from is None:
+            return _row.updated_at < self.updated_to
+        return or_(
+            and_(_row.updated_at >= self.updated_from, _row.updated_at < self.updated_to),
+            and_(
+                _row.timestamp >= (self.timestamp_from or self.timestamp_to),
+                _row.timestamp < self.timestamp_to,
+            ),
+        )
+
+
+def pass_ranges(
+    marks: PruneMarks,
+    now: datetime,
+    retention_days: int,
+    window_retention_days: int,
+    windows: Iterable[Window],
+) -> PassRanges:
+    """The ranges of the next pass: from the marks, or everything when a full pass is due."""
+    longest = max((WINDOW_LENGTHS[w] for w in windows), default=WINDOW_LENGTHS["1mo"])
+    windows_gone = cutoff(now, window_retention_days) - longest
+    before = cutoff(now, retention_days)
+    full_due = marks.full_pass_at is None or now - marks.full_pass_at >= FULL_PASS_EVERY
+    if full_due or marks.updated_mark is None:
+        return PassRanges(None, before, None, windows_gone)
+    timestamp_from = marks.timestamp_mark if marks.timestamp_mark is not None else windows_gone
+    # A mark never runs ahead of its end (a retention raised since): nothing read twice.
+    return PassRanges(
+        min(marks.updated_mark, before), before, min(timestamp_from, windows_gone), windows_gone
+    )
+
+
+def prune_ledger_pass(
+    engine: Engine,
+    now: datetime,
+    retention_days: int,
+    window_retention_days: int,
+    windows: Iterable[Window],
+    batch_rows: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> int | None:
+    """One pass from the marks, if PRUNE_EVERY has passed since the last; how many rows went,
+    or None when no pass was due. Marks move only when the pass ran to its end (a stop leaves
+    them: the next pass reads the same ranges again)."""
+    marks = load_marks(engine)
+    if marks.last_pass_at is not None and now - marks.last_pass_at < PRUNE_EVERY:
+        return None
+    ranges = pass_ranges(marks, now, retention_days, window_retention_days, windows)
+    stopped = False
+
+    def stop() -> bool:
+        nonlocal stopped
+        stopped = stopped or should_stop()
+        return stopped
+
+    pruned = delete_in_batches(
+        engine,
+        ledger,
+        and_(ranges.condition(), prunable(ranges.updated_to)),
+        batch_rows=batch_rows,
+        key=("identifier",),
+        should_stop=stop,
+    )
+    if not stopped:
+        _save_marks(
+            engine,
+            PruneMarks(
+                updated_mark=ranges.updated_to,
+                timestamp_mark=ranges.timestamp_to,
+                full_pass_at=now if ranges.full else marks.full_pass_at,
+                last_pass_at=now,
+            ),
+        )
+    return pruned

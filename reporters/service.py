@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +48,6 @@ from reporters.v1_sender import V1Sender, send_threads
 
 _log = logging.getLogger(__name__)
 # Each pruning reads the old end of the ledger once; every hour keeps up with any traffic.
-PRUNE_INTERVAL_S = 3600.0
 
 
 def utc_now() -> datetime:
@@ -162,6 +160,7 @@ def build_reporter(
         deployment_id=deployment_id_of(settings, engine),
         backstop_s=settings.report_backstop_s,
         ledger_retention_days=settings.ledger_retention_days,
+        window_retention_days=settings.window_retention_days,
         prune_batch_rows=settings.prune_batch_rows,
     )
 
@@ -186,8 +185,7 @@ def run_schedule(
 ) -> None:
     """A cycle every ``interval_s`` until ``stop``; a failed cycle is logged and retried.
     No cycle runs while ``guard`` finds the ledger behind its mark or cannot read it. The
-    ledger is pruned after the first cycle, then at most every PRUNE_INTERVAL_S."""
-    next_prune_s = 0.0
+    ledger is pruned after a cycle when a pass is due (reporters.retention.PRUNE_EVERY)."""
     while not stop.is_set():
         try:
             guard.check()
@@ -203,13 +201,12 @@ def run_schedule(
         except Exception:
             # The loop's edge: the ledger already holds every row, so the next cycle resends.
             _log.exception("report cycle failed; retrying in %.0f s", interval_s)
-        if time.monotonic() >= next_prune_s:
-            next_prune_s = time.monotonic() + PRUNE_INTERVAL_S
-            try:
-                # Between cycles: pruning reads what the cycle wrote; a cycle never waits on it.
-                reporter.prune_ledger()
-            except Exception:
-                _log.exception("pruning the ledger failed; trying again in an hour")
+        try:
+            # Between cycles: pruning reads what the cycle wrote; a cycle never waits on it.
+            # A pass runs when one is due (hourly, kept in the database: reporters/retention.py).
+            reporter.prune_ledger()
+        except Exception:
+            _log.exception("pruning the ledger failed; trying again after the next cycle")
         stop.wait(interval_s)
 
 

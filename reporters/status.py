@@ -15,34 +15,28 @@ from sqlalchemy import Engine, Select, and_, exists, func, or_, select
 
 from meterstream.horizon import STRIPE_HORIZON_DAYS
 from meterstream.meters import Catalogue
-from meterstream.schema import ledger, report_queue, window_totals
-from reporters import carry
-from reporters.customers import load_links, stripe_customer_for
-from reporters.due import count_due_windows, due_windows
+from meterstream.schema import held_keys, ledger, report_queue, window_totals
+from reporters.due import NOT_HELD, count_due_windows
 from reporters.held_keys import load_held_keys
+from reporters.held_windows import held_usage_summary, held_windows
 from reporters.invoiced import INVOICE_GRACE, possibly_invoiced
 from reporters.ledger import (
     FINAL,
     Status,
     counts_by_status,
     last_sent_at,
-    latest_row,
     recent_rejections,
-    reported_window_value,
     rows_with_status,
 )
 from reporters.restore import restore_hold
-from reporters.rows import (
-    HELD_NEGATIVE_CORRECTION,
-    HELD_NO_CUSTOMER_LINK,
-    HELD_REVISION_WENT_BACK,
-)
 
 # Ledger rows per status are counted up to this many (a count of history would grow with it).
 COUNT_UP_TO = 100_000
+# Held windows listed one by one (all are counted).
+HELD_SHOWN = 100
 
 
-_q, _wt, _l = report_queue.c, window_totals.c, ledger.c
+_q, _wt, _l, _hk = report_queue.c, window_totals.c, ledger.c, held_keys.c
 _NOT_FINAL: tuple[str, ...] = tuple(s for s in get_args(Status) if s not in FINAL)
 _NEWER = ledger.alias("newer")
 
@@ -50,8 +44,10 @@ _NEWER = ledger.alias("newer")
 def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
     """Seconds since the oldest closed window (window_end + grace_s <= now) whose newest
     revision is not final in the ledger (not sent, carried or rejected) ended; 0 when there is
-    none. Held, pending, unknown and accepted-but-unconfirmed (v2 stream, until reconcile
-    confirms it) usage all count: billing is behind on them.
+    none. Pending, unknown and accepted-but-unconfirmed (v2 stream, until reconcile confirms
+    it) usage count: billing is behind on them. Held usage does not (windows set aside, and
+    the (customer, meter) pairs the last cycle held): it cannot be sent until a person acts,
+    and has its own gauges and alerts; counted here, it would pin the lag and hide real lag.
 
     Bounded by the work in hand, not by history: such a window is either in the report queue
     (changed, not written yet, or held) or has a ledger row in a status that is not final
@@ -94,8 +90,15 @@ def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
             _q.meter == meter,
             _wt.window_end <= cutoff,
             or_(_l.status.is_(None), _l.status.not_in(FINAL)),
+            NOT_HELD,
+            ~_key_held(_q.customer_id, _q.meter),
         )
     )
+
+
+def _key_held(customer_id: Any, meter: Any) -> Any:
+    """The (customer, meter) is in held_keys (a handful of rows: what the last cycle held)."""
+    return exists().where(_hk.customer_id == customer_id, _hk.meter == meter)
 
 
 def _unsettled_lag(meter: str, cutoff: datetime) -> Select[Any]:
@@ -111,52 +114,25 @@ def _unsettled_lag(meter: str, cutoff: datetime) -> Select[Any]:
             newer.window_start == _l.window_start,
             newer.revision > _l.revision,
         ),
+        ~_key_held(_l.customer_id, _l.meter),
     )
 
 
 def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
-    """Due windows the reporter holds back: unlinked customers, forbidden negative corrections."""
-    links = load_links(engine)
-    held: list[dict[str, Any]] = []
-    due = due_windows(engine, (m.name for m in catalogue))
-    with engine.connect() as connection:
-        for (customer_id, meter_name), windows in sorted(due.items()):
-            meter = catalogue.meters[meter_name]
-            linked = stripe_customer_for(customer_id, links) is not None
-            latest = latest_row(connection, customer_id, meter_name)
-            account = (
-                carry.Account(latest.accounted_total, latest.units_total)
-                if latest is not None
-                else carry.Account()
-            )
-            for window in windows:
-                reason = None if linked else HELD_NO_CUSTOMER_LINK
-                reported, _ = reported_window_value(
-                    connection, customer_id, meter_name, window.window_start
-                )
-                if reported > window.revision:
-                    reason = HELD_REVISION_WENT_BACK
-                if reason is None and meter.stripe_formula == "sum" and not meter.allow_negative:
-                    _, previous = reported_window_value(
-                        connection, customer_id, meter_name, window.window_start
-                    )
-                    value = carry.report(
-                        "sum", account, previous, window.window_value, meter.unit_scale
-                    )
-                    if value.value < 0:
-                        reason = HELD_NEGATIVE_CORRECTION
-                if reason is not None:
-                    held.append(
-                        {
-                            "customer_id": customer_id,
-                            "meter": meter_name,
-                            "window_start": window.window_start,
-                            "revision": window.revision,
-                            "total": window.window_value,
-                            "reason": reason,
-                        }
-                    )
-    return held
+    """The oldest HELD_SHOWN windows set aside (reporters/held_windows.py): unlinked
+    customers, forbidden negative corrections, revisions that went back."""
+    return [
+        {
+            "customer_id": w.customer_id,
+            "meter": w.meter,
+            "window_start": w.window_start,
+            "revision": w.revision,
+            "total": w.total,
+            "reason": w.reason,
+            "held_since": w.held_since,
+        }
+        for w in held_windows(engine, [m.name for m in catalogue], HELD_SHOWN)
+    ]
 
 
 def reporter_status(
@@ -167,6 +143,7 @@ def reporter_status(
     and when Stripe last acknowledged a row."""
     counts = counts_by_status(engine, COUNT_UP_TO)
     hold = restore_hold(engine)
+    summary = held_usage_summary(engine, [meter.name for meter in catalogue])
     return {
         "restore_hold": None
         if hold is None
@@ -193,6 +170,8 @@ def reporter_status(
             for row in recent_rejections(engine, 10)
         ],
         "held": held_usage(engine, catalogue),
+        "held_windows": summary.windows,
+        "held_oldest_since": summary.oldest_since,
         "held_keys": [
             {
                 "customer_id": k.customer_id,
@@ -272,7 +251,15 @@ def format_status(facts: dict[str, Any]) -> str:
     lines.append(f"billing lag: {facts['billing_lag_s']:.0f} s")
     sent = facts["last_sent_at"]
     lines.append(f"last sent: {sent.isoformat() if sent else 'never'}")
-    lines.append(f"held: {len(facts['held'])}")
+    held = sum(facts["held_windows"].values())
+    since = facts["held_oldest_since"]
+    lines.append(
+        f"held windows (not sent until a person acts; not in the billing lag): {held}"
+        + (f", the oldest held since {since.isoformat()}" if since else "")
+        + "".join(f"; {reason} {n}" for reason, n in sorted(facts["held_windows"].items()))
+    )
+    if held > len(facts["held"]):
+        lines.append(f"  the oldest {len(facts['held'])}:")
     for item in facts["held"]:
         lines.append(
             f"  {item['reason']}: {item['customer_id']} {item['meter']} "

@@ -185,7 +185,8 @@ def _accept_restore(settings: Settings, engine: Engine) -> None:
 
 
 def _prune_after_once(reporter: Reporter) -> None:
-    """Prune the ledger after a --once cycle too: cron deployments run nothing else."""
+    """Prune the ledger after a --once cycle too (cron deployments run nothing else), when a
+    pass is due: hourly, however often cron runs it."""
     try:
         reporter.prune_ledger()
     except Exception as exc:

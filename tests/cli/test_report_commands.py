@@ -92,7 +92,8 @@ def test_customers_link_then_held_usage_goes_out_and_status_shows_it(
 
     assert emulator.state.totals() == {("tokens", "cus_a"): 3}
     status = meterstream(env, "status")
-    assert "ledger: sent=1" in status.stdout and "held: 0" in status.stdout
+    assert "ledger: sent=1" in status.stdout
+    assert "held windows (not sent until a person acts; not in the billing lag): 0" in status.stdout
     reconciled = meterstream(env, "reconcile")
     assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
     assert "ok: cus_a tokens (acme): Stripe 3, ledger acknowledged 3, database 3" in (

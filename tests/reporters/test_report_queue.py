@@ -428,7 +428,8 @@ def test_a_cycle_and_status_look_up_the_work_in_hand_never_scan_history(
         event.remove(world.engine, "before_cursor_execute", explain)
 
     assert (result.acknowledged, result.held) == (40, {"no_customer_link": 1})
-    assert facts["due_windows"] == 1 and facts["ledger"]["sent"] == 10_040
+    assert facts["due_windows"] == 0 and facts["held_windows"] == {"no_customer_link": 1}
+    assert facts["ledger"]["sent"] == 10_040
     assert (totals["windows"], totals["events"]) == (10_021, 10_021)
     assert len(plans) > 10
     for plan in plans:

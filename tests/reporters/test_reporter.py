@@ -581,7 +581,7 @@ def test_calls_stay_under_the_configured_rate(
 # -- reconcile, status, billing lag ----------------------------------------------------------
 
 
-def _reconcile(world: World) -> list[Any]:
+def _reconcile(world: World, since: timedelta = timedelta(days=2)) -> list[Any]:
     from reporters.reconcile import reconcile
     from reporters.service import fetch_summary
 
@@ -592,7 +592,7 @@ def _reconcile(world: World) -> list[Any]:
         world.catalogue,
         connected.stripe_meters,
         fetch_summary(connected),
-        now - timedelta(days=2),
+        now - since,
         now,
     ).lines
 
@@ -648,15 +648,22 @@ def test_status_shows_counts_rejections_held_usage_and_billing_lag(world: World)
     assert [(h["customer_id"], h["reason"]) for h in facts["held"]] == [
         ("acme", "no_customer_link")
     ]
-    # The held window is closed and unsent: billing is behind on it.
-    assert facts["billing_lag_s"] >= 2 * 3600
+    # The held window cannot be sent until a person links acme: it has its own gauges, and
+    # the billing lag measures what could be sent (it was pinned at the held window before).
+    assert facts["billing_lag_s"] == 0
+    assert facts["held_windows"] == {"no_customer_link": 1}
+    assert world.metric("meterstream_reporter_held_windows", reason="no_customer_link") == 1
+    assert world.metric("meterstream_reporter_held_oldest_age_seconds") > 0
     assert facts["last_sent_at"] is not None
     text = format_status(facts)
     assert "No customer found with id 'cus_nobody'" in text
     assert "no_customer_link: acme tokens" in text
+    assert "held windows (not sent until a person acts; not in the billing lag): 1" in text
     link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))
     world.cycle()
     assert world.metric("meterstream_reporter_billing_lag_seconds") == 0
+    assert world.metric("meterstream_reporter_held_windows", reason="no_customer_link") == 0
+    assert world.metric("meterstream_reporter_held_oldest_age_seconds") == 0
 
 
 def test_the_due_windows_gauge_counts_what_the_cycle_left_unwritten(world: World) -> None:
@@ -667,11 +674,12 @@ def test_the_due_windows_gauge_counts_what_the_cycle_left_unwritten(world: World
     put_total(world.engine, "acme", "tokens", closed, "2")
     assert reporter_status(world.engine, world.catalogue, datetime.now(UTC))["due_windows"] == 2
     world.cycle()
-    # acme has no Stripe customer: its window is held, still due.
-    assert world.metric("meterstream_reporter_due_windows") == 1
+    # acme has no Stripe customer: its window is held, set aside, counted as held usage.
+    assert world.metric("meterstream_reporter_due_windows") == 0
+    assert world.metric("meterstream_reporter_held_windows", reason="no_customer_link") == 1
     facts = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
-    assert facts["due_windows"] == 1
-    assert "due windows (changed, not yet in the ledger): 1" in format_status(facts)
+    assert facts["due_windows"] == 0
+    assert "due windows (changed, not yet in the ledger): 0" in format_status(facts)
     link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))
     world.cycle()
     assert world.metric("meterstream_reporter_due_windows") == 0

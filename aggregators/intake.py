@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
-from meterstream.errors import InvalidEventError
+from meterstream.dimensions import NO_COMBINATION, combination_key, read_combination
+from meterstream.errors import InvalidEventError, MissingDimensionError
 from meterstream.events import (
     UsageEvent,
     check_event_size,
@@ -38,6 +39,8 @@ RejectReason = Literal[
     "unstorable",
     "undecodable",
     "too_large",
+    "missing_dimension",
+    "too_many_combinations",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -61,6 +64,8 @@ class Rejection:
 class Accepted:
     event: UsageEvent
     meter: Meter
+    # The canonical key of the event's dimension values (meterstream.dimensions); '' for none.
+    combination: str = NO_COMBINATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,7 @@ def _admit(
     except InvalidEventError as exc:
         return Rejection("too_large", str(exc))
     try:
-        event = decode_event(raw)
+        event = decode_event(raw, catalogue)
     except InvalidEventError as exc:
         return Rejection("unparseable", str(exc))
     known = {"event_id": event.event_id, "customer_id": event.customer_id, "meter": event.meter}
@@ -137,7 +142,14 @@ def _admit(
         check_stripe_digits(event.value, meter)
     except InvalidEventError as exc:
         return Rejection("beyond_stripe_digits", f"data.{exc}", **known)
-    return Accepted(event, meter)
+    if not meter.dimensions:
+        return Accepted(event, meter)
+    try:
+        combination = combination_key(read_combination(meter, event.properties, event.data))
+    except InvalidEventError as exc:
+        reason = "missing_dimension" if isinstance(exc, MissingDimensionError) else "invalid_event"
+        return Rejection(reason, f"data.{exc}", **known)
+    return Accepted(event, meter, combination)
 
 
 def _check_time(

@@ -15,6 +15,7 @@ from typing import Self
 
 from ingest.exit_flush import ExitFlush
 from ingest.producer import DeliveryFailedCallback, EventProducer
+from meterstream.dimensions import read_combination
 from meterstream.errors import (
     ClientClosedError,
     DeliveryError,
@@ -149,16 +150,19 @@ class UsageClient:
             )
             props = (
                 check_properties(properties, found)
-                if properties or found.unique_property
+                if properties or found.unique_property or found.dimensions
                 else _EMPTY
             )
+            if found.dimensions:
+                # The workers' rule: a dimension missing here would be dead-lettered there.
+                read_combination(found, props, _EMPTY)
             event_id = (
                 f"{self._id_prefix}{next(self._id_counter):012x}"
                 if event_id is None
                 else check_event_id(event_id)
             )
             payload = encode_fields(
-                event_id, self._source, customer, meter, exact, event_time, props
+                event_id, self._source, customer, meter, exact, event_time, props, found.value_key
             )
             check_event_size(payload)
         except InvalidEventError as exc:

@@ -6,6 +6,7 @@ MeterstreamError
  |    +-- MeterCheckError      Stripe's meters do not fit the catalogue; lists every problem
  |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
+ |    +-- MissingDimensionError a meter's dimension has no value and no default
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
@@ -64,6 +65,11 @@ class InvalidEventError(MeterstreamError):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+
+class MissingDimensionError(InvalidEventError):
+    """An event of a meter with dimensions lacks one of them, and the meter has no default for
+    it; ``field`` is ``properties.<dimension>``."""
 
 
 class BrokerUnavailableError(MeterstreamError):

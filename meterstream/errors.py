@@ -7,6 +7,8 @@ MeterstreamError
  |    +-- CatalogueChangedError a meter with stored totals was removed or redefined
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  |    +-- MissingDimensionError a meter's dimension has no value and no default
+ +-- InvalidQueryError         a read of the totals asked what they cannot answer; names the
+ |                             parameter and the reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
@@ -70,6 +72,16 @@ class InvalidEventError(MeterstreamError):
 class MissingDimensionError(InvalidEventError):
     """An event of a meter with dimensions lacks one of them, and the meter has no default for
     it; ``field`` is ``properties.<dimension>``."""
+
+
+class InvalidQueryError(MeterstreamError):
+    """A read of the stored totals (``meterstream totals``, the usage API) asked for something
+    they cannot answer; ``parameter`` and ``reason`` say what and why."""
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"{parameter}: {reason}")
 
 
 class BrokerUnavailableError(MeterstreamError):

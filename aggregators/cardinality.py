@@ -1,0 +1,98 @@
+"""The cardinality limit: how many dimension combinations one customer's window may hold.
+
+A dimension fed an unbounded value (a request id where a model name belongs) would otherwise
+make a row per event, and a Stripe meter event per row. Each meter allows ``max_combinations``
+(METERSTREAM_MAX_COMBINATIONS by default) per customer and window; an event of a further one
+is refused with the reason ``too_many_combinations`` (dead-lettered and counted), never merged
+into another combination. The combinations already stored always take more events.
+
+The check reads the stored combinations of the windows a batch touches, at most the limit per
+window (the key's prefix index), so its cost does not grow with history. Two workers sharing a
+window during a rebalance may each admit the last free place: the limit can be passed by the
+combinations of one concurrent batch, never by a stream of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy import Connection, select, tuple_
+
+from aggregators.intake import Accepted, Rejection
+from aggregators.windows import window_bounds
+from meterstream.meters import Catalogue
+from meterstream.schema import window_totals
+
+M = TypeVar("M")
+_Window = tuple[str, str, datetime]
+# Bound the size of one IN (...) list of window keys.
+_CHUNK = 1000
+
+
+def over_the_limit(
+    connection: Connection,
+    admitted: Sequence[tuple[M, Accepted]],
+    catalogue: Catalogue,
+    default_limit: int,
+) -> tuple[list[Accepted], list[tuple[M, Rejection]]]:
+    """Split ``admitted`` into the events within their window's limit and the refusals, in
+    order. Within a batch, new combinations take the free places in arrival order."""
+    windows = {_window(accepted): None for _, accepted in admitted if accepted.meter.dimensions}
+    if not windows:
+        return [accepted for _, accepted in admitted], []
+    known = _stored_combinations(connection, list(windows))
+    kept: list[Accepted] = []
+    refused: list[tuple[M, Rejection]] = []
+    for message, accepted in admitted:
+        meter = accepted.meter
+        if not meter.dimensions:
+            kept.append(accepted)
+            continue
+        window = _window(accepted)
+        combinations = known.setdefault(window, set())
+        limit = meter.max_combinations or default_limit
+        if accepted.combination in combinations or len(combinations) < limit:
+            combinations.add(accepted.combination)
+            kept.append(accepted)
+            continue
+        event = accepted.event
+        refused.append(
+            (
+                message,
+                Rejection(
+                    "too_many_combinations",
+                    f"meter {meter.name!r} holds {len(combinations)} combinations of "
+                    f"{', '.join(meter.dimensions)} for customer {event.customer_id!r} in the "
+                    f"window starting {window[2].isoformat()}, its limit (max_combinations in "
+                    f"the catalogue, else METERSTREAM_MAX_COMBINATIONS); this event's "
+                    f"{accepted.combination} is not one of them. Check the producer sends "
+                    "bounded values, or raise the limit and replay the dead letters",
+                    event.event_id,
+                    event.customer_id,
+                    event.meter,
+                ),
+            )
+        )
+    return kept, refused
+
+
+def _window(accepted: Accepted) -> _Window:
+    event = accepted.event
+    start, _end = window_bounds(event.event_time, accepted.meter.window)
+    return (event.customer_id, event.meter, start)
+
+
+def _stored_combinations(connection: Connection, windows: list[_Window]) -> dict[_Window, set[str]]:
+    c = window_totals.c
+    key = tuple_(c.customer_id, c.meter, c.window_start)
+    stored: dict[_Window, set[str]] = {}
+    for start in range(0, len(windows), _CHUNK):
+        query = select(c.customer_id, c.meter, c.window_start, c.combination).where(
+            key.in_(windows[start : start + _CHUNK])
+        )
+        for row in connection.execute(query):
+            window = (row.customer_id, row.meter, row.window_start)
+            stored.setdefault(window, set()).add(row.combination)
+    return stored

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection, select, tuple_
 
+from aggregators import postgres
 from aggregators.intake import Accepted, Rejection
 from aggregators.windows import window_bounds
 from meterstream.meters import Catalogue
@@ -85,12 +86,18 @@ def _window(accepted: Accepted) -> _Window:
 
 
 def _stored_combinations(connection: Connection, windows: list[_Window]) -> dict[_Window, set[str]]:
+    stored: dict[_Window, set[str]] = {}
+    if connection.dialect.name == "postgresql":
+        for customer_id, meter, window_start, combination in postgres.stored_combinations(
+            connection, windows
+        ):
+            stored.setdefault((customer_id, meter, window_start), set()).add(combination)
+        return stored
     c = window_totals.c
     key = tuple_(c.customer_id, c.meter, c.window_start)
-    stored: dict[_Window, set[str]] = {}
-    for start in range(0, len(windows), _CHUNK):
+    for first in range(0, len(windows), _CHUNK):
         query = select(c.customer_id, c.meter, c.window_start, c.combination).where(
-            key.in_(windows[start : start + _CHUNK])
+            key.in_(windows[first : first + _CHUNK])
         )
         for row in connection.execute(query):
             window = (row.customer_id, row.meter, row.window_start)

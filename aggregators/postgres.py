@@ -98,6 +98,30 @@ RETURNING customer_id, meter, window_start, combination
 """
 
 
+_COMBINATIONS = """
+SELECT w.customer_id, w.meter, w.window_start, w.combination
+FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[]) AS k(c, m, s)
+JOIN window_totals w ON w.customer_id = k.c AND w.meter = k.m AND w.window_start = k.s
+"""
+
+
+def stored_combinations(
+    connection: Connection, windows: Sequence[tuple[str, str, datetime]]
+) -> list[WindowKey]:
+    """The combinations stored for each (customer, meter, window start): a join on the key's
+    prefix, one index lookup per window (a row-value IN list of thousands was planned as a
+    scan: 0.3 s a batch)."""
+    result = connection.exec_driver_sql(
+        _COMBINATIONS,
+        {
+            "c": _array(w[0] for w in windows),
+            "m": _array(w[1] for w in windows),
+            "s": _plain_array(w[2].isoformat() for w in windows),
+        },
+    )
+    return [(row[0], row[1], row[2].astimezone(UTC), row[3]) for row in result]
+
+
 def claim_keys(connection: Connection, rows: list[tuple[date, bytes]]) -> set[tuple[date, bytes]]:
     """Insert the keys not seen on their day or the days around it; return those inserted."""
     result = connection.exec_driver_sql(

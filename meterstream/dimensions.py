@@ -10,6 +10,7 @@ is what the database's unique keys hold: a fixed size whatever the values' lengt
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ from meterstream.errors import InvalidEventError, MissingDimensionError
 from meterstream.meters import MAX_DIMENSION_VALUE_CHARS, Meter
 
 NO_COMBINATION = ""
+# As in meterstream.events: control characters (NUL above all) mean a bug upstream.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def read_combination(
@@ -55,7 +58,7 @@ def _dimension_value(dimension: str, value: Any) -> str:
             f"a dimension value is a string of 1 to {MAX_DIMENSION_VALUE_CHARS} characters, "
             f"got {value!r:.80}",
         )
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise InvalidEventError(
             f"properties.{dimension}", f"must not contain control characters, got {value!r:.80}"
         )

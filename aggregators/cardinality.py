@@ -6,8 +6,9 @@ make a row per event, and a Stripe meter event per row. Each meter allows ``max_
 is refused with the reason ``too_many_combinations`` (dead-lettered and counted), never merged
 into another combination. The combinations already stored always take more events.
 
-The check reads the stored combinations of the windows a batch touches, at most the limit per
-window (the key's prefix index), so its cost does not grow with history. Two workers sharing a
+The check asks, per window a batch touches, how many combinations it stores and which of the
+batch's it has already (lookups on the key): an answer the size of the batch, whatever the
+history. Two workers sharing a
 window during a rebalance may each admit the last free place: the limit can be passed by the
 combinations of one concurrent batch, never by a stream of them.
 """
@@ -40,10 +41,16 @@ def over_the_limit(
 ) -> tuple[list[Accepted], list[tuple[M, Rejection]]]:
     """Split ``admitted`` into the events within their window's limit and the refusals, in
     order. Within a batch, new combinations take the free places in arrival order."""
-    windows = {_window(accepted): None for _, accepted in admitted if accepted.meter.dimensions}
-    if not windows:
+    pairs = {
+        (*_window(accepted), accepted.combination): None
+        for _, accepted in admitted
+        if accepted.meter.dimensions
+    }
+    if not pairs:
         return [accepted for _, accepted in admitted], []
-    known = _stored_combinations(connection, list(windows))
+    counts, stored = _stored_combinations(connection, list(pairs))
+    # Per window: the combinations known to be in it (stored, or admitted by this batch).
+    known: dict[_Window, set[str]] = {}
     kept: list[Accepted] = []
     refused: list[tuple[M, Rejection]] = []
     for message, accepted in admitted:
@@ -53,8 +60,11 @@ def over_the_limit(
             continue
         window = _window(accepted)
         combinations = known.setdefault(window, set())
-        limit = meter.max_combinations or default_limit
-        if accepted.combination in combinations or len(combinations) < limit:
+        present = accepted.combination in combinations or (*window, accepted.combination) in stored
+        if not present and counts.get(window, 0) < (meter.max_combinations or default_limit):
+            counts[window] = counts.get(window, 0) + 1  # a new combination takes a place
+            present = True
+        if present:
             combinations.add(accepted.combination)
             kept.append(accepted)
             continue
@@ -64,7 +74,7 @@ def over_the_limit(
                 message,
                 Rejection(
                     "too_many_combinations",
-                    f"meter {meter.name!r} holds {len(combinations)} combinations of "
+                    f"meter {meter.name!r} holds {counts.get(window, 0)} combinations of "
                     f"{', '.join(meter.dimensions)} for customer {event.customer_id!r} in the "
                     f"window starting {window[2].isoformat()}, its limit (max_combinations in "
                     f"the catalogue, else METERSTREAM_MAX_COMBINATIONS); this event's "
@@ -85,14 +95,15 @@ def _window(accepted: Accepted) -> _Window:
     return (event.customer_id, event.meter, start)
 
 
-def _stored_combinations(connection: Connection, windows: list[_Window]) -> dict[_Window, set[str]]:
-    stored: dict[_Window, set[str]] = {}
+def _stored_combinations(
+    connection: Connection, pairs: list[tuple[str, str, datetime, str]]
+) -> tuple[dict[_Window, int], set[tuple[str, str, datetime, str]]]:
+    """(stored combinations per window, the pairs already stored)."""
     if connection.dialect.name == "postgresql":
-        for customer_id, meter, window_start, combination in postgres.stored_combinations(
-            connection, windows
-        ):
-            stored.setdefault((customer_id, meter, window_start), set()).add(combination)
-        return stored
+        return postgres.stored_combinations(connection, pairs)
+    windows = list({pair[:3]: None for pair in pairs})
+    counts: dict[_Window, int] = {}
+    stored: set[tuple[str, str, datetime, str]] = set()
     c = window_totals.c
     key = tuple_(c.customer_id, c.meter, c.window_start)
     for first in range(0, len(windows), _CHUNK):
@@ -101,5 +112,6 @@ def _stored_combinations(connection: Connection, windows: list[_Window]) -> dict
         )
         for row in connection.execute(query):
             window = (row.customer_id, row.meter, row.window_start)
-            stored.setdefault(window, set()).add(row.combination)
-    return stored
+            counts[window] = counts.get(window, 0) + 1
+            stored.add((*window, row.combination))
+    return counts, stored

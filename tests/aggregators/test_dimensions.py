@@ -5,12 +5,16 @@ counted, never merged; rows written before migration 0012 keep counting."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Column, Engine, MetaData, Table, insert, select
 
 from aggregators.batch import BatchApplier, Message
@@ -242,3 +246,51 @@ def _old_table() -> Table:
         if not c.name.startswith("combination")
     ]
     return Table("window_totals", MetaData(), *columns)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    stream=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 5), st.integers(0, 9)), min_size=1, max_size=40
+    ),
+    cuts=st.lists(st.integers(1, 40), max_size=4),
+    limit=st.integers(1, 4),
+)
+def test_the_first_combinations_in_stream_order_are_kept_however_the_batches_fall(
+    migrated_engine: Engine, stream: list[tuple[int, int, int]], cuts: list[int], limit: int
+) -> None:
+    """(hour, model, event) triples; a fresh customer per example keeps examples apart."""
+    customer = f"c-{uuid.uuid4().hex[:8]}"
+    events = [
+        UsageEvent(
+            f"e{i}-{n}",
+            "svc",
+            customer,
+            "d_count",
+            Decimal(1),
+            NOW - timedelta(hours=hour),
+            {"model": f"m{model}"},
+        )
+        for i, (hour, model, n) in enumerate(stream)
+    ]
+    target = _applier(migrated_engine, limit=limit)
+    bounds = sorted({0, len(events), *(c for c in cuts if c < len(events))})
+    refused = []
+    for first, end in itertools.pairwise(bounds):
+        batch = [_message(e, first + i) for i, e in enumerate(events[first:end])]
+        refused += [r.message.offset for r in target.apply(batch).rejected]
+    # The reference: per window, the first `limit` distinct models in stream order.
+    allowed: dict[int, list[str]] = {}
+    expected_refused = []
+    for offset, (hour, model, _n) in enumerate(stream):
+        models = allowed.setdefault(hour, [])
+        if f"m{model}" not in models and len(models) == limit:
+            expected_refused.append(offset)
+        elif f"m{model}" not in models:
+            models.append(f"m{model}")
+    assert refused == expected_refused
+    kept = [e for i, e in enumerate(events) if i not in set(expected_refused)]
+    stored = {k: v for k, v in _stored(migrated_engine).items() if k[0] == customer}
+    assert stored == reference_combination_totals(kept, CATALOGUE)

@@ -14,8 +14,9 @@ from decimal import Decimal
 
 from meterstream.meters import Aggregation
 
-WindowKey = tuple[str, str, datetime]
-"""(customer_id, meter, window_start)"""
+WindowKey = tuple[str, str, datetime, str]
+"""(customer_id, meter, window_start, combination): the combination is the canonical key of the
+dimension values (meterstream.dimensions), '' for a meter without dimensions."""
 
 
 def unique_digest(value: str) -> bytes:

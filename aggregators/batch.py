@@ -24,6 +24,7 @@ from decimal import Inexact, localcontext
 from sqlalchemy import Engine
 
 from aggregators.aggregation import Partial, WindowKey, unique_digest
+from aggregators.cardinality import over_the_limit
 from aggregators.dedup import DedupKeys
 from aggregators.faults import MESSAGE_CLASSES, is_database_failure, sqlstate_of
 from aggregators.intake import Accepted, Clock, Rejection, admit
@@ -109,6 +110,7 @@ class BatchApplier:
         *,
         horizon_days: int,
         future_tolerance_s: float = 600.0,
+        max_combinations: int = 100,
         clock: WallClock = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
@@ -118,6 +120,7 @@ class BatchApplier:
         self._horizon_days = horizon_days
         self._future_tolerance_s = future_tolerance_s
         self._clock = clock
+        self._max_combinations = max_combinations
         self.dedup = DedupKeys(engine, horizon_days)
         self._last_now = datetime.min.replace(tzinfo=UTC)
         # Per (topic, partition), the next offset this applier committed: a database whose
@@ -232,8 +235,10 @@ class BatchApplier:
             return self._apply_retrying([(message, bare)], now)
 
     @staticmethod
-    def _split(admitted: list[_Admitted]) -> tuple[list[Accepted], list[Rejected]]:
-        accepted = [outcome for _, outcome in admitted if isinstance(outcome, Accepted)]
+    def _split(
+        admitted: list[_Admitted],
+    ) -> tuple[list[tuple[Message, Accepted]], list[Rejected]]:
+        accepted = [(m, outcome) for m, outcome in admitted if isinstance(outcome, Accepted)]
         rejected = [
             Rejected(m, outcome) for m, outcome in admitted if isinstance(outcome, Rejection)
         ]
@@ -243,7 +248,7 @@ class BatchApplier:
         accepted, rejected = self._split(admitted)
         for attempt in range(1, _RETRIES + 1):
             try:
-                self.dedup.prepare(a.event.event_time.date() for a in accepted)
+                self.dedup.prepare(a.event.event_time.date() for _, a in accepted)
                 return self._apply_once(accepted, rejected, now, [m for m, _ in admitted])
             except Exception as exc:
                 if attempt == _RETRIES or not is_database_failure(exc):
@@ -258,17 +263,23 @@ class BatchApplier:
 
     def _apply_once(
         self,
-        accepted: list[Accepted],
+        admitted: list[tuple[Message, Accepted]],
         rejected: list[Rejected],
         now: datetime,
         messages: Sequence[Message],
         *,
         dry_run: bool = False,
     ) -> BatchResult:
-        result = BatchResult(rejected=rejected)
+        result = BatchResult(rejected=list(rejected))
         offsets = next_offsets(messages)
         with self.engine.begin() as connection:
             check_not_went_back(connection, first_offsets(messages), self._recorded)
+            # Before the keys are claimed: an event refused here stays countable when replayed.
+            accepted, refused = over_the_limit(
+                connection, admitted, self._catalogue, self._max_combinations
+            )
+            result.rejected.extend(Rejected(m, r) for m, r in refused)
+            combination_of = {id(a.event): a.combination for a in accepted}
             fresh = self.dedup.claim(connection, [a.event for a in accepted])
             partials: dict[WindowKey, Partial] = {}
             applied: Counter[str] = Counter()
@@ -284,7 +295,7 @@ class BatchApplier:
                     if meter.unique_property
                     else None
                 )
-                key = (event.customer_id, event.meter, start)
+                key = (event.customer_id, event.meter, start, combination_of[id(event)])
                 partial = partials.get(key)
                 if partial is None:
                     partials[key] = Partial.first(

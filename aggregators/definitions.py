@@ -6,7 +6,8 @@ Read with another (``sum`` totals taken as ``max``, hourly windows next to daily
 dropped from the catalogue leaves windows the reporter cannot price, and its new events become
 dead letters. So each meter's definition is recorded in ``meter_definitions`` the first time a
 worker starts with it, and a worker refuses to start when a meter that has stored totals was
-removed (or renamed: the old name is gone) or its aggregation, window or unique property changed.
+removed (or renamed: the old name is gone) or its aggregation, window, unique property,
+dimensions or value property changed (totals per model read as totals per region are wrong).
 The message says how to make the change instead: a new meter under a new name.
 
 Adding a meter is always accepted. A meter without stored totals may change or go freely.
@@ -36,10 +37,19 @@ class Definition:
     aggregation: str
     window: str
     unique_property: str | None
+    # The dimension names joined by commas (names have none), '' for none.
+    dimensions: str = ""
+    value_property: str | None = None
 
     @classmethod
     def of(cls, meter: Meter) -> Definition:
-        return cls(meter.aggregation, meter.window, meter.unique_property)
+        return cls(
+            meter.aggregation,
+            meter.window,
+            meter.unique_property,
+            ",".join(meter.dimensions),
+            meter.value_property,
+        )
 
 
 def check_definitions(engine: Engine, catalogue: Catalogue, now: datetime, where: str) -> None:
@@ -82,7 +92,7 @@ def _problem(name: str, before: Definition | None, after: Definition | None) -> 
     assert before is not None  # noqa: S101 - an unrecorded meter in the catalogue is accepted
     changed = [
         f"{field} {getattr(before, field)!r} -> {getattr(after, field)!r}"
-        for field in ("aggregation", "window", "unique_property")
+        for field in ("aggregation", "window", "unique_property", "dimensions", "value_property")
         if getattr(before, field) != getattr(after, field)
     ]
     return (
@@ -94,9 +104,14 @@ def _problem(name: str, before: Definition | None, after: Definition | None) -> 
 
 def _recorded(connection: Connection) -> dict[str, Definition | None]:
     c = meter_definitions.c
-    rows = connection.execute(select(c.meter, c.aggregation, c.window, c.unique_property))
+    rows = connection.execute(
+        select(c.meter, c.aggregation, c.window, c.unique_property, c.dimensions, c.value_property)
+    )
     return {
-        str(row.meter): Definition(row.aggregation, row.window, row.unique_property) for row in rows
+        str(row.meter): Definition(
+            row.aggregation, row.window, row.unique_property, row.dimensions, row.value_property
+        )
+        for row in rows
     }
 
 
@@ -133,6 +148,8 @@ def _record(
             "aggregation": meter.aggregation,
             "window": meter.window,
             "unique_property": meter.unique_property,
+            "dimensions": ",".join(meter.dimensions),
+            "value_property": meter.value_property,
             "recorded_at": now,
         }
         for meter in catalogue.meters.values()

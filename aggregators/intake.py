@@ -15,7 +15,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 from meterstream.content_modes import Headers, decode_message
-from meterstream.errors import HeaderError, InvalidEventError
+from meterstream.dimensions import NO_COMBINATION, combination_key, read_combination
+from meterstream.errors import HeaderError, InvalidEventError, MissingDimensionError
 from meterstream.events import (
     UsageEvent,
     check_event_size,
@@ -39,6 +40,8 @@ RejectReason = Literal[
     "undecodable",
     "too_large",
     "invalid_headers",
+    "missing_dimension",
+    "too_many_combinations",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,6 +65,8 @@ class Rejection:
 class Accepted:
     event: UsageEvent
     meter: Meter
+    # The canonical key of the event's dimension values (meterstream.dimensions); '' for none.
+    combination: str = NO_COMBINATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +129,7 @@ def _admit(
     except InvalidEventError as exc:
         return Rejection("too_large", str(exc))
     try:
-        event = decode_message(raw, headers)
+        event = decode_message(raw, headers, catalogue)
     except HeaderError as exc:
         return Rejection("invalid_headers", str(exc))
     except InvalidEventError as exc:
@@ -148,7 +153,14 @@ def _admit(
         check_stripe_digits(event.value, meter)
     except InvalidEventError as exc:
         return Rejection("beyond_stripe_digits", f"data.{exc}", **known)
-    return Accepted(event, meter)
+    if not meter.dimensions:
+        return Accepted(event, meter)
+    try:
+        combination = combination_key(read_combination(meter, event.properties, event.data))
+    except InvalidEventError as exc:
+        reason = "missing_dimension" if isinstance(exc, MissingDimensionError) else "invalid_event"
+        return Rejection(reason, f"data.{exc}", **known)
+    return Accepted(event, meter, combination)
 
 
 def _check_time(

@@ -75,6 +75,7 @@ class _Child:
             AggregatorMetrics(),
             horizon_days=settings.horizon_days,
             future_tolerance_s=settings.future_tolerance_s,
+            max_combinations=settings.max_combinations,
         )
         self._committed = committed
 

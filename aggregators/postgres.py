@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from aggregators.aggregation import WindowKey
+from meterstream.dimensions import combination_digest
 
 _CLAIM = """
 WITH input AS (
@@ -45,29 +46,34 @@ RETURNING event_day, key
 # transaction, in key order like the windows themselves.
 _UPSERT = """
 WITH upserted AS (
-INSERT INTO window_totals AS w (customer_id, meter, window_start, window_end, value, events,
-                                revision, last_event_time, last_event_id, first_applied_at,
-                                updated_at)
-SELECT c, m, s, e, proposed, n, 1, lt, lid, %(now)s, %(now)s
-FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(e)s::timestamptz[],
-            %(proposed)s::numeric[], %(n)s::bigint[], %(lt)s::timestamptz[], %(lid)s::text[])
-     AS u(c, m, s, e, proposed, n, lt, lid)
-ORDER BY c, m, s
-ON CONFLICT (customer_id, meter, window_start) DO UPDATE SET
+INSERT INTO window_totals AS w (customer_id, meter, window_start, combination,
+                                combination_digest, window_end, value, events, revision,
+                                last_event_time, last_event_id, first_applied_at, updated_at)
+SELECT c, m, s, k, decode(d, 'hex'), e, proposed, n, 1, lt, lid, %(now)s, %(now)s
+FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(k)s::text[], %(d)s::text[],
+            %(e)s::timestamptz[], %(proposed)s::numeric[], %(n)s::bigint[],
+            %(lt)s::timestamptz[], %(lid)s::text[])
+     AS u(c, m, s, k, d, e, proposed, n, lt, lid)
+ORDER BY c, m, s, decode(d, 'hex')
+ON CONFLICT (customer_id, meter, window_start, combination_digest) DO UPDATE SET
     value = {merged},
     revision = w.revision + CASE WHEN {merged} <> w.value THEN 1 ELSE 0 END,
     events = w.events + excluded.events,
     last_event_time = CASE WHEN {newer} THEN excluded.last_event_time ELSE w.last_event_time END,
     last_event_id = CASE WHEN {newer} THEN excluded.last_event_id ELSE w.last_event_id END,
     updated_at = CASE WHEN {merged} <> w.value THEN excluded.updated_at ELSE w.updated_at END
-RETURNING customer_id, meter, window_start, value, revision, updated_at = %(now)s AS changed
+RETURNING customer_id, meter, window_start, combination, combination_digest, value, revision,
+          updated_at = %(now)s AS changed
 ), queued AS (
-    INSERT INTO report_queue (customer_id, meter, window_start, revision)
-    SELECT customer_id, meter, window_start, revision FROM upserted WHERE changed
-    ORDER BY customer_id, meter, window_start
-    ON CONFLICT (customer_id, meter, window_start) DO UPDATE SET revision = excluded.revision
+    INSERT INTO report_queue (customer_id, meter, window_start, combination, combination_digest,
+                              revision)
+    SELECT customer_id, meter, window_start, combination, combination_digest, revision
+    FROM upserted WHERE changed
+    ORDER BY customer_id, meter, window_start, combination_digest
+    ON CONFLICT (customer_id, meter, window_start, combination_digest)
+    DO UPDATE SET revision = excluded.revision
 )
-SELECT customer_id, meter, window_start, value, revision, changed FROM upserted
+SELECT customer_id, meter, window_start, combination, value, revision, changed FROM upserted
 """
 _NEWER = (
     '(w.last_event_time IS NULL OR (excluded.last_event_time, excluded.last_event_id COLLATE "C") '
@@ -82,12 +88,50 @@ _MERGED = f"""(CASE
 _UPSERT = _UPSERT.format(merged=_MERGED, newer=_NEWER)
 
 _DISTINCT = """
-INSERT INTO unique_values (customer_id, meter, window_start, value_digest)
-SELECT c, m, s, decode(v, 'hex')
-FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(v)s::text[]) AS t(c, m, s, v)
+INSERT INTO unique_values (customer_id, meter, window_start, combination, combination_digest,
+                           value_digest)
+SELECT c, m, s, k, decode(d, 'hex'), decode(v, 'hex')
+FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(k)s::text[], %(d)s::text[],
+            %(v)s::text[]) AS t(c, m, s, k, d, v)
 ON CONFLICT DO NOTHING
-RETURNING customer_id, meter, window_start
+RETURNING customer_id, meter, window_start, combination
 """
+
+
+# Per window of the batch: how many combinations it stores (NULL k), and which of the batch's
+# combinations it stores already (NULL n). Both are index lookups on the key, and the answer is
+# the batch's size, not every stored combination of its windows.
+_COMBINATIONS = """
+WITH b AS (
+    SELECT c, m, s, k, decode(d, 'hex') AS d
+    FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(k)s::text[],
+                %(d)s::text[]) AS b(c, m, s, k, d)
+), windows AS (SELECT DISTINCT c, m, s FROM b)
+SELECT w.c, w.m, w.s, NULL::text AS k,
+       (SELECT count(*) FROM window_totals t
+        WHERE t.customer_id = w.c AND t.meter = w.m AND t.window_start = w.s) AS n
+FROM windows w
+UNION ALL
+SELECT b.c, b.m, b.s, b.k, NULL
+FROM b JOIN window_totals t ON t.customer_id = b.c AND t.meter = b.m AND t.window_start = b.s
+                           AND t.combination_digest = b.d
+"""
+
+
+def stored_combinations(
+    connection: Connection, pairs: Sequence[WindowKey]
+) -> tuple[dict[tuple[str, str, datetime], int], set[WindowKey]]:
+    """For the (customer, meter, window start, combination) ``pairs`` of a batch: how many
+    combinations each window stores, and which of the pairs are stored already."""
+    result = connection.exec_driver_sql(_COMBINATIONS, {**_columns(list(pairs))})
+    counts: dict[tuple[str, str, datetime], int] = {}
+    stored: set[WindowKey] = set()
+    for c, m, s, k, n in result:
+        if k is None:
+            counts[(c, m, s.astimezone(UTC))] = int(n)
+        else:
+            stored.add((c, m, s.astimezone(UTC), k))
+    return counts, stored
 
 
 def claim_keys(connection: Connection, rows: list[tuple[date, bytes]]) -> set[tuple[date, bytes]]:
@@ -128,26 +172,19 @@ def upsert_totals(
         },
     )
     return [
-        ((row[0], row[1], row[2].astimezone(UTC)), Decimal(row[3]), row[4])
+        ((row[0], row[1], row[2].astimezone(UTC), row[3]), Decimal(row[4]), row[5])
         for row in result
-        if row[5]
+        if row[6]
     ]
 
 
-def insert_distinct(
-    connection: Connection, rows: list[tuple[str, str, datetime, bytes]]
-) -> list[WindowKey]:
+def insert_distinct(connection: Connection, rows: list[tuple[WindowKey, bytes]]) -> list[WindowKey]:
     """Insert unique_count value digests; return the window of each one not seen before."""
     result = connection.exec_driver_sql(
         _DISTINCT,
-        {
-            "c": _array(r[0] for r in rows),
-            "m": _array(r[1] for r in rows),
-            "s": _plain_array(r[2].isoformat() for r in rows),
-            "v": _plain_array(r[3].hex() for r in rows),
-        },
+        {**_columns([key for key, _ in rows]), "v": _plain_array(v.hex() for _, v in rows)},
     )
-    return [(row[0], row[1], row[2].astimezone(UTC)) for row in result]
+    return [(row[0], row[1], row[2].astimezone(UTC), row[3]) for row in result]
 
 
 def _columns(keys: list[WindowKey]) -> dict[str, Any]:
@@ -155,6 +192,9 @@ def _columns(keys: list[WindowKey]) -> dict[str, Any]:
         "c": _array(k[0] for k in keys),
         "m": _array(k[1] for k in keys),
         "s": _plain_array(k[2].isoformat() for k in keys),
+        "k": _array(k[3] for k in keys),
+        # An empty digest (no dimensions) is an empty string: quoted, as a plain array cannot.
+        "d": _array(combination_digest(k[3]).hex() for k in keys),
     }
 
 

@@ -65,6 +65,7 @@ def _prune_windows(
         report_queue.c.customer_id == window_totals.c.customer_id,
         report_queue.c.meter == window_totals.c.meter,
         report_queue.c.window_start == window_totals.c.window_start,
+        report_queue.c.combination_digest == window_totals.c.combination_digest,
     )
     return delete_in_batches(
         engine,

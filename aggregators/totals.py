@@ -21,8 +21,9 @@ from sqlalchemy import Connection, bindparam, case, select, tuple_, update
 from aggregators import postgres
 from aggregators.aggregation import EMPTY, Partial, Stored, WindowKey, merge
 from aggregators.sql import insert_ignoring_conflicts
+from meterstream.dimensions import combination_digest
 from meterstream.meters import Catalogue
-from meterstream.report_queue import queue_windows
+from meterstream.report_queue import queue_combinations
 from meterstream.schema import unique_values, window_totals
 
 # Bound the size of one IN (...) list of row keys.
@@ -61,7 +62,7 @@ def apply_partials(
             changed.append(ChangedWindow(key, after.value, after.revision))
     _write_totals(connection, merged, now)
     # In this transaction, so the reporter learns of every change it commits (reporters/due.py).
-    queue_windows(connection, ((*c.key, c.revision) for c in changed))
+    queue_combinations(connection, ((*c.key, c.revision) for c in changed))
     return changed
 
 
@@ -105,6 +106,8 @@ def _create_lock_and_read(
                 "customer_id": key[0],
                 "meter": key[1],
                 "window_start": key[2],
+                "combination": key[3],
+                "combination_digest": combination_digest(key[3]),
                 "window_end": partials[key].window_end,
                 "value": Decimal(0),
                 "events": 0,
@@ -125,6 +128,7 @@ def _write_totals(connection: Connection, totals: dict[WindowKey, Stored], now: 
             window_totals.c.customer_id == bindparam("k_customer"),
             window_totals.c.meter == bindparam("k_meter"),
             window_totals.c.window_start == bindparam("k_start"),
+            window_totals.c.combination_digest == bindparam("k_digest"),
         )
         .values(
             value=bindparam("value"),
@@ -142,6 +146,7 @@ def _write_totals(connection: Connection, totals: dict[WindowKey, Stored], now: 
                 "k_customer": key[0],
                 "k_meter": key[1],
                 "k_start": key[2],
+                "k_digest": combination_digest(key[3]),
                 "value": after.value,
                 "events": after.events,
                 "revision": after.revision,
@@ -156,7 +161,10 @@ def _write_totals(connection: Connection, totals: dict[WindowKey, Stored], now: 
 
 def _lock_and_read(connection: Connection, keys: list[WindowKey]) -> dict[WindowKey, Stored]:
     columns = window_totals.c
-    pk = tuple_(columns.customer_id, columns.meter, columns.window_start)
+    pk = tuple_(
+        columns.customer_id, columns.meter, columns.window_start, columns.combination_digest
+    )
+    digests = [(*key[:3], combination_digest(key[3])) for key in keys]
     stored: dict[WindowKey, Stored] = {}
     for start in range(0, len(keys), _CHUNK):
         query = (
@@ -164,19 +172,20 @@ def _lock_and_read(connection: Connection, keys: list[WindowKey]) -> dict[Window
                 columns.customer_id,
                 columns.meter,
                 columns.window_start,
+                columns.combination,
                 columns.value,
                 columns.events,
                 columns.revision,
                 columns.last_event_time,
                 columns.last_event_id,
             )
-            .where(pk.in_(keys[start : start + _CHUNK]))
-            .order_by(columns.customer_id, columns.meter, columns.window_start)
+            .where(pk.in_(digests[start : start + _CHUNK]))
+            .order_by(*pk.clauses)
         )
         if connection.dialect.name == "postgresql":
             query = query.with_for_update()
         for row in connection.execute(query):
-            stored[(row.customer_id, row.meter, row.window_start)] = Stored(
+            stored[(row.customer_id, row.meter, row.window_start, row.combination)] = Stored(
                 row.value, row.events, row.revision, row.last_event_time, row.last_event_id
             )
     return stored
@@ -187,7 +196,7 @@ def _record_distinct_values(
 ) -> Counter[WindowKey]:
     """Insert unique_count value digests; count, per window, the ones it had not seen before."""
     rows = [
-        (key[0], key[1], key[2], value)
+        (key, value)
         for key, partial in partials.items()
         if catalogue.meters[key[1]].aggregation == "unique_count"
         for value in sorted(partial.distinct)
@@ -201,9 +210,18 @@ def _record_distinct_values(
     statement = insert_ignoring_conflicts(connection, unique_values).returning(
         unique_values.c.customer_id, unique_values.c.meter, unique_values.c.window_start
     )
+    statement = statement.returning(unique_values.c.combination)
     parameters = [
-        {"customer_id": c, "meter": m, "window_start": s, "value_digest": v} for c, m, s, v in rows
+        {
+            "customer_id": key[0],
+            "meter": key[1],
+            "window_start": key[2],
+            "combination": key[3],
+            "combination_digest": combination_digest(key[3]),
+            "value_digest": value,
+        }
+        for key, value in rows
     ]
     for row in connection.execute(statement, parameters):
-        fresh[(row.customer_id, row.meter, row.window_start)] += 1
+        fresh[(row.customer_id, row.meter, row.window_start, row.combination)] += 1
     return fresh

@@ -1,6 +1,6 @@
 """Aggregator throughput into PostgreSQL against bare consumers that only decode, same run.
 
-    python -m bench.aggregate [--events N] [--postgres URL]
+    python -m bench.aggregate [--events N] [--postgres URL] [--dimensions-only]
 
 Pushes N events (10,000 customers, 3 meters) through the real broker, then reads them:
 1. a bare aiokafka consumer that only decodes (the machine's limit);
@@ -9,6 +9,8 @@ Pushes N events (10,000 customers, 3 meters) through the real broker, then reads
 4. two meterstream workers in one group.
 Then the delay from produce to visible total at a steady 5,000 events/s (p50, p99).
 Targets (issue #4): 3 >= 0.7 x 2 and >= 10,000 events/s; RSS flat; p99 delay < 5 s.
+5. one worker on a meter with two dimensions (10 models x 5 regions), beside 3.
+Target (issue #18): 5 >= 0.8 x 3. ``--dimensions-only`` runs 3 and 5 alone.
 """
 
 from __future__ import annotations
@@ -42,10 +44,27 @@ from meterstream.settings import Settings, load_settings
 
 METERS = ("tokens", "api_calls", "peak_connections")
 CUSTOMERS = 10_000
+# The dimensioned run's meter: 10 models x 5 regions, so up to 50 rows per customer and window.
+DIMENSIONED_METER = """
+[meters.llm_tokens]
+aggregation = "sum"
+window = "1h"
+stripe_event_name = "llm_tokens"
+dimensions = ["model", "region"]
+"""
+MODELS = tuple(f"model-{i}" for i in range(10))
+REGIONS = ("eu", "us", "ap", "sa", "af")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def produce(bootstrap: str, name: str, count: int, customer_prefix: str = "customer-") -> None:
+def produce(
+    bootstrap: str,
+    name: str,
+    count: int,
+    customer_prefix: str = "customer-",
+    *,
+    dimensioned: bool = False,
+) -> None:
     producer = Producer(
         {
             **client_config(bootstrap),
@@ -57,8 +76,16 @@ def produce(bootstrap: str, name: str, count: int, customer_prefix: str = "custo
     now = datetime.now(UTC)
     for i in range(count):
         customer = f"{customer_prefix}{i % CUSTOMERS}"
+        if dimensioned:
+            # model and region vary independently of the customer (i // CUSTOMERS), so each
+            # customer's window gets many combinations.
+            step = i // CUSTOMERS
+            properties = {"model": MODELS[step % 10], "region": REGIONS[(step // 10) % 5]}
+            meter = "llm_tokens"
+        else:
+            properties, meter = {}, METERS[i % 3]
         event = UsageEvent(
-            uuid.uuid4().hex, "bench", customer, METERS[i % 3], Decimal(i % 1000) / 10, now, {}
+            uuid.uuid4().hex, "bench", customer, meter, Decimal(i % 1000) / 10, now, properties
         )
         while True:
             try:
@@ -121,12 +148,12 @@ def bare_faust(bootstrap: str, name: str, count: int) -> float:
         return float(Path(out.name).read_text())
 
 
-def worker_settings(settings: Settings) -> Settings:
+def worker_settings(settings: Settings, meters_file: Path | None = None) -> Settings:
     return settings.model_copy(
         update={
             "kafka_session_timeout_s": 6.0,
             "metrics_port": 0,
-            "meters_file": ROOT / "examples" / "meters.toml",
+            "meters_file": meters_file or ROOT / "examples" / "meters.toml",
         }
     )
 
@@ -144,11 +171,15 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def run_workers(settings: Settings, count: int, workers: int) -> tuple[float, list[int]]:
+def run_workers(
+    settings: Settings, count: int, workers: int, meters_file: Path | None = None
+) -> tuple[float, list[int]]:
     """Events/s from the first applied event to the last, and each sample of worker RSS (KiB)."""
     engine = build_engine(settings)
     processes = [
-        start_meterstream(worker_settings(settings), "aggregate", "--loglevel", "error")
+        start_meterstream(
+            worker_settings(settings, meters_file), "aggregate", "--loglevel", "error"
+        )
         for _ in range(workers)
     ]
     rss: list[int] = []
@@ -275,8 +306,16 @@ def main() -> None:
             "METERSTREAM_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
         ),
     )
+    parser.add_argument(
+        "--dimensions-only",
+        action="store_true",
+        help="only one worker without and with dimensions (issue #18's comparison)",
+    )
     args = parser.parse_args()
     count = args.events
+    if args.dimensions_only:
+        dimensions_only(count, args.postgres)
+        return
     figures: dict[str, object] = {"events": count, "customers": CUSTOMERS, "meters": len(METERS)}
     with broker() as bootstrap:
         run = uuid.uuid4().hex[:6]
@@ -352,6 +391,57 @@ def main() -> None:
             ),
             ("produce -> total delay at 5,000/s", f"p50 {p50:.2f} s, p99 {p99:.2f} s (< 5 s)"),
             ("dedup key on disk", f"{figures['dedup_bytes_per_key']} bytes/key"),
+        ],
+    )
+
+
+def one_worker(
+    bootstrap: str, name: str, count: int, admin_url: str, meters_file: Path | None = None
+) -> float:
+    """Events/s of one worker applying ``count`` events of topic ``name`` into a fresh database."""
+    url = fresh_database(admin_url)
+    try:
+        settings = load_settings(
+            kafka_bootstrap=bootstrap,
+            topic=name,
+            database_url=url,
+            consumer_group=f"bench-worker-{uuid.uuid4().hex[:6]}",
+        )
+        migrate(build_engine(settings))
+        return run_workers(settings, count, 1, meters_file)[0]
+    finally:
+        drop_database(url, admin_url)
+
+
+def dimensions_only(count: int, admin_url: str) -> None:
+    """One worker on the dimensionless mix, then on a meter with two dimensions."""
+    with broker() as bootstrap, tempfile.TemporaryDirectory() as work:
+        run = uuid.uuid4().hex[:6]
+        catalogue = Path(work) / "meters.toml"
+        catalogue.write_text((ROOT / "examples" / "meters.toml").read_text() + DIMENSIONED_METER)
+        plain_topic = topic(bootstrap, f"bench-plain-{run}")
+        produce(bootstrap, plain_topic, count)
+        plain = one_worker(bootstrap, plain_topic, count, admin_url)
+        print(f"1 worker, no dimensions: {plain:,.0f} events/s")
+        dimensioned_topic = topic(bootstrap, f"bench-dimensions-{run}")
+        produce(bootstrap, dimensioned_topic, count, dimensioned=True)
+        dimensioned = one_worker(bootstrap, dimensioned_topic, count, admin_url, catalogue)
+        print(f"1 worker, 2 dimensions (10 x 5 values): {dimensioned:,.0f} events/s")
+    figures = {
+        "events": count,
+        "customers": CUSTOMERS,
+        "worker_events_per_s": round(plain),
+        "dimensioned_events_per_s": round(dimensioned),
+        "dimensioned_ratio": round(dimensioned / plain, 3),
+        "targets": {"dimensioned_ratio": 0.8},
+    }
+    save("aggregate_dimensions", figures)
+    table(
+        f"aggregate with dimensions: {count:,} events, {CUSTOMERS:,} customers",
+        [
+            ("one worker, no dimensions", f"{plain:,.0f} events/s"),
+            ("one worker, 2 dimensions (10 x 5 values)", f"{dimensioned:,.0f} events/s"),
+            ("ratio (target >= 0.8)", f"{dimensioned / plain:.2f}"),
         ],
     )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from meterstream.dimensions import read_combination
 from meterstream.events import (
     check_customer,
     check_event_id,
@@ -64,9 +65,23 @@ def encode_checked(
             future_tolerance_s=rules.future_tolerance_s,
         )
     )
-    props = check_properties(properties, found) if properties or found.unique_property else _EMPTY
+    props = (
+        check_properties(properties, found)
+        if properties or found.unique_property or found.dimensions
+        else _EMPTY
+    )
+    if found.dimensions:
+        # The workers' rule: a dimension missing here would be dead-lettered there.
+        read_combination(found, props, _EMPTY)
     payload = encode_fields(
-        check_event_id(event_id), source, customer, meter, exact, checked_time, props
+        check_event_id(event_id),
+        source,
+        customer,
+        meter,
+        exact,
+        checked_time,
+        props,
+        found.value_key,
     )
     check_event_size(payload)
     return payload

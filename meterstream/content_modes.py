@@ -25,6 +25,7 @@ import orjson
 
 from meterstream.errors import HeaderError, InvalidEventError
 from meterstream.events import UsageEvent, decode_event, event_from_document
+from meterstream.meters import Catalogue
 
 # A Kafka header as the clients give it: its name, and its value (Kafka allows none).
 Header = tuple[str, bytes | None]
@@ -42,7 +43,9 @@ _FORBIDDEN = ("datacontenttype", "data", "data_base64")
 _JSON_TYPES = ("application/json", "text/json")
 
 
-def decode_message(value: bytes, headers: Headers) -> UsageEvent:
+def decode_message(
+    value: bytes, headers: Headers, catalogue: Catalogue | None = None
+) -> UsageEvent:
     """The usage event of one Kafka message, in whichever content mode it was written.
 
     Raises :class:`HeaderError` (headers at fault) or InvalidEventError (the event at fault),
@@ -62,12 +65,12 @@ def decode_message(value: bytes, headers: Headers) -> UsageEvent:
         # Without ce_ headers the value must be the whole event, whatever the content type
         # says: the SDK's older Kafka binding (cloudevents.v1.kafka) labels structured events
         # application/json, as the SDK's own reader accepts.
-        return decode_event(value)
-    return _decode_binary(value, attributes, content_type)
+        return decode_event(value, catalogue)
+    return _decode_binary(value, attributes, content_type, catalogue)
 
 
 def _decode_binary(
-    value: bytes, attributes: dict[str, str], content_type: str | None
+    value: bytes, attributes: dict[str, str], content_type: str | None, catalogue: Catalogue | None
 ) -> UsageEvent:
     for name in _FORBIDDEN:
         if name in attributes:
@@ -93,7 +96,7 @@ def _decode_binary(
         )
     document: dict[str, Any] = {name: attributes.get(name) for name in _ATTRIBUTES}
     document["data"] = data
-    return event_from_document(document, field_prefix="ce_")
+    return event_from_document(document, field_prefix="ce_", catalogue=catalogue)
 
 
 def _by_name(headers: Headers) -> dict[str, str]:

@@ -8,6 +8,9 @@ MeterstreamError
  |    +-- ApiKeyError          an api-keys command was given a bad name, source or scope
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  |    +-- HeaderError          a Kafka message's headers break the CloudEvents binding
+ |    +-- MissingDimensionError a meter's dimension has no value and no default
+ +-- InvalidQueryError         a read of the totals asked what they cannot answer; names the
+ |                             parameter and the reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- KafkaNotAcknowledgedError Kafka did not acknowledge every event of an HTTP request in
@@ -81,6 +84,21 @@ class HeaderError(InvalidEventError):
     """A Kafka message's headers break the CloudEvents Kafka binding (both content modes at
     once, a header twice, a header value absent or not UTF-8, data whose type is not JSON);
     ``field`` names the header (meterstream/content_modes.py)."""
+
+
+class MissingDimensionError(InvalidEventError):
+    """An event of a meter with dimensions lacks one of them, and the meter has no default for
+    it; ``field`` is ``properties.<dimension>``."""
+
+
+class InvalidQueryError(MeterstreamError):
+    """A read of the stored totals (``meterstream totals``, the usage API) asked for something
+    they cannot answer; ``parameter`` and ``reason`` say what and why."""
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"{parameter}: {reason}")
 
 
 class BrokerUnavailableError(MeterstreamError):

@@ -64,6 +64,9 @@ class UsageEvent:
     value: Decimal
     event_time: datetime
     properties: Mapping[str, str] = field(default_factory=dict)
+    # The event's whole ``data`` object as decoded: a meter's value_property and dimensions may
+    # name its fields (events shaped by other systems, such as OpenMeter's).
+    data: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def dedup_key(self) -> bytes:
@@ -293,10 +296,12 @@ def encode_fields(
     value: Decimal | int,
     event_time: datetime,
     properties: Mapping[str, str],
+    value_key: str = "value",
 ) -> bytes:
     """Like :func:`encode_event` without building a UsageEvent first (the SDK's hot path).
 
-    ``event_time`` must be in UTC (orjson writes it as RFC 3339 with a ``Z``).
+    ``event_time`` must be in UTC (orjson writes it as RFC 3339 with a ``Z``). ``value_key`` is
+    the meter's :attr:`~meterstream.meters.Meter.value_key`, where the aggregators read it.
     """
     return orjson.dumps(
         {
@@ -307,33 +312,37 @@ def encode_fields(
             "subject": customer_id,
             "time": event_time,
             "datacontenttype": "application/json",
-            "data": {"value": format_value(value), "properties": properties},
+            "data": {value_key: format_value(value), "properties": properties},
         },
         option=orjson.OPT_UTC_Z,
     )
 
 
-def decode_event(raw: bytes) -> UsageEvent:
+def decode_event(raw: bytes, catalogue: Catalogue | None = None) -> UsageEvent:
     """Parse one structured-mode message value. Raises InvalidEventError naming the field.
 
-    This checks the structure only; the catalogue and the horizon are the reader's business.
+    This checks the structure only; the catalogue and the horizon are the reader's business,
+    but for where the value is: ``data.value``, or the field the event's meter in ``catalogue``
+    names as its ``value_property``.
     """
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEventError("message", f"not JSON: {exc}") from None
-    return decode_document(doc)
+    return decode_document(doc, catalogue)
 
 
-def decode_document(doc: Any) -> UsageEvent:
+def decode_document(doc: Any, catalogue: Catalogue | None = None) -> UsageEvent:
     """Like :func:`decode_event` for a document already parsed from JSON (one element of a
     CloudEvents batch, or the attributes of a binary-mode event with its data)."""
     if not isinstance(doc, dict):
         raise InvalidEventError("message", "expected a CloudEvents JSON object")
-    return event_from_document(doc)
+    return event_from_document(doc, catalogue=catalogue)
 
 
-def event_from_document(doc: dict[str, Any], field_prefix: str = "") -> UsageEvent:
+def event_from_document(
+    doc: dict[str, Any], field_prefix: str = "", catalogue: Catalogue | None = None
+) -> UsageEvent:
     """The event of a CloudEvents document: the structured JSON, or binary mode's headers
     with its data (meterstream/content_modes.py). One set of rules for both; errors name the
     attribute with ``field_prefix`` (``ce_`` for a header)."""
@@ -352,14 +361,18 @@ def event_from_document(doc: dict[str, Any], field_prefix: str = "") -> UsageEve
         raise InvalidEventError(
             "data.properties", "must be an object of strings without control characters"
         )
+    meter = _decode_meter(doc.get("type"), f"{field_prefix}type")
+    found = catalogue.get(meter) if catalogue is not None else None
+    value_key = found.value_key if found is not None else "value"
     return UsageEvent(
         event_id=check_event_id(doc.get("id"), f"{field_prefix}id"),
         source=check_event_id(doc.get("source"), f"{field_prefix}source"),
         customer_id=check_customer(doc.get("subject")),
-        meter=_decode_meter(doc.get("type"), f"{field_prefix}type"),
-        value=_decode_value(data.get("value")),
+        meter=meter,
+        value=_decode_value(data.get(value_key), f"data.{value_key}"),
         event_time=_parse_time(doc.get("time"), f"{field_prefix}time"),
         properties=properties,
+        data=data,
     )
 
 
@@ -371,21 +384,21 @@ def _decode_meter(meter: Any, field_name: str) -> str:
     return meter
 
 
-def _decode_value(raw: Any) -> Decimal:
+def _decode_value(raw: Any, field_name: str) -> Decimal:
     # A missing value is an error, never 1: a producer writing {"amount": ...} would otherwise be
     # billed one unit per event in silence.
     if raw is None:
-        raise InvalidEventError("data.value", "missing; send the value as a decimal string")
+        raise InvalidEventError(field_name, "missing; send the value as a decimal string")
     if isinstance(raw, float):
         raise InvalidEventError(
-            "data.value",
+            field_name,
             f"a JSON float ({raw!r:.40}) is not exact; send a decimal string (or an integer "
             "below 2**63)",
         )
     if isinstance(raw, bool) or not isinstance(raw, str | int):
-        raise InvalidEventError("data.value", f"must be a decimal string, got {raw!r:.40}")
+        raise InvalidEventError(field_name, f"must be a decimal string, got {raw!r:.40}")
     if isinstance(raw, str) and not _PLAIN_DECIMAL.match(raw):
-        raise InvalidEventError("data.value", f"not a plain decimal number: {raw!r:.40}")
+        raise InvalidEventError(field_name, f"not a plain decimal number: {raw!r:.40}")
     return Decimal(raw)
 
 

@@ -10,6 +10,14 @@ A TOML file with one table per meter::
     allow_negative = false         # may a value (and so a correction sent to Stripe) be negative?
     grace_s = 60                   # how long after a window ends before it is reported as closed
     unique_property = "user_id"    # unique_count only: the property whose distinct values count
+    value_property = "tokens"      # read the value from this field of the event's ``data``
+    dimensions = ["model", "region"]          # totals per combination of these values
+    dimension_defaults = { region = "global" } # used when an event lacks the dimension
+    max_combinations = 100         # distinct combinations per customer and window (else the
+                                   # METERSTREAM_MAX_COMBINATIONS default)
+
+A dimension's value is read from the event's ``properties``, else from a string (or integer)
+field of its ``data``, else from ``dimension_defaults``; an event with none of these is refused.
 """
 
 from __future__ import annotations
@@ -33,8 +41,22 @@ WINDOWS: tuple[str, ...] = get_args(Window)
 # and readers find it outside a checkout too.
 EXAMPLE_CATALOGUE = Path(__file__).resolve().parent / "catalogues" / "example.toml"
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+# Stripe refuses events with too many dimensions (meter_event_dimension_count_too_high); each
+# dimension also multiplies the rows a window can hold.
+MAX_DIMENSIONS = 8
+MAX_DIMENSION_NAME_CHARS = 64
+MAX_COMBINATIONS_LIMIT = 10_000
+# Each value is a Stripe payload value and part of a key stored per window: keep it short.
+MAX_DIMENSION_VALUE_CHARS = 200
+# Names the event format uses itself: a dimension or value field of that name would be ambiguous.
+_RESERVED_FIELDS = frozenset({"value", "properties"})
+_FIELD = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _KEYS = {
     "aggregation",
+    "value_property",
+    "dimensions",
+    "dimension_defaults",
+    "max_combinations",
     "window",
     "stripe_event_name",
     "unique_property",
@@ -58,6 +80,24 @@ class Meter:
     allow_negative: bool = False
     grace_s: int = 60
     description: str = ""
+    value_property: str | None = None
+    dimensions: tuple[str, ...] = ()
+    # (dimension, value) pairs: a tuple keeps the meter hashable and immutable.
+    dimension_defaults: tuple[tuple[str, str], ...] = ()
+    # None: the METERSTREAM_MAX_COMBINATIONS default applies.
+    max_combinations: int | None = None
+
+    @property
+    def value_key(self) -> str:
+        """The field of the event's ``data`` that holds the value."""
+        return self.value_property or "value"
+
+    def default_for(self, dimension: str) -> str | None:
+        """The catalogue's default value of ``dimension``, or None when it has none."""
+        for name, value in self.dimension_defaults:
+            if name == dimension:
+                return value
+        return None
 
     @property
     def stripe_formula(self) -> StripeFormula:
@@ -161,7 +201,90 @@ def _parse_meter(name: str, table: Any) -> Meter:
         allow_negative=_boolean(name, table, "allow_negative", False),
         grace_s=_grace(name, table.get("grace_s", 60)),
         description=_string(name, table, "description", ""),
+        **_dimension_fields(name, table, unique_property),
     )
+
+
+def _dimension_fields(name: str, table: dict[str, Any], unique_property: str | None) -> Any:
+    """value_property, dimensions, dimension_defaults and max_combinations, checked."""
+    value_property = table.get("value_property")
+    if value_property is not None:
+        _check_field(name, "value_property", value_property)
+    raw = table.get("dimensions", [])
+    if not isinstance(raw, list) or len(raw) > MAX_DIMENSIONS:
+        raise CatalogueError(
+            name, "dimensions", f"expected a list of at most {MAX_DIMENSIONS} names, got {raw!r}"
+        )
+    for dimension in raw:
+        _check_field(name, "dimensions", dimension)
+    if len(set(raw)) != len(raw):
+        raise CatalogueError(name, "dimensions", f"names must not repeat, got {raw!r}")
+    if value_property is not None and value_property in raw:
+        raise CatalogueError(
+            name, "dimensions", f"{value_property!r} is the value_property; it cannot group too"
+        )
+    if unique_property is not None and unique_property in raw:
+        raise CatalogueError(
+            name, "dimensions", f"{unique_property!r} is the unique_property; it cannot group too"
+        )
+    defaults = _dimension_defaults(name, table, raw)
+    limit = table.get("max_combinations")
+    if limit is not None:
+        _check_max_combinations(name, limit, raw)
+    return {
+        "value_property": value_property,
+        "dimensions": tuple(raw),
+        "dimension_defaults": tuple(sorted(defaults.items())),
+        "max_combinations": limit,
+    }
+
+
+def _dimension_defaults(name: str, table: dict[str, Any], dimensions: list[str]) -> dict[str, str]:
+    defaults = table.get("dimension_defaults", {})
+    if not isinstance(defaults, dict):
+        raise CatalogueError(name, "dimension_defaults", "expected a table of dimension = value")
+    for dimension, value in defaults.items():
+        if dimension not in dimensions:
+            raise CatalogueError(
+                name, "dimension_defaults", f"{dimension!r} is not one of dimensions {dimensions!r}"
+            )
+        if (
+            not isinstance(value, str)
+            or not 0 < len(value) <= MAX_DIMENSION_VALUE_CHARS
+            or not value.isprintable()
+        ):
+            raise CatalogueError(
+                name,
+                f"dimension_defaults.{dimension}",
+                f"expected a printable string of 1 to {MAX_DIMENSION_VALUE_CHARS} characters, "
+                f"got {value!r:.80}",
+            )
+    return defaults
+
+
+def _check_max_combinations(name: str, limit: Any, dimensions: list[str]) -> None:
+    if (
+        isinstance(limit, bool)
+        or not isinstance(limit, int)
+        or not 1 <= limit <= MAX_COMBINATIONS_LIMIT
+    ):
+        raise CatalogueError(
+            name, "max_combinations", f"expected 1 to {MAX_COMBINATIONS_LIMIT}, got {limit!r}"
+        )
+    if not dimensions:
+        raise CatalogueError(name, "max_combinations", "only a meter with dimensions takes it")
+
+
+def _check_field(name: str, key: str, field_name: Any) -> None:
+    if not isinstance(field_name, str) or not _FIELD.match(field_name):
+        raise CatalogueError(
+            name,
+            key,
+            f"a field name is 1 to {MAX_DIMENSION_NAME_CHARS} letters, digits, '_', '.', ':' "
+            f"or '-', got {field_name!r:.80}",
+        )
+    if field_name in _RESERVED_FIELDS:
+        raise CatalogueError(name, key, f"{field_name!r} is reserved by the event format")
 
 
 def _choice(

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     # How far an event time may run ahead of the clock that checks it (the SDK's host when
     # recording, the worker's when aggregating): producer clocks drift. Further ahead is refused.
     future_tolerance_s: float = Field(600.0, ge=0.0, le=86_400.0)
+    # Distinct dimension combinations a meter may hold per customer and window, unless its
+    # catalogue entry sets max_combinations: events of a further one are dead-lettered
+    # (too_many_combinations), so an unbounded label (a request id by mistake) cannot explode
+    # the database or the calls to Stripe.
+    max_combinations: int = Field(100, ge=1, le=10_000)
 
     # --- Retention (README "Retention"): rows go only once nothing can change or need them.
     # A window whose end is older than this is pruned by the aggregators; it must outlive the

@@ -132,6 +132,7 @@ def _queue_query(
                     _wt.customer_id == _q.customer_id,
                     _wt.meter == _q.meter,
                     _wt.window_start == _q.window_start,
+                    _wt.combination_digest == _q.combination_digest,
                 ),
             )
         )

@@ -10,8 +10,10 @@ Matched by ``event_name == stripe_event_name``. The formulas must fit what we se
   shorter windows Stripe would bill the newest window's max, not the month's.
 
 And the meter must count every event (``event_time_window`` null: a ``hour``/``day`` meter
-keeps only the newest event per window, so our differences would overwrite each other) and map
-customers ``by_id`` (the only mapping the reporter writes).
+keeps only the newest event per window, so our differences would overwrite each other), map
+customers ``by_id`` (the only mapping the reporter writes), and name as its
+``dimension_payload_keys`` the catalogue meter's dimensions (Stripe refuses an event that lacks
+one: ``missing_dimension_payload_keys``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class StripeMeter:
     value_key: str = "value"
     event_time_window: str | None = None
     customer_mapping_type: str = "by_id"
+    dimension_payload_keys: tuple[str, ...] = ()
 
 
 def parse_meter(obj: Any) -> StripeMeter:
@@ -52,6 +55,7 @@ def parse_meter(obj: Any) -> StripeMeter:
         value_key=str(settings.get("event_payload_key") or "value"),
         event_time_window=raw.get("event_time_window") or None,
         customer_mapping_type=str(mapping.get("type") or "by_id"),
+        dimension_payload_keys=tuple(str(k) for k in raw.get("dimension_payload_keys") or ()),
     )
 
 
@@ -67,6 +71,16 @@ def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict
     for meter in catalogue:
         stripe_meter = by_event.get(meter.stripe_event_name)
         wanted = meter.stripe_formula
+        if meter.dimensions:
+            # The aggregators keep its totals per combination; the reporter's ledger, carry
+            # and identifiers are per window still, so it would mix combinations up.
+            problems.append(
+                f"meter {meter.name!r}: dimensions {list(meter.dimensions)!r}: this reporter "
+                "does not send totals per combination to Stripe yet (issue #18); run it with a "
+                "catalogue without this meter (the aggregators keep its totals meanwhile, and "
+                "`meterstream totals --group-by` reads them)"
+            )
+            continue
         if meter.aggregation in ("max", "min") and meter.window != "1mo":
             problems.append(
                 f"meter {meter.name!r}: window {meter.window!r}: max/min meters are reported "
@@ -104,6 +118,15 @@ def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict
                 f"({meter.stripe_event_name!r}) maps customers by "
                 f"{stripe_meter.customer_mapping_type!r}; the reporter sends Stripe customer "
                 "ids: create a meter with customer_mapping type by_id"
+            )
+        elif set(stripe_meter.dimension_payload_keys) != set(meter.dimensions):
+            problems.append(
+                f"meter {meter.name!r}: Stripe meter {stripe_meter.id} "
+                f"({meter.stripe_event_name!r}) has dimension_payload_keys "
+                f"{list(stripe_meter.dimension_payload_keys)!r}, the catalogue's dimensions are "
+                f"{list(meter.dimensions)!r}: Stripe would refuse events lacking a key "
+                "(missing_dimension_payload_keys) or not group by ours; create a meter whose "
+                "dimension_payload_keys are the catalogue's dimensions"
             )
         else:
             found[meter.name] = stripe_meter

@@ -99,6 +99,8 @@ class Meter:
     # start-up check can be tested.
     event_time_window: str | None = None
     customer_mapping_type: str = "by_id"
+    # Payload keys every event must carry; summaries can be grouped by them.
+    dimension_payload_keys: tuple[str, ...] = ()
 
     def to_stripe(self) -> JsonObject:
         return {
@@ -110,6 +112,7 @@ class Meter:
                 "type": self.customer_mapping_type,
             },
             "default_aggregation": {"formula": self.formula},
+            "dimension_payload_keys": list(self.dimension_payload_keys),
             "display_name": self.display_name,
             "event_name": self.event_name,
             "event_time_window": self.event_time_window,

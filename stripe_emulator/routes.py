@@ -59,6 +59,16 @@ def _string_map(value: object, param: str) -> dict[str, str]:
     return value
 
 
+def _string_list(value: object, param: str) -> list[str]:
+    """A form array (`keys[0]=a&keys[1]=b`, parsed as {"0": "a", "1": "b"}) as a list."""
+    if value is None:
+        return []
+    items = list(value.values()) if isinstance(value, dict) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+        raise StripeApiError(400, f"Invalid {param}: must be a list of strings.", param=param)
+    return items
+
+
 def _only(params: dict[str, Any], *allowed: str) -> dict[str, Any]:
     """Reject parameters the endpoint does not take, as Stripe does, so typos surface."""
     for name in params:
@@ -192,7 +202,7 @@ def create_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
     form = _only(
         call.form,
         *("display_name", "event_name", "default_aggregation", "customer_mapping"),
-        *("value_settings", "event_time_window"),
+        *("value_settings", "event_time_window", "dimension_payload_keys"),
     )
     if form.get("event_time_window"):
         # Pre-aggregated meters (newest event per window wins) are not emulated.
@@ -217,6 +227,9 @@ def create_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
         formula=_text(aggregation, "formula"),
         customer_key=_text(mapping, "event_payload_key") or "stripe_customer_id",
         value_key=_text(value_settings, "event_payload_key") or "value",
+        dimension_payload_keys=_string_list(
+            form.get("dimension_payload_keys"), "dimension_payload_keys"
+        ),
     )
     return 200, meter.to_stripe()
 
@@ -244,7 +257,9 @@ def reactivate_meter(state: EmulatorState, call: Call) -> tuple[int, object]:
 def list_event_summaries(state: EmulatorState, call: Call) -> tuple[int, object]:
     """A customer's summaries, newest first, one page at a time (_page)."""
     query = _only(
-        call.query, *_PAGING, "customer", "start_time", "end_time", "value_grouping_window"
+        call.query,
+        *_PAGING,
+        *("customer", "start_time", "end_time", "value_grouping_window", "dimension_group_by_keys"),
     )
     meter_id = call.path_ids[0]
     customer_id = _text(query, "customer")
@@ -256,6 +271,7 @@ def list_event_summaries(state: EmulatorState, call: Call) -> tuple[int, object]
         start_time=_integer(query, "start_time", required=True) or 0,
         end_time=_integer(query, "end_time", required=True) or 0,
         window=_text(query, "value_grouping_window"),
+        group_by=_string_list(query.get("dimension_group_by_keys"), "dimension_group_by_keys"),
     )
     return 200, _page(query, f"/v1/billing/meters/{meter_id}/event_summaries", summaries)
 

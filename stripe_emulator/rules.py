@@ -9,7 +9,7 @@ Limits come from /work/shared/reference/stripe-meters.md (35 days back, 5 minute
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from stripe_emulator.records import JsonObject, Meter, MeterEvent, StripeApiError
 
@@ -86,6 +86,19 @@ def check_customer(customer_id: str | None, meter: Meter, known: bool) -> str:
             param=param,
         )
     return customer_id
+
+
+def check_dimensions(payload: Mapping[str, str], meter: Meter) -> None:
+    """Every dimension payload key of the meter must be in the payload, as Stripe requires."""
+    missing = [key for key in meter.dimension_payload_keys if not payload.get(key)]
+    if missing:
+        raise StripeApiError(
+            400,
+            f"Meter event payload is missing the dimension payload keys "
+            f"{', '.join(repr(k) for k in missing)} of meter {meter.id}.",
+            code="missing_dimension_payload_keys",
+            param=f"payload[{missing[0]}]",
+        )
 
 
 def parse_value(raw: str | None, meter: Meter) -> int:
@@ -189,12 +202,24 @@ def summarize(
     start_time: int,
     end_time: int,
     window: str | None,
+    group_by: Sequence[str] = (),
 ) -> list[JsonObject]:
     """Aggregate a customer's live events into [start, end) buckets, newest first.
 
     One bucket for the whole range, or one per hour / UTC day with `window`; times must sit
-    on minute (or window) boundaries. Cancelled events do not count.
+    on minute (or window) boundaries. Cancelled events do not count. With ``group_by``
+    (dimension payload keys of the meter), one summary per bucket and combination of their
+    values, each naming its ``dimensions``.
     """
+    for key in group_by:
+        if key not in meter.dimension_payload_keys:
+            raise StripeApiError(
+                400,
+                f"Invalid dimension_group_by_keys: '{key}' is not a dimension payload key of "
+                f"meter {meter.id}.",
+                code="parameter_invalid",
+                param="dimension_group_by_keys",
+            )
     step = _check_summary_range(start_time, end_time, window)
     live = [
         e
@@ -206,18 +231,28 @@ def summarize(
     for bucket_start in range(start_time, end_time, bucket_s):
         bucket_end = bucket_start + bucket_s
         inside = [e for e in live if bucket_start <= e.timestamp < bucket_end]
-        summaries.append(
-            {
-                "id": f"mtrusg_test_{meter.id.removeprefix('mtr_test_')}_{customer_id}_"
-                f"{bucket_start}_{bucket_end}",
+        base = (
+            f"mtrusg_test_{meter.id.removeprefix('mtr_test_')}_{customer_id}_"
+            f"{bucket_start}_{bucket_end}"
+        )
+        groups: dict[tuple[str, ...], list[MeterEvent]] = {}
+        for event in inside:
+            groups.setdefault(tuple(event.payload.get(k, "") for k in group_by), []).append(event)
+        if not group_by:
+            groups = {(): inside}
+        for values, members in sorted(groups.items()):
+            summary: JsonObject = {
+                "id": base + "".join(f"_{v}" for v in values),
                 "object": "billing.meter_event_summary",
-                "aggregated_value": aggregate(meter.formula, inside),
+                "aggregated_value": aggregate(meter.formula, members),
                 "end_time": bucket_end,
                 "livemode": False,
                 "meter": meter.id,
                 "start_time": bucket_start,
             }
-        )
+            if group_by:
+                summary["dimensions"] = dict(zip(group_by, values, strict=True))
+            summaries.append(summary)
     return summaries[::-1]
 
 

@@ -152,6 +152,7 @@ class EmulatorState:
         value_key: str = "value",
         event_time_window: str | None = None,
         customer_mapping_type: str = "by_id",
+        dimension_payload_keys: Sequence[str] = (),
     ) -> Meter:
         """Create an active meter; an event name belongs to exactly one meter.
 
@@ -193,6 +194,7 @@ class EmulatorState:
                 deactivated_at=None,
                 event_time_window=event_time_window,
                 customer_mapping_type=customer_mapping_type,
+                dimension_payload_keys=tuple(dimension_payload_keys),
             )
             self._meters[meter.id] = meter
             return meter
@@ -263,6 +265,7 @@ class EmulatorState:
                 raw_customer, meter, known=raw_customer in self._customers
             )
             value = rules.parse_value(payload.get(meter.value_key), meter)
+            rules.check_dimensions(payload, meter)
             at = rules.check_timestamp(now if timestamp is None else timestamp, now)
             identifier = identifier or f"emu_{secrets.token_hex(12)}"
             if identifier in self._event_index:
@@ -319,7 +322,14 @@ class EmulatorState:
             return self._events[index]
 
     def event_summaries(
-        self, meter_id: str, *, customer_id: str, start_time: int, end_time: int, window: str | None
+        self,
+        meter_id: str,
+        *,
+        customer_id: str,
+        start_time: int,
+        end_time: int,
+        window: str | None,
+        group_by: Sequence[str] = (),
     ) -> list[JsonObject]:
         """Stripe's `billing.meter_event_summary` objects for one customer; see rules.summarize."""
         with self.lock:
@@ -331,6 +341,7 @@ class EmulatorState:
                 start_time=start_time,
                 end_time=end_time,
                 window=window,
+                group_by=group_by,
             )
 
     # -- v2 sessions --------------------------------------------------------------------------

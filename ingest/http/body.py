@@ -126,7 +126,7 @@ def admit(
         try:
             if isinstance(doc, dict) and "time" not in doc:
                 doc = {**doc, "time": stamp}
-            event = decode_document(doc)
+            event = decode_document(doc, rules.catalogue)
             if event.source != source:
                 raise InvalidEventError(
                     "source",

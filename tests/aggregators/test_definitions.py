@@ -78,8 +78,10 @@ def test_definitions_are_recorded_and_a_new_meter_is_accepted(migrated_engine: E
     [
         ({"aggregation": "max", "window": "1h"}, "aggregation 'sum' -> 'max'"),
         ({"aggregation": "sum", "window": "1d"}, "window '1h' -> '1d'"),
+        ({**TOKENS, "dimensions": ["model"]}, "dimensions '' -> 'model'"),
+        ({**TOKENS, "value_property": "tokens"}, "value_property None -> 'tokens'"),
     ],
-    ids=["aggregation", "window"],
+    ids=["aggregation", "window", "dimensions", "value_property"],
 )
 def test_redefining_a_meter_with_totals_is_refused_and_nothing_changes(
     migrated_engine: Engine, changed: dict[str, Any], says: str

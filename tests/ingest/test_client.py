@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from aggregators.intake import Accepted, Clock, admit
 from ingest import (
     AsyncUsageClient,
     BackpressureError,
@@ -22,6 +23,7 @@ from ingest import (
 )
 from meterstream.embedded import embedded_broker, free_port
 from meterstream.kafka import end_offsets
+from meterstream.meters import parse_catalogue
 from meterstream.settings import Settings
 from tests.conftest import read_topic
 
@@ -286,3 +288,38 @@ def test_record_after_close_is_a_named_error_and_queues_nothing(
     with pytest.raises(ClientClosedError, match="create a new UsageClient"):
         client.record("customer-1", "api_calls")
     assert sum(end_offsets(settings.kafka_bootstrap, settings.topic).values()) == 0
+
+
+def test_a_missing_dimension_is_refused_naming_it_and_the_value_goes_where_the_meter_reads_it(
+    settings_factory: SettingsFactory, topic_factory: Callable[..., str]
+) -> None:
+    settings = settings_factory(topic=topic_factory(1))
+    catalogue = parse_catalogue(
+        {
+            "meters": {
+                "llm": {
+                    "aggregation": "sum",
+                    "window": "1h",
+                    "value_property": "tokens",
+                    "dimensions": ["model", "region"],
+                    "dimension_defaults": {"region": "global"},
+                }
+            }
+        }
+    )
+    with UsageClient(settings, catalogue=catalogue) as client:
+        with pytest.raises(InvalidUsageEvent) as caught:
+            client.record("c", "llm", 5, properties={"region": "eu"})
+        assert caught.value.field == "properties.model"
+        with pytest.raises(InvalidUsageEvent) as caught:
+            client.record("c", "llm", 5, properties={"model": "x" * 201})
+        assert caught.value.field == "properties.model"
+        assert client.metrics.rejected.labels("properties")._value.get() == 2
+        client.record("c", "llm", 5, properties={"model": "m1"})
+        assert client.flush(30) == 0
+    (message,) = read_topic(settings.kafka_bootstrap, settings.topic, 1)
+    clock = Clock(datetime.now(UTC), 600.0, 35)
+    outcome = admit(message.value(), catalogue, clock=clock, produced=None)
+    assert isinstance(outcome, Accepted)
+    assert outcome.event.value == 5
+    assert outcome.combination == '{"model":"m1","region":"global"}'

@@ -308,6 +308,39 @@ def test_usage_within_an_hour_of_the_35_day_limit_is_not_sent(world: World) -> N
 # -- 4 and 7a. meters the reporter cannot report to correctly --------------------------------
 
 
+def test_start_refuses_dimensions_the_stripe_meter_or_the_reporter_does_not_match(
+    bare_emulator: Emulator, tmp_path: Path
+) -> None:
+    for event_name, formula in STRIPE_METERS.items():
+        bare_emulator.state.create_meter(
+            display_name=event_name,
+            event_name=event_name,
+            formula=formula,
+            # Stripe refuses this meter's events unless they carry a model: ours have none.
+            dimension_payload_keys=("model",) if event_name == "api_calls" else (),
+        )
+    settings = world_settings(bare_emulator, f"sqlite:///{tmp_path / 'm.db'}", tmp_path)
+    text = settings.meters_file.read_text().replace(
+        "[meters.tokens]\n", '[meters.tokens]\ndimensions = ["model"]\n'
+    )
+    assert "dimensions" in text
+    settings.meters_file.write_text(text)
+
+    with pytest.raises(ConfigError, match="do not fit the catalogue") as caught:
+        connect(
+            settings,
+            load_catalogue(settings.meters_file),
+            ReporterMetrics(CollectorRegistry()),
+            threading.Event(),
+        )
+    message = str(caught.value)
+    assert "meter 'tokens': dimensions ['model']: this reporter does not send" in message
+    assert (
+        "meter 'api_calls': Stripe meter" in message
+        and "has dimension_payload_keys ['model'], the catalogue's dimensions are []" in message
+    )
+
+
 def test_start_refuses_pre_aggregated_or_non_by_id_meters_and_short_max_windows(
     bare_emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -78,7 +78,7 @@ class Worker:
             None,
         )
         apply_partials(
-            self.connection, {(CUSTOMER, METER, WINDOW): partial}, self.world.catalogue, now()
+            self.connection, {(CUSTOMER, METER, WINDOW, ""): partial}, self.world.catalogue, now()
         )
         self.applied.set()
 
@@ -445,7 +445,7 @@ def test_the_aggregators_queue_each_window_whose_revision_changes(migrated_engin
 
     def batch(values: dict[str, str], event_id: str) -> None:
         partials = {
-            (customer, METER, start): Partial.first(
+            (customer, METER, start, ""): Partial.first(
                 start + timedelta(hours=1), Decimal(value), start, event_id, None
             )
             for customer, value in values.items()

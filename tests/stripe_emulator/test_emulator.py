@@ -494,3 +494,84 @@ def test_serve_forever_runs_until_interrupted() -> None:
         finally:
             process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
+
+
+# -- dimensions ------------------------------------------------------------------------------
+
+
+def test_a_meter_with_dimensions_refuses_events_without_them_and_groups_summaries(
+    account: Account,
+) -> None:
+    client = account.client
+    meter = client.v1.billing.meters.create(
+        params={
+            "display_name": "tokens",
+            "event_name": "tokens",
+            "default_aggregation": {"formula": "sum"},
+            "dimension_payload_keys": ["model", "region"],
+        }
+    )
+    assert meter.dimension_payload_keys == ["model", "region"]
+    refused = _rejection(
+        account,
+        event_name="tokens",
+        payload={"stripe_customer_id": account.customer_id, "value": "5", "model": "m1"},
+    )
+    assert refused.code == "missing_dimension_payload_keys"
+    assert "'region'" in str(refused.user_message)
+    day = NOW_S - NOW_S % DAY_S
+    for model, region, value in (
+        ("m1", "eu", "5"),
+        ("m2", "eu", "7"),
+        ("m1", "eu", "4"),
+        ("m1", "us", "1"),
+    ):
+        client.v1.billing.meter_events.create(
+            params=account.event(
+                event_name="tokens",
+                timestamp=day + 10,
+                payload={
+                    "stripe_customer_id": account.customer_id,
+                    "value": value,
+                    "model": model,
+                    "region": region,
+                },
+            )
+        )
+    page = client.v1.billing.meters.event_summaries.list(
+        meter.id,
+        params={
+            "customer": account.customer_id,
+            "start_time": day,
+            "end_time": day + DAY_S,
+            "dimension_group_by_keys": ["model"],
+        },
+    )
+    grouped = {s.dimensions["model"]: s.aggregated_value for s in page.auto_paging_iter()}
+    assert grouped == {"m1": 10, "m2": 7}
+    with pytest.raises(stripe.InvalidRequestError, match="not a dimension payload key"):
+        client.v1.billing.meters.event_summaries.list(
+            meter.id,
+            params={
+                "customer": account.customer_id,
+                "start_time": day,
+                "end_time": day + DAY_S,
+                "dimension_group_by_keys": ["tier"],
+            },
+        )
+    # The stream validates later: the event is kept as an async error with Stripe's code.
+    stream = _stream_client(account)
+    stream.v2.billing.meter_event_stream.create(
+        params={
+            "events": [
+                {
+                    "event_name": "tokens",
+                    "identifier": "s-dim",
+                    "payload": {"stripe_customer_id": account.customer_id, "value": "1"},
+                }
+            ]
+        }
+    )
+    assert [(e.identifier, e.code) for e in account.emulator.state.async_errors] == [
+        ("s-dim", "missing_dimension_payload_keys")
+    ]

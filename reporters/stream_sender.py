@@ -1,4 +1,4 @@
-"""v2 stream sending: one thread writes the chunks in order while the cycle's thread sends.
+"""v2 stream sending: writer threads write the chunks while the cycle's thread sends them in order.
 
 The written rows go in batches of 100 in ledger order, each batch stamped in one statement
 just before its call, once its session is open (a refused key or a stop while opening it
@@ -23,8 +23,11 @@ from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
 from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)
-# Chunks written ahead of the sending (each at most KEYS_PER_CHUNK keys' rows).
+# Chunks each writer writes ahead of the sending (each at most KEYS_PER_CHUNK keys' rows).
 STREAM_CHUNKS_AHEAD = 2
+# Writer threads on PostgreSQL: in a catch-up one writer (about 30 ms a chunk of 100 rows, mostly
+# waiting on the server) was slower than the sending; two keep ahead of it.
+STREAM_WRITERS = 2
 
 
 class V2StreamSender:
@@ -40,44 +43,63 @@ class V2StreamSender:
         work: CycleWork,
         result: CycleResult,
     ) -> list[BaseException | None]:
-        """One thread writes the chunks' rows, in order, while this one sends them (the calls
-        wait on the network, the writes on the database). Returns the error of each chunk
-        that failed to be written (its keys wait for the next cycle)."""
-        written: queue.Queue[list[LedgerRow] | None] = queue.Queue(STREAM_CHUNKS_AHEAD)
+        """Writer threads write the chunks' rows while this one sends them, in chunk order
+        (the calls wait on the network, the writes on the database). Returns the error of
+        each chunk that failed to be written (its keys wait for the next cycle)."""
+        # PostgreSQL writes chunks side by side (their keys are disjoint; only the
+        # deployment row's counter is shared, taken last); SQLite has a single writer.
+        count = STREAM_WRITERS if book.engine.dialect.name == "postgresql" else 1
+        written: list[queue.Queue[list[LedgerRow] | None]] = [
+            queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)
+        ]
         errors: list[BaseException | None] = []
 
-        def write_all() -> None:
+        def write_share(share: int) -> None:
+            """Chunks share, share + count, ... in order, each into this writer's queue (an
+            empty list for a chunk that failed, so the sender stays in step)."""
             try:
-                for chunk in chunks:
+                for chunk in chunks[share::count]:
                     try:
                         queues = book.rows_to_send(chunk, work, result)
-                        written.put([row for key in chunk for row in queues[key]])
+                        rows = [row for key in chunk for row in queues[key]]
                     except Exception as exc:  # reported by run_cycle
                         errors.append(exc)
+                        rows = []
+                    written[share].put(rows)
             finally:
-                written.put(None)
+                written[share].put(None)
 
-        writer = threading.Thread(target=write_all, name="reporter-writer", daemon=True)
-        writer.start()
+        writers = [
+            threading.Thread(
+                target=write_share, args=(n,), name=f"reporter-writer-{n}", daemon=True
+            )
+            for n in range(count)
+        ]
+        for writer in writers:
+            writer.start()
         try:
-            self._send_stream(book, iter(written.get, None), result)
+            self._send_stream(book, _in_order(written, len(chunks)), result)
         except BaseException:
             # run_cycle will not see the chunks' errors: say them here.
-            self._drain(writer, written)
+            self._drain(writers, written)
             for error in errors:
                 _log.error("report cycle failed for some customers and meters", exc_info=error)
             raise
-        self._drain(writer, written)
+        self._drain(writers, written)
         return errors
 
     @staticmethod
-    def _drain(writer: threading.Thread, written: queue.Queue[list[LedgerRow] | None]) -> None:
-        """Whatever ended the sending, let the writer finish its chunks (they are pending rows
-        for the next cycle, as they would have been before any call)."""
-        while writer.is_alive():
-            with contextlib.suppress(queue.Empty):
-                written.get(timeout=0.05)
-        writer.join()
+    def _drain(
+        writers: Sequence[threading.Thread], written: Sequence[queue.Queue[list[LedgerRow] | None]]
+    ) -> None:
+        """Whatever ended the sending, let the writers finish their chunks (they are pending
+        rows for the next cycle, as they would have been before any call)."""
+        while any(writer.is_alive() for writer in writers):
+            for share in written:
+                with contextlib.suppress(queue.Empty):
+                    share.get(timeout=0.02)
+        for writer in writers:
+            writer.join()
 
     def _send_stream(
         self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
@@ -158,3 +180,15 @@ class V2StreamSender:
                 break
             waiting.extend(row for row in chunk if book.may_call(row, result))
         return [waiting.popleft() for _ in range(min(MAX_EVENTS_PER_CALL, len(waiting)))]
+
+
+def _in_order(
+    written: Sequence[queue.Queue[list[LedgerRow] | None]], chunks: int
+) -> Iterator[list[LedgerRow]]:
+    """The chunks' rows in chunk order, chunk n from writer n % len(written); ends early if a
+    writer ended early (its None), since its later chunks will never come."""
+    for n in range(chunks):
+        rows = written[n % len(written)].get()
+        if rows is None:
+            return
+        yield rows

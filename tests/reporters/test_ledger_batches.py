@@ -8,14 +8,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, event, select
 
+from meterstream.report_queue import queue_windows
 from meterstream.schema import ledger as ledger_table
+from meterstream.schema import report_queue
 from reporters import ledger
+from reporters.due import settle
 from reporters.ledger import KeyHead, LedgerRow, key_heads, latest_row
-from tests.reporters.test_ledger import NOW, pending_row
+from tests.reporters.test_ledger import NOW, PLUS_5, pending_row
 
 
 def key_row(customer: str, sequence: int) -> LedgerRow:
@@ -125,3 +129,24 @@ def test_the_stream_answer_and_next_stamp_find_rows_by_identifier(
     assert [attempts[i] for i in to_stamp[1:]] == [2] * 99  # pending_row has 1 already
     assert all(found[r.identifier] == "pending" for r in rows[200:])
     assert all(attempts[r.identifier] == 1 for r in rows[200:])
+
+
+def test_settle_deletes_the_queue_rows_still_at_the_revision_read(migrated_engine: Engine) -> None:
+    """A chunk's queue rows leave in one call (driver-level on PostgreSQL): only those still
+    at the revision read; a window changed since (a newer revision) keeps its row, and a
+    time in another zone names the same instant."""
+    engine = migrated_engine
+    queued = [(f"cus_{c:03d}", "tokens", NOW - timedelta(hours=c), 1) for c in range(150)]
+    with engine.begin() as connection:
+        queue_windows(connection, queued)
+        queue_windows(connection, [("cus_007", "tokens", NOW - timedelta(hours=7), 2)])
+    read = [
+        (c, m, s.astimezone(PLUS_5) if n % 2 else s, r) for n, (c, m, s, r) in enumerate(queued)
+    ]
+
+    with engine.begin() as connection:
+        settle(connection, read[:100])
+
+    with engine.connect() as connection:
+        left = connection.execute(select(report_queue.c.customer_id, report_queue.c.revision)).all()
+    assert sorted(left) == [("cus_007", 2), *((f"cus_{c:03d}", 1) for c in range(100, 150))]

@@ -14,6 +14,8 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 
 from meterstream.errors import StoppedError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
@@ -28,6 +30,10 @@ STREAM_CHUNKS_AHEAD = 2
 # Writer threads on PostgreSQL: in a catch-up one writer (about 30 ms a chunk of 100 rows, mostly
 # waiting on the server) was slower than the sending; two keep ahead of it.
 STREAM_WRITERS = 2
+# The outcome of a call Stripe accepted, for rows recorded after the fact; and of a batch whose
+# rows were all settled elsewhere since they were read (no call: the stream goes on).
+_ACCEPTED = Outcome("acknowledged")
+_NOTHING_CALLED = Outcome("acknowledged")
 
 
 class V2StreamSender:
@@ -104,42 +110,109 @@ class V2StreamSender:
     def _send_stream(
         self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
     ) -> None:
-        """Rows in ledger order, 100 a call; each batch stamped just before its call, once
-        its session is open (a key refused or a stop while opening it leaves the batch
-        unstamped), and acknowledged after it, in the transaction that stamps the next."""
+        """Rows in ledger order, 100 a call, one call at a time. While a call is in flight, a
+        bookkeeping thread takes the next batch and, in one transaction, records the previous
+        call's acceptance and stamps that batch: the next call goes out once both its stamp
+        is committed and this call is answered. A call not accepted (or a stop) ends the
+        sending and takes back the stamp of the batch that will not be called."""
         waiting: deque[LedgerRow] = deque()
         batch = self._next_batch(book, chunks, waiting, result)
         if not self._ready(batch):
             return
         stamped, stamped_at = book.stamp_call(batch)
-        while batch:
-            calls = [row for row in batch if row.identifier in stamped]
-            if not calls:  # settled elsewhere since they were read: not called
-                batch = self._next_batch(book, chunks, waiting, result)
-                if not self._ready(batch):
+        accepted: list[LedgerRow] = []  # the last call's rows, accepted, not yet recorded
+        with ThreadPoolExecutor(1, thread_name_prefix="reporter-bookkeeper") as bookkeeper:
+            while batch:
+                calls = [row for row in batch if row.identifier in stamped]
+                try:
+                    more = not book.stop.is_set() and self._session_ready(book, calls, stamped_at)
+                except BaseException:
+                    book.record([(row, _ACCEPTED) for row in accepted], "accepted", result)
+                    raise
+                prepared = bookkeeper.submit(
+                    self._prepare_next, book, chunks, waiting, accepted, more, result
+                )
+                try:
+                    outcome = self._call(book, calls, stamped_at)
+                except BaseException:  # a refused key, say: the batch taken is not called
+                    self._take_back(book, prepared)
+                    raise
+                try:
+                    batch, stamped, stamped_at = prepared.result()
+                except Exception:  # neither the last acceptance nor the stamp was written
+                    book.record([(row, _ACCEPTED) for row in accepted], "accepted", result)
+                    if outcome is not None and outcome.kind == "acknowledged":
+                        book.record([(row, outcome) for row in calls], "accepted", result)
+                    raise
+                accepted = []
+                if outcome is None:  # a stop came before the call: nothing more goes out
+                    book.unstamp(batch, stamped_at)
                     return
-                stamped, stamped_at = book.stamp_call(batch)
-                continue
-            try:
-                outcome = self.stream.send_batch(calls, book.stripe_meters)
-            except StoppedError:
-                book.unstamp(calls, stamped_at)  # raised before the call: Stripe has nothing
-                return
-            try:
-                batch = self._next_batch_unless_stopping(book, chunks, waiting, outcome, result)
-                if not self._ready(batch):
-                    batch = []
-            except Exception:
                 if outcome.kind == "acknowledged":
+                    accepted = calls
+                elif calls:
                     book.record([(row, outcome) for row in calls], "accepted", result)
-                raise
-            if outcome.kind == "acknowledged":
-                stamped, stamped_at = book.accept_and_stamp(calls, batch, result)
-                continue
-            book.record([(row, outcome) for row in calls], "accepted", result)
-            if outcome.kind == "retry":
-                return  # later batches wait: per (customer, meter) order must hold
-            stamped, stamped_at = book.stamp_call(batch)
+                if outcome.kind == "retry" or book.stop.is_set():
+                    # Later batches wait (per (customer, meter) order must hold): the stamp
+                    # of the one taken is taken back, as it will not be called.
+                    book.unstamp(batch, stamped_at)
+                    break
+        book.record([(row, _ACCEPTED) for row in accepted], "accepted", result)
+
+    def _session_ready(
+        self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
+    ) -> bool:
+        """Whether a batch may be stamped for the call after ``calls`` (checked on this
+        thread: the session's renewal is a call to Stripe); a refused key takes back the
+        stamps of ``calls``, not yet called, and raises StripeAuthError."""
+        try:
+            return self.stream.ready()
+        except StoppedError:
+            return False
+        except BaseException:
+            book.unstamp(calls, stamped_at)
+            raise
+
+    @staticmethod
+    def _take_back(
+        book: Bookkeeper, prepared: Future[tuple[list[LedgerRow], set[str], datetime]]
+    ) -> None:
+        """Once the bookkeeping thread is done, take back the stamp of the batch it took."""
+        try:
+            batch, _stamped, stamped_at = prepared.result()
+        except Exception:  # nothing was stamped; the caller's error is the one to report
+            return
+        book.unstamp(batch, stamped_at)
+
+    def _call(
+        self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
+    ) -> Outcome | None:
+        """Send ``calls`` (all settled elsewhere since they were read: no call, the stream
+        goes on); None if a stop came before the call was made (its stamps taken back)."""
+        if not calls:
+            return _NOTHING_CALLED
+        try:
+            return self.stream.send_batch(calls, book.stripe_meters)
+        except StoppedError:
+            book.unstamp(calls, stamped_at)  # raised before the call: Stripe has nothing
+            return None
+
+    def _prepare_next(
+        self,
+        book: Bookkeeper,
+        chunks: Iterator[list[LedgerRow]],
+        waiting: deque[LedgerRow],
+        accepted: Sequence[LedgerRow],
+        more: bool,
+        result: CycleResult,
+    ) -> tuple[list[LedgerRow], set[str], datetime]:
+        """On the bookkeeping thread: the next batch ([] if ``more`` is False or none is
+        left), and one transaction recording ``accepted`` and stamping that batch."""
+        batch = self._next_batch(book, chunks, waiting, result) if more else []
+        if not accepted and not batch:
+            return batch, set(), book.clock()
+        stamped, stamped_at = book.accept_and_stamp(accepted, batch, result)
+        return batch, stamped, stamped_at
 
     def _ready(self, batch: Sequence[LedgerRow]) -> bool:
         """Whether ``batch`` may be stamped: empty, or its session is open. False when the
@@ -151,20 +224,6 @@ class V2StreamSender:
             return self.stream.ready()
         except StoppedError:
             return False
-
-    def _next_batch_unless_stopping(
-        self,
-        book: Bookkeeper,
-        chunks: Iterator[list[LedgerRow]],
-        waiting: deque[LedgerRow],
-        outcome: Outcome,
-        result: CycleResult,
-    ) -> list[LedgerRow]:
-        """The next batch, or [] after a failed call or a stop request (nothing more is
-        stamped: a stamp starts the row's UNKNOWN_AFTER clock, and it would not be called)."""
-        if outcome.kind == "retry" or book.stop.is_set():
-            return []
-        return self._next_batch(book, chunks, waiting, result)
 
     @staticmethod
     def _next_batch(

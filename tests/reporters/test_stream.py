@@ -355,3 +355,52 @@ def test_an_accepted_batch_is_recorded_even_if_taking_the_next_one_fails(world: 
     assert statuses.pop("cus_zzz") == "pending"
     assert set(statuses.values()) == {"accepted"}
     assert len(statuses) == 100
+
+
+def test_every_row_of_a_call_is_stamped_and_committed_before_the_call(world: World) -> None:
+    """The next batch is taken and stamped while a call is in flight: at each call, seen from
+    another connection, every row in its body is already stamped (committed)."""
+    due_customers(world, 350)
+    unstamped_at_call: list[int] = []
+
+    def check_stamps() -> None:
+        body = json.loads(transport.sent[-1][3])
+        identifiers = {event["identifier"] for event in body["events"]}
+        rows = [r for r in all_rows(world.engine) if r.identifier in identifiers]
+        assert len(rows) == len(identifiers)
+        unstamped_at_call.append(sum(1 for r in rows if not r.attempts))
+
+    transport = Transport(check_stamps)
+    with stream_reporter(world, transport) as reporter:
+        result = reporter.run_cycle()
+
+    assert result.acknowledged == 350
+    assert unstamped_at_call == [0, 0, 0, 0]
+    assert {(r.status, r.attempts) for r in all_rows(world.engine)} == {("accepted", 1)}
+
+
+def test_a_key_refused_on_a_call_leaves_the_batch_taken_meanwhile_unstamped(
+    world: World,
+) -> None:
+    """The second call is refused (401): the third batch, taken and stamped while that call
+    was in flight, is never called, so its stamp is taken back."""
+    due_customers(world, 250)
+    calls: list[int] = []
+
+    def refuse_the_second() -> Any:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            return json.dumps(_error("invalid_request_error", "revoked")), 401, {}
+        return None
+
+    transport = Transport(refuse_the_second)
+    with stream_reporter(world, transport) as reporter, pytest.raises(StripeAuthError):
+        reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert len(calls) == 2
+    assert [(r.status, r.attempts) for r in rows[:100]] == [("accepted", 1)] * 100
+    assert [(r.status, r.attempts) for r in rows[100:200]] == [("pending", 1)] * 100
+    assert [(r.status, r.attempts, r.first_attempt_at) for r in rows[200:]] == [
+        ("pending", 0, None)
+    ] * 50

@@ -30,9 +30,8 @@ STREAM_CHUNKS_AHEAD = 2
 # Writer threads on PostgreSQL: in a catch-up one writer (about 30 ms a chunk of 100 rows, mostly
 # waiting on the server) was slower than the sending; two keep ahead of it.
 STREAM_WRITERS = 2
-# The outcome of a call Stripe accepted, for rows recorded after the fact; and of a batch whose
-# rows were all settled elsewhere since they were read (no call: the stream goes on).
-_ACCEPTED = Outcome("acknowledged")
+# The outcome of a batch whose rows were all settled elsewhere since they were read (no call:
+# the stream goes on).
 _NOTHING_CALLED = Outcome("acknowledged")
 
 
@@ -111,53 +110,51 @@ class V2StreamSender:
         self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
     ) -> None:
         """Rows in ledger order, 100 a call, one call at a time. While a call is in flight, a
-        bookkeeping thread takes the next batch and, in one transaction, records the previous
-        call's acceptance and stamps that batch: the next call goes out once both its stamp
-        is committed and this call is answered. A call not accepted (or a stop) ends the
-        sending and takes back the stamp of the batch that will not be called."""
+        bookkeeping thread takes the next batch and stamps it (committed); the next call goes
+        out once its stamp is committed and this call is answered. An accepted call is
+        recorded by an acceptor thread, off that path. A call not accepted (or a stop) ends
+        the sending and takes back the stamp of the batch that will not be called."""
         waiting: deque[LedgerRow] = deque()
         batch = self._next_batch(book, chunks, waiting, result)
         if not self._ready(batch):
             return
         stamped, stamped_at = book.stamp_call(batch)
-        accepted: list[LedgerRow] = []  # the last call's rows, accepted, not yet recorded
-        with ThreadPoolExecutor(1, thread_name_prefix="reporter-bookkeeper") as bookkeeper:
-            while batch:
-                calls = [row for row in batch if row.identifier in stamped]
-                try:
+        acceptances: list[Future[object]] = []
+        try:
+            with (
+                ThreadPoolExecutor(1, thread_name_prefix="reporter-bookkeeper") as bookkeeper,
+                ThreadPoolExecutor(1, thread_name_prefix="reporter-acceptor") as acceptor,
+            ):
+                while batch:
+                    calls = [row for row in batch if row.identifier in stamped]
                     more = not book.stop.is_set() and self._session_ready(book, calls, stamped_at)
-                except BaseException:
-                    book.record([(row, _ACCEPTED) for row in accepted], "accepted", result)
-                    raise
-                prepared = bookkeeper.submit(
-                    self._prepare_next, book, chunks, waiting, accepted, more, result
-                )
-                try:
-                    outcome = self._call(book, calls, stamped_at)
-                except BaseException:  # a refused key, say: the batch taken is not called
-                    self._take_back(book, prepared)
-                    raise
-                try:
+                    prepared = bookkeeper.submit(
+                        self._prepare_next, book, chunks, waiting, more, result
+                    )
+                    try:
+                        outcome = self._call(book, calls, stamped_at)
+                    except BaseException:  # a refused key, say: the batch taken is not called
+                        self._take_back(book, prepared)
+                        raise
+                    if outcome is not None and outcome.kind == "acknowledged" and calls:
+                        acceptances.append(
+                            acceptor.submit(book.accept_and_stamp, calls, [], result)
+                        )
                     batch, stamped, stamped_at = prepared.result()
-                except Exception:  # neither the last acceptance nor the stamp was written
-                    book.record([(row, _ACCEPTED) for row in accepted], "accepted", result)
-                    if outcome is not None and outcome.kind == "acknowledged":
+                    if outcome is None:  # a stop came before the call: nothing more goes out
+                        book.unstamp(batch, stamped_at)
+                        return
+                    if outcome.kind != "acknowledged":
                         book.record([(row, outcome) for row in calls], "accepted", result)
-                    raise
-                accepted = []
-                if outcome is None:  # a stop came before the call: nothing more goes out
-                    book.unstamp(batch, stamped_at)
-                    return
-                if outcome.kind == "acknowledged":
-                    accepted = calls
-                elif calls:
-                    book.record([(row, outcome) for row in calls], "accepted", result)
-                if outcome.kind == "retry" or book.stop.is_set():
-                    # Later batches wait (per (customer, meter) order must hold): the stamp
-                    # of the one taken is taken back, as it will not be called.
-                    book.unstamp(batch, stamped_at)
-                    break
-        book.record([(row, _ACCEPTED) for row in accepted], "accepted", result)
+                    if outcome.kind == "retry" or book.stop.is_set():
+                        # Later batches wait (per (customer, meter) order must hold): the
+                        # stamp of the one taken is taken back, as it will not be called.
+                        book.unstamp(batch, stamped_at)
+                        break
+        finally:
+            failed = _failures(acceptances)
+        if failed:
+            raise failed[0]
 
     def _session_ready(
         self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
@@ -202,16 +199,15 @@ class V2StreamSender:
         book: Bookkeeper,
         chunks: Iterator[list[LedgerRow]],
         waiting: deque[LedgerRow],
-        accepted: Sequence[LedgerRow],
         more: bool,
         result: CycleResult,
     ) -> tuple[list[LedgerRow], set[str], datetime]:
         """On the bookkeeping thread: the next batch ([] if ``more`` is False or none is
-        left), and one transaction recording ``accepted`` and stamping that batch."""
+        left), stamped in one committed statement."""
         batch = self._next_batch(book, chunks, waiting, result) if more else []
-        if not accepted and not batch:
+        if not batch:
             return batch, set(), book.clock()
-        stamped, stamped_at = book.accept_and_stamp(accepted, batch, result)
+        stamped, stamped_at = book.stamp_call(batch)
         return batch, stamped, stamped_at
 
     def _ready(self, batch: Sequence[LedgerRow]) -> bool:
@@ -251,3 +247,14 @@ def _in_order(
         if rows is None:
             return
         yield rows
+
+
+def _failures(acceptances: Sequence[Future[object]]) -> list[BaseException]:
+    """The errors of the acceptances that failed, each logged: their rows stay pending and
+    stamped, and are resent next cycle under their identifiers (Stripe deduplicates them)."""
+    failed = [error for done in acceptances if (error := done.exception()) is not None]
+    for error in failed:
+        _log.error(
+            "an accepted stream call could not be recorded; resent next cycle", exc_info=error
+        )
+    return failed

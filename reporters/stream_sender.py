@@ -1,10 +1,12 @@
 """v2 stream sending: writer threads write the chunks while the cycle's thread sends them in order.
 
-The written rows go in batches of 100 in ledger order, each batch stamped in one statement
-just before its call, once its session is open (a refused key or a stop while opening it
-leaves the batch unstamped); its acceptance and the stamp of the next batch are one
-transaction. A batch not accepted ends the sending (the later batches are neither stamped
-nor called); the chunks are all written all the same."""
+The written rows go in batches of 100 in ledger order, one call at a time. While a call is in
+flight, a bookkeeping thread takes the next batch and stamps it in one committed statement
+(once the session is checked open: a refused key or a stop leaves it unstamped); the next
+call goes out once that stamp is committed and this call is answered. An acceptor thread
+records each accepted call. A batch not accepted (or a stop) ends the sending and takes back
+the stamp of the batch taken meanwhile (the later batches are neither stamped nor called);
+the chunks are all written all the same."""
 
 from __future__ import annotations
 

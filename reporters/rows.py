@@ -184,13 +184,14 @@ def write_rows(
                 latest[key] = KeyHead(row.sequence, row.accounted_total, row.units_total)
                 heads[start] = WindowHead(row.revision, row.window_value, row.timestamp)
             results.append(row)
-        insert_rows(connection, (r for r in results if isinstance(r, LedgerRow)))
         # In the transaction of the rows: a window leaves the queue with its row committed.
-        # Held windows stay queued.
+        # Held windows stay queued. Before the insert, whose written-rows counter (the
+        # deployment row, shared by every writer) is then held only until the commit.
         settle(
             connection,
             [j.window for j, r in zip(jobs, results, strict=True) if not isinstance(r, Held)],
         )
+        insert_rows(connection, (r for r in results if isinstance(r, LedgerRow)))
     return results
 
 

@@ -12,7 +12,8 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, case, func, select, update
+from sqlalchemy import Connection, Engine, String, any_, bindparam, case, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from meterstream.errors import AcknowledgementMismatchError
 from meterstream.schema import ledger
@@ -33,6 +34,45 @@ _STAMP = (
 )
 
 
+# PostgreSQL: the same statements with the identifiers as one array parameter, so each is one
+# statement text whatever the batch's size: psycopg prepares it once per connection instead of
+# SQLAlchemy expanding and PostgreSQL parsing and planning 100 placeholders for every call.
+_IDENTIFIERS = any_(bindparam("identifier_array", type_=ARRAY(String)))
+_STAMP_ARRAY = (
+    update(ledger)
+    .where(_l.identifier == _IDENTIFIERS, still_pending())
+    .values(
+        attempts=_l.attempts + 1,
+        first_attempt_at=func.coalesce(_l.first_attempt_at, bindparam("now")),
+        updated_at=bindparam("now"),
+    )
+    .returning(_l.identifier)
+)
+# The stream's acceptance (no request ids) in one statement: the rows still pending, locked in
+# identifier order (two writers locking overlapping rows cannot deadlock), then updated, still
+# guarded by ``status = 'pending'``; RETURNING gives exactly the rows updated.
+_LOCKED_PENDING = (
+    select(_l.identifier)
+    .where(_l.identifier == _IDENTIFIERS, still_pending())
+    .order_by(_l.identifier)
+    .with_for_update()
+    .scalar_subquery()
+)
+_ACCEPT_ARRAY = (
+    update(ledger)
+    .where(_l.identifier == _IDENTIFIERS, _l.identifier.in_(_LOCKED_PENDING), still_pending())
+    .values(
+        status="accepted",
+        stripe_request_id=None,
+        last_error=None,
+        error_code=None,
+        updated_at=bindparam("now"),
+        sent_at=bindparam("now"),
+    )
+    .returning(_l.identifier)
+)
+
+
 def start_attempts(engine: Engine, identifiers: Collection[str], now: datetime) -> set[str]:
     """start_attempt for many rows in one committed statement; the identifiers stamped (the
     others are no longer pending: do not call them)."""
@@ -47,7 +87,12 @@ def _start_attempts(
 ) -> set[str]:
     if not identifiers:
         return set()
-    found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
+    if connection.dialect.name == "postgresql":
+        found = connection.execute(
+            _STAMP_ARRAY, {"identifier_array": list(identifiers), "now": now}
+        )
+    else:
+        found = connection.execute(_STAMP, {"identifiers": list(identifiers), "now": now})
     return {str(identifier) for (identifier,) in found}
 
 
@@ -257,7 +302,10 @@ def accept_then_stamp(
     fails, neither is written (the accepted rows stay pending and are resent under their
     identifiers, which Stripe deduplicates; the next batch is not called)."""
     with engine.begin() as connection:
-        marked = _acknowledge(connection, dict.fromkeys(accepted), "accepted", now)
+        if connection.dialect.name == "postgresql":
+            marked = _accept(connection, accepted, now)
+        else:
+            marked = _acknowledge(connection, dict.fromkeys(accepted), "accepted", now)
         return marked, _start_attempts(connection, to_stamp, now)
 
 
@@ -284,3 +332,12 @@ def reject_reported(
         )
     )
     return bool(done.rowcount)
+
+
+def _accept(connection: Connection, identifiers: Collection[str], now: datetime) -> set[str]:
+    """PostgreSQL: mark the pending rows of ``identifiers`` accepted in one statement (they
+    carry no request id); the identifiers updated."""
+    if not identifiers:
+        return set()
+    found = connection.execute(_ACCEPT_ARRAY, {"identifier_array": list(identifiers), "now": now})
+    return {str(identifier) for (identifier,) in found}

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import stripe
 from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError
 
 from meterstream.deployment import stored_deployment_id
@@ -355,3 +356,106 @@ def test_an_accepted_batch_is_recorded_even_if_taking_the_next_one_fails(world: 
     assert statuses.pop("cus_zzz") == "pending"
     assert set(statuses.values()) == {"accepted"}
     assert len(statuses) == 100
+
+
+def test_every_row_of_a_call_is_stamped_and_committed_before_the_call(world: World) -> None:
+    """The next batch is taken and stamped while a call is in flight: at each call, seen from
+    another connection, every row in its body is already stamped (committed)."""
+    due_customers(world, 350)
+    unstamped_at_call: list[int] = []
+
+    def check_stamps() -> None:
+        body = json.loads(transport.sent[-1][3])
+        identifiers = {event["identifier"] for event in body["events"]}
+        rows = [r for r in all_rows(world.engine) if r.identifier in identifiers]
+        assert len(rows) == len(identifiers)
+        unstamped_at_call.append(sum(1 for r in rows if not r.attempts))
+
+    transport = Transport(check_stamps)
+    with stream_reporter(world, transport) as reporter:
+        result = reporter.run_cycle()
+
+    assert result.acknowledged == 350
+    assert unstamped_at_call == [0, 0, 0, 0]
+    assert {(r.status, r.attempts) for r in all_rows(world.engine)} == {("accepted", 1)}
+
+
+def test_a_key_refused_on_a_call_leaves_the_batch_taken_meanwhile_unstamped(
+    world: World,
+) -> None:
+    """The second call is refused (401): the third batch, taken and stamped while that call
+    was in flight, is never called, so its stamp is taken back."""
+    due_customers(world, 250)
+    calls: list[int] = []
+
+    def refuse_the_second() -> Any:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            return json.dumps(_error("invalid_request_error", "revoked")), 401, {}
+        return None
+
+    transport = Transport(refuse_the_second)
+    with stream_reporter(world, transport) as reporter, pytest.raises(StripeAuthError):
+        reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert len(calls) == 2
+    assert [(r.status, r.attempts) for r in rows[:100]] == [("accepted", 1)] * 100
+    assert [(r.status, r.attempts) for r in rows[100:200]] == [("pending", 1)] * 100
+    assert [(r.status, r.attempts, r.first_attempt_at) for r in rows[200:]] == [
+        ("pending", 0, None)
+    ] * 50
+
+
+def test_an_acceptance_that_cannot_be_recorded_is_raised_and_resent_next_cycle(
+    world: World,
+) -> None:
+    """Acceptances are recorded off the sending path: one that fails (here a trigger refuses
+    one row's move to accepted) leaves its call's rows pending and stamped, the other calls
+    go on, the cycle raises it at the end, and the next cycle resends those rows under their
+    identifiers (Stripe counts each once)."""
+    customers = due_customers(world, 250)
+    refuse_acceptance_of(world.engine, "cus_050")
+    transport = Transport(lambda: None)
+    with stream_reporter(world, transport) as reporter, pytest.raises(DatabaseError):
+        reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert [(r.status, r.attempts) for r in rows[:100]] == [("pending", 1)] * 100
+    assert [(r.status, r.attempts) for r in rows[100:]] == [("accepted", 1)] * 150
+    assert len(world.emulator.state.events) == 250
+
+    drop_refusal(world.engine)
+    second = world.reporter(stripe_stream=True).run_cycle()
+
+    assert (second.acknowledged, second.unacknowledged) == (100, 0)
+    assert {r.status for r in all_rows(world.engine)} == {"accepted"}
+    assert world.totals() == {("tokens", c): 2 for c in customers}
+
+
+def refuse_acceptance_of(engine: Engine, customer_id: str) -> None:
+    """A trigger failing the update that marks ``customer_id``'s rows accepted."""
+    when = f"OLD.customer_id = '{customer_id}' AND NEW.status = 'accepted'"
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER refuse_accepted BEFORE UPDATE ON ledger WHEN {when} "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            return
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_accepted() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_accepted BEFORE UPDATE ON ledger FOR EACH ROW "
+            f"WHEN ({when}) EXECUTE FUNCTION refuse_accepted()"
+        )
+
+
+def drop_refusal(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "DROP TRIGGER refuse_accepted"
+            + ("" if engine.dialect.name == "sqlite" else " ON ledger")
+        )

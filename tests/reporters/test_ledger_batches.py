@@ -1,0 +1,152 @@
+"""The ledger's per-batch statements of a stream cycle (the newest row of 100 keys, the answer
+to one call with the stamp of the next): right on both databases, and on PostgreSQL looked
+up key by key in an index whatever the planner's statistics say, so a catch-up's cost per
+batch never grows with the ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, event, select
+
+from meterstream.report_queue import queue_windows
+from meterstream.schema import ledger as ledger_table
+from meterstream.schema import report_queue
+from reporters import ledger
+from reporters.due import settle
+from reporters.ledger import KeyHead, LedgerRow, key_heads, latest_row
+from tests.reporters.test_ledger import NOW, PLUS_5, pending_row
+
+
+def key_row(customer: str, sequence: int) -> LedgerRow:
+    row = pending_row(sequence)
+    identifier = ledger.identifier_for(
+        customer, row.meter, row.window_start, row.window_end, 1, deployment_id="test"
+    )
+    return dataclasses.replace(row, customer_id=customer, identifier=identifier)
+
+
+def insert(engine: Engine, rows: list[LedgerRow]) -> None:
+    with engine.begin() as connection:
+        ledger.insert_rows(connection, rows)
+
+
+@contextmanager
+def plans_of(engine: Engine, kinds: tuple[str, ...]) -> Iterator[list[str]]:
+    """The EXPLAIN text of each statement starting with one of ``kinds`` run meanwhile."""
+    plans: list[str] = []
+
+    def explain(connection: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().startswith(kinds):
+            cursor = connection.connection.dbapi_connection.cursor()
+            cursor.execute(f"EXPLAIN {statement}", parameters)
+            plans.append("\n".join(str(r[0]) for r in cursor.fetchall()))
+
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        yield plans
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+
+
+def test_key_heads_are_each_keys_newest_row(migrated_engine: Engine) -> None:
+    engine = migrated_engine
+    insert(engine, [key_row(f"cus_{c}", s) for c in range(5) for s in range(c + 1)])
+    keys = {(f"cus_{c}", "tokens") for c in range(7)}  # cus_5 and cus_6 have no rows
+
+    with engine.connect() as connection:
+        heads = key_heads(connection, keys)
+        expected = {}
+        for key in sorted(keys):
+            row = latest_row(connection, *key)
+            if row is not None:
+                expected[key] = KeyHead(row.sequence, row.accounted_total, row.units_total)
+
+    assert heads == expected
+    assert heads[("cus_4", "tokens")].sequence == 4
+    assert set(heads) == {(f"cus_{c}", "tokens") for c in range(5)}
+
+
+def test_key_heads_on_postgresql_never_read_other_keys_rows(postgres_engine: Engine) -> None:
+    """A catch-up grows the ledger faster than autovacuum's statistics: with none, the planner
+    hashed the whole ledger for every chunk of 100 keys (a cost that grew with history). Each
+    key is now one backward step of ledger_sequence, whatever the statistics."""
+    engine = postgres_engine
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE ledger SET (autovacuum_enabled = false)")
+    insert(engine, [key_row(f"cus_{c:05d}", 0) for c in range(5_000)])
+    keys = {(f"cus_{c:05d}", "tokens") for c in range(4_950, 5_050)}
+
+    with plans_of(engine, ("SELECT", "WITH")) as plans, engine.connect() as connection:
+        heads = key_heads(connection, keys)
+
+    assert len(heads) == 50
+    assert len(plans) == 1
+    assert "Seq Scan on ledger" not in plans[0]
+    assert "Hash" not in plans[0]
+    assert "ledger_sequence" in plans[0]
+
+
+def test_the_stream_answer_and_next_stamp_find_rows_by_identifier(
+    migrated_engine: Engine,
+) -> None:
+    """The acceptance of one call and the stamp of the next: the rows still pending only,
+    found through the identifier's index (never by status), and reported as updated. (With
+    a ledger of a few thousand rows PostgreSQL rightly reads the whole table instead.)"""
+    engine = migrated_engine
+    rows = [key_row(f"cus_{c:05d}", 0) for c in range(20_000)]
+    insert(engine, rows)
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.exec_driver_sql("ANALYZE ledger")
+    accepted = [r.identifier for r in rows[:100]]
+    to_stamp = [r.identifier for r in rows[100:200]]
+    ledger.mark_acknowledged(engine, accepted[0], "sent", "req_0", NOW)  # settled elsewhere
+    ledger.mark_rejected(engine, to_stamp[0], "invalid", "no", None, NOW)  # settled elsewhere
+
+    sqlite = engine.dialect.name == "sqlite"
+    with plans_of(engine, () if sqlite else ("UPDATE", "SELECT")) as plans:
+        marked, stamped = ledger.accept_then_stamp(engine, accepted, to_stamp, NOW)
+
+    assert marked == set(accepted[1:])
+    assert stamped == set(to_stamp[1:])
+    for plan in plans:
+        assert "ledger_by_status" not in plan
+        assert "ledger_identifier_key" in plan
+    with engine.connect() as connection:
+        found = dict(
+            connection.execute(select(ledger_table.c.identifier, ledger_table.c.status)).all()
+        )
+        attempts = dict(
+            connection.execute(select(ledger_table.c.identifier, ledger_table.c.attempts)).all()
+        )
+    assert [found[i] for i in accepted] == ["sent"] + ["accepted"] * 99
+    assert [found[i] for i in to_stamp] == ["rejected"] + ["pending"] * 99
+    assert [attempts[i] for i in to_stamp[1:]] == [2] * 99  # pending_row has 1 already
+    assert all(found[r.identifier] == "pending" for r in rows[200:])
+    assert all(attempts[r.identifier] == 1 for r in rows[200:])
+
+
+def test_settle_deletes_the_queue_rows_still_at_the_revision_read(migrated_engine: Engine) -> None:
+    """A chunk's queue rows leave in one call (driver-level on PostgreSQL): only those still
+    at the revision read; a window changed since (a newer revision) keeps its row, and a
+    time in another zone names the same instant."""
+    engine = migrated_engine
+    queued = [(f"cus_{c:03d}", "tokens", NOW - timedelta(hours=c), 1) for c in range(150)]
+    with engine.begin() as connection:
+        queue_windows(connection, queued)
+        queue_windows(connection, [("cus_007", "tokens", NOW - timedelta(hours=7), 2)])
+    read = [
+        (c, m, s.astimezone(PLUS_5) if n % 2 else s, r) for n, (c, m, s, r) in enumerate(queued)
+    ]
+
+    with engine.begin() as connection:
+        settle(connection, read[:100])
+
+    with engine.connect() as connection:
+        left = connection.execute(select(report_queue.c.customer_id, report_queue.c.revision)).all()
+    assert sorted(left) == [("cus_007", 2), *((f"cus_{c:03d}", 1) for c in range(100, 150))]

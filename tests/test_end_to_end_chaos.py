@@ -70,7 +70,7 @@ UNIT_SCALES = {"tokens": Decimal(1), "storage": Decimal(1000), "api_calls": Deci
 FAULT_KINDS = ("http_500", "http_429", "drop_connection")
 FAULT_PATHS = {False: "/v1/billing/meter_events", True: "/v2/billing/meter_event"}
 CUSTOMERS = 6
-KILLS = 6  # half of the worker, half of the reporter, in a seeded order
+KILLS = 8  # a quarter each: worker, its applying child, reporter, reporter mid-call; seeded order
 EVENTS_PER_BURST = 10
 BURST_PAUSE_S = 0.2
 LATE_HOURS = (1.0, 6.0)  # late events land in earlier windows, well within the horizon
@@ -151,6 +151,13 @@ class EmulatorProcess:
         }
         self._call("POST", "/_emulator/faults", spec)
 
+    def hold_next_call(self, path_prefix: str) -> None:
+        """Stall the next matching call, before Stripe does its work, until :meth:`release`."""
+        self._call("POST", "/_emulator/faults", {"kind": "hold", "path_prefix": path_prefix})
+
+    def release(self) -> None:
+        self._call("POST", "/_emulator/faults/release", {})
+
     def clear_faults(self) -> None:
         self._call("DELETE", "/_emulator/faults")
 
@@ -215,6 +222,9 @@ class Stage:
             what=f"{self.name} to make progress",
         )
         time.sleep(delay_s)
+        self.sigkill_and_restart()
+
+    def sigkill_and_restart(self) -> None:
         self.check_alive()
         children = _children(self.process.pid)
         self.process.send_signal(signal.SIGKILL)
@@ -226,6 +236,23 @@ class Stage:
         )
         self.kills += 1
         self._start()
+
+    def sigkill_child_when_busy(self, delay_s: float) -> int:
+        """Once the stage has done work since it started, wait ``delay_s`` and SIGKILL its
+        applying child process; the stage itself must replace it and go on. How many died."""
+        wait_until(
+            lambda: self.check_alive() or self._progress() > self._started_at,
+            timeout_s=120,
+            what=f"{self.name} to make progress",
+        )
+        time.sleep(delay_s)
+        self.check_alive()
+        children = _applying_children(self.process.pid)
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+            self.kills += 1
+        self._started_at = self._progress()
+        return len(children)
 
     def check_alive(self) -> bool:
         """False while running; raises with the log's tail if it stopped by itself."""
@@ -240,10 +267,27 @@ class Stage:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The child processes of ``pid`` (any of its threads may have started one)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue  # the thread ended meanwhile
+    return children
+
+
+def _applying_children(pid: int) -> list[int]:
+    """The worker's applying child processes (multiprocessing's spawned pool workers)."""
+    found = []
+    for child in _children(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(child)
+    return found
 
 
 def _running(pid: int) -> bool:
@@ -411,8 +455,10 @@ def test_kills_and_stripe_faults_keep_stripes_totals_exact(
         engine = build_engine(settings)
         stack.callback(engine.dispose)
         fault_path = FAULT_PATHS[stream]
-        for kind in FAULT_KINDS:
-            emulator.inject(kind, rng.uniform(0.05, 0.15), fault_path)
+        for kind in FAULT_KINDS:  # the stream makes a call per 100 events: fault more of them
+            emulator.inject(
+                kind, rng.uniform(0.15, 0.3) if stream else rng.uniform(0.05, 0.15), fault_path
+            )
 
         def describe() -> str:
             return (
@@ -441,17 +487,38 @@ def test_kills_and_stripe_faults_keep_stripes_totals_exact(
             reference = sender.reference
             sender.start()
             stack.callback(sender.stop.set)
-            victims = [worker, reporter] * (KILLS // 2)
+            victims = ["worker", "worker's child", "reporter", "reporter mid-call"] * (KILLS // 4)
             rng.shuffle(victims)
             for number, victim in enumerate(victims):
-                victim.sigkill_when_busy_and_restart(rng.uniform(0.0, 2.0))
-                actions.append(f"SIGKILL {victim.name}")
+                delay_s = rng.uniform(0.0, 2.0)
+                if victim == "worker's child":
+                    victim += f" (x{worker.sigkill_child_when_busy(delay_s)})"
+                elif victim == "reporter mid-call":
+                    # Stripe holds a call; the reporter dies waiting for it; the call is done
+                    # (the event recorded) only after the new reporter started resending.
+                    held_before = emulator.fired().get("hold", 0)
+                    emulator.hold_next_call(fault_path)
+
+                    def call_held(before: int = held_before) -> bool:
+                        return reporter.check_alive() or emulator.fired().get("hold", 0) > before
+
+                    wait_until(
+                        call_held, timeout_s=120, what="the reporter to make a call Stripe holds"
+                    )
+                    reporter.sigkill_and_restart()
+                    time.sleep(delay_s)
+                    emulator.release()
+                else:
+                    (worker if victim == "worker" else reporter).sigkill_when_busy_and_restart(
+                        delay_s
+                    )
+                actions.append(f"SIGKILL {victim} after {delay_s:.2f} s")
                 if number == len(victims) // 2:
                     # The stream makes few calls: one of each fault on the next calls, for sure.
                     for kind in rng.sample(FAULT_KINDS, len(FAULT_KINDS)):
                         emulator.inject(kind, None, fault_path)
             wait_until(
-                lambda: reporter.check_alive() or set(emulator.fired()) == set(FAULT_KINDS),
+                lambda: reporter.check_alive() or set(FAULT_KINDS) <= set(emulator.fired()),
                 timeout_s=120,
                 what="every kind of fault to fire at Stripe while usage flows",
             )
@@ -465,8 +532,14 @@ def test_kills_and_stripe_faults_keep_stripes_totals_exact(
                 timeout_s=180,
                 what="the worker to apply every message",
             )
-            assert database_totals(engine) == reference.totals(), (
-                "the database's totals differ from the events sent"
+            stored, sent = database_totals(engine), reference.totals()
+            assert stored == sent, (
+                "the database's totals differ from the events sent: "
+                + "; ".join(
+                    f"{key}: database {stored.get(key)}, sent {sent.get(key)}"
+                    for key in sorted(set(stored) | set(sent))
+                    if stored.get(key) != sent.get(key)
+                )
             )
             expected = reference.stripe_units()
             actions.append(f"faults fired {emulator.fired()}")

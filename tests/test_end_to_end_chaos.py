@@ -354,12 +354,13 @@ def _value(rng: random.Random, meter: str) -> Decimal:
 
 
 def database_totals(engine: Engine) -> dict[tuple[str, str], Decimal]:
+    """(customer, meter) -> the exact sum of its windows (summed here: SQLite's SUM is float)."""
     c = window_totals.c
+    totals: dict[tuple[str, str], Decimal] = {}
     with engine.connect() as connection:
-        rows = connection.execute(
-            select(c.customer_id, c.meter, func.sum(c.value)).group_by(c.customer_id, c.meter)
-        ).all()
-    return {(customer, meter): Decimal(total) for customer, meter, total in rows}
+        for customer, meter, value in connection.execute(select(c.customer_id, c.meter, c.value)):
+            totals[(customer, meter)] = totals.get((customer, meter), Decimal(0)) + value
+    return totals
 
 
 def drained(engine: Engine) -> bool:
@@ -415,11 +416,16 @@ def seed_on_failure(seed: int, describe: Callable[[], str]) -> Iterator[None]:
         ) from exc
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("stream", [False, True], ids=["v1", "stream"])
+@pytest.mark.timeout(600)  # generous: the waits inside name what they wait for
+@pytest.mark.parametrize(
+    ("stream", "database"),
+    [(False, "postgresql"), (True, "postgresql"), (False, "sqlite")],
+    ids=["v1-postgresql", "stream-postgresql", "v1-sqlite"],  # SQLite: the demo's setup
+)
 def test_kills_and_stripe_faults_keep_stripes_totals_exact(
     stream: bool,
-    postgres_url: str,
+    database: str,
+    request: pytest.FixtureRequest,
     settings_factory: Callable[..., Settings],
     topic_factory: Callable[..., str],
     tmp_path: Path,
@@ -438,7 +444,11 @@ def test_kills_and_stripe_faults_keep_stripes_totals_exact(
         customers = prepare_account(emulator.url)
         settings = settings_factory(
             topic=topic_factory(4),
-            database_url=postgres_url,
+            database_url=(
+                request.getfixturevalue("postgres_url")
+                if database == "postgresql"
+                else f"sqlite:///{tmp_path / 'meterstream.db'}"
+            ),
             meters_file=catalogue_file,
             source="chaos-test",
             stripe_api_key=KEY,
@@ -462,7 +472,7 @@ def test_kills_and_stripe_faults_keep_stripes_totals_exact(
 
         def describe() -> str:
             return (
-                f"mode {'stream' if stream else 'v1'}; sent {reference.sent} "
+                f"mode {'stream' if stream else 'v1'} on {database}; sent {reference.sent} "
                 f"({len(reference.events)} unique, {reference.duplicates} re-sent, "
                 f"{reference.late} late); actions: {', '.join(actions)}; "
                 f"logs in {tmp_path}"

@@ -246,7 +246,11 @@ class Stage:
             what=f"{self.name} to make progress",
         )
         time.sleep(delay_s)
-        self.check_alive()
+        wait_until(
+            lambda: self.check_alive() or bool(_applying_children(self.process.pid)),
+            timeout_s=60,
+            what=f"{self.name} to have an applying child",
+        )
         children = _applying_children(self.process.pid)
         for child in children:
             os.kill(child, signal.SIGKILL)

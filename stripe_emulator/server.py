@@ -137,7 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _control(emulator: Emulator, request: ApiRequest) -> ApiResponse:
-    """The test-only API: GET events/totals, POST reset, POST/DELETE faults, POST release."""
+    """The test-only API: GET events/totals, POST reset, GET (fired)/POST/DELETE faults,
+    POST release."""
     target = (request.method, request.path.removeprefix("/_emulator/").rstrip("/"))
     state = emulator.state
     body: object
@@ -157,6 +158,12 @@ def _control(emulator: Emulator, request: ApiRequest) -> ApiResponse:
     elif target == ("POST", "reset"):
         emulator.reset()
         body = {"reset": True}
+    elif target == ("GET", "faults"):
+        # How often each kind fired, so a test in another process can see its faults were met.
+        fired: dict[str, int] = {}
+        for kind, _path in emulator.faults.fired:
+            fired[kind] = fired.get(kind, 0) + 1
+        body = {"fired": fired}
     elif target == ("POST", "faults"):
         return _inject(emulator.faults, request.body)
     elif target == ("DELETE", "faults"):

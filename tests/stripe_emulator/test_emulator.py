@@ -440,6 +440,7 @@ def test_control_endpoint_injects_faults_and_resets(account: Account) -> None:
     with pytest.raises(stripe.RateLimitError):
         account.client.v1.billing.meter_events.create(params=account.event())
     account.client.v1.billing.meter_events.create(params=account.event("3"))
+    assert _control(url, "GET", "/_emulator/faults") == {"fired": {"http_429": 1}}
     totals = _control(url, "GET", "/_emulator/totals")["data"]
     assert totals == [{"event_name": "api_calls", "customer": account.customer_id, "total": "3"}]
 

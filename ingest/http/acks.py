@@ -62,8 +62,22 @@ class RequestProducer:
         self._metrics = metrics
         self._timeout_s = settings.http_produce_timeout_s
         self._capacity = settings.producer_queue_max_events
+        self._settings = settings
         self._fatal: str | None = None
-        self._producer = Producer(
+        self._producer = self._new_producer()
+        self._generation = 0
+        # What the delivery thread polls: the current producer, then retired ones until the
+        # reports they owe have come in. Replaced whole (a tuple), never changed in place.
+        self._polled: tuple[Any, ...] = (self._producer,)
+        self._running = True
+        self._poller = threading.Thread(
+            target=self._poll_loop, name="meterstream-http-delivery", daemon=True
+        )
+        self._poller.start()
+
+    def _new_producer(self) -> Any:
+        settings = self._settings
+        return Producer(
             {
                 **client_config(settings.kafka_bootstrap),
                 # Idempotence: librdkafka's retries never write an event twice or out of order.
@@ -76,11 +90,24 @@ class RequestProducer:
                 "error_cb": self._on_error,
             }
         )
-        self._running = True
-        self._poller = threading.Thread(
-            target=self._poll_loop, name="meterstream-http-delivery", daemon=True
-        )
-        self._poller.start()
+
+    def _replace_producer(self, generation: int) -> None:
+        """After a request Kafka failed: a fresh producer (a new producer id) for what follows.
+
+        An idempotent producer whose in-flight events timed out may stay fenced or stuck in a
+        sequence gap after Kafka comes back; a new one starts clean. Once per generation, so a
+        burst of failed requests replaces it once.
+        """
+        if generation != self._generation:
+            return
+        self._generation += 1
+        self._fatal = None
+        retired = self._producer
+        self._producer = self._new_producer()
+        # Retired producers that owe no report any more are let go here.
+        owing = tuple(p for p in self._polled[1:] if len(p))
+        self._polled = (self._producer, *owing, retired)
+        _log.warning("Kafka failed a request: the HTTP server's producer was replaced by a new one")
 
     async def produce_all(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
         """Produce ``(key, value)`` pairs; return once Kafka acknowledged all of them.
@@ -90,31 +117,33 @@ class RequestProducer:
         workers count a retried request once).
         """
         if self._fatal is not None:
-            raise KafkaNotAcknowledgedError(f"the Kafka producer failed for good: {self._fatal}")
+            self._replace_producer(self._generation)
+        producer, generation = self._producer, self._generation
         # The check and the produce() calls below run without an await between them, so no
         # other request of this event loop can take the room in between.
-        if len(self._producer) + len(messages) > self._capacity:
+        if len(producer) + len(messages) > self._capacity:
             raise KafkaNotAcknowledgedError(
-                f"{len(self._producer)} events are waiting for Kafka already "
+                f"{len(producer)} events are waiting for Kafka already "
                 "(METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS); none of this request was produced"
             )
         acks = _RequestAcks(len(messages), asyncio.get_running_loop())
-        produce, topic, on_delivery = self._producer.produce, self._topic, acks.on_delivery
+        produce, topic, on_delivery = producer.produce, self._topic, acks.on_delivery
         started = time.perf_counter()
         try:
             for key, value in messages:
                 produce(topic, value, key, on_delivery=on_delivery)
         except BufferError as exc:
             raise KafkaNotAcknowledgedError(f"the Kafka producer's queue is full: {exc}") from exc
-        self._metrics.kafka_queue.set(len(self._producer))
         try:
             await asyncio.wait_for(asyncio.shield(acks.future), self._timeout_s + _REPORT_MARGIN_S)
         except TimeoutError:
+            self._replace_producer(generation)
             raise KafkaNotAcknowledgedError(
                 f"Kafka did not report on {acks.remaining} of {len(messages)} events in "
                 f"{self._timeout_s + _REPORT_MARGIN_S:g} s"
             ) from None
         if acks.failure is not None:
+            self._replace_producer(generation)
             raise KafkaNotAcknowledgedError(f"Kafka did not acknowledge: {acks.failure}")
         self._metrics.produce_latency.observe(time.perf_counter() - started)
 
@@ -138,13 +167,16 @@ class RequestProducer:
         self._running = False
         self._poller.join()
         remaining: int = self._producer.flush(timeout_s)
-        return remaining
+        return remaining + sum(len(p) for p in self._polled if p is not self._producer)
 
     def _poll_loop(self) -> None:
         while self._running:
             try:
-                self._producer.poll(_POLL_S)
-                self._metrics.kafka_queue.set(len(self._producer))
+                polled = self._polled
+                polled[0].poll(_POLL_S)
+                for retired in polled[1:]:
+                    retired.poll(0)
+                self._metrics.kafka_queue.set(sum(len(p) for p in polled))
             except Exception:
                 # This thread must outlive any error: it alone serves the delivery reports.
                 _log.exception("serving the HTTP producer's reports failed; carrying on")

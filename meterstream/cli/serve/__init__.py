@@ -181,6 +181,7 @@ def _engine() -> Iterator[Engine]:
 
     engine = build_engine(settings_or_exit())
     try:
+        _check_schema(engine)
         yield engine
     finally:
         engine.dispose()

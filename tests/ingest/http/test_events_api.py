@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -250,3 +251,17 @@ def test_metrics_health_and_the_openapi_document(serve: Callable[..., Server]) -
     # The key is a secret: not in the metrics, not in the server's log.
     assert key not in metrics
     assert key.split("_")[2] not in server.log.read_text()
+
+
+def test_api_key_commands_on_a_database_never_migrated_say_to_migrate(tmp_path: Path) -> None:
+    import os
+
+    from tests.cli.commands import meterstream
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    env["METERSTREAM_DATABASE_URL"] = f"sqlite:///{tmp_path / 'new.db'}"
+    for arguments in (("list",), ("create", "k", "--source", "s"), ("revoke", "k")):
+        done = meterstream(env, "api-keys", *arguments)
+        assert done.returncode == 2, done.stderr
+        assert "run meterstream migrate" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -8,7 +8,7 @@ import sys
 
 from bench.common import RESULTS
 
-BENCHMARKS = ("bench.ingest", "bench.aggregate", "bench.report", "bench.e2e")
+BENCHMARKS = ("bench.ingest", "bench.aggregate", "bench.report", "bench.e2e", "bench.http")
 
 
 def main() -> None:

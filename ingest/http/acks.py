@@ -3,7 +3,10 @@
 Unlike the SDK's producer, which hands failures back later, a request is answered only once
 Kafka has reported on every one of its events (idempotent producer, acks=all). librdkafka gives
 an event up after ``METERSTREAM_HTTP_PRODUCE_TIMEOUT_S``, so the reports of a request always come
-in; one callback per event counts them down on the delivery thread and wakes the request once.
+in; one callback per event counts them down and wakes the request once.
+
+The reports are served by a task on the server's event loop, not by a thread: a thread would
+take the GIL from the event loop for every report (measured: bench/http.py).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,33 +26,29 @@ from meterstream.metrics import HttpMetrics
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
-_POLL_S = 0.05
+# While reports are owed, librdkafka is asked for them every millisecond; when idle, every 50 ms
+# (for its error callbacks) or as soon as a request produces.
+_BUSY_POLL_S = 0.001
+_IDLE_POLL_S = 0.05
 # Beyond librdkafka's own timeout, how long a request waits for the reports it is owed.
 _REPORT_MARGIN_S = 5.0
 
 
 class _RequestAcks:
-    """Counts down one request's delivery reports (on the delivery thread)."""
+    """Counts down one request's delivery reports (served on the event loop)."""
 
-    __slots__ = ("failure", "future", "loop", "remaining")
+    __slots__ = ("failure", "future", "remaining")
 
     def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
         self.remaining = count
         self.failure: str | None = None
-        self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
 
     def on_delivery(self, error: KafkaError | None, _message: Any) -> None:
         if error is not None and self.failure is None:
             self.failure = error.str()
         self.remaining -= 1
-        if self.remaining == 0:
-            # The server's loop may be closed already: then nobody waits any more.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._finish)
-
-    def _finish(self) -> None:
-        if not self.future.done():
+        if self.remaining == 0 and not self.future.done():
             self.future.set_result(None)
 
 
@@ -69,11 +67,8 @@ class RequestProducer:
         # What the delivery thread polls: the current producer, then retired ones until the
         # reports they owe have come in. Replaced whole (a tuple), never changed in place.
         self._polled: tuple[Any, ...] = (self._producer,)
-        self._running = True
-        self._poller = threading.Thread(
-            target=self._poll_loop, name="meterstream-http-delivery", daemon=True
-        )
-        self._poller.start()
+        self._reports: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
 
     def _new_producer(self) -> Any:
         settings = self._settings
@@ -126,6 +121,8 @@ class RequestProducer:
                 f"{len(producer)} events are waiting for Kafka already "
                 "(METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS); none of this request was produced"
             )
+        if self._reports is None:
+            self._reports = asyncio.get_running_loop().create_task(self._serve_reports())
         acks = _RequestAcks(len(messages), asyncio.get_running_loop())
         produce, topic, on_delivery = producer.produce, self._topic, acks.on_delivery
         started = time.perf_counter()
@@ -161,25 +158,40 @@ class RequestProducer:
             return f"topic {self._topic!r} is not available: {found.error if found else None}"
         return None
 
-    def close(self, timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` for what is queued, stop the delivery thread; the number of
-        events still unacknowledged (their requests were answered 503)."""
-        self._running = False
-        self._poller.join()
-        remaining: int = self._producer.flush(timeout_s)
-        return remaining + sum(len(p) for p in self._polled if p is not self._producer)
+    async def close(self, timeout_s: float) -> int:
+        """Serve the reports still owed for up to ``timeout_s``, then stop; the number of events
+        still unacknowledged (their requests were answered 503)."""
+        deadline = time.monotonic() + timeout_s
+        while self._owed() and time.monotonic() < deadline:
+            await asyncio.sleep(_IDLE_POLL_S)
+        if self._reports is not None:
+            self._reports.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reports
+        return self._owed()
 
-    def _poll_loop(self) -> None:
-        while self._running:
+    def _owed(self) -> int:
+        return sum(len(producer) for producer in self._polled)
+
+    async def _serve_reports(self) -> None:
+        """Serve delivery reports on the event loop: each callback only counts down."""
+        while True:
             try:
                 polled = self._polled
-                polled[0].poll(_POLL_S)
-                for retired in polled[1:]:
-                    retired.poll(0)
-                self._metrics.kafka_queue.set(sum(len(p) for p in polled))
+                served = sum(producer.poll(0) for producer in polled)
+                self._metrics.kafka_queue.set(self._owed())
             except Exception:
-                # This thread must outlive any error: it alone serves the delivery reports.
+                # This task must outlive any error: it alone serves the delivery reports.
                 _log.exception("serving the HTTP producer's reports failed; carrying on")
+                served = 0
+            if served:
+                await asyncio.sleep(0)  # more may be waiting; let the requests run first
+            elif self._owed():
+                await asyncio.sleep(_BUSY_POLL_S)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _IDLE_POLL_S)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():

@@ -55,7 +55,7 @@ def build_app(parts: ServerParts) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        left = await run_in_threadpool(producer.close, _CLOSE_TIMEOUT_S)
+        left = await producer.close(_CLOSE_TIMEOUT_S)
         if left:
             _log.error("%d events were not acknowledged by Kafka at shutdown (answered 503)", left)
 

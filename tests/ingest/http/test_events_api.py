@@ -209,22 +209,27 @@ def test_every_refusal_has_its_status_and_produces_nothing(serve: Callable[..., 
     assert [decode_event(m.value()).event_id for m in messages] == ["after"]
 
 
-def test_a_revoked_key_is_refused_within_the_cache_period(serve: Callable[..., Server]) -> None:
+def test_a_revoked_key_is_refused_by_every_server_within_the_cache_period(
+    serve: Callable[..., Server],
+) -> None:
     from tests.aggregators.workers import wait_until
     from tests.cli.commands import meterstream
 
-    server = serve(http_api_key_cache_s=1.0)
-    key = server.create_key("leaving")
-    assert post(server, key, event("before"), STRUCTURED).status == 202
-    done = meterstream(server.env(), "api-keys", "revoke", "leaving")
+    # Two servers on one database (the test's), as two replicas behind a load balancer.
+    servers = [serve(http_api_key_cache_s=1.0), serve(http_api_key_cache_s=1.0)]
+    key = servers[0].create_key("leaving")
+    for number, server in enumerate(servers):
+        assert post(server, key, event(f"before-{number}"), STRUCTURED).status == 202
+    done = meterstream(servers[0].env(), "api-keys", "revoke", "leaving")
     assert done.returncode == 0, done.stderr
-    wait_until(
-        lambda: post(server, key, event("after"), STRUCTURED).status == 401,
-        timeout_s=15,
-        what="the revoked key to be refused",
-    )
-    assert post(server, key, event("again"), STRUCTURED).status == 401
-    listed = orjson.loads(meterstream(server.env(), "api-keys", "list", "--json").stdout)
+    for server in servers:
+        wait_until(
+            lambda server=server: post(server, key, event("after"), STRUCTURED).status == 401,
+            timeout_s=15,
+            what="the revoked key to be refused",
+        )
+        assert post(server, key, event("again"), STRUCTURED).status == 401
+    listed = orjson.loads(meterstream(servers[1].env(), "api-keys", "list", "--json").stdout)
     assert [(k["name"], k["revoked_at"] is not None) for k in listed] == [("leaving", True)]
 
 

@@ -15,7 +15,7 @@ import sys
 
 from bench.common import RESULTS
 
-BENCHMARKS = ("bench.ingest", "bench.aggregate", "bench.report", "bench.e2e")
+BENCHMARKS = ("bench.ingest", "bench.aggregate", "bench.report", "bench.e2e", "bench.http")
 POSTGRES = os.environ.get(
     "METERSTREAM_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

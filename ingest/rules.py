@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from meterstream.dimensions import read_combination
 from meterstream.events import (
@@ -38,9 +39,9 @@ def encode_checked(
     rules: EventRules,
     *,
     source: str,
-    event_id: str,
-    customer: str,
-    meter: str,
+    event_id: Any,
+    customer: Any,
+    meter: Any,
     value: Decimal | int | str,
     event_time: datetime | None,
     properties: Mapping[str, str] | None,
@@ -48,8 +49,10 @@ def encode_checked(
 ) -> bytes:
     """Check one event against every rule of the SDK and return its CloudEvents JSON.
 
-    ``event_time`` None means ``now``. Raises InvalidEventError naming the field and the reason
-    (the size of the encoded event included: field ``event``).
+    ``event_id``, ``customer`` and ``meter`` may be anything a caller was given (a JSON value
+    over HTTP): each is checked before it is used. ``event_time`` None means ``now``. Raises
+    InvalidEventError naming the field and the reason (the size of the encoded event included:
+    field ``event``).
     """
     found = check_meter(meter, rules.catalogue)
     customer = check_customer(customer)

@@ -417,3 +417,15 @@ def _parse_time(raw: Any, field_name: str) -> datetime:
     except OverflowError:
         # 0001-01-01T00:00:00+14:00 and 9999-12-31T23:59:59-14:00 have no UTC datetime.
         raise InvalidEventError(field_name, f"out of range in UTC: {raw!r:.40}") from None
+
+
+def parse_json_value(raw: Any, field_name: str = "data.value") -> Decimal:
+    """The value of a JSON event as the workers read it: a decimal string or an integer, never
+    a float or a missing value. Raises InvalidEventError on ``field_name``."""
+    return _decode_value(raw, field_name)
+
+
+def parse_json_time(raw: Any) -> datetime:
+    """``time`` of a JSON event as the workers read it (RFC 3339 with an offset), in UTC.
+    Raises InvalidEventError on ``time``."""
+    return _parse_time(raw, "time")

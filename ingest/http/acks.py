@@ -3,7 +3,10 @@
 Unlike the SDK's producer, which hands failures back later, a request is answered only once
 Kafka has reported on every one of its events (idempotent producer, acks=all). librdkafka gives
 an event up after ``METERSTREAM_HTTP_PRODUCE_TIMEOUT_S``, so the reports of a request always come
-in; one callback per event counts them down on the delivery thread and wakes the request once.
+in; one callback per event counts them down and wakes the request once.
+
+The reports are served by a task on the server's event loop, not by a thread: a thread would
+take the GIL from the event loop for every report (measured: bench/http.py).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,33 +26,29 @@ from meterstream.metrics import HttpMetrics
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)
-_POLL_S = 0.05
+# While reports are owed, librdkafka is asked for them every millisecond; when idle, every 50 ms
+# (for its error callbacks) or as soon as a request produces.
+_BUSY_POLL_S = 0.001
+_IDLE_POLL_S = 0.05
 # Beyond librdkafka's own timeout, how long a request waits for the reports it is owed.
 _REPORT_MARGIN_S = 5.0
 
 
 class _RequestAcks:
-    """Counts down one request's delivery reports (on the delivery thread)."""
+    """Counts down one request's delivery reports (served on the event loop)."""
 
-    __slots__ = ("failure", "future", "loop", "remaining")
+    __slots__ = ("failure", "future", "remaining")
 
     def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
         self.remaining = count
         self.failure: str | None = None
-        self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
 
     def on_delivery(self, error: KafkaError | None, _message: Any) -> None:
         if error is not None and self.failure is None:
             self.failure = error.str()
         self.remaining -= 1
-        if self.remaining == 0:
-            # The server's loop may be closed already: then nobody waits any more.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._finish)
-
-    def _finish(self) -> None:
-        if not self.future.done():
+        if self.remaining == 0 and not self.future.done():
             self.future.set_result(None)
 
 
@@ -62,8 +60,19 @@ class RequestProducer:
         self._metrics = metrics
         self._timeout_s = settings.http_produce_timeout_s
         self._capacity = settings.producer_queue_max_events
+        self._settings = settings
         self._fatal: str | None = None
-        self._producer = Producer(
+        self._producer = self._new_producer()
+        self._generation = 0
+        # What the delivery thread polls: the current producer, then retired ones until the
+        # reports they owe have come in. Replaced whole (a tuple), never changed in place.
+        self._polled: tuple[Any, ...] = (self._producer,)
+        self._reports: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def _new_producer(self) -> Any:
+        settings = self._settings
+        return Producer(
             {
                 **client_config(settings.kafka_bootstrap),
                 # Idempotence: librdkafka's retries never write an event twice or out of order.
@@ -76,11 +85,24 @@ class RequestProducer:
                 "error_cb": self._on_error,
             }
         )
-        self._running = True
-        self._poller = threading.Thread(
-            target=self._poll_loop, name="meterstream-http-delivery", daemon=True
-        )
-        self._poller.start()
+
+    def _replace_producer(self, generation: int) -> None:
+        """After a request Kafka failed: a fresh producer (a new producer id) for what follows.
+
+        An idempotent producer whose in-flight events timed out may stay fenced or stuck in a
+        sequence gap after Kafka comes back; a new one starts clean. Once per generation, so a
+        burst of failed requests replaces it once.
+        """
+        if generation != self._generation:
+            return
+        self._generation += 1
+        self._fatal = None
+        retired = self._producer
+        self._producer = self._new_producer()
+        # Retired producers that owe no report any more are let go here.
+        owing = tuple(p for p in self._polled[1:] if len(p))
+        self._polled = (self._producer, *owing, retired)
+        _log.warning("Kafka failed a request: the HTTP server's producer was replaced by a new one")
 
     async def produce_all(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
         """Produce ``(key, value)`` pairs; return once Kafka acknowledged all of them.
@@ -90,31 +112,35 @@ class RequestProducer:
         workers count a retried request once).
         """
         if self._fatal is not None:
-            raise KafkaNotAcknowledgedError(f"the Kafka producer failed for good: {self._fatal}")
+            self._replace_producer(self._generation)
+        producer, generation = self._producer, self._generation
         # The check and the produce() calls below run without an await between them, so no
         # other request of this event loop can take the room in between.
-        if len(self._producer) + len(messages) > self._capacity:
+        if len(producer) + len(messages) > self._capacity:
             raise KafkaNotAcknowledgedError(
-                f"{len(self._producer)} events are waiting for Kafka already "
+                f"{len(producer)} events are waiting for Kafka already "
                 "(METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS); none of this request was produced"
             )
+        if self._reports is None:
+            self._reports = asyncio.get_running_loop().create_task(self._serve_reports())
         acks = _RequestAcks(len(messages), asyncio.get_running_loop())
-        produce, topic, on_delivery = self._producer.produce, self._topic, acks.on_delivery
+        produce, topic, on_delivery = producer.produce, self._topic, acks.on_delivery
         started = time.perf_counter()
         try:
             for key, value in messages:
                 produce(topic, value, key, on_delivery=on_delivery)
         except BufferError as exc:
             raise KafkaNotAcknowledgedError(f"the Kafka producer's queue is full: {exc}") from exc
-        self._metrics.kafka_queue.set(len(self._producer))
         try:
             await asyncio.wait_for(asyncio.shield(acks.future), self._timeout_s + _REPORT_MARGIN_S)
         except TimeoutError:
+            self._replace_producer(generation)
             raise KafkaNotAcknowledgedError(
                 f"Kafka did not report on {acks.remaining} of {len(messages)} events in "
                 f"{self._timeout_s + _REPORT_MARGIN_S:g} s"
             ) from None
         if acks.failure is not None:
+            self._replace_producer(generation)
             raise KafkaNotAcknowledgedError(f"Kafka did not acknowledge: {acks.failure}")
         self._metrics.produce_latency.observe(time.perf_counter() - started)
 
@@ -132,22 +158,40 @@ class RequestProducer:
             return f"topic {self._topic!r} is not available: {found.error if found else None}"
         return None
 
-    def close(self, timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` for what is queued, stop the delivery thread; the number of
-        events still unacknowledged (their requests were answered 503)."""
-        self._running = False
-        self._poller.join()
-        remaining: int = self._producer.flush(timeout_s)
-        return remaining
+    async def close(self, timeout_s: float) -> int:
+        """Serve the reports still owed for up to ``timeout_s``, then stop; the number of events
+        still unacknowledged (their requests were answered 503)."""
+        deadline = time.monotonic() + timeout_s
+        while self._owed() and time.monotonic() < deadline:
+            await asyncio.sleep(_IDLE_POLL_S)
+        if self._reports is not None:
+            self._reports.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reports
+        return self._owed()
 
-    def _poll_loop(self) -> None:
-        while self._running:
+    def _owed(self) -> int:
+        return sum(len(producer) for producer in self._polled)
+
+    async def _serve_reports(self) -> None:
+        """Serve delivery reports on the event loop: each callback only counts down."""
+        while True:
             try:
-                self._producer.poll(_POLL_S)
-                self._metrics.kafka_queue.set(len(self._producer))
+                polled = self._polled
+                served = sum(producer.poll(0) for producer in polled)
+                self._metrics.kafka_queue.set(self._owed())
             except Exception:
-                # This thread must outlive any error: it alone serves the delivery reports.
+                # This task must outlive any error: it alone serves the delivery reports.
                 _log.exception("serving the HTTP producer's reports failed; carrying on")
+                served = 0
+            if served:
+                await asyncio.sleep(0)  # more may be waiting; let the requests run first
+            elif self._owed():
+                await asyncio.sleep(_BUSY_POLL_S)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _IDLE_POLL_S)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():

@@ -4,9 +4,9 @@
 - batch: ``application/cloudevents-batch+json``, an array of event objects;
 - binary: the attributes in ``ce-*`` headers, the body is the event's ``data``.
 
-Each event is parsed by the workers' decoder (``meterstream.events.decode_document``) and then
-checked and encoded by the SDK's rules (``ingest.rules.encode_checked``): the same code, so an
-event the API takes is one ``record()`` would take and the workers will count.
+Each event's JSON readings (``data.value``, ``time``) are the workers' (``meterstream.events``);
+then it is checked and encoded by the SDK's rules (``ingest.rules.encode_checked``): the same
+code, so an event the API takes is one ``record()`` would take and the workers will count.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import orjson
 
 from ingest.rules import EventRules, encode_checked
 from meterstream.errors import InvalidEventError
-from meterstream.events import decode_document
+from meterstream.events import SPECVERSION, parse_json_time, parse_json_value
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -109,6 +109,57 @@ def _binary_document(kind: str, headers: Mapping[str, str], body: bytes) -> dict
     return doc
 
 
+def _checked(doc: Any, rules: EventRules, source: str, now: datetime) -> tuple[str, bytes]:
+    """(customer, CloudEvents JSON) of one document, or InvalidEventError. The JSON-specific
+    readings (specversion, data, data.value, time) are the workers' own; every rule after them
+    is the SDK's (encode_checked)."""
+    if not isinstance(doc, dict):
+        raise InvalidEventError("event", "expected a CloudEvents JSON object")
+    if doc.get("specversion") != SPECVERSION:
+        raise InvalidEventError(
+            "specversion", f"expected '1.0', got {doc.get('specversion')!r:.40}"
+        )
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise InvalidEventError("data", "expected an object with 'value' and 'properties'")
+    if doc.get("source") != source:
+        raise InvalidEventError(
+            "source",
+            f"this API key sends events of source {source!r}, not {doc.get('source')!r:.80}",
+        )
+    raw_time = doc.get("time")
+    meter = rules.catalogue.get(doc["type"]) if isinstance(doc.get("type"), str) else None
+    value_key = meter.value_key if meter is not None else "value"
+    properties = data.get("properties")
+    if (
+        meter is not None
+        and meter.dimensions
+        and (properties is None or isinstance(properties, dict))
+    ):
+        # An OpenMeter-shaped event carries its dimensions as data fields; the message keeps
+        # them as properties, where the workers read them first.
+        lifted = {
+            name: str(data[name])
+            for name in meter.dimensions
+            if type(data.get(name)) in (str, int) and name not in (properties or {})
+        }
+        properties = {**(properties or {}), **lifted} if lifted else properties
+    payload = encode_checked(
+        rules,
+        source=source,
+        event_id=doc.get("id"),
+        customer=doc.get("subject"),
+        meter=doc.get("type"),
+        value=parse_json_value(data.get(value_key), f"data.{value_key}"),
+        # An event without time is stamped when received, as record() does.
+        event_time=None if raw_time is None else parse_json_time(raw_time),
+        properties=properties,
+        now=now,
+    )
+    customer: str = doc["subject"]  # checked by encode_checked: a non-empty string
+    return customer, payload
+
+
 def admit(
     docs: list[Any], rules: EventRules, source: str, now: datetime | None = None
 ) -> tuple[list[tuple[bytes, bytes]], list[Problem]]:
@@ -121,33 +172,14 @@ def admit(
     now = now or datetime.now(UTC)
     messages: list[tuple[bytes, bytes]] = []
     problems: list[Problem] = []
-    stamp = now.isoformat()
     for index, doc in enumerate(docs):
         try:
-            if isinstance(doc, dict) and "time" not in doc:
-                doc = {**doc, "time": stamp}
-            event = decode_document(doc, rules.catalogue)
-            if event.source != source:
-                raise InvalidEventError(
-                    "source",
-                    f"this API key sends events of source {source!r}, not {event.source!r:.80}",
-                )
-            payload = encode_checked(
-                rules,
-                source=source,
-                event_id=event.event_id,
-                customer=event.customer_id,
-                meter=event.meter,
-                value=event.value,
-                event_time=event.event_time,
-                properties=event.properties,
-                now=now,
-            )
+            customer, payload = _checked(doc, rules, source, now)
         except InvalidEventError as exc:
             head, dot, rest = exc.field.partition(".")
             field = _CLOUDEVENTS_FIELD.get(head, head) + dot + rest
             problems.append(Problem(index, field, exc.reason))
             continue
         # key = customer id so one customer's events stay ordered in one partition.
-        messages.append((event.customer_id.encode(), payload))
+        messages.append((customer.encode(), payload))
     return messages, problems

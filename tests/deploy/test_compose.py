@@ -37,7 +37,7 @@ def test_no_secret_is_written_in_the_compose_file() -> None:
 
 def test_the_stack_has_every_stage(compose: dict[str, Any]) -> None:
     commands = [service["command"][0] for service in meterstream_services(compose).values()]
-    assert sorted(commands) == ["aggregate", "aggregate", "migrate", "report"]
+    assert sorted(commands) == ["aggregate", "aggregate", "migrate", "report", "serve"]
     services = compose["services"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"

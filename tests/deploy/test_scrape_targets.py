@@ -8,7 +8,7 @@ from meterstream.settings import Settings
 from tests.deploy.conftest import PROMETHEUS_DIR, meterstream_services
 
 # Long-running subcommands that serve /metrics, and the scrape job that should find them.
-JOB_OF_COMMAND = {"aggregate": "aggregator", "report": "reporter"}
+JOB_OF_COMMAND = {"aggregate": "aggregator", "report": "reporter", "serve": "http"}
 
 
 def served_targets(compose: dict[str, Any]) -> dict[str, set[str]]:
@@ -33,7 +33,17 @@ def test_every_metrics_server_listens_on_the_compose_network(compose: dict[str, 
         if service["command"][0] in JOB_OF_COMMAND:
             host = service["environment"].get("METERSTREAM_METRICS_HOST")
             assert host == "0.0.0.0", name  # noqa: S104 - inside the compose network
-            assert not service.get("ports"), f"{name} publishes its port beyond the network"
+            metrics_port = service["environment"].get("METERSTREAM_METRICS_PORT", "9464")
+            # docker compose config writes ports in the long form ({"target": 8480, ...}).
+            published = [
+                str(p["target"]) if isinstance(p, dict) else str(p).rsplit(":", 1)[-1]
+                for p in service.get("ports", [])
+            ]
+            assert metrics_port not in published, f"{name} publishes /metrics beyond the network"
+            if service["command"][0] == "serve":  # the API itself is published, nothing else
+                assert published == [service["environment"]["METERSTREAM_HTTP_PORT"]], name
+            else:
+                assert not published, f"{name} publishes a port beyond the network"
 
 
 def scraped_targets(prometheus_config: dict[str, Any]) -> dict[str, set[str]]:

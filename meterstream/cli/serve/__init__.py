@@ -32,7 +32,7 @@ def serve(ctx: click.Context) -> None:
     from meterstream.cli.serve.app import ServerParts, build_app
     from meterstream.db import build_engine
     from meterstream.meters import load_catalogue
-    from meterstream.metrics import HttpMetrics
+    from meterstream.metrics import HttpMetrics, serve_metrics
 
     settings = settings_or_exit()
     options = ctx.find_object(LogOptions) or LogOptions()
@@ -43,7 +43,11 @@ def serve(ctx: click.Context) -> None:
     engine = build_engine(settings)
     try:
         _check_schema(engine)
-        app = build_app(ServerParts(settings, catalogue, engine, HttpMetrics()))
+        metrics = HttpMetrics()
+        app = build_app(ServerParts(settings, catalogue, engine, metrics))
+        # /metrics on the API port, and on the metrics port as the other stages serve it (what
+        # Prometheus scrapes inside a deployment's network).
+        serve_metrics(settings, metrics.registry)
         click.echo(
             f"meterstream serve on http://{settings.http_host}:{settings.http_port} "
             f"(topic {settings.topic!r})",
@@ -181,6 +185,7 @@ def _engine() -> Iterator[Engine]:
 
     engine = build_engine(settings_or_exit())
     try:
+        _check_schema(engine)
         yield engine
     finally:
         engine.dispose()

@@ -64,7 +64,7 @@ def build_app(parts: ServerParts) -> FastAPI:
         yield
         if webhooks is not None:
             await run_in_threadpool(webhooks.stop)
-        left = await run_in_threadpool(producer.close, _CLOSE_TIMEOUT_S)
+        left = await producer.close(_CLOSE_TIMEOUT_S)
         if left:
             _log.error("%d events were not acknowledged by Kafka at shutdown (answered 503)", left)
 

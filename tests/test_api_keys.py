@@ -1,0 +1,83 @@
+"""meterstream.api_keys on PostgreSQL and SQLite: keys made, checked, cached and revoked."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine, select
+
+from meterstream.api_keys import KeyVerifier, create_key, list_keys, revoke_key
+from meterstream.errors import ApiKeyError
+from meterstream.schema import api_keys
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_key_is_stored_as_a_digest_and_checked_through_the_cache(
+    migrated_engine: Engine,
+) -> None:
+    key, text = create_key(migrated_engine, "checkout", "checkout-svc", "ingest")
+    with migrated_engine.connect() as connection:
+        row = connection.execute(select(api_keys)).one()
+    secret = text.rsplit("_", 1)[1]
+    assert secret.encode() not in bytes(row.secret_sha256) and secret not in str(tuple(row))
+    clock = _Clock()
+    verifier = KeyVerifier(migrated_engine, ttl_s=5.0, clock=clock)
+    assert verifier.cached(text) is False  # not read yet
+    assert verifier.load(text) == key
+    assert verifier.cached(text) == key
+    wrong = text[:-1] + ("0" if text[-1] != "0" else "1")
+    assert verifier.cached(wrong) is None  # same id, another secret: refused from the cache
+    assert verifier.cached("Bearer nonsense") is None
+
+    revoke_key(migrated_engine, "checkout")
+    assert verifier.cached(text) == key  # within the cache period the server still trusts it
+    clock.now += 5.0
+    assert verifier.cached(text) is False
+    assert verifier.load(text) is None
+    assert verifier.cached(text) is None
+    assert [(k.name, k.revoked_at is not None) for k in list_keys(migrated_engine)] == [
+        ("checkout", True)
+    ]
+
+
+def test_unknown_keys_are_remembered_too_and_the_cache_is_bounded(
+    migrated_engine: Engine,
+) -> None:
+    verifier = KeyVerifier(migrated_engine, ttl_s=60.0)
+    unknown = "msk_" + "a" * 16 + "_" + "b" * 64
+    assert verifier.load(unknown) is None
+    assert verifier.cached(unknown) is None  # no second database read for it
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "scope", "words"),
+    [
+        ("", "s", "ingest", "name"),
+        ("has space", "s", "ingest", "name"),
+        ("ok", "", "ingest", "--source"),
+        ("ok", "a\x00b", "ingest", "--source"),
+        ("ok", "s", "admin", "--scope"),
+    ],
+)
+def test_bad_names_sources_and_scopes_are_refused(
+    migrated_engine: Engine, name: str, source: str, scope: str, words: str
+) -> None:
+    with pytest.raises(ApiKeyError, match=words):
+        create_key(migrated_engine, name, source, scope)  # type: ignore[arg-type]
+
+
+def test_a_name_is_never_reused_and_revoking_an_unknown_name_says_so(
+    migrated_engine: Engine,
+) -> None:
+    create_key(migrated_engine, "svc", "s", "all")
+    revoke_key(migrated_engine, "svc")
+    with pytest.raises(ApiKeyError, match="exists already"):
+        create_key(migrated_engine, "svc", "s", "all")
+    with pytest.raises(ApiKeyError, match="no API key named"):
+        revoke_key(migrated_engine, "nobody")

@@ -423,8 +423,10 @@ def seed_on_failure(seed: int, describe: Callable[[], str]) -> Iterator[None]:
 @pytest.mark.timeout(600)  # generous: the waits inside name what they wait for
 @pytest.mark.parametrize(
     ("stream", "database"),
-    [(False, "postgresql"), (True, "postgresql"), (False, "sqlite")],
-    ids=["v1-postgresql", "stream-postgresql", "v1-sqlite"],  # SQLite: the demo's setup
+    # Each mode once and each database once, to keep CI in its budget: v1 on SQLite (the
+    # demo's setup), the stream on PostgreSQL (production's).
+    [(True, "postgresql"), (False, "sqlite")],
+    ids=["stream-postgresql", "v1-sqlite"],
 )
 def test_kills_and_stripe_faults_keep_stripes_totals_exact(
     stream: bool,

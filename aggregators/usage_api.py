@@ -16,13 +16,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
-from aggregators.usage_query import RequestedWindow, Usage, query_usage
-from meterstream.errors import UsageQueryError
+from aggregators.usage_query import RequestedWindow, Usage, WindowUsage, query_usage
+from meterstream.errors import InvalidQueryError
 from meterstream.events import format_value
 from meterstream.http.answers import ErrorBody
 from meterstream.meters import Catalogue, Meter
 
 _DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"
+# A meter has at most a handful of dimensions (Stripe allows few), each a short name.
+_MAX_GROUP_BY_CHARS = 1000
 
 
 class WindowAnswer(BaseModel):
@@ -39,6 +41,18 @@ class WindowAnswer(BaseModel):
     )
 
 
+class GroupAnswer(BaseModel):
+    """One group of ``group_by``: its dimension values and its windows."""
+
+    dimensions: dict[str, str] = Field(
+        description="the group's value of each dimension grouped by ('' for totals stored "
+        "before the meter had that dimension)"
+    )
+    windows: list[WindowAnswer] = Field(
+        description="in time order; windows without events left out"
+    )
+
+
 class UsageAnswer(BaseModel):
     customer: str
     meter: str
@@ -46,8 +60,16 @@ class UsageAnswer(BaseModel):
     window: str = Field(description="the window of each answer: 1m, 1h, 1d, 1mo or total")
     start: datetime = Field(serialization_alias="from")
     end: datetime = Field(serialization_alias="to")
-    windows: list[WindowAnswer] = Field(
-        description="in time order; windows without events left out"
+    windows: list[WindowAnswer] | None = Field(
+        None,
+        description="without group_by: in time order, each the total over all combinations "
+        "of the meter's dimensions; windows without events left out",
+    )
+    group_by: list[str] | None = Field(None, description="with group_by: the dimensions")
+    groups: list[GroupAnswer] | None = Field(
+        None,
+        description="with group_by: one series per group of dimension values that has usage "
+        "in the range, ordered by those values",
     )
 
 
@@ -93,7 +115,9 @@ def usage_router(routes: UsageRoutes) -> APIRouter:
         "/v1/usage",
         response_model=UsageAnswer,
         response_model_by_alias=True,
-        summary="Exact usage of one customer and meter, per window or in total",
+        response_model_exclude_none=True,
+        summary="Exact usage of one customer and meter, per window or in total, optionally "
+        "grouped by dimensions",
         responses={
             400: {"model": ErrorBody, "description": "no exact answer: the error says why"},
             **_REFUSALS,
@@ -108,6 +132,16 @@ def usage_router(routes: UsageRoutes) -> APIRouter:
             Literal["1m", "1h", "1d", "1mo", "total"] | None,
             Query(description="the meter's own window (the default), 1h, 1d or total"),
         ] = None,
+        group_by: Annotated[
+            str | None,
+            Query(
+                max_length=_MAX_GROUP_BY_CHARS,
+                description="comma-separated dimensions of the meter (e.g. model,region): one "
+                "series per group of their values, in `groups`; without it, `windows` holds "
+                "the total over all combinations (a unique_count meter with dimensions must "
+                "be grouped by all of them: distinct counts do not add up)",
+            ),
+        ] = None,
     ) -> UsageAnswer:
         try:
             found = _meter(routes.catalogue, meter)
@@ -121,8 +155,9 @@ def usage_router(routes: UsageRoutes) -> APIRouter:
                 window=_requested(found, window),
                 now=routes.clock(),
                 retention_days=routes.retention_days,
+                group_by=None if group_by is None else _dimensions(group_by),
             )
-        except UsageQueryError as exc:
+        except InvalidQueryError as exc:
             raise HTTPException(400, str(exc)) from None
         return _answer(answer)
 
@@ -144,7 +179,7 @@ def _meter(catalogue: Catalogue, name: str) -> Meter:
     found = catalogue.get(name)
     if found is None:
         known = ", ".join(sorted(catalogue.meters))
-        raise UsageQueryError("meter", f"no meter {name!r:.100} in the catalogue; known: {known}")
+        raise InvalidQueryError("meter", f"no meter {name!r:.100} in the catalogue; known: {known}")
     return found
 
 
@@ -153,12 +188,22 @@ def _requested(meter: Meter, window: str | None) -> RequestedWindow:
         return "own"
     if window in ("1h", "1d", "total"):
         return window  # type: ignore[return-value]  # narrowed by the test above
-    raise UsageQueryError(
+    raise InvalidQueryError(
         "window", f"meter {meter.name!r} has {meter.window} windows; ask for it, 1h, 1d or total"
     )
 
 
+def _dimensions(group_by: str) -> list[str]:
+    names = [name.strip() for name in group_by.split(",")]
+    if not all(names):
+        raise InvalidQueryError(
+            "group_by", f"names dimensions separated by commas, none empty; got {group_by!r:.100}"
+        )
+    return names
+
+
 def _answer(usage: Usage) -> UsageAnswer:
+    grouped = bool(usage.group_by)
     return UsageAnswer(
         customer=usage.customer,
         meter=usage.meter.name,
@@ -166,17 +211,30 @@ def _answer(usage: Usage) -> UsageAnswer:
         window=usage.window,
         start=usage.start,
         end=usage.end,
-        windows=[
-            WindowAnswer(
-                start=w.start,
-                end=w.end,
-                value=format_value(w.value),
-                events=w.events,
-                revision=w.revision,
-            )
-            for w in usage.windows
-        ],
+        windows=None if grouped else _windows(usage.windows),
+        group_by=list(usage.group_by) if grouped else None,
+        groups=(
+            [
+                GroupAnswer(dimensions=g.dimensions, windows=_windows(g.windows))
+                for g in usage.groups
+            ]
+            if grouped
+            else None
+        ),
     )
+
+
+def _windows(windows: list[WindowUsage]) -> list[WindowAnswer]:
+    return [
+        WindowAnswer(
+            start=w.start,
+            end=w.end,
+            value=format_value(w.value),
+            events=w.events,
+            revision=w.revision,
+        )
+        for w in windows
+    ]
 
 
 def _meter_answer(meter: Meter) -> MeterAnswer:

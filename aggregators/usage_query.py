@@ -4,7 +4,7 @@ Read from ``window_totals`` (the aggregators' table) by its primary key (custome
 window_start): one index range scan, bounded by :data:`MAX_WINDOWS` of the meter's own windows,
 so a query costs the same in the tenth year as in the first.
 
-Rolling windows up is exact for each aggregation, or refused (:class:`UsageQueryError`):
+Rolling windows up is exact for each aggregation, or refused (:class:`InvalidQueryError`):
 - ``sum`` and ``count`` add;
 - ``max`` and ``min`` take the largest or smallest;
 - ``last`` takes the value of the window whose last event is latest (by event time, then id,
@@ -12,6 +12,12 @@ Rolling windows up is exact for each aggregation, or refused (:class:`UsageQuery
 - ``unique_count``: distinct counts of two months cannot be added (a user active in both would
   count twice), and the digests that would allow it are pruned soon after a month closes; so a
   query over more than one of its months is refused, never answered wrong.
+
+A meter with dimensions keeps one row per window and combination of its dimension values.
+Without ``group_by`` the combinations of a window are merged into one total by the same rules
+(a unique_count refuses: one value seen under two combinations would count twice); with
+``group_by`` (some of the dimensions) there is one series per group of their values
+(meterstream/grouped_totals.py decides which groupings are exact).
 
 A window is half-open ``[start, end)`` in UTC. ``from`` and ``to`` must fall on boundaries of
 the requested window (a stored window cannot be split), and windows no event reached are left
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, Inexact, localcontext
 from typing import Any, Literal
@@ -31,7 +37,9 @@ from typing import Any, Literal
 from sqlalchemy import Engine, Row, select
 
 from aggregators.windows import window_bounds
-from meterstream.errors import UsageQueryError
+from meterstream.dimensions import combination_values
+from meterstream.errors import InvalidQueryError
+from meterstream.grouped_totals import check_group_by
 from meterstream.meters import Catalogue, Meter
 from meterstream.schema import window_totals
 
@@ -61,8 +69,17 @@ class WindowUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupUsage:
+    """One group's series: its values of the dimensions grouped by, and its windows."""
+
+    dimensions: dict[str, str]
+    windows: list[WindowUsage]
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
-    """The answer to one query: the meter, the range, the window asked for, the windows."""
+    """The answer to one query: the meter, the range, the window asked for, and either the
+    windows over all combinations (no ``group_by``) or one series per group."""
 
     customer: str
     meter: Meter
@@ -70,6 +87,8 @@ class Usage:
     end: datetime
     window: str
     windows: list[WindowUsage]
+    group_by: tuple[str, ...] = ()
+    groups: list[GroupUsage] = field(default_factory=list)
 
 
 def query_usage(
@@ -83,25 +102,38 @@ def query_usage(
     window: RequestedWindow,
     now: datetime,
     retention_days: int,
+    group_by: Sequence[str] | None = None,
 ) -> Usage:
     """``customer``'s usage of ``meter`` in ``[start, end)``, per ``window`` (the meter's own,
-    ``1h``, ``1d``) or as one ``total``.
+    ``1h``, ``1d``) or as one ``total``; over all combinations of the meter's dimensions, or,
+    with ``group_by`` (dimension names), one series per group of their values.
 
-    Raises UsageQueryError naming the parameter when the meter is unknown, the range is empty,
+    Raises InvalidQueryError naming the parameter when the meter is unknown, the range is empty,
     too wide, older than the retention of window totals (``retention_days`` before ``now``),
-    not on the window's boundaries, or when the rollup cannot be exact.
+    not on the window's boundaries, or when the rollup or the grouping cannot be exact.
     """
     if not customer or _CONTROL.search(customer):
-        raise UsageQueryError("customer", "must be a customer id without control characters")
+        raise InvalidQueryError("customer", "must be a customer id without control characters")
     found = catalogue.get(meter)
     if found is None:
         known = ", ".join(sorted(catalogue.meters))
-        raise UsageQueryError("meter", f"no meter {meter!r:.100} in the catalogue; known: {known}")
+        raise InvalidQueryError(
+            "meter", f"no meter {meter!r:.100} in the catalogue; known: {known}"
+        )
+    grouping = tuple(group_by or ())
+    check_group_by(found, grouping)
     start, end = _utc("from", start), _utc("to", end)
     _check_range(found, start, end, window, now, retention_days)
     rows = _stored(engine, customer, found.name, start, end)
     label = found.window if window == "own" else window
-    return Usage(customer, found, start, end, label, _rolled_up(found, rows, start, end, window))
+    series = _rolled_up(found, rows, start, end, window, grouping)
+    if not grouping:
+        return Usage(customer, found, start, end, label, series.get((), []))
+    groups = [
+        GroupUsage(dict(zip(grouping, values, strict=True)), windows)
+        for values, windows in sorted(series.items())
+    ]
+    return Usage(customer, found, start, end, label, [], grouping, groups)
 
 
 def _check_range(
@@ -113,17 +145,17 @@ def _check_range(
     retention_days: int,
 ) -> None:
     if end <= start:
-        raise UsageQueryError("to", f"must be after from ({_iso(start)}), got {_iso(end)}")
+        raise InvalidQueryError("to", f"must be after from ({_iso(start)}), got {_iso(end)}")
     if end > now + FURTHEST_AHEAD:
-        raise UsageQueryError("to", f"at most {FURTHEST_AHEAD.days} days ahead of now")
+        raise InvalidQueryError("to", f"at most {FURTHEST_AHEAD.days} days ahead of now")
     if start < now - timedelta(days=retention_days):
-        raise UsageQueryError(
+        raise InvalidQueryError(
             "from",
             f"{_iso(start)} is more than {retention_days} days ago "
             "(METERSTREAM_WINDOW_RETENTION_DAYS): older windows are pruned",
         )
     if window in ("1h", "1d") and window not in _DIVIDES[meter.window]:
-        raise UsageQueryError(
+        raise InvalidQueryError(
             "window",
             f"{window} is not a whole number of meter {meter.name!r}'s {meter.window} windows; "
             f"ask for window={meter.window} or total",
@@ -132,18 +164,18 @@ def _check_range(
     for name, at in (("from", start), ("to", end)):
         for size in {own, own if window in ("own", "total") else window}:
             if window_bounds(at, size)[0] != at:  # type: ignore[arg-type]
-                raise UsageQueryError(
+                raise InvalidQueryError(
                     name, f"{_iso(at)} is not on a {size} window boundary (UTC); windows are whole"
                 )
     count = _own_windows(own, start, end)
     if count > MAX_WINDOWS:
-        raise UsageQueryError(
+        raise InvalidQueryError(
             "to",
             f"the range holds {count} {own} windows of meter {meter.name!r}; at most "
             f"{MAX_WINDOWS} per query: ask for a shorter range",
         )
     if meter.aggregation == "unique_count" and window == "total" and count > 1:
-        raise UsageQueryError(
+        raise InvalidQueryError(
             "window",
             f"meter {meter.name!r} counts distinct values per month; distinct counts of several "
             "months cannot be added (one value seen in two months would count twice): ask for "
@@ -153,11 +185,11 @@ def _check_range(
 
 def _utc(name: str, at: datetime) -> datetime:
     if at.tzinfo is None or at.utcoffset() is None:
-        raise UsageQueryError(name, "must carry a UTC offset (e.g. 2026-11-24T00:00:00Z)")
+        raise InvalidQueryError(name, "must carry a UTC offset (e.g. 2026-11-24T00:00:00Z)")
     try:
         return at.astimezone(UTC)
     except OverflowError:
-        raise UsageQueryError(name, f"{at.isoformat()} is out of range in UTC") from None
+        raise InvalidQueryError(name, f"{at.isoformat()} is out of range in UTC") from None
 
 
 def _own_windows(own: str, start: datetime, end: datetime) -> int:
@@ -174,6 +206,7 @@ def _stored(
         select(
             c.window_start,
             c.window_end,
+            c.combination,
             c.value,
             c.events,
             c.revision,
@@ -189,27 +222,39 @@ def _stored(
 
 
 def _rolled_up(
-    meter: Meter, rows: list[Row[Any]], start: datetime, end: datetime, window: RequestedWindow
-) -> list[WindowUsage]:
-    if window == "own":
-        return [
-            WindowUsage(r.window_start, r.window_end, r.value, r.events, r.revision) for r in rows
-        ]
-    groups: dict[tuple[datetime, datetime], list[Row[Any]]] = {}
-    for row in rows:
-        bounds = (start, end) if window == "total" else window_bounds(row.window_start, window)
-        groups.setdefault(bounds, []).append(row)
-    return [
-        _combined(meter, bounds_start, bounds_end, group)
-        for (bounds_start, bounds_end), group in groups.items()
-    ]
+    meter: Meter,
+    rows: list[Row[Any]],
+    start: datetime,
+    end: datetime,
+    window: RequestedWindow,
+    group_by: tuple[str, ...],
+) -> dict[tuple[str, ...], list[WindowUsage]]:
+    """Per group of ``group_by`` values (``()`` when none), its windows in time order: the
+    rows of each requested window and group (its stored windows and their combinations)
+    merged by :func:`_combined`."""
+    buckets: dict[tuple[str, ...], dict[tuple[datetime, datetime], list[Row[Any]]]] = {}
+    for row in rows:  # in window_start order, so each group's windows are too
+        if window == "own":
+            bounds = (row.window_start, row.window_end)
+        elif window == "total":
+            bounds = (start, end)
+        else:
+            bounds = window_bounds(row.window_start, window)
+        values = combination_values(row.combination) if group_by else {}
+        group = tuple(values.get(name, "") for name in group_by)
+        buckets.setdefault(group, {}).setdefault(bounds, []).append(row)
+    return {
+        group: [_combined(meter, s, e, merged) for (s, e), merged in windows.items()]
+        for group, windows in buckets.items()
+    }
 
 
 def _combined(
     meter: Meter, start: datetime, end: datetime, rows: Sequence[Row[Any]]
 ) -> WindowUsage:
     aggregation = meter.aggregation
-    if aggregation in ("sum", "count", "unique_count"):  # unique_count: one month at most here
+    # unique_count: one month and one combination at most here (refused before otherwise)
+    if aggregation in ("sum", "count", "unique_count"):
         with localcontext() as exact:
             # Totals reach 30 digits and more; the default 28 would round their sum.
             exact.prec = 80

@@ -9,8 +9,9 @@ MeterstreamError
  +-- InvalidEventError         a usage event broke a rule; names the field and the reason
  |    +-- HeaderError          a Kafka message's headers break the CloudEvents binding
  |    +-- MissingDimensionError a meter's dimension has no value and no default
- +-- InvalidQueryError         a read of the totals asked what they cannot answer; names the
- |                             parameter and the reason
+ +-- InvalidQueryError         a read of the totals (meterstream totals, GET /v1/usage) asked
+ |                             what they cannot answer exactly; names the parameter and the
+ |                             reason (UsageQueryError is another name for it)
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- KafkaNotAcknowledgedError Kafka did not acknowledge every event of an HTTP request in
@@ -18,7 +19,6 @@ MeterstreamError
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
- +-- UsageQueryError           a usage query that cannot be answered exactly; names the parameter
  +-- BatchError                an aggregator batch was not applied; the worker sends it again
  |    +-- OutOfOrderError      it reached the applying child before its predecessor committed
  |    +-- BatchFailedError     the child could not apply it; nothing of it was kept
@@ -93,12 +93,19 @@ class MissingDimensionError(InvalidEventError):
 
 class InvalidQueryError(MeterstreamError):
     """A read of the stored totals (``meterstream totals``, the usage API) asked for something
-    they cannot answer; ``parameter`` and ``reason`` say what and why."""
+    they cannot answer exactly (an unknown meter or dimension, a range too wide or off the
+    window boundaries, a merge that cannot be exact); ``parameter`` names the parameter at
+    fault and ``reason`` says why and what to ask instead."""
 
     def __init__(self, parameter: str, reason: str) -> None:
         self.parameter = parameter
         self.reason = reason
         super().__init__(f"{parameter}: {reason}")
+
+
+# The usage API's name for the same refusal, from before the two reads shared one error; the
+# same class, so catching either catches both.
+UsageQueryError = InvalidQueryError
 
 
 class BrokerUnavailableError(MeterstreamError):
@@ -178,17 +185,6 @@ class AcknowledgementMismatchError(LedgerError):
 
 class ReplayError(MeterstreamError):
     """Kafka did not acknowledge every dead letter sent back; the replay can be run again."""
-
-
-class UsageQueryError(MeterstreamError):
-    """A usage query cannot be answered exactly (an unknown meter, a range too wide or off the
-    window boundaries, a rollup that cannot be exact); ``parameter`` names the query parameter
-    at fault and the message says what to ask instead."""
-
-    def __init__(self, parameter: str, reason: str) -> None:
-        self.parameter = parameter
-        self.reason = reason
-        super().__init__(f"{parameter}: {reason}")
 
 
 class BatchError(MeterstreamError):

@@ -26,7 +26,7 @@ from meterstream.errors import InvalidQueryError
 from meterstream.meters import Meter
 from meterstream.schema import window_totals
 
-__all__ = ["GroupedTotal", "grouped_totals"]
+__all__ = ["GroupedTotal", "check_group_by", "grouped_totals"]
 
 _LONGEST_WINDOW = timedelta(days=31)  # a calendar month
 
@@ -109,6 +109,17 @@ def grouped_totals(
 def _check(
     meter: Meter, group_by: Sequence[str], since: datetime | None, until: datetime | None
 ) -> None:
+    check_group_by(meter, group_by)
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None and moment.tzinfo is None:
+            raise InvalidQueryError(name, f"must be timezone-aware, got {moment.isoformat()}")
+    if since is not None and until is not None and since >= until:
+        raise InvalidQueryError("until", f"must be after since ({since.isoformat()})")
+
+
+def check_group_by(meter: Meter, group_by: Sequence[str]) -> None:
+    """Raises InvalidQueryError naming ``group_by`` unless ``meter``'s combinations can be
+    merged exactly into groups by those dimensions (none: one total over all combinations)."""
     unknown = [name for name in group_by if name not in meter.dimensions]
     if unknown:
         known = ", ".join(meter.dimensions) or "none"
@@ -125,11 +136,6 @@ def _check(
             f"{', '.join(meter.dimensions)}; they do not add up across combinations (one value "
             "seen under two would count twice): group by all of them",
         )
-    for name, moment in (("since", since), ("until", until)):
-        if moment is not None and moment.tzinfo is None:
-            raise InvalidQueryError(name, f"must be timezone-aware, got {moment.isoformat()}")
-    if since is not None and until is not None and since >= until:
-        raise InvalidQueryError("until", f"must be after since ({since.isoformat()})")
 
 
 def _merge(

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from aggregators.batch import BatchApplier, Message
 from aggregators.usage_query import MAX_WINDOWS, Usage, query_usage
-from meterstream.errors import UsageQueryError
+from meterstream.errors import InvalidQueryError
 from meterstream.events import UsageEvent, encode_event
 from meterstream.meters import load_catalogue
 from meterstream.metrics import AggregatorMetrics
@@ -140,7 +140,7 @@ def test_unique_counts_of_several_months_are_refused_not_added(migrated_engine: 
             ("c1", "active_users", 1, datetime(2026, 11, 3, tzinfo=UTC), {"user_id": "u2"}),
         ],
     )
-    with pytest.raises(UsageQueryError, match="cannot be added") as refused:
+    with pytest.raises(InvalidQueryError, match="cannot be added") as refused:
         _query(migrated_engine, "active_users", OCTOBER, DECEMBER, "total")
     assert refused.value.parameter == "window"
     [november] = _query(migrated_engine, "active_users", NOVEMBER, DECEMBER, "total").windows
@@ -172,7 +172,7 @@ def test_questions_without_an_exact_answer_are_refused_naming_the_parameter(
     window: Any,
     parameter: str,
 ) -> None:
-    with pytest.raises(UsageQueryError) as refused:
+    with pytest.raises(InvalidQueryError) as refused:
         _query(migrated_engine, meter, start, end, window)
     assert refused.value.parameter == parameter
 
@@ -225,7 +225,7 @@ def test_any_question_gets_an_exact_answer_or_a_named_refusal(
     meter, start, end, window = question
     try:
         asked = _query(usage_engine, meter, start, end, window)
-    except UsageQueryError as exc:
+    except InvalidQueryError as exc:
         assert exc.parameter in ("meter", "from", "to", "window", "customer")
         return
     own = _query(usage_engine, meter, start, end, "own")

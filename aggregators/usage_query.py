@@ -1,8 +1,9 @@
 """Usage as the database holds it, for product teams: exact totals per window, or rolled up.
 
 Read from ``window_totals`` (the aggregators' table) by its primary key (customer, meter,
-window_start): one index range scan, bounded by :data:`MAX_WINDOWS` of the meter's own windows,
-so a query costs the same in the tenth year as in the first.
+window_start): one index range scan, bounded by :data:`MAX_WINDOWS` of the meter's own windows
+and :data:`MAX_STORED_ROWS` rows (windows times combinations), so a query costs the same in the
+tenth year as in the first.
 
 Rolling windows up is exact for each aggregation, or refused (:class:`InvalidQueryError`):
 - ``sum`` and ``count`` add;
@@ -48,6 +49,9 @@ REQUESTED_WINDOWS: tuple[RequestedWindow, ...] = ("own", "1h", "1d", "total")
 # The most of a meter's own windows one query reads: 1m windows for about a week, 1h windows
 # for over a year. A wider range is refused, with this figure in the message.
 MAX_WINDOWS = 10_000
+# The most stored rows one query reads: windows times combinations of a meter with dimensions
+# (up to METERSTREAM_MAX_COMBINATIONS per window). One more is read to tell; then refused.
+MAX_STORED_ROWS = 100_000
 # A range ending further ahead than this holds no usage yet, and dates near year 9999 have no
 # next window: refused rather than computed.
 FURTHEST_AHEAD = timedelta(days=400)
@@ -103,6 +107,7 @@ def query_usage(
     now: datetime,
     retention_days: int,
     group_by: Sequence[str] | None = None,
+    max_rows: int = MAX_STORED_ROWS,
 ) -> Usage:
     """``customer``'s usage of ``meter`` in ``[start, end)``, per ``window`` (the meter's own,
     ``1h``, ``1d``) or as one ``total``; over all combinations of the meter's dimensions, or,
@@ -124,7 +129,13 @@ def query_usage(
     check_group_by(found, grouping)
     start, end = _utc("from", start), _utc("to", end)
     _check_range(found, start, end, window, now, retention_days)
-    rows = _stored(engine, customer, found.name, start, end)
+    rows = _stored(engine, customer, found.name, start, end, max_rows + 1)
+    if len(rows) > max_rows:
+        raise InvalidQueryError(
+            "to",
+            f"the range holds more than {max_rows} stored totals of meter {found.name!r} "
+            "(windows times combinations of its dimensions); ask for a shorter range",
+        )
     label = found.window if window == "own" else window
     series = _rolled_up(found, rows, start, end, window, grouping)
     if not grouping:
@@ -199,7 +210,7 @@ def _own_windows(own: str, start: datetime, end: datetime) -> int:
 
 
 def _stored(
-    engine: Engine, customer: str, meter: str, start: datetime, end: datetime
+    engine: Engine, customer: str, meter: str, start: datetime, end: datetime, limit: int
 ) -> list[Row[Any]]:
     c = window_totals.c
     query = (
@@ -216,6 +227,7 @@ def _stored(
         .where(c.customer_id == customer, c.meter == meter)
         .where(c.window_start >= start, c.window_start < end)
         .order_by(c.window_start)
+        .limit(limit)
     )
     with engine.connect() as connection:
         return list(connection.execute(query))

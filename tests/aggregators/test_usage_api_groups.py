@@ -22,6 +22,7 @@ from aggregators.batch import BatchApplier, Message
 from aggregators.usage_query import query_usage
 from meterstream.api_keys import create_key
 from meterstream.db import build_engine, migrate
+from meterstream.errors import InvalidQueryError
 from meterstream.events import UsageEvent, encode_event
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import AggregatorMetrics
@@ -167,6 +168,11 @@ def test_usage_of_meters_with_dimensions_over_http(
             ({"model": "m1"}, "1"),
             ({"model": "m2"}, "2"),
         ]
+        # The OpenAPI document (made from the code) describes the parameter and the groups.
+        document = requests.get(f"{base}/openapi.json", timeout=30).json()
+        parameters = document["paths"]["/v1/usage"]["get"]["parameters"]
+        assert "group_by" in {p["name"] for p in parameters}
+        assert "groups" in document["components"]["schemas"]["UsageAnswer"]["properties"]
         # Refusals: 400 naming group_by.
         for meter, group_by in (
             ("g_unique", None),
@@ -256,3 +262,33 @@ def test_groups_add_up_to_the_ungrouped_total(
                 added[w.start] = (value + w.value, count + w.events)
         assert added == {w.start: (w.value, w.events) for w in whole.windows}
         assert sum(w.events for w in whole.windows) == len(drawn)
+
+
+def test_a_query_reading_more_stored_totals_than_its_limit_is_refused(
+    applied_engine: tuple[Engine, Catalogue],
+) -> None:
+    engine, catalogue = applied_engine
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    _apply(
+        engine,
+        catalogue,
+        [
+            _event(f"r{i}", "g_sum", 1, hour, model, "eu")
+            for i, model in enumerate(("m1", "m2", "m3"))
+        ],
+    )
+    query: dict[str, Any] = {
+        "customer": "c1",
+        "meter": "g_sum",
+        "start": hour,
+        "end": hour + timedelta(hours=1),
+        "window": "total",
+        "now": now,
+        "retention_days": 35,
+    }
+    # One window, three combinations: three stored rows.
+    assert [w.value for w in query_usage(engine, catalogue, **query, max_rows=3).windows] == [3]
+    with pytest.raises(InvalidQueryError) as refused:
+        query_usage(engine, catalogue, **query, max_rows=2)
+    assert refused.value.parameter == "to" and "more than 2 stored totals" in refused.value.reason

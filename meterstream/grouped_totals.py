@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
 
 from sqlalchemy import Connection, select
 
@@ -29,6 +29,9 @@ from meterstream.schema import window_totals
 __all__ = ["GroupedTotal", "check_group_by", "grouped_totals"]
 
 _LONGEST_WINDOW = timedelta(days=31)  # a calendar month
+# Totals of 12 decimals reach 29 digits and more; the default 28 would round their sum, so
+# sums are made with room to spare, and a rounding that still happened raises.
+_EXACT = Context(prec=80, traps=[Inexact, InvalidOperation, Overflow])
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,8 @@ def _merge(
 ) -> None:
     running.events += events
     if meter.aggregation in ("sum", "count"):
-        running.value += value
+        with localcontext(_EXACT):
+            running.value += value
     elif meter.aggregation == "max":
         running.value = max(running.value, value)
     elif meter.aggregation == "min":

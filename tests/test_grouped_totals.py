@@ -8,6 +8,7 @@ import json
 import os
 import random
 from collections import defaultdict
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -135,3 +136,29 @@ def test_the_totals_command_groups_by_model(
     refused = meterstream(env, "totals", "--meter", "d_sum", "--group-by", "tier")
     assert refused.returncode == 2
     assert "group_by: meter 'd_sum' has no dimension 'tier'" in refused.stderr
+
+
+def test_sums_of_wide_totals_are_merged_without_rounding(migrated_engine: Engine) -> None:
+    # Two combinations of about 6e15 with 12 decimals each: their sum has 29 digits, one more
+    # than Decimal's default context keeps.
+    value = Decimal("999999999999999.999999999999")
+    at = NOW - timedelta(hours=1)
+    events = [
+        UsageEvent(
+            f"w{region}{i}", "svc", "wide", "d_sum", value, at, {"model": "m", "region": region}
+        )
+        for region in ("eu", "us")
+        for i in range(6)
+    ]
+    _applier(migrated_engine).apply([_message(e, i) for i, e in enumerate(events)])
+    with migrated_engine.connect() as connection:
+        rows = grouped_totals(
+            connection,
+            CATALOGUE.meters["d_sum"],
+            since=None,
+            until=None,
+            group_by=["model"],
+            customer_id="wide",
+        )
+    # 12 times the value, written out (multiplying in the default context would round too).
+    assert [r.value for r in rows] == [Decimal("11999999999999999.999999999988")]

@@ -2,7 +2,8 @@
 
 The face (``meterstream serve``) mounts :func:`usage_router` and puts its key check (scope
 ``read``) in front of it; this module knows no server, no key, no other stage. The answers are
-aggregators/usage_query.py's, with exact values as decimal strings.
+aggregators/usage_query.py's, with exact values as decimal strings: ``windows`` over all of a
+meter's combinations of dimension values, or, with ``group_by``, ``groups`` of them.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the annotations at run time.

@@ -68,6 +68,7 @@ def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: dateti
                 _q.customer_id == window.customer_id,
                 _q.meter == window.meter,
                 _q.window_start == window.window_start,
+                _q.combination_digest == window.combination_digest,
                 _q.revision == window.queued,
             )
             again = connection.execute(
@@ -188,6 +189,7 @@ def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[Held
                         wt.customer_id == _q.customer_id,
                         wt.meter == _q.meter,
                         wt.window_start == _q.window_start,
+                        wt.combination_digest == _q.combination_digest,
                     ),
                 )
             )

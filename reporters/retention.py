@@ -63,11 +63,14 @@ _wt = window_totals.c
 
 def prunable(before: datetime) -> ColumnElement[bool]:
     """The condition a ledger row must meet to be pruned (see the module docstring)."""
+    # Per combination (one without dimensions): each combination's newest row carries its own
+    # running totals, so each is a head to keep.
     same_key = and_(
         _newer.c.customer_id == _row.customer_id,
         _newer.c.meter == _row.meter,
+        _newer.c.combination_digest == _row.combination_digest,
     )
-    # A scalar max per row (ledger_sequence, read backwards), not EXISTS: PostgreSQL would
+    # A scalar max per row (ledger_by_combination, read backwards), not EXISTS: PostgreSQL would
     # rather hash the whole ledger for a semi-join than probe the index for each candidate.
     not_head = _row.sequence < select(func.max(_newer.c.sequence)).where(same_key).scalar_subquery()
     newer_revision = exists(
@@ -82,6 +85,7 @@ def prunable(before: datetime) -> ColumnElement[bool]:
             _wt.customer_id == _row.customer_id,
             _wt.meter == _row.meter,
             _wt.window_start == _row.window_start,
+            _wt.combination_digest == _row.combination_digest,
         )
     )
     unknown_waits = exists(

@@ -75,6 +75,7 @@ def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
                     _wt.customer_id == _q.customer_id,
                     _wt.meter == _q.meter,
                     _wt.window_start == _q.window_start,
+                    _wt.combination_digest == _q.combination_digest,
                 ),
             ).outerjoin(
                 ledger,
@@ -82,6 +83,7 @@ def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
                     _l.customer_id == _wt.customer_id,
                     _l.meter == _wt.meter,
                     _l.window_start == _wt.window_start,
+                    _l.combination_digest == _wt.combination_digest,
                     _l.revision == _wt.revision,
                 ),
             )

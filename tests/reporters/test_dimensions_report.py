@@ -1,0 +1,335 @@
+"""Meters with dimensions to Stripe (issue #18): one meter event per (customer, meter, window,
+combination), the dimension values in its payload, the carry per combination.
+
+Real stripe SDK over HTTP to the emulator (which refuses an event lacking a dimension payload
+key, as Stripe does), PostgreSQL and SQLite. Tests write window_totals rows per combination
+themselves, as the aggregators do, and compare what Stripe holds per combination with the floor
+of the exact total per combination.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, select
+
+from meterstream.dimensions import combination_digest, combination_key, combination_values
+from meterstream.errors import ConfigError
+from meterstream.meters import load_catalogue
+from meterstream.metrics import ReporterMetrics
+from meterstream.report_queue import queue_combinations
+from meterstream.schema import window_totals
+from reporters.carry import exact_sum, whole_units
+from reporters.ledger import all_rows, identifier_for
+from reporters.service import connect
+from stripe_emulator import Emulator, run_stripe_emulator
+from tests.reporters.test_reporter import (
+    SECRET,
+    World,
+    hour_start,
+    run_until_acknowledged,
+    world_settings,
+)
+
+CATALOGUE = """
+[meters.tokens]
+aggregation = "sum"
+window = "1h"
+stripe_event_name = "tokens"
+
+[meters.llm_tokens]
+aggregation = "sum"
+window = "1h"
+stripe_event_name = "llm_tokens"
+dimensions = ["model", "region"]
+unit_scale = "10"
+allow_negative = true
+"""
+# event name -> (formula, dimension payload keys)
+STRIPE_METERS = {"tokens": ("sum", ()), "llm_tokens": ("sum", ("model", "region"))}
+EVENT_NAMES = {"tokens": "tokens", "llm_tokens": "llm_tokens"}
+DIMENSIONS = {"tokens": (), "llm_tokens": ("model", "region")}
+HOUR = timedelta(hours=1)
+FAULTS = ("http_500", "http_429", "drop_connection")
+CombinationTotal = tuple[str, str, tuple[tuple[str, str], ...]]  # (event, customer, values)
+
+
+def put_combination(
+    engine: Engine,
+    customer_id: str,
+    meter: str,
+    window_start: datetime,
+    values: dict[str, str],
+    value: str,
+) -> int:
+    """Upsert one combination's window total as the aggregators do: the revision grows when the
+    value changes, and the window is queued for the reporter in the same transaction."""
+    now = datetime.now(UTC)
+    combination = combination_key(values)
+    digest = combination_digest(combination)
+    key = (
+        (window_totals.c.customer_id == customer_id)
+        & (window_totals.c.meter == meter)
+        & (window_totals.c.window_start == window_start)
+        & (window_totals.c.combination_digest == digest)
+    )
+    event_time = min(window_start + timedelta(minutes=10), now)
+    with engine.begin() as connection:
+        found = connection.execute(select(window_totals.c.revision).where(key)).scalar()
+        revision = 1 if found is None else int(found) + 1
+        if found is None:
+            connection.execute(
+                window_totals.insert().values(
+                    customer_id=customer_id,
+                    meter=meter,
+                    window_start=window_start,
+                    combination=combination,
+                    combination_digest=digest,
+                    window_end=window_start + HOUR,
+                    value=Decimal(value),
+                    events=1,
+                    revision=1,
+                    last_event_time=event_time,
+                    last_event_id="e1",
+                    first_applied_at=now,
+                    updated_at=now,
+                )
+            )
+        else:
+            connection.execute(
+                window_totals.update()
+                .where(key)
+                .values(value=Decimal(value), revision=revision, updated_at=now)
+            )
+        queue_combinations(connection, [(customer_id, meter, window_start, combination, revision)])
+    return revision
+
+
+def _world_settings(emulator: Emulator, database_url: str, tmp_path: Path, **extra: Any) -> Any:
+    settings = world_settings(emulator, database_url, tmp_path, **extra)
+    settings.meters_file.write_text(CATALOGUE, encoding="utf-8")
+    return settings
+
+
+@pytest.fixture
+def dims_world(migrated_engine: Engine, database_url: str, tmp_path: Path) -> Iterator[World]:
+    with run_stripe_emulator(rate_limit_per_s=None) as emulator:
+        for event_name, (formula, keys) in STRIPE_METERS.items():
+            emulator.state.create_meter(
+                display_name=event_name,
+                event_name=event_name,
+                formula=formula,
+                dimension_payload_keys=keys,
+            )
+        for customer in ("cus_a", "cus_b", "cus_c"):
+            emulator.state.create_customer(customer_id=customer)
+        settings = _world_settings(emulator, database_url, tmp_path)
+        yield World(emulator, migrated_engine, settings, load_catalogue(settings.meters_file))
+
+
+def stripe_totals(world: World) -> dict[CombinationTotal, int]:
+    """What Stripe holds per (event name, customer, dimension values): its live events' sum."""
+    totals: dict[CombinationTotal, int] = {}
+    for event in world.emulator.state.events:
+        if event.cancelled:
+            continue
+        keys = STRIPE_METERS[event.event_name][1]
+        values = tuple((k, event.payload[k]) for k in keys)
+        key = (event.event_name, event.customer_id, values)
+        totals[key] = totals.get(key, 0) + event.value
+    return totals
+
+
+def exact_totals(world: World) -> dict[CombinationTotal, int]:
+    """The floor of each combination's exact total over all its windows, in Stripe units."""
+    with world.engine.connect() as connection:
+        windows = connection.execute(select(window_totals)).mappings().all()
+    exact: dict[tuple[str, str, str], list[Decimal]] = {}
+    for window in windows:
+        key = (window["customer_id"], window["meter"], window["combination"])
+        exact.setdefault(key, []).append(window["value"])
+    return {
+        (
+            EVENT_NAMES[meter],
+            customer,
+            tuple(sorted(combination_values(combination).items())),
+        ): whole_units(exact_sum(values), world.catalogue.meters[meter].unit_scale)
+        for (customer, meter, combination), values in exact.items()
+    }
+
+
+def _nonzero(totals: dict[CombinationTotal, int]) -> dict[CombinationTotal, int]:
+    return {k: v for k, v in totals.items() if v}
+
+
+M1_EU = {"model": "m1", "region": "eu"}
+M2_EU = {"model": "m2", "region": "eu"}
+
+
+def test_each_combination_carries_its_own_fraction(dims_world: World) -> None:
+    world = dims_world
+    # 0.06 x unit_scale 10 = 0.6 units each: a carry per (customer, meter) would send 1 unit
+    # for the two together, which neither combination has.
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(3), M1_EU, "0.06")
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(3), M2_EU, "0.06")
+    world.cycle()
+    assert _nonzero(stripe_totals(world)) == {}
+
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M1_EU, "0.06")
+    world.cycle()
+
+    m1 = ("llm_tokens", "cus_a", (("model", "m1"), ("region", "eu")))
+    assert _nonzero(stripe_totals(world)) == {m1: 1}
+    (event,) = world.emulator.state.events
+    assert dict(event.payload) == {
+        "stripe_customer_id": "cus_a",
+        "value": "1",
+        "model": "m1",
+        "region": "eu",
+    }
+    rows = all_rows(world.engine)
+    assert sorted((r.combination, r.status, r.value) for r in rows) == [
+        (combination_key(M1_EU), "carried", 0),
+        (combination_key(M1_EU), "sent", 1),
+        (combination_key(M2_EU), "carried", 0),
+    ]
+    # The rows of a (customer, meter) share its sequence, whatever the combination.
+    assert sorted(r.sequence for r in rows) == [1, 2, 3]
+
+
+def test_a_late_revision_of_one_combination_sends_its_difference_only(dims_world: World) -> None:
+    world = dims_world
+    window = hour_start(2)
+    put_combination(world.engine, "cus_a", "llm_tokens", window, M1_EU, "1")
+    put_combination(world.engine, "cus_a", "llm_tokens", window, M2_EU, "2")
+    world.cycle()
+    put_combination(world.engine, "cus_a", "llm_tokens", window, M2_EU, "2.55")
+    world.cycle()
+
+    assert [(e.payload["model"], e.value) for e in world.emulator.state.events] == [
+        ("m1", 10),
+        ("m2", 20),
+        ("m2", 5),
+    ]
+    assert stripe_totals(world) == exact_totals(world)
+
+
+def test_identifiers_name_the_combination_and_keep_the_dimensionless_ones() -> None:
+    start = datetime(2026, 12, 1, 10, tzinfo=UTC)
+    end = start + HOUR
+    # Computed by the reporter before dimensions existed: such identifiers are in Stripe
+    # already, and a resend of an old row must repeat its identifier.
+    assert (
+        identifier_for("cus_a", "tokens", start, end, 3, deployment_id="d0")
+        == "ms2_d0_02c81eafd6f8467d7bb152d839611d05141d31a26111c77b"
+        == identifier_for("cus_a", "tokens", start, end, 3, deployment_id="d0", combination="")
+    )
+    m1 = identifier_for(
+        "cus_a", "tokens", start, end, 3, deployment_id="d0", combination=combination_key(M1_EU)
+    )
+    m2 = identifier_for(
+        "cus_a", "tokens", start, end, 3, deployment_id="d0", combination=combination_key(M2_EU)
+    )
+    other_deployment = identifier_for(
+        "cus_a", "tokens", start, end, 3, deployment_id="d1", combination=combination_key(M1_EU)
+    )
+    assert len({m1, m2, other_deployment, "ms2_d0_02c81eafd6f8467d7bb152d839611d05141d31"}) == 4
+    assert all(len(i) <= 100 for i in (m1, m2, other_deployment))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["v1", "stream"])
+def test_random_500_429_and_dropped_connections_lose_and_double_nothing_per_combination(
+    migrated_engine: Engine, database_url: str, tmp_path: Path, stream: bool
+) -> None:
+    with run_stripe_emulator(rate_limit_per_s=None) as emulator:
+        for event_name, (formula, keys) in STRIPE_METERS.items():
+            emulator.state.create_meter(
+                display_name=event_name,
+                event_name=event_name,
+                formula=formula,
+                dimension_payload_keys=keys,
+            )
+        for customer in ("cus_a", "cus_b"):
+            emulator.state.create_customer(customer_id=customer)
+        settings = _world_settings(emulator, database_url, tmp_path, stripe_stream=stream)
+        world = World(emulator, migrated_engine, settings, load_catalogue(settings.meters_file))
+        path = "/v2/billing/meter_event_stream" if stream else "/v1/billing/meter_events"
+        # Each fault once for sure (a stream cycle makes few calls), then at random.
+        for kind in FAULTS:
+            emulator.faults.inject(kind, count=1, path_prefix=path)
+        for kind in FAULTS:
+            emulator.faults.inject(kind, count=None, probability=0.3, path_prefix=path)
+        values = ["0.04", "0.125", "3", "0.0333", "7.55"]
+        combinations = [M1_EU, M2_EU, {"model": "m1", "region": "us"}]
+        for n, customer in enumerate(("cus_a", "cus_b")):
+            for hours_ago in range(1, 4):
+                window = hour_start(hours_ago)
+                put_combination(
+                    migrated_engine, customer, "tokens", window, {}, values[(n + hours_ago) % 5]
+                )
+                for c, combination in enumerate(combinations):
+                    value = values[(n + c * hours_ago) % 5]
+                    put_combination(
+                        migrated_engine, customer, "llm_tokens", window, combination, value
+                    )
+        run_until_acknowledged(world)
+        # Late corrections, up and down, while the faults go on.
+        put_combination(migrated_engine, "cus_a", "llm_tokens", hour_start(2), M2_EU, "9.99")
+        put_combination(migrated_engine, "cus_b", "llm_tokens", hour_start(3), M1_EU, "0.001")
+        put_combination(migrated_engine, "cus_a", "tokens", hour_start(1), {}, "12")
+        run_until_acknowledged(world)
+
+        assert {kind for kind, _path in emulator.faults.fired} == set(FAULTS)
+        assert world.metric("meterstream_reporter_rate_limited_responses_total") > 0
+        assert emulator.state.async_errors == ()
+        assert _nonzero(stripe_totals(world)) == _nonzero(exact_totals(world))
+        identifiers = [e.identifier for e in emulator.state.events]
+        assert len(identifiers) == len(set(identifiers))
+        rows = all_rows(migrated_engine)
+        acknowledged = {r.identifier for r in rows if r.status in ("sent", "accepted")}
+        assert acknowledged == set(identifiers)
+        newest: dict[tuple[str, str, datetime, str], int] = {}
+        for row in rows:
+            key = (row.customer_id, row.meter, row.window_start, row.combination)
+            newest[key] = max(newest.get(key, 0), row.revision)
+        with migrated_engine.connect() as connection:
+            for window in connection.execute(select(window_totals)).mappings():
+                key = (
+                    window["customer_id"],
+                    window["meter"],
+                    window["window_start"],
+                    window["combination"],
+                )
+                assert newest[key] == window["revision"], f"missing from the ledger: {key}"
+
+
+def test_start_refuses_a_dimension_that_is_also_the_customer_or_value_key(
+    tmp_path: Path,
+) -> None:
+    with run_stripe_emulator(rate_limit_per_s=None) as emulator:
+        emulator.state.create_meter(display_name="t", event_name="tokens", formula="sum")
+        emulator.state.create_meter(
+            display_name="l",
+            event_name="llm_tokens",
+            formula="sum",
+            value_key="model",
+            dimension_payload_keys=("model", "region"),
+        )
+        settings = _world_settings(emulator, f"sqlite:///{tmp_path / 'm.db'}", tmp_path)
+        with pytest.raises(ConfigError, match="do not fit the catalogue") as caught:
+            connect(
+                settings,
+                load_catalogue(settings.meters_file),
+                ReporterMetrics(CollectorRegistry()),
+                threading.Event(),
+            )
+    assert "meter 'llm_tokens': Stripe meter" in str(caught.value)
+    assert "['model'] is a dimension too" in str(caught.value)
+    assert SECRET not in str(caught.value)

@@ -17,18 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stripe
+from alembic import command
+from alembic.config import Config
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, select
+from sqlalchemy import Column, Engine, MetaData, Table, insert, select
 
+from meterstream.db import MIGRATIONS, build_engine, migrate
 from meterstream.dimensions import combination_digest, combination_key, combination_values
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, LedgerError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.report_queue import queue_combinations
-from meterstream.schema import window_totals
+from meterstream.schema import ledger, window_totals
+from meterstream.settings import load_settings
 from reporters.carry import exact_sum, whole_units
-from reporters.ledger import all_rows, identifier_for
-from reporters.service import connect
+from reporters.due import DueWindow
+from reporters.ledger import LedgerRow, all_rows, identifier_for
+from reporters.ledger.model import values_of
+from reporters.reconcile import Line, reconcile
+from reporters.rows import RowJob, write_rows
+from reporters.service import connect, fetch_summary
 from stripe_emulator import Emulator, run_stripe_emulator
 from tests.reporters.test_reporter import (
     SECRET,
@@ -333,3 +342,168 @@ def test_start_refuses_a_dimension_that_is_also_the_customer_or_value_key(
     assert "meter 'llm_tokens': Stripe meter" in str(caught.value)
     assert "['model'] is a dimension too" in str(caught.value)
     assert SECRET not in str(caught.value)
+
+
+def test_a_ledger_from_before_0018_keeps_its_identifiers_and_running_totals(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = build_engine(load_settings(database_url=database_url))
+    try:
+        migrate(engine, "0017")
+        start = hour_start(3)
+        old = _row_of(start, "")
+        columns = {k: v for k, v in values_of(old).items() if not k.startswith("combination")}
+        with engine.begin() as connection:
+            connection.execute(insert(_ledger_before_0018()), [columns])
+        migrate(engine)
+
+        (row,) = all_rows(engine)
+        assert (row.identifier, row.combination, row.combination_digest) == (
+            old.identifier,
+            "",
+            b"",
+        )
+        # The next revision of that window continues its running totals (2.5 -> 3.7: 1 unit).
+        path = tmp_path / "meters.toml"
+        path.write_text(CATALOGUE, encoding="utf-8")
+        meter = load_catalogue(path).meters["tokens"]
+        window = DueWindow("cus_a", "tokens", start, start + HOUR, 2, Decimal("3.7"), start)
+        (written,) = write_rows(
+            engine, [RowJob(window, meter, "tokens", "cus_a", "d")], datetime.now(UTC), 35
+        )
+        assert isinstance(written, LedgerRow)
+        assert (written.sequence, written.value, written.units_total) == (2, 1, 3)
+        assert written.identifier == identifier_for(
+            "cus_a", "tokens", start, start + HOUR, 2, deployment_id="d"
+        )
+    finally:
+        engine.dispose()
+
+
+def _ledger_before_0018() -> Table:
+    """The ledger as migration 0017 left it (without the combination columns)."""
+    key = {"customer_id", "meter", "window_start", "revision"}
+    columns = [
+        Column(c.name, c.type, primary_key=c.name in key)
+        for c in ledger.columns
+        if not c.name.startswith("combination")
+    ]
+    return Table("ledger", MetaData(), *columns)
+
+
+def test_reconcile_compares_each_combination_with_stripe_grouped_by_dimension(
+    dims_world: World,
+) -> None:
+    world = dims_world
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M1_EU, "1.25")
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M2_EU, "0.3")
+    put_combination(world.engine, "cus_a", "tokens", hour_start(2), {}, "4")
+    world.cycle()
+
+    lines = _reconcile(world)
+    assert [(line.meter, line.combination, line.drift) for line in lines] == [
+        ("llm_tokens", combination_key(M1_EU), False),
+        ("llm_tokens", combination_key(M2_EU), False),
+        ("tokens", "", False),
+    ]
+    assert str(lines[0]) == (
+        'ok: cus_a llm_tokens {"model":"m1","region":"eu"} (cus_a): Stripe 12, ledger '
+        "acknowledged 12, database 12"
+    )
+    assert str(lines[2]) == "ok: cus_a tokens (cus_a): Stripe 4, ledger acknowledged 4, database 4"
+
+    # Usage someone else sent: to a combination we have, and to one we never had. The meter's
+    # total would hide neither if they cancelled out; per combination, both drift.
+    client = stripe.StripeClient(SECRET, base_addresses={"api": world.emulator.url})
+    for model, value in (("m2", "3"), ("m9", "5")):
+        client.v1.billing.meter_events.create(
+            params={
+                "event_name": "llm_tokens",
+                "payload": {
+                    "stripe_customer_id": "cus_a",
+                    "value": value,
+                    "model": model,
+                    "region": "eu",
+                },
+                "timestamp": int(hour_start(1).timestamp()),
+            }
+        )
+    drifting = [str(line).split(";")[0] for line in _reconcile(world) if line.drift]
+    assert drifting == [
+        'DRIFT: cus_a llm_tokens {"model":"m2","region":"eu"} (cus_a): Stripe 6, ledger '
+        "acknowledged 3, database 3",
+        'DRIFT: cus_a llm_tokens {"model":"m9","region":"eu"} (): Stripe 5, ledger '
+        "acknowledged 0, database 0",
+    ]
+
+
+def _reconcile(world: World) -> list[Line]:
+    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
+    found = reconcile(
+        world.engine,
+        world.catalogue,
+        connected.stripe_meters,
+        fetch_summary(connected),
+        datetime.now(UTC) - timedelta(days=1),
+        datetime.now(UTC),
+    )
+    return found.lines
+
+
+def test_a_downgrade_below_0018_refuses_to_drop_rows_of_combinations(database_url: str) -> None:
+    engine = build_engine(load_settings(database_url=database_url))
+    try:
+        migrate(engine)
+        start = hour_start(2)
+        combination = combination_key(M1_EU)
+        row = _row_of(start, combination)
+        with engine.begin() as connection:
+            connection.execute(insert(ledger), [values_of(row)])
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        refused = pytest.raises(LedgerError, match="rows of meters with dimensions")
+        with refused, engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0017")
+        assert [r.combination for r in all_rows(engine)] == [combination]
+        with engine.begin() as connection:
+            connection.execute(ledger.delete())
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0017")
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def _row_of(start: datetime, combination: str) -> LedgerRow:
+    """A sent ledger row of cus_a's tokens window at ``start``, revision 1."""
+    return LedgerRow(
+        customer_id="cus_a",
+        meter="tokens",
+        window_start=start,
+        window_end=start + HOUR,
+        revision=1,
+        sequence=1,
+        window_value=Decimal("2.5"),
+        accounted_total=Decimal("2.5"),
+        units_total=2,
+        value=2,
+        event_name="tokens",
+        stripe_customer_id="cus_a",
+        timestamp=start,
+        identifier=identifier_for(
+            "cus_a", "tokens", start, start + HOUR, 1, deployment_id="d", combination=combination
+        ),
+        status="sent",
+        attempts=1,
+        first_attempt_at=start,
+        error_code=None,
+        last_error=None,
+        stripe_request_id="req_1",
+        created_at=start,
+        updated_at=start,
+        sent_at=start,
+        unit_scale=Decimal(1),
+        combination=combination,
+        combination_digest=combination_digest(combination),
+    )

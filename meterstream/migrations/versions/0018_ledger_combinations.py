@@ -24,6 +24,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from meterstream.errors import LedgerError
+
 revision = "0018"
 down_revision = "0017"
 branch_labels = None
@@ -74,7 +76,7 @@ def downgrade() -> None:
         sa.text("SELECT count(*) FROM ledger WHERE length(combination_digest) > 0")
     )
     if found.scalar_one():
-        raise RuntimeError(
+        raise LedgerError(
             "the ledger holds rows of meters with dimensions: downgrading below 0018 would "
             "drop them; export them first (they are billing history) and delete them by hand"
         )

@@ -166,6 +166,7 @@ class HeldWindow:
     total: Decimal
     reason: str
     held_since: datetime
+    combination: str = ""  # the dimension values' key (meterstream.dimensions), '' for none
 
 
 def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[HeldWindow]:
@@ -181,6 +182,7 @@ def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[Held
                 wt.value,
                 _q.held_reason,
                 _q.held_since,
+                _q.combination,
             )
             .select_from(
                 report_queue.join(
@@ -198,6 +200,6 @@ def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[Held
             .limit(limit)
         ).all()
     return [
-        HeldWindow(c, m, start, int(revision), value, str(reason), since)
-        for c, m, start, revision, value, reason, since in found
+        HeldWindow(c, m, start, int(revision), value, str(reason), since, combination)
+        for c, m, start, revision, value, reason, since, combination in found
     ]

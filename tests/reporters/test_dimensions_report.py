@@ -32,20 +32,24 @@ from meterstream.errors import ConfigError, LedgerError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
 from meterstream.report_queue import queue_combinations
-from meterstream.schema import ledger, window_totals
+from meterstream.schema import ledger, report_queue, window_totals
 from meterstream.settings import load_settings
+from reporters.backstop import queue_missed
 from reporters.carry import exact_sum, whole_units
+from reporters.customers import link_customer
 from reporters.due import DueWindow, take_due
 from reporters.ledger import LedgerRow, all_rows, identifier_for
 from reporters.ledger.model import values_of
 from reporters.reconcile import Line, reconcile
 from reporters.rows import RowJob, write_row, write_rows
 from reporters.service import connect, fetch_summary
+from reporters.status import format_status, reporter_status
 from stripe_emulator import Emulator, run_stripe_emulator
 from tests.reporters.test_reporter import (
     SECRET,
     World,
     hour_start,
+    month_window,
     run_until_acknowledged,
     world_settings,
 )
@@ -64,11 +68,20 @@ stripe_event_name = "llm_tokens"
 dimensions = ["model", "region"]
 unit_scale = "10"
 allow_negative = true
+
+[meters.peak_by_model]
+aggregation = "max"
+window = "1mo"
+stripe_event_name = "peak_by_model"
+dimensions = ["model"]
 """
 # event name -> (formula, dimension payload keys)
-STRIPE_METERS = {"tokens": ("sum", ()), "llm_tokens": ("sum", ("model", "region"))}
-EVENT_NAMES = {"tokens": "tokens", "llm_tokens": "llm_tokens"}
-DIMENSIONS = {"tokens": (), "llm_tokens": ("model", "region")}
+STRIPE_METERS = {
+    "tokens": ("sum", ()),
+    "llm_tokens": ("sum", ("model", "region")),
+    "peak_by_model": ("last", ("model",)),
+}
+EVENT_NAMES = {"tokens": "tokens", "llm_tokens": "llm_tokens", "peak_by_model": "peak_by_model"}
 HOUR = timedelta(hours=1)
 NOW = datetime.now(UTC)
 FAULTS = ("http_500", "http_429", "drop_connection")
@@ -82,6 +95,9 @@ def put_combination(
     window_start: datetime,
     values: dict[str, str],
     value: str,
+    *,
+    window: timedelta = HOUR,
+    last_event_time: datetime | None = None,
 ) -> int:
     """Upsert one combination's window total as the aggregators do: the revision grows when the
     value changes, and the window is queued for the reporter in the same transaction."""
@@ -94,7 +110,7 @@ def put_combination(
         & (window_totals.c.window_start == window_start)
         & (window_totals.c.combination_digest == digest)
     )
-    event_time = min(window_start + timedelta(minutes=10), now)
+    event_time = last_event_time or min(window_start + timedelta(minutes=10), now)
     with engine.begin() as connection:
         found = connection.execute(select(window_totals.c.revision).where(key)).scalar()
         revision = 1 if found is None else int(found) + 1
@@ -106,7 +122,7 @@ def put_combination(
                     window_start=window_start,
                     combination=combination,
                     combination_digest=digest,
-                    window_end=window_start + HOUR,
+                    window_end=window_start + window,
                     value=Decimal(value),
                     events=1,
                     revision=1,
@@ -120,7 +136,12 @@ def put_combination(
             connection.execute(
                 window_totals.update()
                 .where(key)
-                .values(value=Decimal(value), revision=revision, updated_at=now)
+                .values(
+                    value=Decimal(value),
+                    revision=revision,
+                    last_event_time=event_time,
+                    updated_at=now,
+                )
             )
         queue_combinations(connection, [(customer_id, meter, window_start, combination, revision)])
     return revision
@@ -600,3 +621,81 @@ def test_each_combination_issues_the_floor_of_its_exact_total_however_cycles_fal
             for r in all_rows(migrated_engine)
             if (r.customer_id, r.meter, r.combination) == (customer, meter, combination)
         )
+
+
+def test_a_max_meter_by_model_sends_each_models_value_a_second_later_each_revision(
+    dims_world: World,
+) -> None:
+    world = dims_world
+    start, length = month_window()
+    # Older than reconcile's settling delay (5 minutes), so reconcile compares it.
+    newest = max(start, datetime.now(UTC) - timedelta(minutes=10))
+    for model, value in (("m1", "7.9"), ("m2", "3")):
+        put_combination(
+            world.engine,
+            "cus_a",
+            "peak_by_model",
+            start,
+            {"model": model},
+            value,
+            window=length,
+            last_event_time=newest,
+        )
+    world.cycle()
+    # A late event raises m1's max without a newer event time; m2 does not change.
+    put_combination(
+        world.engine,
+        "cus_a",
+        "peak_by_model",
+        start,
+        {"model": "m1"},
+        "12",
+        window=length,
+        last_event_time=newest,
+    )
+    world.cycle()
+
+    events = [(e.payload["model"], e.value, e.timestamp) for e in world.emulator.state.events]
+    stamp = int(newest.replace(microsecond=0).timestamp())
+    assert events == [("m1", 7, stamp), ("m2", 3, stamp), ("m1", 12, stamp + 1)]
+    lines = _reconcile(world)
+    assert [(line.combination, line.stripe_value, line.drift) for line in lines] == [
+        ('{"model":"m1"}', 12, False),
+        ('{"model":"m2"}', 3, False),
+    ]
+
+
+def test_held_windows_of_combinations_are_listed_with_their_values_and_sent_once_linked(
+    dims_world: World,
+) -> None:
+    world = dims_world
+    for combination, value in ((M1_EU, "1"), (M2_EU, "2")):
+        put_combination(world.engine, "acme", "llm_tokens", hour_start(2), combination, value)
+
+    held = world.cycle()
+
+    assert held.held == {"no_customer_link": 2}
+    facts = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
+    assert [h["dimensions"] for h in facts["held"]] == [M1_EU, M2_EU]
+    assert "no_customer_link: acme llm_tokens model=m2 region=eu window" in format_status(facts)
+    link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))
+    world.cycle()
+    assert stripe_totals(world) == {
+        ("llm_tokens", "cus_b", (("model", "m1"), ("region", "eu"))): 10,
+        ("llm_tokens", "cus_b", (("model", "m2"), ("region", "eu"))): 20,
+    }
+
+
+def test_the_backstop_queues_a_missed_combination_under_its_own_key(dims_world: World) -> None:
+    world = dims_world
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M1_EU, "1")
+    world.cycle()
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M2_EU, "2")
+    with world.engine.begin() as connection:  # a writer that forgot the queue
+        connection.execute(report_queue.delete())
+
+    assert queue_missed(world.engine, ["llm_tokens"]) == 1
+    world.cycle()
+
+    assert _nonzero(stripe_totals(world)) == _nonzero(exact_totals(world))
+    assert queue_missed(world.engine, ["llm_tokens"]) == 0

@@ -22,10 +22,12 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    ColumnElement,
     Date,
     DateTime,
     Dialect,
     FetchedValue,
+    FromClause,
     Index,
     Integer,
     LargeBinary,
@@ -36,6 +38,8 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    func,
+    literal_column,
     text,
 )
 
@@ -255,7 +259,19 @@ ledger = Table(
     implicit_returning=False,
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
-# The newest row of one (customer, meter, combination): its running totals.
+# The newest row of one (customer, meter, combination): its running totals. Rows of meters
+# with dimensions only: a meter without dimensions has one combination, whose newest row is
+# its pair's (ledger_sequence), so its inserts pay for no second index. A query uses it only
+# with this very predicate (has_combination).
+HAS_COMBINATION = "length(combination_digest) > 0"
+
+
+def has_combination(table: FromClause) -> ColumnElement[bool]:
+    """HAS_COMBINATION of ``table`` (the ledger or an alias of it), rendered as the index has
+    it (a literal 0, not a parameter), so both databases see the index applies."""
+    return func.length(table.c.combination_digest) > literal_column("0")
+
+
 Index(
     "ledger_by_combination",
     ledger.c.customer_id,
@@ -263,6 +279,8 @@ Index(
     ledger.c.combination_digest,
     ledger.c.sequence,
     unique=True,
+    postgresql_where=text(HAS_COMBINATION),
+    sqlite_where=text(HAS_COMBINATION),
 )
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
 # reconcile reads the rows of a time range and of one minute by their meter event timestamp

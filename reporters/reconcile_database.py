@@ -21,8 +21,8 @@ from sqlalchemy import Connection, Engine, LargeBinary, String, and_, column, fu
 
 from meterstream.dimensions import combination_digest
 from meterstream.meters import Catalogue
+from meterstream.schema import has_combination, window_totals
 from meterstream.schema import ledger as ledger_table
-from meterstream.schema import window_totals
 from reporters import ledger
 from reporters.carry import exact_sum, whole_units
 from reporters.customers import stripe_customer_for
@@ -100,39 +100,44 @@ _newer = ledger_table.alias("newer")
 
 def _heads(connection: Connection, keys: Collection[AppKey]) -> dict[AppKey, LedgerRow]:
     """The newest row of each (customer, meter, combination) of ``keys``: one backward step of
-    ledger_by_combination per key, a thousand keys per query (one query per key cost 3 ms
-    each)."""
+    an index per key (ledger_sequence without dimensions, ledger_by_combination with them), a
+    thousand keys per query (one query per key cost 3 ms each)."""
     heads: dict[AppKey, LedgerRow] = {}
     ordered = sorted((c, m, combination_digest(k)) for c, m, k in keys)
-    for first in range(0, len(ordered), _HEADS_PER_QUERY):
-        chunk = ordered[first : first + _HEADS_PER_QUERY]
-        wanted = (
-            values(column("c", String), column("m", String), column("d", LargeBinary), name="w")
-            .data(chunk)
-            .cte()
-        )
-        newest = (
-            select(func.max(_newer.c.sequence))
-            .where(
-                _newer.c.customer_id == wanted.c.c,
-                _newer.c.meter == wanted.c.m,
-                _newer.c.combination_digest == wanted.c.d,
-            )
-            .scalar_subquery()
-        )
-        c = ledger_table.c
-        found = connection.execute(
-            select(ledger_table).select_from(
-                wanted.join(
-                    ledger_table,
-                    and_(c.customer_id == wanted.c.c, c.meter == wanted.c.m, c.sequence == newest),
-                )
-            )
-        ).mappings()
-        for mapping in found:
-            row = row_from(mapping)
-            heads[(row.customer_id, row.meter, row.combination)] = row
+    for with_dimensions in (False, True):
+        wanted_keys = [key for key in ordered if bool(key[2]) == with_dimensions]
+        for first in range(0, len(wanted_keys), _HEADS_PER_QUERY):
+            chunk = wanted_keys[first : first + _HEADS_PER_QUERY]
+            for row in _heads_query(connection, chunk, with_dimensions):
+                heads[(row.customer_id, row.meter, row.combination)] = row
     return heads
+
+
+def _heads_query(
+    connection: Connection, chunk: list[tuple[str, str, bytes]], with_dimensions: bool
+) -> list[LedgerRow]:
+    wanted = (
+        values(column("c", String), column("m", String), column("d", LargeBinary), name="w")
+        .data(chunk)
+        .cte()
+    )
+    same_pair = and_(_newer.c.customer_id == wanted.c.c, _newer.c.meter == wanted.c.m)
+    if with_dimensions:
+        # ledger_by_combination's own predicate, so the index applies.
+        same_pair = and_(
+            same_pair, _newer.c.combination_digest == wanted.c.d, has_combination(_newer)
+        )
+    newest = select(func.max(_newer.c.sequence)).where(same_pair).scalar_subquery()
+    c = ledger_table.c
+    found = connection.execute(
+        select(ledger_table).select_from(
+            wanted.join(
+                ledger_table,
+                and_(c.customer_id == wanted.c.c, c.meter == wanted.c.m, c.sequence == newest),
+            )
+        )
+    ).mappings()
+    return [row_from(mapping) for mapping in found]
 
 
 def _add_key(

@@ -23,7 +23,7 @@ from sqlalchemy import (
     values,
 )
 
-from meterstream.schema import ledger
+from meterstream.schema import has_combination, ledger
 from reporters.ledger.model import ACKNOWLEDGED, LedgerRow, Status, row_from
 
 
@@ -117,8 +117,9 @@ def _key_heads_query(keys: Collection[tuple[str, str]]) -> Select[Any]:
 
 
 def _combination_heads_query(keys: Collection[CombinationKey]) -> Select[Any]:
-    """_key_heads_query per (customer, meter, combination): the newest row of each, found by
-    one backward step of ledger_by_combination."""
+    """_key_heads_query per (customer, meter, combination) of a meter with dimensions (a
+    digest not empty): the newest row of each, found by one backward step of
+    ledger_by_combination."""
     wanted = (
         values(column("c", String), column("m", String), column("d", LargeBinary), name="wanted")
         .data(sorted(keys))
@@ -130,6 +131,7 @@ def _combination_heads_query(keys: Collection[CombinationKey]) -> Select[Any]:
             _OTHER.c.customer_id == wanted.c.c,
             _OTHER.c.meter == wanted.c.m,
             _OTHER.c.combination_digest == wanted.c.d,
+            has_combination(_OTHER),  # ledger_by_combination's own predicate
         )
         .scalar_subquery()
     )
@@ -202,7 +204,10 @@ def combination_heads(
     connection: Connection, keys: Collection[CombinationKey]
 ) -> dict[CombinationKey, KeyHead]:
     """The running totals of the newest row of every (customer, meter, combination) of
-    ``keys`` that has one, in one query: a combination's carry is its own."""
+    ``keys`` that has one, in one query: a combination's carry is its own. Combinations of
+    meters with dimensions only (for the empty one, key_heads)."""
+    if any(not digest for _c, _m, digest in keys):
+        raise ValueError("combination_heads takes combinations of meters with dimensions")
     if not keys:
         return {}
     found = connection.execute(_combination_heads_query(keys))

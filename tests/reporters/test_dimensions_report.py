@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +25,7 @@ from alembic.config import Config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Column, Engine, MetaData, Table, insert, select
+from sqlalchemy import Column, Engine, MetaData, Table, event, func, insert, select
 
 from meterstream.db import MIGRATIONS, build_engine, migrate
 from meterstream.dimensions import combination_digest, combination_key, combination_values
@@ -38,9 +39,17 @@ from reporters.backstop import queue_missed
 from reporters.carry import exact_sum, whole_units
 from reporters.customers import link_customer
 from reporters.due import DueWindow, take_due
-from reporters.ledger import LedgerRow, all_rows, identifier_for
+from reporters.ledger import (
+    LedgerRow,
+    all_rows,
+    combination_heads,
+    identifier_for,
+    insert_rows,
+)
 from reporters.ledger.model import values_of
 from reporters.reconcile import Line, reconcile
+from reporters.reconcile_database import _heads
+from reporters.retention import prunable
 from reporters.rows import RowJob, write_row, write_rows
 from reporters.service import connect, fetch_summary
 from reporters.status import format_status, reporter_status
@@ -172,13 +181,13 @@ def dims_world(migrated_engine: Engine, database_url: str, tmp_path: Path) -> It
 def stripe_totals(world: World) -> dict[CombinationTotal, int]:
     """What Stripe holds per (event name, customer, dimension values): its live events' sum."""
     totals: dict[CombinationTotal, int] = {}
-    for event in world.emulator.state.events:
-        if event.cancelled:
+    for meter_event in world.emulator.state.events:
+        if meter_event.cancelled:
             continue
-        keys = STRIPE_METERS[event.event_name][1]
-        values = tuple((k, event.payload[k]) for k in keys)
-        key = (event.event_name, event.customer_id, values)
-        totals[key] = totals.get(key, 0) + event.value
+        keys = STRIPE_METERS[meter_event.event_name][1]
+        values = tuple((k, meter_event.payload[k]) for k in keys)
+        key = (meter_event.event_name, meter_event.customer_id, values)
+        totals[key] = totals.get(key, 0) + meter_event.value
     return totals
 
 
@@ -699,3 +708,61 @@ def test_the_backstop_queues_a_missed_combination_under_its_own_key(dims_world: 
 
     assert _nonzero(stripe_totals(world)) == _nonzero(exact_totals(world))
     assert queue_missed(world.engine, ["llm_tokens"]) == 0
+
+
+def test_a_combinations_running_totals_are_read_through_its_index_not_its_history(
+    migrated_engine: Engine,
+) -> None:
+    """The newest row of a combination (its running totals: rows.py, reconcile, retention) is
+    one backward step of ledger_by_combination, a partial index the reads must name the
+    predicate of; a meter without dimensions keeps reading ledger_sequence."""
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    models = [combination_key({"model": f"m{k}"}) for k in range(3)]
+    rows = []
+    for customer in range(60):
+        sequence = 0
+        for hour in range(30):
+            for combination in models if customer % 2 else [""]:
+                sequence += 1
+                row = replace(
+                    _row_of(start + hour * HOUR, combination),
+                    customer_id=f"c{customer}",
+                    sequence=sequence,
+                )
+                rows.append(replace(row, identifier=f"{row.identifier[:60]}-{customer}"))
+    with migrated_engine.begin() as connection:
+        insert_rows(connection, rows)
+        connection.exec_driver_sql("ANALYZE")
+    sqlite = migrated_engine.dialect.name == "sqlite"
+    plans: list[str] = []
+
+    def explain(connection: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            cursor = connection.connection.dbapi_connection.cursor()
+            prefix = "EXPLAIN QUERY PLAN" if sqlite else "EXPLAIN"
+            cursor.execute(f"{prefix} {statement}", parameters)
+            plans.append("\n".join(str(r[-1] if sqlite else r[0]) for r in cursor.fetchall()))
+
+    event.listen(migrated_engine, "before_cursor_execute", explain)
+    try:
+        with migrated_engine.connect() as connection:
+            digest = combination_digest(models[1])
+            heads = combination_heads(connection, {("c1", "tokens", digest)})
+            read = _heads(connection, {("c1", "tokens", models[1]), ("c0", "tokens", "")})
+            connection.execute(
+                select(func.count())
+                .select_from(ledger)
+                .where(prunable(start + 400 * HOUR), ledger.c.customer_id == "c1")
+            )
+    finally:
+        event.remove(migrated_engine, "before_cursor_execute", explain)
+
+    assert heads[("c1", "tokens", digest)].sequence == 89  # hour 29, the second model
+    assert {key: row.sequence for key, row in read.items()} == {
+        ("c1", "tokens", models[1]): 89,
+        ("c0", "tokens", ""): 30,
+    }
+    # combination_heads; reconcile's heads without then with dimensions; retention's heads.
+    assert len(plans) == 4
+    assert ["ledger_by_combination" in plan for plan in plans] == [True, False, True, True], plans
+    assert "ledger_sequence" in plans[1] and "ledger_sequence" in plans[3], plans

@@ -5,7 +5,8 @@ meterstream.dimensions) and ``combination_digest`` (its 16 bytes, in the primary
 combinations of one window have their own revisions). Both are empty for a meter without
 dimensions, so every row written before keeps its key and its identifier. The index
 ``ledger_by_combination`` finds the newest row of one (customer, meter, combination), which
-carries that combination's running totals (the carry is kept per combination).
+carries that combination's running totals (the carry is kept per combination); it holds the
+rows of meters with dimensions only, so the inserts of the others pay for no second index.
 
 On PostgreSQL the new columns (constant defaults) are added without a rewrite, but the primary
 key is rebuilt under an exclusive lock: stop the reporter for the upgrade.
@@ -58,7 +59,16 @@ def upgrade() -> None:
             for column in columns:
                 batch.add_column(column)
             batch.create_primary_key("ledger_pkey", _NEW_KEY)
-    op.create_index("ledger_by_combination", "ledger", _BY_COMBINATION, unique=True)
+    # Partial, as in meterstream/schema.py: rows without dimensions pay for no second index.
+    has_combination = sa.text("length(combination_digest) > 0")
+    op.create_index(
+        "ledger_by_combination",
+        "ledger",
+        _BY_COMBINATION,
+        unique=True,
+        postgresql_where=has_combination,
+        sqlite_where=has_combination,
+    )
 
 
 @contextmanager

@@ -30,11 +30,15 @@ from reporters.ledger.model import ACKNOWLEDGED, LedgerRow, Status, row_from
 def latest_row(
     connection: Connection, customer_id: str, meter: str, combination_digest: bytes | None = None
 ) -> LedgerRow | None:
-    """The newest row of one (customer, meter); with ``combination_digest``, of that
-    combination: it carries the combination's running totals."""
+    """The newest row of one (customer, meter); with a ``combination_digest`` (not empty), of
+    that combination: it carries the combination's running totals."""
     query = select(ledger).where(ledger.c.customer_id == customer_id, ledger.c.meter == meter)
-    if combination_digest is not None:
-        query = query.where(ledger.c.combination_digest == combination_digest)
+    if combination_digest:
+        # ledger_by_combination's own predicate: the index applies, not a walk back through
+        # the pair's rows of other combinations.
+        query = query.where(
+            ledger.c.combination_digest == combination_digest, has_combination(ledger)
+        )
     found = connection.execute(query.order_by(ledger.c.sequence.desc()).limit(1)).mappings().first()
     return None if found is None else row_from(found)
 

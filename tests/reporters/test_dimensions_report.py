@@ -766,3 +766,32 @@ def test_a_combinations_running_totals_are_read_through_its_index_not_its_histor
     assert len(plans) == 4
     assert ["ledger_by_combination" in plan for plan in plans] == [True, False, True, True], plans
     assert "ledger_sequence" in plans[1] and "ledger_sequence" in plans[3], plans
+
+
+def test_reconcile_settles_an_unknown_row_of_a_combination_from_its_minute(
+    dims_world: World,
+) -> None:
+    world = dims_world
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M1_EU, "1")
+    put_combination(world.engine, "cus_a", "llm_tokens", hour_start(2), M2_EU, "2")
+    world.cycle()
+    (m1,) = [r for r in all_rows(world.engine) if r.combination == combination_key(M1_EU)]
+    with world.engine.begin() as connection:  # Stripe has it; its answer was lost 21 h ago
+        connection.execute(
+            ledger.update().where(ledger.c.identifier == m1.identifier).values(status="unknown")
+        )
+
+    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
+    found = reconcile(
+        world.engine,
+        world.catalogue,
+        connected.stripe_meters,
+        fetch_summary(connected),
+        datetime.now(UTC) - timedelta(days=1),
+        datetime.now(UTC),
+    )
+
+    # The minute's summary (both combinations, 10 + 20) equals its sent row plus this one.
+    assert found.settled == [f"{m1.identifier}: Stripe has it; marked sent"]
+    assert {r.status for r in all_rows(world.engine)} == {"sent"}
+    assert found.drifting == 0

@@ -22,19 +22,24 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    ColumnElement,
     Date,
     DateTime,
     Dialect,
     FetchedValue,
+    FromClause,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     Numeric,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     TypeDecorator,
+    func,
+    literal_column,
     text,
 )
 
@@ -210,13 +215,14 @@ ledger = Table(
     metadata,
     # One row per reported revision of a window, written and committed BEFORE the call to
     # Stripe, so a crash between the call and its answer is resent with the same identifier.
-    Column("customer_id", String(200), primary_key=True),
-    Column("meter", String(100), primary_key=True),
-    Column("window_start", UTCDateTime(), primary_key=True),
-    Column("revision", BigInteger, primary_key=True),
+    Column("customer_id", String(200), nullable=False),
+    Column("meter", String(100), nullable=False),
+    Column("window_start", UTCDateTime(), nullable=False),
+    Column("revision", BigInteger, nullable=False),
     Column("window_end", UTCDateTime(), nullable=False),
     # Order of the rows of one (customer, meter): calls go out in this order, and the newest
-    # row carries the running totals the next difference is computed from.
+    # row of a (customer, meter, combination) carries the running totals its next difference
+    # is computed from.
     Column("sequence", BigInteger, nullable=False),
     Column("total", ExactDecimal(), nullable=False),  # the window's exact total at `revision`
     Column("accounted_total", ExactDecimal(), nullable=False),  # running, after this row
@@ -242,8 +248,40 @@ ledger = Table(
     # The meter's unit_scale this row's running totals were computed with: a changed scale
     # would re-price the history, so the reporter refuses to start on one (migration 0006).
     Column("unit_scale", ExactDecimal(), nullable=True),
+    # The canonical JSON of the window's dimension values (meterstream.dimensions), '' without
+    # any; its digest is in the key: each combination of a window has its own revisions, and
+    # its own running totals (the carry is per combination; migration 0018).
+    Column("combination", Text, nullable=False, server_default=""),
+    Column("combination_digest", LargeBinary(16), nullable=False, server_default=FetchedValue()),
+    PrimaryKeyConstraint(
+        "customer_id", "meter", "window_start", "combination_digest", "revision", name="ledger_pkey"
+    ),
+    implicit_returning=False,
 )
 Index("ledger_sequence", ledger.c.customer_id, ledger.c.meter, ledger.c.sequence, unique=True)
+# The newest row of one (customer, meter, combination): its running totals. Rows of meters
+# with dimensions only: a meter without dimensions has one combination, whose newest row is
+# its pair's (ledger_sequence), so its inserts pay for no second index. A query uses it only
+# with this very predicate (has_combination).
+HAS_COMBINATION = "length(combination_digest) > 0"
+
+
+def has_combination(table: FromClause) -> ColumnElement[bool]:
+    """HAS_COMBINATION of ``table`` (the ledger or an alias of it), rendered as the index has
+    it (a literal 0, not a parameter), so both databases see the index applies."""
+    return func.length(table.c.combination_digest) > literal_column("0")
+
+
+Index(
+    "ledger_by_combination",
+    ledger.c.customer_id,
+    ledger.c.meter,
+    ledger.c.combination_digest,
+    ledger.c.sequence,
+    unique=True,
+    postgresql_where=text(HAS_COMBINATION),
+    sqlite_where=text(HAS_COMBINATION),
+)
 Index("ledger_by_status", ledger.c.status, ledger.c.updated_at)
 # reconcile reads the rows of a time range and of one minute by their meter event timestamp
 # (reporters/reconcile.py, reporters/settle.py), never the whole ledger (migration 0011).

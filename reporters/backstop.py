@@ -35,13 +35,26 @@ def queue_missed(engine: Engine, meters: Iterable[str]) -> int:
             ledger.c.customer_id,
             ledger.c.meter,
             ledger.c.window_start,
+            ledger.c.combination_digest,
             func.max(ledger.c.revision).label("revision"),
         )
-        .group_by(ledger.c.customer_id, ledger.c.meter, ledger.c.window_start)
+        .group_by(
+            ledger.c.customer_id,
+            ledger.c.meter,
+            ledger.c.window_start,
+            ledger.c.combination_digest,
+        )
         .subquery()
     )
     missed = (
-        select(wt.customer_id, wt.meter, wt.window_start, wt.revision)
+        select(
+            wt.customer_id,
+            wt.meter,
+            wt.window_start,
+            wt.combination,
+            wt.combination_digest,
+            wt.revision,
+        )
         .select_from(
             window_totals.outerjoin(
                 reported,
@@ -49,6 +62,7 @@ def queue_missed(engine: Engine, meters: Iterable[str]) -> int:
                     reported.c.customer_id == wt.customer_id,
                     reported.c.meter == wt.meter,
                     reported.c.window_start == wt.window_start,
+                    reported.c.combination_digest == wt.combination_digest,
                 ),
             )
         )
@@ -59,13 +73,24 @@ def queue_missed(engine: Engine, meters: Iterable[str]) -> int:
                 q.customer_id == wt.customer_id,
                 q.meter == wt.meter,
                 q.window_start == wt.window_start,
+                q.combination_digest == wt.combination_digest,
             ),
         )
     )
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
         dialect.insert(report_queue)
-        .from_select(["customer_id", "meter", "window_start", "revision"], missed)
+        .from_select(
+            [
+                "customer_id",
+                "meter",
+                "window_start",
+                "combination",
+                "combination_digest",
+                "revision",
+            ],
+            missed,
+        )
         .on_conflict_do_nothing()
         .returning(q.customer_id, q.meter, q.window_start, q.revision)
     )

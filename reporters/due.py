@@ -64,7 +64,6 @@ from sqlalchemy import (
     select,
 )
 
-from meterstream.report_queue import QueuedWindow
 from meterstream.schema import ledger, report_queue, window_totals
 
 Key = tuple[str, str]  # (customer_id, meter)
@@ -84,6 +83,10 @@ class DueWindow:
     # The queue row's revision when it was read: its row is deleted only while it still holds
     # this (see the module docstring). None: not read from the queue (nothing to delete).
     queued: int | None = None
+    # The window's combination of dimension values and its digest (meterstream.dimensions);
+    # empty for a meter without dimensions. A window of such a meter is one per combination.
+    combination: str = ""
+    combination_digest: bytes = b""
 
     @property
     def key(self) -> Key:
@@ -103,9 +106,13 @@ _REPORTED = (
         ledger.c.customer_id == _q.customer_id,
         ledger.c.meter == _q.meter,
         ledger.c.window_start == _q.window_start,
+        ledger.c.combination_digest == _q.combination_digest,
     )
     .scalar_subquery()
 )
+# A queue row found settled: (customer_id, meter, window_start, combination_digest, revision).
+SettledRow = tuple[str, str, datetime, bytes, int]
+_ORDER = (_q.customer_id, _q.meter, _q.window_start, _q.combination_digest)
 
 
 def _queue_query(
@@ -118,6 +125,8 @@ def _queue_query(
             _q.customer_id,
             _q.meter,
             _q.window_start,
+            _q.combination,
+            _q.combination_digest,
             _q.revision.label("queued"),
             _wt.window_end,
             _wt.revision,
@@ -139,32 +148,47 @@ def _queue_query(
         .where(_q.meter.in_(list(meters)))
     )
     if not held:
-        return query.where(NOT_HELD).order_by(_q.customer_id, _q.meter, _q.window_start)
+        return query.where(NOT_HELD).order_by(*_ORDER)
     if recheck_before is None:
-        return query.where(IS_HELD).order_by(_q.customer_id, _q.meter, _q.window_start)
+        return query.where(IS_HELD).order_by(*_ORDER)
     return (
         query.where(IS_HELD, _q.checked_at < recheck_before)
-        .order_by(_q.checked_at, _q.customer_id, _q.meter, _q.window_start)
+        .order_by(_q.checked_at, *_ORDER)
         .limit(RECHECK_PER_CYCLE)
     )
 
 
 def _read(
     connection: Connection, meters: Iterable[str], recheck_before: datetime | None = None
-) -> tuple[dict[Key, list[DueWindow]], list[QueuedWindow]]:
+) -> tuple[dict[Key, list[DueWindow]], list[SettledRow]]:
     """(due windows per key, queue rows found not due: to settle). Held rows apart, but
     those last checked before ``recheck_before``."""
     due: dict[Key, list[DueWindow]] = {}
-    settled: list[QueuedWindow] = []
+    settled: list[SettledRow] = []
     meters = list(meters)
     found = list(connection.execute(_queue_query(meters)))
     if recheck_before is not None:
         found += connection.execute(_queue_query(meters, held=True, recheck_before=recheck_before))
-        found.sort(key=lambda row: (row.customer_id, row.meter, row.window_start))
+        found.sort(
+            key=lambda row: (
+                row.customer_id,
+                row.meter,
+                row.window_start,
+                bytes(row.combination_digest),
+            )
+        )
     for row in found:
         if row.revision is None or int(row.revision) == int(row.reported):
             # Gone from window_totals, or the ledger already has this revision.
-            settled.append((row.customer_id, row.meter, row.window_start, int(row.queued)))
+            settled.append(
+                (
+                    row.customer_id,
+                    row.meter,
+                    row.window_start,
+                    bytes(row.combination_digest),
+                    int(row.queued),
+                )
+            )
             continue
         window = _window(row)
         due.setdefault(window.key, []).append(window)
@@ -181,6 +205,8 @@ def _window(row: Any) -> DueWindow:
         window_value=row.value,
         last_event_time=row.last_event_time,
         queued=int(row.queued),
+        combination=row.combination,
+        combination_digest=bytes(row.combination_digest),
     )
 
 
@@ -197,7 +223,7 @@ def due_windows(
                     window = _window(row)
                     due.setdefault(window.key, []).append(window)
             for windows in due.values():
-                windows.sort(key=lambda w: w.window_start)
+                windows.sort(key=lambda w: (w.window_start, w.combination_digest))
         return due
 
 
@@ -226,33 +252,42 @@ _SETTLE = delete(report_queue).where(
     _q.customer_id == bindparam("k_customer"),
     _q.meter == bindparam("k_meter"),
     _q.window_start == bindparam("k_start"),
+    _q.combination_digest == bindparam("k_digest"),
     _q.revision == bindparam("k_revision"),
 )
 
 
 _SETTLE_POSTGRESQL = (
     "DELETE FROM report_queue WHERE customer_id = %s AND meter = %s AND window_start = %s "
-    "AND revision = %s"
+    "AND combination_digest = %s AND revision = %s"
 )
 
 
-def _driver_key(row: QueuedWindow) -> QueuedWindow:
-    customer_id, meter, start, revision = row
+def _driver_key(row: SettledRow) -> SettledRow:
+    customer_id, meter, start, digest, revision = row
     if start.tzinfo is None:
         raise ValueError(f"naive datetime {start!r}: meterstream stores UTC times only")
-    return (customer_id, meter, start.astimezone(UTC), revision)
+    return (customer_id, meter, start.astimezone(UTC), digest, revision)
 
 
-def settle(connection: Connection, windows: Iterable[DueWindow | QueuedWindow]) -> None:
+def settle(connection: Connection, windows: Iterable[DueWindow | SettledRow]) -> None:
     """Delete the queue rows of ``windows`` whose revision is still the one read, in
     ``connection``'s transaction: call it only where the ledger has that revision committed
     or in the same transaction. In key order, as the aggregators write them (no deadlock)."""
-    rows: set[QueuedWindow] = set()
+    rows: set[SettledRow] = set()
     for window in windows:
         if not isinstance(window, DueWindow):
             rows.add(window)
         elif window.queued is not None:
-            rows.add((window.customer_id, window.meter, window.window_start, window.queued))
+            rows.add(
+                (
+                    window.customer_id,
+                    window.meter,
+                    window.window_start,
+                    window.combination_digest,
+                    window.queued,
+                )
+            )
     if rows and connection.dialect.name == "postgresql":
         # The same deletes handed to psycopg as they are (its pipelined executemany): SQLAlchemy's
         # per-row parameter processing was most of a catch-up chunk's Python time here. The
@@ -262,7 +297,7 @@ def settle(connection: Connection, windows: Iterable[DueWindow | QueuedWindow]) 
         connection.execute(
             _SETTLE,
             [
-                {"k_customer": c, "k_meter": m, "k_start": s, "k_revision": r}
-                for c, m, s, r in sorted(rows)
+                {"k_customer": c, "k_meter": m, "k_start": s, "k_digest": d, "k_revision": r}
+                for c, m, s, d, r in sorted(rows)
             ],
         )

@@ -68,6 +68,7 @@ def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: dateti
                 _q.customer_id == window.customer_id,
                 _q.meter == window.meter,
                 _q.window_start == window.window_start,
+                _q.combination_digest == window.combination_digest,
                 _q.revision == window.queued,
             )
             again = connection.execute(
@@ -165,6 +166,7 @@ class HeldWindow:
     total: Decimal
     reason: str
     held_since: datetime
+    combination: str = ""  # the dimension values' key (meterstream.dimensions), '' for none
 
 
 def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[HeldWindow]:
@@ -180,6 +182,7 @@ def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[Held
                 wt.value,
                 _q.held_reason,
                 _q.held_since,
+                _q.combination,
             )
             .select_from(
                 report_queue.join(
@@ -188,6 +191,7 @@ def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[Held
                         wt.customer_id == _q.customer_id,
                         wt.meter == _q.meter,
                         wt.window_start == _q.window_start,
+                        wt.combination_digest == _q.combination_digest,
                     ),
                 )
             )
@@ -196,6 +200,6 @@ def held_windows(engine: Engine, meters: Iterable[str], limit: int) -> list[Held
             .limit(limit)
         ).all()
     return [
-        HeldWindow(c, m, start, int(revision), value, str(reason), since)
-        for c, m, start, revision, value, reason, since in found
+        HeldWindow(c, m, start, int(revision), value, str(reason), since, combination)
+        for c, m, start, revision, value, reason, since, combination in found
     ]

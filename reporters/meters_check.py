@@ -71,16 +71,6 @@ def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict
     for meter in catalogue:
         stripe_meter = by_event.get(meter.stripe_event_name)
         wanted = meter.stripe_formula
-        if meter.dimensions:
-            # The aggregators keep its totals per combination; the reporter's ledger, carry
-            # and identifiers are per window still, so it would mix combinations up.
-            problems.append(
-                f"meter {meter.name!r}: dimensions {list(meter.dimensions)!r}: this reporter "
-                "does not send totals per combination to Stripe yet (issue #18); run it with a "
-                "catalogue without this meter (the aggregators keep its totals meanwhile, and "
-                "`meterstream totals --group-by` reads them)"
-            )
-            continue
         if meter.aggregation in ("max", "min") and meter.window != "1mo":
             problems.append(
                 f"meter {meter.name!r}: window {meter.window!r}: max/min meters are reported "
@@ -127,6 +117,14 @@ def check_meters(catalogue: Catalogue, stripe_meters: list[StripeMeter]) -> dict
                 f"{list(meter.dimensions)!r}: Stripe would refuse events lacking a key "
                 "(missing_dimension_payload_keys) or not group by ours; create a meter whose "
                 "dimension_payload_keys are the catalogue's dimensions"
+            )
+        elif clash := {stripe_meter.customer_key, stripe_meter.value_key} & set(meter.dimensions):
+            problems.append(
+                f"meter {meter.name!r}: Stripe meter {stripe_meter.id} "
+                f"({meter.stripe_event_name!r}) reads its customer and value from payload keys "
+                f"{stripe_meter.customer_key!r} and {stripe_meter.value_key!r}, and "
+                f"{sorted(clash)!r} is a dimension too: one payload key cannot hold both; "
+                "rename the dimension in the catalogue or create a meter with other keys"
             )
         else:
             found[meter.name] = stripe_meter

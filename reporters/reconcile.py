@@ -1,7 +1,9 @@
 """Compare the database, the ledger and what Stripe counted (meter event summaries).
 
-One line per (Stripe customer, meter): Stripe's summaries are per Stripe customer, and several
-application customers may be linked to one. Three quantities:
+One line per (Stripe customer, meter), and per combination of dimension values for a meter
+with dimensions (Stripe's summaries grouped by them, each combination compared with its own
+ledger rows and windows: its carry is its own). Stripe's summaries are per Stripe customer,
+and several application customers may be linked to one. Three quantities:
 
 - **Stripe**: the meter event summary over [since, end), minute-aligned (Stripe's rule), where
   ``end`` is ``settle_minutes`` ago: Stripe counts asynchronously, so newer events may not be
@@ -25,46 +27,42 @@ confirms its ``accepted`` rows (v2 stream, not confirmed).
 
 What it reads grows with the range and the work in hand, never with history: the ledger rows
 timestamped in [since, end) (one range read through ledger_by_time, aggregated per key as it
-streams), the rows not final (ledger_by_status), the report queue, and per (customer, meter)
-found there its newest row, its due windows' reported revisions and, for a ``last`` meter, its
-newest window (each one index lookup). Pairs with nothing in the range and nothing in hand are
-not listed. Stripe is asked once per (Stripe customer, meter) (paged), plus once per ``unknown``
-row's minute.
+streams) and the database side's reads (reporters/reconcile_database.py). Keys with nothing in
+the range and nothing in hand are not listed, unless Stripe has usage for them. Stripe is asked
+once per (Stripe customer, meter) (paged; grouped by dimension for a meter with them), plus
+once per ``unknown`` row's minute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Connection, Engine, String, and_, column, func, select, values
+from sqlalchemy import Engine, select
 
 from meterstream.meters import Catalogue
 from meterstream.schema import ledger as ledger_table
-from meterstream.schema import window_totals
 from reporters import ledger
-from reporters.carry import exact_sum, whole_units
-from reporters.customers import load_links, stripe_customer_for
-from reporters.due import DueWindow, due_windows
-from reporters.ledger import (
-    ACKNOWLEDGED,
-    LedgerRow,
-    latest_window_row,
-    reported_window_value,
-    rows_with_status,
-)
-from reporters.ledger.model import row_from
+from reporters.customers import load_links
+from reporters.ledger import ACKNOWLEDGED
 from reporters.meters_check import StripeMeter
+from reporters.reconcile_database import UNLINKED, Side, StripeKey, database_side
 from reporters.settle import FetchSummary, minute_floor, settle_rows
+from reporters.summaries import SummarySource
 
-__all__ = ["UNLINKED", "FetchSummary", "Line", "Reconciliation", "reconcile", "settle_rows"]
+__all__ = [
+    "UNLINKED",
+    "FetchSummary",
+    "Line",
+    "Reconciliation",
+    "SummarySource",
+    "reconcile",
+    "settle_rows",
+]
 
-UNLINKED = "(unlinked)"
-AppKey = tuple[str, str]  # (customer_id, meter)
-StripeKey = tuple[str, str]  # (stripe_customer_id, meter)
 # Rows read per fetch of the range: memory stays per key, whatever the range holds.
 _ROWS_PER_FETCH = 10_000
 
@@ -79,6 +77,8 @@ class Line:
     database_value: int
     not_billed: tuple[str, ...] = ()  # database usage held, rejected or unknown, with reason
     in_flight: tuple[str, ...] = ()
+    # The combination of dimension values (meterstream.dimensions' key), '' without dimensions.
+    combination: str = ""
 
     @property
     def drift(self) -> bool:
@@ -91,7 +91,9 @@ class Line:
             "no Stripe customer" if self.stripe_value is None else f"Stripe {self.stripe_value}"
         )
         text = (
-            f"{mark}: {self.stripe_customer_id} {self.meter} ({', '.join(self.customer_ids)}): "
+            f"{mark}: {self.stripe_customer_id} {self.meter}"
+            + (f" {self.combination}" if self.combination else "")
+            + f" ({', '.join(self.customer_ids)}): "
             f"{stripe}, ledger acknowledged {self.ledger_value}, database {self.database_value}"
         )
         if self.not_billed:
@@ -117,15 +119,16 @@ def reconcile(
     engine: Engine,
     catalogue: Catalogue,
     stripe_meters: Mapping[str, StripeMeter],
-    fetch_summary: FetchSummary,
+    fetch_summary: SummarySource,
     since: datetime,
     now: datetime,
     settle_minutes: int = 5,
     workers: int = 8,
 ) -> Reconciliation:
-    """Settle unknown rows, then one line per (Stripe customer, meter) with rows in the range
-    or work in hand; confirms the accepted rows of lines Stripe agrees with. ``workers``:
-    summary calls in flight at once (``fetch_summary`` must be thread-safe)."""
+    """Settle unknown rows, then one line per (Stripe customer, meter, combination) with rows
+    in the range, work in hand or usage in Stripe; confirms the accepted rows of lines Stripe
+    agrees with. ``workers``: summary calls in flight at once (``fetch_summary`` must be
+    thread-safe)."""
     if settle_minutes < 0:
         raise ValueError(f"settle_minutes must be >= 0, got {settle_minutes}")
     start = minute_floor(since)
@@ -133,30 +136,43 @@ def reconcile(
     settled = settle_rows(engine, stripe_meters, fetch_summary, end, now)
     ranges = _ledger_in_range(engine, stripe_meters, start, end)
     links = load_links(engine)
-    database = _database_side(engine, catalogue, stripe_meters, ranges, links)
-    stripe_keys = sorted(ranges.keys() | database.keys())
-    asked = [key for key in stripe_keys if key[0] != UNLINKED]
+    in_range_keys = {
+        (customer_id, key[1], key[2])
+        for key, entry in ranges.items()
+        for customer_id in entry.customer_ids
+    }
+    database = database_side(engine, catalogue, stripe_meters, in_range_keys, links)
+    keys = ranges.keys() | database.keys()
+    asked = sorted({(key[0], key[1]) for key in keys if key[0] != UNLINKED})
 
-    def ask(key: StripeKey) -> Decimal:
-        meter_id = stripe_meters[key[1]].id
-        return fetch_summary(meter_id, key[0], int(start.timestamp()), int(end.timestamp()))
+    def ask(pair: tuple[str, str]) -> dict[str, Decimal]:
+        meter_id, dimensions = stripe_meters[pair[1]].id, catalogue.meters[pair[1]].dimensions
+        start_s, end_s = int(start.timestamp()), int(end.timestamp())
+        if dimensions:
+            return fetch_summary.grouped(meter_id, pair[0], start_s, end_s, dimensions)
+        return {"": fetch_summary(meter_id, pair[0], start_s, end_s)}
 
     # A call waits on Stripe far longer than the work around it: several in flight, each
     # paced by the gateway like the reporter's own (an error of any one is raised here).
     with ThreadPoolExecutor(max(1, min(workers, len(asked))), "reconcile") as pool:
         stripe_values = dict(zip(asked, pool.map(ask, asked), strict=True))
+    # A combination Stripe has usage for and the database does not is drift too.
+    keys |= {(*pair, k) for pair, found in stripe_values.items() for k, v in found.items() if v}
     lines = []
-    for stripe_key in stripe_keys:
-        stripe_customer_id, meter_name = stripe_key
+    for stripe_key in sorted(keys):
+        stripe_customer_id, meter_name, combination = stripe_key
         in_range = ranges.get(stripe_key, _Range())
-        stripe_value = stripe_values.get(stripe_key)
+        pair = (stripe_customer_id, meter_name)
+        stripe_value = (
+            stripe_values[pair].get(combination, Decimal(0)) if pair in stripe_values else None
+        )
         formula = catalogue.meters[meter_name].stripe_formula
         ledger_value = in_range.total if formula == "sum" else in_range.newest_value
         if stripe_value is not None and stripe_value == ledger_value:
             for identifier in in_range.accepted:
                 if ledger.confirm_accepted(engine, identifier, now):
                     settled.append(f"confirmed {identifier}: in Stripe's summaries")
-        side = database.get(stripe_key, _Side())
+        side = database.get(stripe_key, Side())
         lines.append(
             Line(
                 stripe_customer_id,
@@ -167,6 +183,7 @@ def reconcile(
                 side.value,
                 tuple(side.not_billed),
                 tuple(side.in_flight),
+                combination,
             )
         )
     return Reconciliation(lines, settled, start, end)
@@ -174,7 +191,8 @@ def reconcile(
 
 @dataclass
 class _Range:
-    """One (Stripe customer, meter)'s acknowledged rows timestamped in the range."""
+    """One (Stripe customer, meter, combination)'s acknowledged rows timestamped in the
+    range."""
 
     customer_ids: set[str] = field(default_factory=set)
     total: int = 0  # a sum meter: their values added up
@@ -186,8 +204,8 @@ class _Range:
 def _ledger_in_range(
     engine: Engine, stripe_meters: Mapping[str, StripeMeter], start: datetime, end: datetime
 ) -> dict[StripeKey, _Range]:
-    """Per (Stripe customer, meter), its rows timestamped in [start, end): one range read of
-    ledger_by_time, streamed, so memory holds one entry per key, not the rows."""
+    """Per (Stripe customer, meter, combination), its rows timestamped in [start, end): one
+    range read of ledger_by_time, streamed, so memory holds one entry per key, not the rows."""
     c = ledger_table.c
     query = select(
         c.customer_id,
@@ -198,6 +216,7 @@ def _ledger_in_range(
         c.timestamp,
         c.sequence,
         c.identifier,
+        c.combination,
     ).where(c.timestamp >= start, c.timestamp < end, c.meter.in_(list(stripe_meters)))
     ranges: dict[StripeKey, _Range] = {}
     with engine.connect() as connection:
@@ -211,8 +230,9 @@ def _ledger_in_range(
             stamp,
             sequence,
             identifier,
+            combination,
         ) in found:
-            entry = ranges.setdefault((stripe_customer_id, meter), _Range())
+            entry = ranges.setdefault((stripe_customer_id, meter, combination), _Range())
             entry.customer_ids.add(customer_id)
             if status not in ACKNOWLEDGED:
                 continue
@@ -222,150 +242,3 @@ def _ledger_in_range(
             if status == "accepted":
                 entry.accepted.append(identifier)
     return ranges
-
-
-@dataclass
-class _Side:
-    customer_ids: set[str] = field(default_factory=set)
-    value: int = 0
-    not_billed: list[str] = field(default_factory=list)
-    in_flight: list[str] = field(default_factory=list)
-
-
-_OUTSTANDING: tuple[ledger.Status, ...] = ("rejected", "unknown", "pending")
-
-
-def _database_side(
-    engine: Engine,
-    catalogue: Catalogue,
-    stripe_meters: Mapping[str, StripeMeter],
-    ranges: Mapping[StripeKey, _Range],
-    links: Mapping[str, str],
-) -> dict[StripeKey, _Side]:
-    """Per (Stripe customer, meter): the database's units and why some are not in Stripe, for
-    the (customer, meter) pairs with rows in the range, rows not final or due windows."""
-    outstanding: dict[AppKey, list[LedgerRow]] = {}
-    for status in _OUTSTANDING:
-        for row in rows_with_status(engine, status):
-            if row.meter in stripe_meters:
-                outstanding.setdefault((row.customer_id, row.meter), []).append(row)
-    due = due_windows(engine, stripe_meters, include_held=True)
-    app_keys = set(outstanding) | set(due)
-    for (_, meter_name), entry in ranges.items():
-        app_keys.update((customer_id, meter_name) for customer_id in entry.customer_ids)
-    sides: dict[StripeKey, _Side] = {}
-    with engine.connect() as connection:
-        heads = _heads(connection, app_keys)
-        for customer_id, meter_name in sorted(app_keys):
-            head = heads.get((customer_id, meter_name))
-            stripe_customer_id = stripe_customer_for(customer_id, links) or (
-                head.stripe_customer_id if head else UNLINKED
-            )
-            side = sides.setdefault((stripe_customer_id, meter_name), _Side())
-            side.customer_ids.add(customer_id)
-            _add_key(
-                connection,
-                side,
-                catalogue,
-                (customer_id, meter_name),
-                head,
-                outstanding.get((customer_id, meter_name), []),
-                due.get((customer_id, meter_name), []),
-                linked=stripe_customer_for(customer_id, links) is not None,
-            )
-    return sides
-
-
-_HEADS_PER_QUERY = 1_000
-_newer = ledger_table.alias("newer")
-
-
-def _heads(connection: Connection, keys: Collection[AppKey]) -> dict[AppKey, LedgerRow]:
-    """The newest row of each (customer, meter) of ``keys``: one backward step of
-    ledger_sequence per key, a thousand keys per query (one query per key cost 3 ms each)."""
-    heads: dict[AppKey, LedgerRow] = {}
-    ordered = sorted(keys)
-    for first in range(0, len(ordered), _HEADS_PER_QUERY):
-        chunk = ordered[first : first + _HEADS_PER_QUERY]
-        wanted = values(column("c", String), column("m", String), name="wanted").data(chunk).cte()
-        newest = (
-            select(func.max(_newer.c.sequence))
-            .where(_newer.c.customer_id == wanted.c.c, _newer.c.meter == wanted.c.m)
-            .scalar_subquery()
-        )
-        c = ledger_table.c
-        found = connection.execute(
-            select(ledger_table).select_from(
-                wanted.join(
-                    ledger_table,
-                    and_(c.customer_id == wanted.c.c, c.meter == wanted.c.m, c.sequence == newest),
-                )
-            )
-        ).mappings()
-        for mapping in found:
-            row = row_from(mapping)
-            heads[(row.customer_id, row.meter)] = row
-    return heads
-
-
-def _add_key(
-    connection: Connection,
-    side: _Side,
-    catalogue: Catalogue,
-    key: AppKey,
-    head: LedgerRow | None,
-    own: list[LedgerRow],
-    unreported: list[DueWindow],
-    *,
-    linked: bool,
-) -> None:
-    """Add one (customer, meter)'s units and reasons to its Stripe customer's side."""
-    customer_id, meter_name = key
-    meter = catalogue.meters[meter_name]
-    if meter.stripe_formula == "sum":
-        units = whole_units(_exact_total(connection, key, head, unreported), meter.unit_scale)
-    else:
-        newest = connection.execute(
-            select(window_totals.c.window_start, window_totals.c.value)
-            .where(window_totals.c.customer_id == customer_id, window_totals.c.meter == meter_name)
-            .order_by(window_totals.c.window_start.desc())
-            .limit(1)
-        ).first()
-        if newest is not None:
-            units = whole_units(newest.value, meter.unit_scale)
-            row = latest_window_row(connection, customer_id, meter_name, newest.window_start)
-        else:
-            # Every window pruned (retention): the newest row left stands for the newest one.
-            row = head
-            units = 0 if head is None else whole_units(head.window_value, meter.unit_scale)
-        own = [] if row is None else [row]
-    side.value += units
-    for status in _OUTSTANDING:
-        of_status = [r for r in own if r.status == status]
-        if of_status:
-            target = side.in_flight if status == "pending" else side.not_billed
-            target.append(f"{customer_id} {status} {sum(r.value for r in of_status)}")
-    if unreported:
-        reason = "held: no_customer_link" if not linked else "due or held (see meterstream status)"
-        issued = head.units_total if head is not None and meter.stripe_formula == "sum" else 0
-        gap = units - issued if meter.stripe_formula == "sum" else units
-        target = side.not_billed if reason.startswith("held") else side.in_flight
-        target.append(f"{customer_id} {reason}: {len(unreported)} window(s), {gap} unit(s)")
-
-
-def _exact_total(
-    connection: Connection, key: AppKey, head: LedgerRow | None, unreported: list[DueWindow]
-) -> Decimal:
-    """A sum meter's exact total over all time: what the ledger's newest row accounted, plus
-    how much each due window differs from its newest ledger row.
-
-    Every other window's newest revision is in the ledger (the report queue's invariant,
-    reporters/due.py, checked by the backstop), so it adds nothing: the same as adding up every
-    window, pruned ones included, without reading them.
-    """
-    parts = [Decimal(0) if head is None else head.accounted_total]
-    for window in unreported:
-        _, reported = reported_window_value(connection, key[0], key[1], window.window_start)
-        # copy_negate, not a subtraction: exact whatever the default context's precision.
-        parts += [window.window_value, reported.copy_negate()]
-    return exact_sum(parts)

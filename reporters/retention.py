@@ -38,11 +38,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Engine, and_, exists, func, insert, not_, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    and_,
+    case,
+    exists,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    update,
+)
 
 from meterstream.meters import Window
 from meterstream.retention import cutoff, delete_in_batches
-from meterstream.schema import ledger, ledger_prune_marks, window_totals
+from meterstream.schema import has_combination, ledger, ledger_prune_marks, window_totals
 
 PRUNABLE = ("sent", "carried")
 PRUNE_EVERY = timedelta(hours=1)
@@ -63,13 +75,23 @@ _wt = window_totals.c
 
 def prunable(before: datetime) -> ColumnElement[bool]:
     """The condition a ledger row must meet to be pruned (see the module docstring)."""
-    same_key = and_(
+    same_pair = and_(
         _newer.c.customer_id == _row.customer_id,
         _newer.c.meter == _row.meter,
     )
-    # A scalar max per row (ledger_sequence, read backwards), not EXISTS: PostgreSQL would
-    # rather hash the whole ledger for a semi-join than probe the index for each candidate.
-    not_head = _row.sequence < select(func.max(_newer.c.sequence)).where(same_key).scalar_subquery()
+    same_key = and_(same_pair, _newer.c.combination_digest == _row.combination_digest)
+    # A scalar max per row (an index read backwards), not EXISTS: PostgreSQL would rather hash
+    # the whole ledger for a semi-join than probe the index for each candidate. Each
+    # combination's newest row carries its own running totals, so each is a head to keep: the
+    # pair's newest (ledger_sequence) without dimensions, the combination's
+    # (ledger_by_combination, with its own predicate) with them.
+    pair_head = select(func.max(_newer.c.sequence)).where(same_pair).scalar_subquery()
+    combination_head = (
+        select(func.max(_newer.c.sequence))
+        .where(same_key, has_combination(_newer))
+        .scalar_subquery()
+    )
+    not_head = _row.sequence < case((has_combination(ledger), combination_head), else_=pair_head)
     newer_revision = exists(
         select(_newer.c.revision).where(
             same_key,
@@ -82,6 +104,7 @@ def prunable(before: datetime) -> ColumnElement[bool]:
             _wt.customer_id == _row.customer_id,
             _wt.meter == _row.meter,
             _wt.window_start == _row.window_start,
+            _wt.combination_digest == _row.combination_digest,
         )
     )
     unknown_waits = exists(

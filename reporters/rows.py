@@ -4,6 +4,11 @@ Decided in one transaction with the read of the running totals, so the row and t
 was computed from cannot drift apart. One reporter process writes a (customer, meter) at a
 time; the unique (customer, meter, sequence) index refuses a second writer instead of letting
 it double-count.
+
+A meter with dimensions has a window per combination of dimension values: the rows of all
+combinations of a (customer, meter) share its sequence (the order its calls go out in), but
+each combination has its own running totals (the newest row of that combination), so Stripe's
+total per combination is the floor of that combination's exact total.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from meterstream.meters import Meter
 from reporters import carry
 from reporters.due import DueWindow, settle
 from reporters.ledger import (
+    CombinationKey,
     KeyHead,
     LedgerRow,
     Status,
     WindowHead,
+    combination_heads,
     identifier_for,
     insert_row,
     insert_rows,
@@ -123,15 +130,19 @@ def write_row(
     Returns the row (status pending, carried or rejected), Held for a negative correction the
     meter does not allow, or None if another writer already reported this revision.
     """
+    digest = window.combination_digest
     with engine.begin() as connection:
         latest = latest_row(connection, window.customer_id, window.meter)
+        account = latest
+        if digest:
+            account = latest_row(connection, window.customer_id, window.meter, digest)
         reported_revision, previous_total = reported_window_value(
-            connection, window.customer_id, window.meter, window.window_start
+            connection, window.customer_id, window.meter, window.window_start, digest
         )
         previous = None
         if meter.stripe_formula == "last":
             previous = latest_window_row(
-                connection, window.customer_id, window.meter, window.window_start
+                connection, window.customer_id, window.meter, window.window_start, digest
             )
         head = None
         if reported_revision:
@@ -139,7 +150,7 @@ def write_row(
                 reported_revision, previous_total, previous.timestamp if previous else now
             )
         job = RowJob(window, meter, event_name, stripe_customer_id, deployment_id)
-        row = decide_row(job, latest, head, now, horizon_days)
+        row = decide_row(job, latest, head, now, horizon_days, account)
         if isinstance(row, LedgerRow):
             insert_row(connection, row)
         if not isinstance(row, Held):
@@ -167,21 +178,32 @@ def write_rows(
     Raises IntegrityError (nothing written) if another writer got to one of them first.
     """
     keys = [(j.window.customer_id, j.window.meter) for j in jobs]
-    starts = [(*key, j.window.window_start) for key, j in zip(keys, jobs, strict=True)]
+    combinations: list[CombinationKey] = [
+        (*key, j.window.combination_digest) for key, j in zip(keys, jobs, strict=True)
+    ]
+    starts = [
+        (*key, j.window.window_start, j.window.combination_digest)
+        for key, j in zip(keys, jobs, strict=True)
+    ]
     results: list[LedgerRow | Held | None] = []
     failed: dict[tuple[str, str], Held] = {}
     with engine.begin() as connection:
         latest = key_heads(connection, set(keys))
+        # A meter without dimensions has one combination (''): its pair's newest row is the
+        # combination's, so only meters with dimensions cost this second read.
+        accounts = combination_heads(connection, {c for c in combinations if c[2]})
         heads = window_heads(connection, set(starts))
-        for job, key, start in zip(jobs, keys, starts, strict=True):
+        for job, key, combination, start in zip(jobs, keys, combinations, starts, strict=True):
             if key in failed:  # the key is held: its later windows wait with it
                 results.append(Held(job.window, failed[key].reason, 0, failed[key].detail))
                 continue
-            row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days)
+            account = accounts.get(combination) if combination[2] else latest.get(key)
+            row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days, account)
             if isinstance(row, Held) and row.reason in KEY_FAILURES:
                 failed[key] = row
             if isinstance(row, LedgerRow):
                 latest[key] = KeyHead(row.sequence, row.accounted_total, row.units_total)
+                accounts[combination] = latest[key]
                 heads[start] = WindowHead(row.revision, row.window_value, row.timestamp)
             results.append(row)
         # In the transaction of the rows: a window leaves the queue with its row committed.
@@ -201,14 +223,16 @@ def decide_row(
     head: WindowHead | None,
     now: datetime,
     horizon_days: int,
+    combination_latest: KeyHead | LedgerRow | None,
 ) -> LedgerRow | Held | None:
-    """The row for ``job`` (not written), given the newest row of its (customer, meter) and
+    """The row for ``job`` (not written), given the newest row of its (customer, meter) (the
+    sequence), of its combination (the running totals; the same row without dimensions) and
     of its window; Held or None as write_row says."""
     window, meter = job.window, job.meter
     formula = meter.stripe_formula
     account = (
-        carry.Account(latest.accounted_total, latest.units_total)
-        if latest is not None
+        carry.Account(combination_latest.accounted_total, combination_latest.units_total)
+        if combination_latest is not None
         else _NOTHING_ACCOUNTED
     )
     reported_revision, previous_total = (head.revision, head.window_value) if head else (0, _ZERO)
@@ -279,6 +303,7 @@ def decide_row(
             window.window_end,
             window.revision,
             deployment_id=job.deployment_id,
+            combination=window.combination,
         ),
         status=status,
         attempts=0,
@@ -290,4 +315,6 @@ def decide_row(
         updated_at=now,
         sent_at=None,
         unit_scale=meter.unit_scale,
+        combination=window.combination,
+        combination_digest=window.combination_digest,
     )

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -31,7 +30,6 @@ from reporters.cycle import CycleResult, Reporter, Sender
 from reporters.marks import KafkaMarks
 from reporters.meters_check import StripeMeter, check_meters, list_stripe_meters
 from reporters.pacer import Pacer
-from reporters.pages import all_items
 from reporters.restore import RestoreGuard
 from reporters.stream import StreamSender
 from reporters.stream_sender import V2StreamSender
@@ -44,6 +42,7 @@ from reporters.stripe_push import (
     require_api_key,
     send_meter_event,
 )
+from reporters.summaries import StripeSummaries, SummarySource
 from reporters.v1_sender import V1Sender, send_threads
 
 _log = logging.getLogger(__name__)
@@ -232,20 +231,7 @@ def log_result(result: CycleResult) -> None:
     )
 
 
-def fetch_summary(connected: Connected) -> Callable[[str, str, int, int], Decimal]:
-    """Stripe's aggregated value for one meter and customer over [start_s, end_s)."""
-    client, gateway = connected.client, connected.gateway
-
-    def fetch(meter_id: str, stripe_customer_id: str, start_s: int, end_s: int) -> Decimal:
-        params = {"customer": stripe_customer_id, "start_time": start_s, "end_time": end_s}
-
-        def page(page_params: Any) -> Any:
-            summaries = client.v1.billing.meters.event_summaries
-            return gateway.call(partial(summaries.list, meter_id, params=page_params))
-
-        return sum(
-            (Decimal(str(summary.aggregated_value)) for summary in all_items(page, params)),
-            Decimal(0),
-        )
-
-    return fetch
+def fetch_summary(connected: Connected) -> SummarySource:
+    """Stripe's aggregated values for one meter and customer (per combination of dimension
+    values too: reporters/summaries.py), through the connection's client and gateway."""
+    return StripeSummaries(connected.client, connected.gateway)

@@ -13,6 +13,7 @@ from typing import Any, get_args
 
 from sqlalchemy import Engine, Select, and_, exists, func, or_, select
 
+from meterstream.dimensions import combination_values
 from meterstream.horizon import STRIPE_HORIZON_DAYS
 from meterstream.meters import Catalogue
 from meterstream.schema import held_keys, ledger, report_queue, window_totals
@@ -75,6 +76,7 @@ def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
                     _wt.customer_id == _q.customer_id,
                     _wt.meter == _q.meter,
                     _wt.window_start == _q.window_start,
+                    _wt.combination_digest == _q.combination_digest,
                 ),
             ).outerjoin(
                 ledger,
@@ -82,6 +84,7 @@ def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
                     _l.customer_id == _wt.customer_id,
                     _l.meter == _wt.meter,
                     _l.window_start == _wt.window_start,
+                    _l.combination_digest == _wt.combination_digest,
                     _l.revision == _wt.revision,
                 ),
             )
@@ -125,6 +128,7 @@ def held_usage(engine: Engine, catalogue: Catalogue) -> list[dict[str, Any]]:
         {
             "customer_id": w.customer_id,
             "meter": w.meter,
+            "dimensions": combination_values(w.combination),
             "window_start": w.window_start,
             "revision": w.revision,
             "total": w.total,
@@ -263,7 +267,8 @@ def format_status(facts: dict[str, Any]) -> str:
     for item in facts["held"]:
         lines.append(
             f"  {item['reason']}: {item['customer_id']} {item['meter']} "
-            f"window {item['window_start'].isoformat()} revision {item['revision']} "
+            + "".join(f"{d}={v} " for d, v in item["dimensions"].items())
+            + f"window {item['window_start'].isoformat()} revision {item['revision']} "
             f"total {item['total']}"
         )
     lines.append(f"held customers and meters (a person must act): {len(facts['held_keys'])}")

@@ -36,6 +36,7 @@ import stripe
 
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
+from reporters.payload import meter_event_payload
 from reporters.stripe_push import Outcome, StripeGateway, classify
 
 _log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def stream_event(row: LedgerRow, meter: StripeMeter) -> dict[str, Any]:
     """One v2 event for a ledger row (RFC 3339 timestamp, value as a string)."""
     return {
         "event_name": row.event_name,
-        "payload": {meter.customer_key: row.stripe_customer_id, meter.value_key: str(row.value)},
+        "payload": meter_event_payload(row, meter),
         "identifier": row.identifier,
         "timestamp": row.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
     }

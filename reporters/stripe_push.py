@@ -42,6 +42,7 @@ from meterstream.settings import STRIPE_API_KEY_PATTERN, Settings
 from reporters.ledger import LedgerRow
 from reporters.meters_check import StripeMeter
 from reporters.pacer import Pacer
+from reporters.payload import meter_event_payload
 from reporters.stripe_http import CountsRetries, KeepAliveClient, proxy_configured
 
 _log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def meter_event_params(row: LedgerRow, meter: StripeMeter) -> dict[str, Any]:
     """The v1 request body; every part comes from the row, so a resend is identical."""
     return {
         "event_name": row.event_name,
-        "payload": {meter.customer_key: row.stripe_customer_id, meter.value_key: str(row.value)},
+        "payload": meter_event_payload(row, meter),
         "identifier": row.identifier,
         "timestamp": int(row.timestamp.timestamp()),
     }

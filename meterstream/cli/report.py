@@ -22,6 +22,7 @@ from meterstream.cli.exits import (
     settings_or_exit,
 )
 from meterstream.cli.json_output import json_document
+from meterstream.dimensions import combination_values
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
 from meterstream.metrics import ReporterMetrics, serve_metrics
@@ -380,6 +381,8 @@ def _reconciliation_document(found: Reconciliation, start: datetime) -> dict[str
             {
                 "stripe_customer_id": line.stripe_customer_id,
                 "meter": line.meter,
+                # The combination's dimension values ({} for a meter without dimensions).
+                "dimensions": combination_values(line.combination),
                 "customer_ids": line.customer_ids,
                 "stripe_value": line.stripe_value,
                 "ledger_value": line.ledger_value,

@@ -16,10 +16,12 @@ from reporters.ledger.model import (
     identifier_for,
 )
 from reporters.ledger.reads import (
+    CombinationKey,
     KeyHead,
     WindowHead,
     WindowKey,
     all_rows,
+    combination_heads,
     count_with_status,
     counts_by_status,
     key_heads,
@@ -52,6 +54,7 @@ __all__ = [
     "ACKNOWLEDGED",
     "FINAL",
     "UNKNOWN_AFTER",
+    "CombinationKey",
     "KeyHead",
     "LedgerRow",
     "Status",
@@ -59,6 +62,7 @@ __all__ = [
     "WindowKey",
     "accept_then_stamp",
     "all_rows",
+    "combination_heads",
     "confirm_accepted",
     "count_with_status",
     "counts_by_status",

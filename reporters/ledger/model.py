@@ -47,6 +47,7 @@ def identifier_for(
     revision: int,
     *,
     deployment_id: str,
+    combination: str = "",
 ) -> str:
     """The meter event's identifier: deterministic, so a resend after a crash is recognised.
 
@@ -55,17 +56,22 @@ def identifier_for(
     meterstream/deployment.py) keeps two deployments on one Stripe account, or a database and
     its restored copy run as a new deployment, from colliding. Rows written before it existed
     keep their ``ms1_`` identifiers: a resend must repeat the stored one.
+
+    ``combination`` (meterstream.dimensions' canonical key) is a part only when not empty: a
+    meter without dimensions keeps the identifiers already in Stripe, and each combination of
+    a window has its own.
     """
-    parts = "\x1f".join(
-        (
-            deployment_id,
-            customer_id,
-            meter,
-            window_start.isoformat(),
-            window_end.isoformat(),
-            str(revision),
-        )
-    )
+    fields = [
+        deployment_id,
+        customer_id,
+        meter,
+        window_start.isoformat(),
+        window_end.isoformat(),
+        str(revision),
+    ]
+    if combination:
+        fields.append(combination)
+    parts = "\x1f".join(fields)
     return f"ms2_{deployment_id}_" + hashlib.sha256(parts.encode("utf-8")).hexdigest()[:48]
 
 
@@ -102,6 +108,10 @@ class LedgerRow:
     # The meter's unit_scale the running totals were computed with (None: written before
     # migration 0006; the reporter fills it in at start). See reporters/scales.py.
     unit_scale: Decimal | None = None
+    # The window's combination of dimension values (meterstream.dimensions' canonical key, sent
+    # in the payload under the meter's dimension keys) and its digest; empty without dimensions.
+    combination: str = ""
+    combination_digest: bytes = b""
 
 
 FIELDS: tuple[str, ...] = LedgerRow.__slots__

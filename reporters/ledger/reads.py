@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Engine,
+    LargeBinary,
     Select,
     String,
     and_,
@@ -25,36 +26,42 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from meterstream.schema import ExactDecimal, ledger
+from meterstream.schema import ExactDecimal, has_combination, ledger
 from reporters.ledger.model import ACKNOWLEDGED, LedgerRow, Status, row_from
 
 
-def latest_row(connection: Connection, customer_id: str, meter: str) -> LedgerRow | None:
-    """The newest row of one (customer, meter): it carries the running totals."""
-    found = (
-        connection.execute(
-            select(ledger)
-            .where(ledger.c.customer_id == customer_id, ledger.c.meter == meter)
-            .order_by(ledger.c.sequence.desc())
-            .limit(1)
+def latest_row(
+    connection: Connection, customer_id: str, meter: str, combination_digest: bytes | None = None
+) -> LedgerRow | None:
+    """The newest row of one (customer, meter); with a ``combination_digest`` (not empty), of
+    that combination: it carries the combination's running totals."""
+    query = select(ledger).where(ledger.c.customer_id == customer_id, ledger.c.meter == meter)
+    if combination_digest:
+        # ledger_by_combination's own predicate: the index applies, not a walk back through
+        # the pair's rows of other combinations.
+        query = query.where(
+            ledger.c.combination_digest == combination_digest, has_combination(ledger)
         )
-        .mappings()
-        .first()
-    )
+    found = connection.execute(query.order_by(ledger.c.sequence.desc()).limit(1)).mappings().first()
     return None if found is None else row_from(found)
 
 
 def reported_window_value(
-    connection: Connection, customer_id: str, meter: str, window_start: datetime
+    connection: Connection,
+    customer_id: str,
+    meter: str,
+    window_start: datetime,
+    combination_digest: bytes = b"",
 ) -> tuple[int, Decimal]:
-    """(revision, exact window value) of a window's newest row; (0, 0) if it was never
-    reported."""
+    """(revision, exact window value) of a window's (and combination's) newest row; (0, 0) if
+    it was never reported."""
     found = connection.execute(
         select(ledger.c.revision, ledger.c.total)
         .where(
             ledger.c.customer_id == customer_id,
             ledger.c.meter == meter,
             ledger.c.window_start == window_start,
+            ledger.c.combination_digest == combination_digest,
         )
         .order_by(ledger.c.revision.desc())
         .limit(1)
@@ -63,9 +70,13 @@ def reported_window_value(
 
 
 def latest_window_row(
-    connection: Connection, customer_id: str, meter: str, window_start: datetime
+    connection: Connection,
+    customer_id: str,
+    meter: str,
+    window_start: datetime,
+    combination_digest: bytes = b"",
 ) -> LedgerRow | None:
-    """The newest row of one window (its highest revision)."""
+    """The newest row of one window and combination (its highest revision)."""
     found = (
         connection.execute(
             select(ledger)
@@ -73,6 +84,7 @@ def latest_window_row(
                 ledger.c.customer_id == customer_id,
                 ledger.c.meter == meter,
                 ledger.c.window_start == window_start,
+                ledger.c.combination_digest == combination_digest,
             )
             .order_by(ledger.c.revision.desc())
             .limit(1)
@@ -111,19 +123,62 @@ def _key_heads_query(keys: Collection[tuple[str, str]]) -> Select[Any]:
     )
 
 
+def _combination_heads_query(keys: Collection[CombinationKey]) -> Select[Any]:
+    """_key_heads_query per (customer, meter, combination) of a meter with dimensions (a
+    digest not empty): the newest row of each, found by one backward step of
+    ledger_by_combination."""
+    wanted = (
+        values(column("c", String), column("m", String), column("d", LargeBinary), name="wanted")
+        .data(sorted(keys))
+        .cte()
+    )
+    newest = (
+        select(func.max(_OTHER.c.sequence))
+        .where(
+            _OTHER.c.customer_id == wanted.c.c,
+            _OTHER.c.meter == wanted.c.m,
+            _OTHER.c.combination_digest == wanted.c.d,
+            has_combination(_OTHER),  # ledger_by_combination's own predicate
+        )
+        .scalar_subquery()
+    )
+    return select(
+        _l.customer_id,
+        _l.meter,
+        _l.combination_digest,
+        _l.sequence,
+        _l.accounted_total,
+        _l.units_total,
+    ).select_from(
+        wanted.join(
+            ledger,
+            and_(_l.customer_id == wanted.c.c, _l.meter == wanted.c.m, _l.sequence == newest),
+        )
+    )
+
+
 _WINDOW_ROWS = select(
-    _l.customer_id, _l.meter, _l.window_start, _l.revision, _l.total, _l.timestamp
+    _l.customer_id,
+    _l.meter,
+    _l.window_start,
+    _l.combination_digest,
+    _l.revision,
+    _l.total,
+    _l.timestamp,
 ).where(
     _l.customer_id.in_(bindparam("customers", expanding=True)),
     _l.meter.in_(bindparam("meters", expanding=True)),
     _l.window_start.in_(bindparam("starts", expanding=True)),
 )
-WindowKey = tuple[str, str, datetime]  # (customer_id, meter, window_start)
+# (customer_id, meter, window_start, combination_digest)
+WindowKey = tuple[str, str, datetime, bytes]
+CombinationKey = tuple[str, str, bytes]  # (customer_id, meter, combination_digest)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyHead:
-    """The newest ledger row of one (customer, meter): the running totals write_rows reads."""
+    """The newest ledger row of one (customer, meter), or of one combination of it: the
+    running totals write_rows reads."""
 
     sequence: int
     accounted_total: Decimal
@@ -186,6 +241,23 @@ def key_heads(
     }
 
 
+def combination_heads(
+    connection: Connection, keys: Collection[CombinationKey]
+) -> dict[CombinationKey, KeyHead]:
+    """The running totals of the newest row of every (customer, meter, combination) of
+    ``keys`` that has one, in one query: a combination's carry is its own. Combinations of
+    meters with dimensions only (for the empty one, key_heads)."""
+    if any(not digest for _c, _m, digest in keys):
+        raise ValueError("combination_heads takes combinations of meters with dimensions")
+    if not keys:
+        return {}
+    found = connection.execute(_combination_heads_query(keys))
+    return {
+        (customer_id, meter, bytes(digest)): KeyHead(sequence, accounted_total, units_total)
+        for customer_id, meter, digest, sequence, accounted_total, units_total in found
+    }
+
+
 def window_heads(
     connection: Connection, windows: Collection[WindowKey]
 ) -> dict[WindowKey, WindowHead]:
@@ -201,8 +273,8 @@ def window_heads(
         },
     )
     heads: dict[WindowKey, WindowHead] = {}
-    for customer_id, meter, window_start, revision, window_value, timestamp in found:
-        key = (customer_id, meter, window_start)
+    for customer_id, meter, window_start, digest, revision, window_value, timestamp in found:
+        key = (customer_id, meter, window_start, bytes(digest))
         if key in windows and (key not in heads or revision > heads[key].revision):
             heads[key] = WindowHead(int(revision), window_value, timestamp)
     return heads

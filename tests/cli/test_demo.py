@@ -12,7 +12,7 @@ import stripe
 from sqlalchemy import create_engine
 
 from meterstream.cli.demo import MeterRow, Traffic, print_table
-from meterstream.cli.demo.traffic import prepare_stripe, stripe_meters_by_event_name
+from meterstream.cli.demo.traffic import MODELS, prepare_stripe, stripe_meters_by_event_name
 from meterstream.meters import load_catalogue
 from stripe_emulator import run_stripe_emulator
 from tests.conftest import EXAMPLE_METERS
@@ -96,3 +96,30 @@ def test_preparing_stripe_reads_every_page_of_meters_and_creates_none_twice() ->
         assert len(emulator.state.meters()) == len(catalogue) + 205
         names = {m.stripe_event_name for m in catalogue}
         assert names <= set(stripe_meters_by_event_name(client))
+
+
+def test_the_demo_bills_tokens_per_model_and_prints_both_sides_per_model(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    example = EXAMPLE_METERS.read_text(encoding="utf-8")
+    enabled = re.sub(r"^# (\[meters\.llm_tokens\]|[a-z_]+ = .*)$", r"\1", example, flags=re.M)
+    assert "\n[meters.llm_tokens]\n" in enabled
+    meters_file = tmp_path / "meters.toml"
+    meters_file.write_text(enabled, encoding="utf-8")
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "meterstream", "demo"),
+            *("--customers", "6", "--events", "600", "--meters-file", str(meters_file)),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "VERDICT: the database and Stripe agree on every meter" in done.stdout
+    by_model = re.findall(r"^  model=(\S+)\s+sum\s+([\d,]+)\s+([\d,]+)  match$", done.stdout, re.M)
+    assert {model for model, _db, _stripe in by_model} == set(MODELS), done.stdout
+    assert all(database == stripe for _model, database, stripe in by_model)
+    assert sum(int(d.replace(",", "")) for _m, d, _s in by_model) > 0

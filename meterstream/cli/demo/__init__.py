@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from aggregators.reference import reference_totals
+from aggregators.reference import reference_combination_totals
 from meterstream.cli.demo.options import DemoOptions, Echo
 from meterstream.cli.demo.parts import (
     aggregator_worker,
@@ -57,7 +57,7 @@ def run_demo(options: DemoOptions, echo: Echo = click.echo) -> int:
         traffic = send_traffic(settings, catalogue, customers, options)
         stored = wait_for_totals(engine, customers, traffic.unique, worker, workdir)
         # The database against an independent reference of what was sent: each event once.
-        reference = reference_totals(traffic.events, catalogue)
+        reference = reference_combination_totals(traffic.events, catalogue)
         windows_wrong = sum(stored.get(key) != want for key, want in reference.items()) + len(
             set(stored) - set(reference)
         )

@@ -14,7 +14,7 @@ import click
 import stripe
 from sqlalchemy import Engine, select
 
-from aggregators.reference import Totals
+from aggregators.reference import CombinationTotals
 from meterstream.cli.demo.options import DemoOptions, Echo
 from meterstream.embedded import embedded_broker
 from meterstream.metrics import scrape
@@ -94,14 +94,14 @@ def aggregator_worker(
             stop_process(process)
 
 
-def _stored_totals(engine: Engine, customers: dict[str, str]) -> Totals:
+def _stored_totals(engine: Engine, customers: dict[str, str]) -> CombinationTotals:
     c = window_totals.c
-    query = select(c.customer_id, c.meter, c.window_start, c.value, c.events).where(
+    query = select(c.customer_id, c.meter, c.window_start, c.combination, c.value, c.events).where(
         c.revision > 0, c.customer_id.in_(list(customers))
     )
     with engine.connect() as connection:
         return {
-            (r.customer_id, r.meter, r.window_start): (r.value, r.events)
+            (r.customer_id, r.meter, r.window_start, r.combination): (r.value, r.events)
             for r in connection.execute(query)
         }
 
@@ -113,7 +113,7 @@ def wait_for_totals(
     worker: subprocess.Popen[bytes],
     workdir: Path,
     timeout_s: float = 180,
-) -> Totals:
+) -> CombinationTotals:
     """Wait until this run's events are all in the database; return its window totals."""
     deadline = time.monotonic() + timeout_s
     with click.progressbar(length=expected, label="aggregating         ") as bar:

@@ -18,6 +18,9 @@ from meterstream.events import UsageEvent
 from meterstream.meters import Catalogue, Meter
 from meterstream.settings import Settings
 
+# The llm_tokens meter keeps a total per model (and region): the demo's events name one.
+MODELS = ("gpt-small", "gpt-large", "embed-1")
+
 
 @dataclass
 class Traffic:
@@ -40,13 +43,16 @@ def prepare_stripe(
     existing = stripe_meters_by_event_name(client)
     for meter in catalogue:
         if meter.stripe_event_name not in existing:
-            client.v1.billing.meters.create(
-                {
-                    "display_name": meter.description or meter.name,
-                    "event_name": meter.stripe_event_name,
-                    "default_aggregation": {"formula": meter.stripe_formula},
-                }
-            )
+            params: dict[str, Any] = {
+                "display_name": meter.description or meter.name,
+                "event_name": meter.stripe_event_name,
+                "default_aggregation": {"formula": meter.stripe_formula},
+            }
+            if meter.dimensions:
+                # Its events carry these keys, and Stripe groups its summaries by them. Not in
+                # the SDK's typed create parameters (16.1), so the parameters are a plain dict.
+                params["dimension_payload_keys"] = list(meter.dimensions)
+            client.v1.billing.meters.create(params)  # type: ignore[arg-type]
     links = {}
     now = datetime.now(UTC)
     run = uuid.uuid4().hex[:6]  # a database reused across runs keeps each run's customers apart
@@ -106,6 +112,7 @@ def send_traffic(
                 properties = {
                     "user_id": f"user-{rng.randint(1, 40)}",
                     "region": rng.choice(["eu", "us"]),
+                    "model": rng.choice(MODELS),
                 }
                 event_id = client.record(
                     customer, meter.name, value, timestamp=moment, properties=properties

@@ -1,7 +1,9 @@
-"""The demo's verdict: the database's exact totals beside what Stripe holds, per meter."""
+"""The demo's verdict: the database's exact totals beside what Stripe holds, per meter (and per
+value of a meter's first dimension: the tokens per model)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,6 +16,7 @@ from sqlalchemy import Engine, func, select
 
 from meterstream.cli.demo.options import Echo
 from meterstream.cli.demo.traffic import Traffic, stripe_meters_by_event_name
+from meterstream.dimensions import combination_key, combination_values
 from meterstream.meters import Catalogue, Meter
 from meterstream.schema import ledger, window_totals
 
@@ -49,69 +52,130 @@ def database_facts(engine: Engine) -> dict[str, int]:
 def compare(
     client: stripe.StripeClient, catalogue: Catalogue, engine: Engine, customers: dict[str, str]
 ) -> list[MeterRow]:
-    """Per meter: the database's exact totals in Stripe units beside Stripe's event summaries."""
-    from reporters.pages import all_items
-
+    """Per meter: the database's exact totals in Stripe units beside Stripe's event summaries,
+    compared per customer and combination of dimension values (Stripe's summaries grouped by
+    them). A meter with dimensions gets a row per value of its first one too (the tokens per
+    model), the database's and Stripe's side by side."""
     stripe_meters = {name: m.id for name, m in stripe_meters_by_event_name(client).items()}
     now = datetime.now(UTC)
     start = (now - timedelta(days=34)).replace(second=0, microsecond=0)
     end = now.replace(second=0, microsecond=0) + timedelta(minutes=2)
     expected = _database_units(engine, catalogue)
 
-    def stripe_units(meter: Meter, stripe_id: str) -> int:
-        meter_id = stripe_meters[meter.stripe_event_name]
-
-        def page(params: Any) -> Any:
-            return client.v1.billing.meters.event_summaries.list(meter_id, params)
-
-        summaries = all_items(
-            page,
-            {
-                "customer": stripe_id,
-                "start_time": int(start.timestamp()),
-                "end_time": int(end.timestamp()),
-                "limit": 100,
-            },
+    def stripe_units(meter: Meter, group_by: Sequence[str], stripe_id: str) -> dict[str, int]:
+        return _stripe_units(
+            client, stripe_meters[meter.stripe_event_name], stripe_id, start, end, group_by
         )
-        return int(sum(Decimal(str(s.aggregated_value)) for s in summaries))
 
     rows = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for meter in catalogue:
-            got = pool.map(partial(stripe_units, meter), customers.values())
-            database_total = stripe_total = differing = 0
-            for app_id, units in zip(customers, got, strict=True):
-                want = expected.get((app_id, meter.name), 0)
-                database_total += want
-                stripe_total += units
-                differing += want != units
-            rows.append(
-                MeterRow(meter.name, meter.stripe_formula, database_total, stripe_total, differing)
-            )
+            groupings = [meter.dimensions, meter.dimensions[:1]] if meter.dimensions else [()]
+            for group_by in groupings:
+                got = pool.map(partial(stripe_units, meter, group_by), customers.values())
+                found = dict(zip(customers, got, strict=True))
+                rows += _rows(meter, group_by, expected, found, by_value=group_by != groupings[0])
     return rows
 
 
-def _database_units(engine: Engine, catalogue: Catalogue) -> dict[tuple[str, str], int]:
-    """What Stripe should hold per (customer, meter): for additive meters the floor of the exact
-    total over all windows in Stripe units; for last-formula meters the newest window's value."""
+def _stripe_units(
+    client: stripe.StripeClient,
+    meter_id: str,
+    stripe_id: str,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str],
+) -> dict[str, int]:
+    """Stripe's units per combination of ``group_by``'s values ('' when not grouped)."""
+    from reporters.pages import all_items
+
+    def page(params: Any) -> Any:
+        return client.v1.billing.meters.event_summaries.list(meter_id, params)
+
+    params: dict[str, Any] = {
+        "customer": stripe_id,
+        "start_time": int(start.timestamp()),
+        "end_time": int(end.timestamp()),
+        "limit": 100,
+    }
+    if group_by:
+        params["dimension_group_by_keys"] = list(group_by)
+    totals: dict[str, Decimal] = {}
+    for summary in all_items(page, params):
+        named = getattr(summary, "dimensions", None)
+        values = named.to_dict() if named is not None else {}
+        key = combination_key({d: str(values.get(d, "")) for d in group_by})
+        totals[key] = totals.get(key, Decimal(0)) + Decimal(str(summary.aggregated_value))
+    return {key: int(value) for key, value in totals.items()}
+
+
+def _rows(
+    meter: Meter,
+    group_by: Sequence[str],
+    expected: Mapping[tuple[str, str], Mapping[str, int]],
+    found: Mapping[str, Mapping[str, int]],
+    *,
+    by_value: bool,
+) -> list[MeterRow]:
+    """The meter's row (its combinations compared one by one), or with ``by_value`` a row per
+    value of ``group_by``'s one dimension: the database's combinations added up per value."""
+    database: dict[str, dict[str, int]] = {}  # grouping key -> customer -> units
+    stripe_side: dict[str, dict[str, int]] = {}
+    for app_id, stripe_units in found.items():
+        for combination, units in expected.get((app_id, meter.name), {}).items():
+            values = combination_values(combination)
+            key = combination_key({d: values[d] for d in group_by})
+            group = key if by_value else ""
+            per_customer = database.setdefault(group, {})
+            # Compared per combination: a sum over combinations could hide two differences.
+            per_customer[f"{app_id}\x1f{key}"] = per_customer.get(f"{app_id}\x1f{key}", 0) + units
+        for key, units in stripe_units.items():
+            group = key if by_value else ""
+            per_customer = stripe_side.setdefault(group, {})
+            per_customer[f"{app_id}\x1f{key}"] = units
+    rows = []
+    for group in sorted(database.keys() | stripe_side.keys() | ({""} if not by_value else set())):
+        want, got = database.get(group, {}), stripe_side.get(group, {})
+        differing = {
+            k.split("\x1f")[0] for k in want.keys() | got.keys() if want.get(k, 0) != got.get(k, 0)
+        }
+        name = meter.name
+        if by_value:
+            name = "  " + ", ".join(f"{d}={v}" for d, v in combination_values(group).items())
+        rows.append(
+            MeterRow(
+                name, meter.stripe_formula, sum(want.values()), sum(got.values()), len(differing)
+            )
+        )
+    return rows
+
+
+def _database_units(engine: Engine, catalogue: Catalogue) -> dict[tuple[str, str], dict[str, int]]:
+    """What Stripe should hold per (customer, meter), per combination of dimension values ('':
+    none): for additive meters the floor of the exact total over all windows in Stripe units
+    (each combination has its own carry); for last-formula meters the newest window's value."""
     c = window_totals.c
     with engine.connect() as connection:
         rows = connection.execute(
-            select(c.customer_id, c.meter, c.window_start, c.value)
+            select(c.customer_id, c.meter, c.combination, c.window_start, c.value)
             .where(c.revision > 0)
-            .order_by(c.customer_id, c.meter, c.window_start)
+            .order_by(c.customer_id, c.meter, c.combination, c.window_start)
         ).all()
-    exact: dict[tuple[str, str], Decimal] = {}
+    exact: dict[tuple[str, str, str], Decimal] = {}
     with localcontext() as context:
         context.prec = 80
         for row in rows:
             meter = catalogue.meters[row.meter]
-            key = (row.customer_id, row.meter)
+            key = (row.customer_id, row.meter, row.combination)
             if meter.stripe_formula == "sum":
                 exact[key] = exact.get(key, Decimal(0)) + row.value * meter.unit_scale
             else:
                 exact[key] = row.value * meter.unit_scale  # ordered: the newest window wins
-        return {key: int(value.to_integral_value(ROUND_FLOOR)) for key, value in exact.items()}
+        units: dict[tuple[str, str], dict[str, int]] = {}
+        for (customer_id, meter_name, combination), value in exact.items():
+            floor = int(value.to_integral_value(ROUND_FLOOR))
+            units.setdefault((customer_id, meter_name), {})[combination] = floor
+        return units
 
 
 def print_table(echo: Echo, traffic: Traffic, facts: dict[str, Any], rows: list[MeterRow]) -> int:

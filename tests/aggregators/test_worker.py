@@ -229,6 +229,7 @@ def test_totals_command_prints_json(settings_factory: SettingsFactory, database_
             "meter": "tokens",
             "window_start": start.isoformat().replace("+00:00", "Z"),
             "window_end": (start + timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+            "dimensions": {},  # tokens keeps no dimensions
             "value": "0.3",
             "events": 2,
         }

@@ -281,6 +281,10 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     world.emulator.faults.clear()
 
     clock.offset = timedelta(days=35)  # Stripe was down; the row crossed 35 days - 1 hour
+    reporter.run_cycle()
+    # It was called: Stripe may have it, so it is not "bill by hand" until Stripe says no.
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+    reconcile_now(world)  # Stripe's summary of its minute: never recorded
     result = reporter.run_cycle()
 
     [row] = all_rows(world.engine)
@@ -290,6 +294,34 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     assert result.rejected == 1
     code = "timestamp_too_old"
     assert world.metric("meterstream_reporter_meter_events_rejected_total", code=code) == 1
+
+
+def test_row_called_then_past_the_send_limit_is_unknown_not_billed_by_hand(
+    world: World,
+) -> None:
+    # Saw it fail before the fix: the row Stripe holds was rejected "bill these 5 units by
+    # hand", so a person following it billed them twice.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()  # Stripe recorded it; every answer was lost
+    assert [r.status for r in all_rows(world.engine)] == ["pending"]
+
+    clock.offset = timedelta(days=35)  # too old to resend now
+    result = reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert row.status == "unknown" and row.error_code == "resend_window_expired"
+    assert "billed by hand yet" in (row.last_error or "")
+    assert result.rejected == 0 and result.unknown == 1
+    assert len(world.emulator.state.events) == 1
+
+    settled = reconcile_now(world)
+
+    assert settled.settled == [f"{row.identifier}: Stripe has it; marked sent"]
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert world.totals() == {("tokens", "cus_a"): 5}
 
 
 def test_usage_within_an_hour_of_the_35_day_limit_is_not_sent(world: World) -> None:
@@ -405,7 +437,8 @@ def test_reconcile_groups_by_stripe_customer_and_lists_unbilled_database_usage(
     refused = by_key[("cus_nobody", "tokens")]
     assert refused.drift and "cus_nobody rejected 4" in str(refused)
     assert found.drifting == 2
-    assert found.end is not None and found.end <= now - timedelta(minutes=5)
+    # reconcile read the clock after ``now``: its end is at most 5 minutes before the clock now
+    assert found.end is not None and found.end <= datetime.now(UTC) - timedelta(minutes=5)
 
 
 # -- 10. v2 stream rows are unconfirmed until reconcile -------------------------------------

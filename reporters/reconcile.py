@@ -21,7 +21,9 @@ listed as such.
 
 Before comparing, :func:`settle_rows` (reporters/settle.py) decides ``unknown`` rows (resend
 window expired) from their minute's summary, and a line whose Stripe value matches the ledger
-confirms its ``accepted`` rows (v2 stream, not confirmed).
+confirms its ``accepted`` rows (v2 stream, not confirmed), unless a row of the line's range
+that Stripe may hold is not counted (``unknown``, or ``pending`` and called): its value could
+stand in for an accepted row Stripe dropped.
 
 What it reads grows with the range and the work in hand, never with history: the ledger rows
 timestamped in [since, end) (one range read through ledger_by_time, aggregated per key as it
@@ -152,7 +154,9 @@ def reconcile(
         stripe_value = stripe_values.get(stripe_key)
         formula = catalogue.meters[meter_name].stripe_formula
         ledger_value = in_range.total if formula == "sum" else in_range.newest_value
-        if stripe_value is not None and stripe_value == ledger_value:
+        # A row that may be in Stripe but is not counted (unknown, or called with no answer
+        # yet) could make up for an accepted row Stripe dropped: equal totals prove nothing.
+        if stripe_value is not None and stripe_value == ledger_value and not in_range.uncertain:
             for identifier in in_range.accepted:
                 if ledger.confirm_accepted(engine, identifier, now):
                     settled.append(f"confirmed {identifier}: in Stripe's summaries")
@@ -181,6 +185,7 @@ class _Range:
     newest: tuple[datetime, int] | None = None  # a last meter: (timestamp, sequence) ...
     newest_value: int = 0  # ... and value of the newest
     accepted: list[str] = field(default_factory=list)  # identifiers, to confirm
+    uncertain: bool = False  # a row Stripe may hold but the ledger does not count
 
 
 def _ledger_in_range(
@@ -198,6 +203,7 @@ def _ledger_in_range(
         c.timestamp,
         c.sequence,
         c.identifier,
+        c.first_attempt_at,
     ).where(c.timestamp >= start, c.timestamp < end, c.meter.in_(list(stripe_meters)))
     ranges: dict[StripeKey, _Range] = {}
     with engine.connect() as connection:
@@ -211,9 +217,12 @@ def _ledger_in_range(
             stamp,
             sequence,
             identifier,
+            first_attempt_at,
         ) in found:
             entry = ranges.setdefault((stripe_customer_id, meter), _Range())
             entry.customer_ids.add(customer_id)
+            if status == "unknown" or (status == "pending" and first_attempt_at is not None):
+                entry.uncertain = True
             if status not in ACKNOWLEDGED:
                 continue
             entry.total += value

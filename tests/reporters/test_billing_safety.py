@@ -463,6 +463,43 @@ def test_accepted_stream_rows_stay_unconfirmed_until_reconcile_confirms_them(
     assert (after["unconfirmed"], after["billing_lag_s"]) == (0, 0.0)
 
 
+def test_an_unknown_row_in_stripe_does_not_confirm_an_accepted_row_stripe_dropped(
+    world: World,
+) -> None:
+    # Saw it fail before the fix: Stripe's total matched the ledger's only because the
+    # unknown row (in Stripe, not counted) stood in for the accepted one Stripe dropped, and
+    # reconcile marked the dropped row sent: its usage was lost.
+    clock = StepClock()
+    now = datetime.now(UTC)
+    link_customer(world.engine, "app1", "cus_a", now)
+    link_customer(world.engine, "app2", "cus_a", now)
+    put_total(world.engine, "app1", "tokens", hour_start(3), "4")  # both in one minute
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter_with(world, clock).run_cycle()  # Stripe recorded it; every answer was lost
+    clock.offset = timedelta(hours=21)
+    reporter_with(world, clock).run_cycle()
+    put_total(world.engine, "app2", "tokens", hour_start(3), "4")
+    reporter_with(world, clock, stripe_stream=True).run_cycle()
+    by_customer = {r.customer_id: r for r in all_rows(world.engine)}
+    assert (by_customer["app1"].status, by_customer["app2"].status) == ("unknown", "accepted")
+    # Stripe drops the accepted event (as an asynchronous validation failure would).
+    client = stripe.StripeClient(SECRET, base_addresses={"api": world.emulator.url})
+    client.v1.billing.meter_event_adjustments.create(
+        params={
+            "event_name": "tokens",
+            "type": "cancel",
+            "cancel": {"identifier": by_customer["app2"].identifier},
+        }
+    )
+    assert world.totals() == {("tokens", "cus_a"): 4}  # the unknown row's 4 only
+
+    reconcile_now(world)
+
+    by_customer = {r.customer_id: r for r in all_rows(world.engine)}
+    assert by_customer["app2"].status == "accepted"  # not confirmed: Stripe may lack it
+    assert by_customer["app1"].status == "unknown"  # its minute holds an undecided row
+
+
 # -- 8. usage that reached Stripe after its period may have been invoiced is flagged --------
 
 

@@ -122,3 +122,25 @@ def test_a_link_committed_during_the_cycle_is_not_met_by_a_hold(world: World) ->
     assert _due_keys(world) == {("acme", "tokens")}
     assert world.cycle().held == {}
     assert world.totals() == {("tokens", "cus_b"): 2}
+
+
+def test_an_unknown_row_does_not_pin_the_billing_lag_and_has_its_own_gauge(world: World) -> None:
+    # Saw it fail before the fix: a row reconcile cannot settle stays unknown for good, and
+    # it held the billing lag at its age, so the lag alert fired for ever and hid real lag.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter_with(world, clock).run_cycle()
+    clock.offset = timedelta(hours=21)
+
+    result = reporter_with(world, clock).run_cycle()
+
+    assert result.unknown == 1
+    assert billing_lag_s(world.engine, world.catalogue, clock()) == 0
+    assert world.metric("meterstream_reporter_billing_lag_seconds") == 0
+    assert world.metric("meterstream_reporter_ledger_unknown_rows") == 1
+    # Real lag still shows beside it.
+    world.emulator.faults.inject("http_500", count=None, path_prefix="/v1/billing/meter_events")
+    put_total(world.engine, "cus_b", "tokens", hour_start(5), "1")
+    reporter_with(world, clock).run_cycle()
+    assert world.metric("meterstream_reporter_billing_lag_seconds") >= 21 * 3600

@@ -19,7 +19,9 @@ A line drifts when Stripe differs from the ledger, or when usage in the database
 rejected or unknown. (customer, meter) pairs with database rows but no Stripe customer are
 listed as such.
 
-Before comparing, :func:`settle_rows` (reporters/settle.py) decides ``unknown`` rows (resend
+While a restore holds sending (reporters/restore.py) nothing is settled or confirmed: the
+ledger may lack rows Stripe holds. Otherwise, before comparing, :func:`settle_rows`
+(reporters/settle.py) decides ``unknown`` rows (resend
 window expired) from their minute's summary, and a line whose Stripe value matches the ledger
 confirms its ``accepted`` rows (v2 stream, not confirmed), unless a row of the line's range
 that Stripe may hold is not counted (``unknown``, or ``pending`` and called): its value could
@@ -60,11 +62,16 @@ from reporters.ledger import (
 )
 from reporters.ledger.model import row_from
 from reporters.meters_check import StripeMeter
+from reporters.restore import restore_hold
 from reporters.settle import FetchSummary, minute_floor, settle_rows
 
 __all__ = ["UNLINKED", "FetchSummary", "Line", "Reconciliation", "reconcile", "settle_rows"]
 
 UNLINKED = "(unlinked)"
+_RESTORED = (
+    "nothing settled or confirmed: the ledger was restored (sending is held), so it may lack "
+    "rows Stripe holds; compare the lines below, then meterstream report --accept-restore"
+)
 AppKey = tuple[str, str]  # (customer_id, meter)
 StripeKey = tuple[str, str]  # (stripe_customer_id, meter)
 # Rows read per fetch of the range: memory stays per key, whatever the range holds.
@@ -132,7 +139,12 @@ def reconcile(
         raise ValueError(f"settle_minutes must be >= 0, got {settle_minutes}")
     start = minute_floor(since)
     end = minute_floor(now - timedelta(minutes=settle_minutes))
-    settled = settle_rows(engine, stripe_meters, fetch_summary, end, now)
+    # A restored ledger lacks rows Stripe holds: a minute's rows no longer tell it all, so
+    # settling (or confirming from equal totals) could mark sent what Stripe never had.
+    restored = restore_hold(engine) is not None
+    settled = (
+        [_RESTORED] if restored else settle_rows(engine, stripe_meters, fetch_summary, end, now)
+    )
     ranges = _ledger_in_range(engine, stripe_meters, start, end)
     links = load_links(engine)
     database = _database_side(engine, catalogue, stripe_meters, ranges, links)
@@ -156,7 +168,8 @@ def reconcile(
         ledger_value = in_range.total if formula == "sum" else in_range.newest_value
         # A row that may be in Stripe but is not counted (unknown, or called with no answer
         # yet) could make up for an accepted row Stripe dropped: equal totals prove nothing.
-        if stripe_value is not None and stripe_value == ledger_value and not in_range.uncertain:
+        certain = not (restored or in_range.uncertain)
+        if stripe_value is not None and stripe_value == ledger_value and certain:
             for identifier in in_range.accepted:
                 if ledger.confirm_accepted(engine, identifier, now):
                     settled.append(f"confirmed {identifier}: in Stripe's summaries")

@@ -16,11 +16,13 @@ import stripe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from sqlalchemy import update
 
 from meterstream.deployment import stored_deployment_id
 from meterstream.errors import ConfigError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
+from meterstream.schema import deployment
 from meterstream.settings import load_settings
 from reporters.customers import link_customer
 from reporters.cycle import Reporter
@@ -249,6 +251,30 @@ def test_row_first_sent_over_20_h_ago_is_unknown_not_resent_then_reconcile_finds
     assert settled.settled == [f"{row.identifier}: Stripe has it; marked sent"]
     assert [r.status for r in all_rows(world.engine)] == ["sent"]
     assert world.totals() == {("tokens", "cus_a"): 5}
+
+
+def test_reconcile_settles_nothing_while_a_restore_holds_sending(world: World) -> None:
+    # Saw it fail before the fix: reconcile, which the operator runs before accepting a
+    # restore, settled unknown rows from a ledger that may lack rows Stripe holds (a row of
+    # the same minute sent after the backup): a "certain" answer it could not have.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("http_500", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    clock.offset = timedelta(hours=21)
+    reporter.run_cycle()
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+    # The hold the reporter's restore guard records (reporters/restore.py).
+    with world.engine.begin() as connection:
+        connection.execute(
+            update(deployment).values(restore_held_at=datetime.now(UTC), restore_mark_rows=9)
+        )
+
+    found = reconcile_now(world)
+
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+    assert len(found.settled) == 1 and "the ledger was restored" in found.settled[0]
 
 
 def test_unknown_row_stripe_never_recorded_is_sent_again_after_reconcile(world: World) -> None:

@@ -349,6 +349,23 @@ class Bookkeeper:
         for row, outcome in answers:
             if outcome.kind == "acknowledged":
                 continue
+            if outcome.kind == "unknown":
+                reason = (
+                    f"Stripe answered {outcome.code}: {outcome.error}; it may hold this event "
+                    "(the answer says the identifier is taken, in words not known to be about "
+                    "ours), so it is neither resent nor to be billed by hand; run meterstream "
+                    "reconcile to check Stripe's summaries"
+                )
+                if ledger.mark_unknown(self.engine, row.identifier, reason, now):
+                    self.metrics.held.labels(reason="duplicate_unconfirmed").inc()
+                    _log.error(
+                        "meter event %s (%s %s): %s",
+                        row.identifier,
+                        row.customer_id,
+                        row.meter,
+                        reason,
+                    )
+                continue
             if outcome.kind == "rejected":
                 code, message = outcome.code or "unknown", outcome.error or ""
                 if ledger.mark_rejected(

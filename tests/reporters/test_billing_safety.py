@@ -139,8 +139,41 @@ def test_already_exists_for_another_identifier_is_not_taken_as_ours() -> None:
         code="duplicate_meter_event",
         http_status=400,
     )
-    assert classify(error, "ms1_abc").kind == "rejected"
+    assert classify(error, "ms1_abc").kind == "unknown"  # "already exists": Stripe may hold it
     assert classify(error, "ms1_abcdef").kind == "acknowledged"
+
+
+def test_an_already_exists_in_new_words_is_unknown_then_settled_not_rejected(
+    world: World,
+) -> None:
+    # Saw it fail before the fix: Stripe's "already recorded" in words that do not name our
+    # identifier made the row rejected ("bill by hand") though Stripe held it: billed twice.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("http_500", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    world.emulator.faults.clear()
+    [row] = all_rows(world.engine)
+    # Stripe got the event by a call whose answer (and Idempotency-Key) is long gone.
+    client = stripe.StripeClient(SECRET, base_addresses={"api": world.emulator.url})
+    client.v1.billing.meter_events.create(
+        params={
+            "event_name": row.event_name,
+            "payload": {"stripe_customer_id": row.stripe_customer_id, "value": str(row.value)},
+            "identifier": row.identifier,
+            "timestamp": int(row.timestamp.timestamp()),
+        }
+    )
+    world.emulator.state.duplicate_message = "This meter event was already recorded."
+
+    result = reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert row.status == "unknown" and result.rejected == 0 and result.unknown == 1
+    reconcile_now(world)
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert world.totals() == {("tokens", "cus_a"): 5}
 
 
 def _stripe_400(
@@ -173,14 +206,16 @@ def _stripe_400(
             "invalid_request_error",
             "acknowledged",
         ),
-        # The same code about another identifier, or about another field, is not ours.
+        # The same code about another identifier is not ours, but we sent only ours: Stripe
+        # may hold it, so reconcile decides (neither sent nor billed by hand).
         (
             "Meter event ms1_abcdef was already recorded",
             "resource_already_exists",
             "identifier",
             "invalid_request_error",
-            "rejected",
+            "unknown",
         ),
+        # About another field: not ours.
         (
             "A meter with event_name 'ms1_abc' already exists.",
             "resource_already_exists",
@@ -203,13 +238,14 @@ def _stripe_400(
             "idempotency_error",
             "rejected",
         ),
-        # A new wording without the code is not trusted: held for a person, not marked sent.
+        # A new wording without the code is not trusted: not marked sent, and not rejected
+        # either (billed by hand, it would be billed twice): unknown, reconcile decides.
         (
             "Meter event ms1_abc was already recorded",
             None,
             "identifier",
             "invalid_request_error",
-            "rejected",
+            "unknown",
         ),
     ],
 )
@@ -686,11 +722,12 @@ def test_the_identifier_is_matched_whole_in_any_wording(
         "invalid_request_error",
     )
     assert classify(ours, identifier).kind == "acknowledged"
-    # Stripe naming a longer identifier that starts with ours is about another event.
+    # Stripe naming a longer identifier that starts with ours is not confirmed as ours:
+    # unknown (reconcile decides), never acknowledged.
     theirs = _stripe_400(
         f"{before}{identifier}{longer}{after}",
         "resource_already_exists",
         "identifier",
         "invalid_request_error",
     )
-    assert classify(theirs, identifier).kind == "rejected"
+    assert classify(theirs, identifier).kind == "unknown"

@@ -179,6 +179,13 @@ class ReporterMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.unknown_rows = Gauge(
+            "meterstream_reporter_ledger_unknown_rows",
+            "Ledger rows first sent too long ago to resend safely, or called and then too old "
+            "for Stripe, with no answer, as the last report cycle ended: not resent and not in "
+            "the billing lag; meterstream reconcile settles them or a person decides.",
+            registry=self.registry,
+        )
         self.held_oldest_age = Gauge(
             "meterstream_reporter_held_oldest_age_seconds",
             "How long the oldest held window has been held (0 when none).",
@@ -217,8 +224,9 @@ class ReporterMetrics:
         self.billing_lag = Gauge(
             "meterstream_reporter_billing_lag_seconds",
             "Age of the oldest closed window whose usage Stripe has not acknowledged and that "
-            "could be sent: held windows and held (customer, meter) pairs apart (see "
-            "meterstream_reporter_held_windows and meterstream_reporter_held_keys).",
+            "could be sent: held windows, held (customer, meter) pairs and unknown rows apart "
+            "(see meterstream_reporter_held_windows, meterstream_reporter_held_keys and "
+            "meterstream_reporter_ledger_unknown_rows).",
             registry=self.registry,
         )
         self.last_cycle = Gauge(

@@ -6,9 +6,10 @@ every row is committed before any call). On SQLite the ledger writes take turns 
 in-process lock (SQLite has a single writer).
 
 Before every call, resends included, a row is checked again (``may_call``): too old for Stripe
-now (it may have waited while Stripe was down) -> ``rejected``; first called more than
-UNKNOWN_AFTER ago -> ``unknown`` (Stripe may have forgotten its identifier: a resend could bill
-twice). Then the attempt is stamped in a committed write, and only then is Stripe called.
+now (it may have waited while Stripe was down) -> ``rejected`` if never called, ``unknown`` if
+called before (Stripe may have it: billing it by hand could bill twice); first called more
+than UNKNOWN_AFTER ago -> ``unknown`` (Stripe may have forgotten its identifier: a resend could
+bill twice). Then the attempt is stamped in a committed write, and only then is Stripe called.
 
 A failure that belongs to one (customer, meter) holds that key (``hold_key``: a reason from
 rows.KEY_FAILURES, a metric, the held_keys table for ``meterstream status``) and every other
@@ -249,6 +250,22 @@ class Bookkeeper:
         """Check a pending row just before its call (the caller then stamps the attempt,
         committed); False if it must not be called: too old now, or first called too long ago."""
         now = self.clock()
+        first = row.first_attempt_at
+        if row.timestamp < send_limit(now, self._horizon_days) and first is not None:
+            # Called before with no answer: Stripe may hold it, so "bill by hand" could bill
+            # twice. Unknown: reconcile decides from Stripe's summaries (sent, or pending
+            # again with no stamp, and then rejected here as never sent).
+            reason = (
+                f"first sent at {first.isoformat()} with no answer, and now too old for "
+                "Stripe to take again: Stripe may have it, so neither resent nor to be billed "
+                "by hand yet; run meterstream reconcile to check Stripe's summaries"
+            )
+            if ledger.mark_unknown(self.engine, row.identifier, reason, now):
+                self.metrics.held.labels(reason="resend_window_expired").inc()
+                _log.error(
+                    "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
+                )
+            return False
         if row.timestamp < send_limit(now, self._horizon_days):
             reason = too_old_reason(
                 row.window_start, row.window_end, row.timestamp, row.value, self._horizon_days
@@ -256,7 +273,6 @@ class Bookkeeper:
             if ledger.mark_rejected(self.engine, row.identifier, TOO_OLD_CODE, reason, None, now):
                 self._count_rejected(row, TOO_OLD_CODE, reason, result)
             return False
-        first = row.first_attempt_at
         if first is not None and now - first > ledger.UNKNOWN_AFTER:
             reason = (
                 f"first sent at {first.isoformat()}, more than "
@@ -332,6 +348,23 @@ class Bookkeeper:
         self._count_acknowledged([row for row, o in answers if o.kind == "acknowledged"], marked)
         for row, outcome in answers:
             if outcome.kind == "acknowledged":
+                continue
+            if outcome.kind == "unknown":
+                reason = (
+                    f"Stripe answered {outcome.code}: {outcome.error}; it may hold this event "
+                    "(the answer says the identifier is taken, in words not known to be about "
+                    "ours), so it is neither resent nor to be billed by hand; run meterstream "
+                    "reconcile to check Stripe's summaries"
+                )
+                if ledger.mark_unknown(self.engine, row.identifier, reason, now):
+                    self.metrics.held.labels(reason="duplicate_unconfirmed").inc()
+                    _log.error(
+                        "meter event %s (%s %s): %s",
+                        row.identifier,
+                        row.customer_id,
+                        row.meter,
+                        reason,
+                    )
                 continue
             if outcome.kind == "rejected":
                 code, message = outcome.code or "unknown", outcome.error or ""

@@ -165,6 +165,7 @@ class Reporter:
             self.metrics.held_windows.labels(reason=reason).set(held.windows.get(reason, 0))
         self.metrics.held_oldest_age.set(held.oldest_age_s(now))
         self.metrics.pending.set(pending)
+        self.metrics.unknown_rows.set(result.unknown)
         self.metrics.due_windows.set(unwritten)
         self.metrics.billing_lag.set(billing_lag_s(self.engine, self.catalogue, now))
         late = possibly_invoiced(self.engine, now, self._horizon_days)

@@ -10,7 +10,8 @@ revision read, so a change committed meanwhile is never hidden. A cycle skips a 
 - the window gets a new revision (the aggregators write ``revision`` only: it no longer equals
   ``held_revision``);
 - its customer is linked (``meterstream customers link`` clears the customer's holds in the
-  link's transaction);
+  link's transaction, and a hold for want of a link is not written once the link is
+  committed, though the cycle read the links before it);
 - RECHECK_AFTER has passed since ``checked_at``: a cycle takes back at most RECHECK_PER_CYCLE
   of those, oldest first (a link written around ``customers link``, say).
 
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, exists, func, select, update
 
 from meterstream.metrics import ReporterMetrics
-from meterstream.schema import report_queue, window_totals
+from meterstream.schema import customer_links, report_queue, window_totals
 from reporters.due import IS_HELD, DueWindow
 from reporters.rows import (
     HELD_NEGATIVE_CORRECTION,
@@ -53,6 +54,7 @@ SET_ASIDE = frozenset(
 RECHECK_AFTER = timedelta(hours=1)
 
 _q = report_queue.c
+_links = customer_links.c
 
 
 def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: datetime) -> set[int]:
@@ -71,6 +73,11 @@ def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: dateti
                 _q.combination_digest == window.combination_digest,
                 _q.revision == window.queued,
             )
+            if reason == HELD_NO_CUSTOMER_LINK:
+                # The cycle read the links at its start; a link committed since (its
+                # release_customer found nothing held yet) must not be met by a hold that
+                # then waits for the slow re-check.
+                key = and_(key, ~exists().where(_links.customer_id == window.customer_id))
             again = connection.execute(
                 update(report_queue)
                 .where(key, _q.held_revision == window.queued, _q.held_reason == reason)

@@ -21,9 +21,13 @@ A line drifts when Stripe differs from the ledger, or when usage in the database
 rejected or unknown. (customer, meter) pairs with database rows but no Stripe customer are
 listed as such.
 
-Before comparing, :func:`settle_rows` (reporters/settle.py) decides ``unknown`` rows (resend
+While a restore holds sending (reporters/restore.py) nothing is settled or confirmed: the
+ledger may lack rows Stripe holds. Otherwise, before comparing, :func:`settle_rows`
+(reporters/settle.py) decides ``unknown`` rows (resend
 window expired) from their minute's summary, and a line whose Stripe value matches the ledger
-confirms its ``accepted`` rows (v2 stream, not confirmed).
+confirms its ``accepted`` rows (v2 stream, not confirmed), unless a row of the line's range
+that Stripe may hold is not counted (``unknown``, or ``pending`` and called): its value could
+stand in for an accepted row Stripe dropped.
 
 What it reads grows with the range and the work in hand, never with history: the ledger rows
 timestamped in [since, end) (one range read through ledger_by_time, aggregated per key as it
@@ -50,6 +54,7 @@ from reporters.customers import load_links
 from reporters.ledger import ACKNOWLEDGED
 from reporters.meters_check import StripeMeter
 from reporters.reconcile_database import UNLINKED, Side, StripeKey, database_side
+from reporters.restore import restore_hold
 from reporters.settle import FetchSummary, minute_floor, settle_rows
 from reporters.summaries import SummarySource
 
@@ -63,6 +68,10 @@ __all__ = [
     "settle_rows",
 ]
 
+_RESTORED = (
+    "nothing settled or confirmed: the ledger was restored (sending is held), so it may lack "
+    "rows Stripe holds; compare the lines below, then meterstream report --accept-restore"
+)
 # Rows read per fetch of the range: memory stays per key, whatever the range holds.
 _ROWS_PER_FETCH = 10_000
 
@@ -133,7 +142,12 @@ def reconcile(
         raise ValueError(f"settle_minutes must be >= 0, got {settle_minutes}")
     start = minute_floor(since)
     end = minute_floor(now - timedelta(minutes=settle_minutes))
-    settled = settle_rows(engine, stripe_meters, fetch_summary, end, now)
+    # A restored ledger lacks rows Stripe holds: a minute's rows no longer tell it all, so
+    # settling (or confirming from equal totals) could mark sent what Stripe never had.
+    restored = restore_hold(engine) is not None
+    settled = (
+        [_RESTORED] if restored else settle_rows(engine, stripe_meters, fetch_summary, end, now)
+    )
     ranges = _ledger_in_range(engine, stripe_meters, start, end)
     links = load_links(engine)
     in_range_keys = {
@@ -168,7 +182,10 @@ def reconcile(
         )
         formula = catalogue.meters[meter_name].stripe_formula
         ledger_value = in_range.total if formula == "sum" else in_range.newest_value
-        if stripe_value is not None and stripe_value == ledger_value:
+        # A row that may be in Stripe but is not counted (unknown, or called with no answer
+        # yet) could make up for an accepted row Stripe dropped: equal totals prove nothing.
+        certain = not (restored or in_range.uncertain)
+        if stripe_value is not None and stripe_value == ledger_value and certain:
             for identifier in in_range.accepted:
                 if ledger.confirm_accepted(engine, identifier, now):
                     settled.append(f"confirmed {identifier}: in Stripe's summaries")
@@ -199,6 +216,7 @@ class _Range:
     newest: tuple[datetime, int] | None = None  # a last meter: (timestamp, sequence) ...
     newest_value: int = 0  # ... and value of the newest
     accepted: list[str] = field(default_factory=list)  # identifiers, to confirm
+    uncertain: bool = False  # a row Stripe may hold but the ledger does not count
 
 
 def _ledger_in_range(
@@ -217,6 +235,7 @@ def _ledger_in_range(
         c.sequence,
         c.identifier,
         c.combination,
+        c.first_attempt_at,
     ).where(c.timestamp >= start, c.timestamp < end, c.meter.in_(list(stripe_meters)))
     ranges: dict[StripeKey, _Range] = {}
     with engine.connect() as connection:
@@ -231,9 +250,12 @@ def _ledger_in_range(
             sequence,
             identifier,
             combination,
+            first_attempt_at,
         ) in found:
             entry = ranges.setdefault((stripe_customer_id, meter, combination), _Range())
             entry.customer_ids.add(customer_id)
+            if status == "unknown" or (status == "pending" and first_attempt_at is not None):
+                entry.uncertain = True
             if status not in ACKNOWLEDGED:
                 continue
             entry.total += value

@@ -13,7 +13,9 @@ A row is pruned only if every one of these holds (each is checked again in the d
   previous total of the next revision, a ``last`` meter's previous timestamp and the billing lag
   all read that row. A window the aggregators pruned is never due again, so its rows may go.
 - no ``unknown`` row of its (Stripe customer, meter) waits for reconcile, which decides it from
-  the ``sent`` rows of its minute.
+  the ``sent`` rows of its minute, nor any ``pending`` row already called (it turns
+  ``unknown`` at its next check, maybe after the prune: a key held for weeks, a stopped
+  reporter).
 
 The reporter's passes (:func:`prune_ledger_pass`) start where the last one ended, so a pass
 does not read again the rows it kept (the newest rows of windows 45 to 60 days old, about a
@@ -107,9 +109,15 @@ def prunable(before: datetime) -> ColumnElement[bool]:
             _wt.combination_digest == _row.combination_digest,
         )
     )
+    # A pending row already called becomes unknown at its next check (20 h, or too old):
+    # the sent rows of its minute must still be there when reconcile decides it.
+    may_become_unknown = or_(
+        _undecided.c.status == "unknown",
+        and_(_undecided.c.status == "pending", _undecided.c.first_attempt_at.is_not(None)),
+    )
     unknown_waits = exists(
         select(_undecided.c.identifier).where(
-            _undecided.c.status == "unknown",
+            may_become_unknown,
             _undecided.c.stripe_customer_id == _row.stripe_customer_id,
             _undecided.c.meter == _row.meter,
         )

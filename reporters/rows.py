@@ -103,12 +103,18 @@ def event_timestamp(
 
     ``after``: the timestamp of this window's previous revision, for a ``last`` meter. Stripe
     keeps the event with the newest timestamp and does not say how it orders equal ones, so a
-    revision must be at least a second later; None if that cannot fit in the window by ``now``.
+    revision must be at least a second later; None if that cannot fit in the window. A
+    revision in the same second as the one before (stamped at ``now``'s second) takes the next
+    second, at most one second past ``now``, well inside the 5 minutes Stripe allows: waiting
+    for the clock instead would hold the window, set aside for the hourly re-check, for a
+    reason gone a second later.
     """
     newest = window.last_event_time or window.window_start
+    ceiling = now
     if after is not None:
         newest = max(newest, after + _ONE_SECOND)
-    last_second = min(window.window_end - _ONE_SECOND, now).replace(microsecond=0)
+        ceiling = max(now, min(after + _ONE_SECOND, now + _ONE_SECOND))
+    last_second = min(window.window_end - _ONE_SECOND, ceiling).replace(microsecond=0)
     stamp = min(max(newest, window.window_start), last_second).replace(microsecond=0)
     if after is not None and stamp <= after:
         return None

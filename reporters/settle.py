@@ -7,8 +7,10 @@ customer and meter in that minute can blur the answer:
 
 - a ``sum`` meter's summary is the sum of the events of the minute. Equal to the sent rows of
   the minute plus the row: Stripe has it (``sent``). Equal to them without it: Stripe never
-  recorded it (``pending`` again, sent afresh next cycle). Another undecided row in the minute,
-  or a value of 0: left ``unknown``.
+  recorded it (``pending`` again, sent afresh next cycle). Other ``unknown`` rows of the minute
+  whose values have the row's sign are decided with it, as a group (only all of them make the
+  sum of all, only none of them make 0). Another undecided row in the minute (pending,
+  accepted), values of both signs, or a value of 0: left ``unknown``.
 - a ``last`` meter (meterstream's last, max and min meters) keeps the value of the event with
   the newest timestamp. The summary equal to the row's value, with no other row of the minute
   Stripe may hold carrying that value: the newest event Stripe holds is the row (``sent``).
@@ -60,20 +62,29 @@ def _may_be_in_stripe(row: LedgerRow) -> bool:
 
 
 def decide_sum(row: LedgerRow, others: Sequence[LedgerRow], summary: Decimal) -> Decision:
-    """A sum meter's unknown ``row`` given the other rows of its minute and Stripe's sum."""
-    if any(r.status in _UNDECIDED for r in others):
+    """A sum meter's unknown ``row`` given the other rows of its minute and Stripe's sum.
+
+    Other ``unknown`` rows of the minute are decided with it, as a group, when all its values
+    have one sign: then only "all of them" gives the sum of all, and only "none" gives 0, so
+    the verdict holds for each (:func:`settle_rows` applies it to the whole group)."""
+    undecided = [r for r in others if r.status in _UNDECIDED]
+    if any(r.status != "unknown" for r in undecided):
         return Decision("unknown", "other undecided rows in its minute")
     if row.value == 0:
         return Decision("unknown", "its value is 0: Stripe's summary cannot tell")
+    group = [row, *undecided]
+    if not (all(r.value > 0 for r in group) or all(r.value < 0 for r in group)):
+        return Decision("unknown", "other unknown rows in its minute, with values of both signs")
     known = sum(r.value for r in others if r.status == "sent")
-    if summary == known + row.value:
-        return Decision("sent", "Stripe has it")
+    together = sum(r.value for r in group)
+    with_others = " (with the other unknown rows of its minute)" if undecided else ""
+    if summary == known + together:
+        return Decision("sent", f"Stripe has it{with_others}")
     if summary == known:
-        return Decision("pending", "not in Stripe")
+        return Decision("pending", f"not in Stripe{with_others}")
     return Decision(
         "unknown",
-        f"Stripe's summary {summary} for its minute matches neither {known} nor "
-        f"{known + row.value}",
+        f"Stripe's summary {summary} for its minute matches neither {known} nor {known + together}",
     )
 
 
@@ -129,13 +140,16 @@ def settle_rows(
     """Decide the ``unknown`` rows timestamped before ``end`` (Stripe's summaries are settled
     up to there); returns what it did, and why each row it left is left."""
     done: list[str] = []
+    decided: set[str] = set()  # decided with another row of their minute (a sum group)
     for row in rows_with_status(engine, "unknown"):
-        if row.timestamp >= end or row.meter not in stripe_meters:
+        if row.timestamp >= end or row.meter not in stripe_meters or row.identifier in decided:
             continue
         meter = stripe_meters[row.meter]
         minute = minute_floor(row.timestamp)
         others = minute_rows(engine, row)
-        if meter.formula == "sum" and any(r.status in _UNDECIDED for r in others):
+        if meter.formula == "sum" and any(
+            r.status in _UNDECIDED and r.status != "unknown" for r in others
+        ):
             # No call needed: nothing Stripe says can decide it.
             done.append(f"left {row.identifier} unknown: other undecided rows in its minute")
             continue
@@ -147,12 +161,23 @@ def settle_rows(
         )
         decide = decide_sum if meter.formula == "sum" else decide_last
         decision = decide(row, others, summary)
-        if decision.verdict == "sent":
-            if ledger.mark_acknowledged(engine, row.identifier, "sent", None, now, "unknown"):
-                done.append(f"{row.identifier}: {decision.reason}; marked sent")
-        elif decision.verdict == "pending":
-            if ledger.mark_pending_again(engine, row.identifier, now):
-                done.append(f"{row.identifier}: {decision.reason}; pending again, sent next cycle")
-        else:
-            done.append(f"left {row.identifier} unknown: {decision.reason}; a person must decide")
+        group = [row]
+        if meter.formula == "sum" and decision.verdict != "unknown":
+            group += [r for r in others if r.status == "unknown"]
+        for member in group:
+            decided.add(member.identifier)
+            done += _apply(engine, member.identifier, decision, now)
     return done
+
+
+def _apply(engine: Engine, identifier: str, decision: Decision, now: datetime) -> list[str]:
+    """Record ``decision`` for the unknown row ``identifier``; what was done, for people."""
+    if decision.verdict == "sent":
+        if ledger.mark_acknowledged(engine, identifier, "sent", None, now, "unknown"):
+            return [f"{identifier}: {decision.reason}; marked sent"]
+    elif decision.verdict == "pending":
+        if ledger.mark_pending_again(engine, identifier, now):
+            return [f"{identifier}: {decision.reason}; pending again, sent next cycle"]
+    else:
+        return [f"left {identifier} unknown: {decision.reason}; a person must decide"]
+    return []

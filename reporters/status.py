@@ -39,16 +39,20 @@ HELD_SHOWN = 100
 
 _q, _wt, _l, _hk = report_queue.c, window_totals.c, ledger.c, held_keys.c
 _NOT_FINAL: tuple[str, ...] = tuple(s for s in get_args(Status) if s not in FINAL)
+# Rows billing is behind on and that could go out: an ``unknown`` row is never resent until
+# reconcile or a person decides, so it has its own gauge and alert instead.
+_LAGGING: tuple[str, ...] = tuple(s for s in _NOT_FINAL if s != "unknown")
 _NEWER = ledger.alias("newer")
 
 
 def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
     """Seconds since the oldest closed window (window_end + grace_s <= now) whose newest
     revision is not final in the ledger (not sent, carried or rejected) ended; 0 when there is
-    none. Pending, unknown and accepted-but-unconfirmed (v2 stream, until reconcile confirms
-    it) usage count: billing is behind on them. Held usage does not (windows set aside, and
-    the (customer, meter) pairs the last cycle held): it cannot be sent until a person acts,
-    and has its own gauges and alerts; counted here, it would pin the lag and hide real lag.
+    none. Pending and accepted-but-unconfirmed (v2 stream, until reconcile confirms it) usage
+    count: billing is behind on them. Held usage does not (windows set aside, and the
+    (customer, meter) pairs the last cycle held), nor do ``unknown`` rows: neither is sent
+    until reconcile or a person acts, and each has its own gauges and alerts; counted here,
+    they would pin the lag and hide real lag.
 
     Bounded by the work in hand, not by history: such a window is either in the report queue
     (changed, not written yet, or held) or has a ledger row in a status that is not final
@@ -92,7 +96,7 @@ def _queued_lag(meter: str, cutoff: datetime) -> Select[Any]:
         .where(
             _q.meter == meter,
             _wt.window_end <= cutoff,
-            or_(_l.status.is_(None), _l.status.not_in(FINAL)),
+            or_(_l.status.is_(None), _l.status.in_(_LAGGING)),
             NOT_HELD,
             ~_key_held(_q.customer_id, _q.meter),
         )
@@ -108,7 +112,7 @@ def _unsettled_lag(meter: str, cutoff: datetime) -> Select[Any]:
     """The oldest closed window whose newest ledger row is not final."""
     newer = _NEWER.c
     return select(func.min(_l.window_end)).where(
-        _l.status.in_(_NOT_FINAL),
+        _l.status.in_(_LAGGING),
         _l.meter == meter,
         _l.window_end <= cutoff,
         ~exists().where(

@@ -13,6 +13,10 @@ Which errors are retried, and by whom:
   wording for it, so it is recognised by type (invalid_request_error), param (identifier),
   code (resource_already_exists, or none with Stripe's known wording) and by naming our
   identifier; see :func:`is_duplicate`.
+- 400 ``invalid_request_error`` about the identifier that says it is taken (code
+  resource_already_exists, or "already" in the message) but that :func:`is_duplicate` cannot
+  confirm as ours: ``unknown``, for reconcile to decide from Stripe's summaries; neither
+  ``sent`` (usage lost if Stripe lacks it) nor ``rejected`` (billed by hand, twice, if it has it).
 - 400 idempotency_error (same key, different body): final, ``rejected``; a person must look.
 - any other 400/404: not retried; the row is ``rejected`` with Stripe's code and message.
 
@@ -166,9 +170,10 @@ class StripeGateway:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What an answer means for a row: ``acknowledged`` (final), ``rejected`` (final, with
-    Stripe's code and message) or ``retry`` (stays pending; ``error`` says why)."""
+    Stripe's code and message), ``unknown`` (Stripe may hold it: reconcile decides) or
+    ``retry`` (stays pending; ``error`` says why)."""
 
-    kind: str  # acknowledged | rejected | retry
+    kind: str  # acknowledged | rejected | unknown | retry
     request_id: str | None = None
     code: str | None = None
     error: str | None = None
@@ -243,6 +248,11 @@ def classify(exc: stripe.StripeError, identifier: str | None) -> Outcome:
     if isinstance(exc, stripe.InvalidRequestError) and exc.http_status in (400, 404):
         if is_duplicate(exc, identifier):
             return Outcome("acknowledged", request_id=request_id)
+        if may_be_duplicate(exc, identifier):
+            # Stripe says our identifier is taken but not in words we can trust: "rejected"
+            # would have a person bill by hand what Stripe may hold (twice), "sent" may lose
+            # it. Unknown: reconcile decides from Stripe's summaries.
+            return Outcome("unknown", request_id, exc.code or "invalid_request_error", message)
         return Outcome("rejected", request_id, exc.code or "invalid_request_error", message)
     if isinstance(exc, stripe.IdempotencyError) and exc.http_status == 400:
         # Same key, different body: the row changed after it was first sent, which the
@@ -271,6 +281,23 @@ def is_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
     if not _names(message, identifier):
         return False
     return exc.code in _DUPLICATE_CODES or _existing_identifier(message) == identifier
+
+
+def may_be_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
+    """True if ``exc`` may be Stripe saying it already holds the event we sent: a 400
+    ``invalid_request_error`` about ``identifier`` (or no param) with the document's
+    ``resource_already_exists`` code, or "already" in its message, that :func:`is_duplicate`
+    cannot confirm (a new wording or code, our identifier not named)."""
+    if not identifier or exc.http_status != 400:
+        return False
+    raw = exc.json_body.get("error") if isinstance(exc.json_body, dict) else None
+    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if error.get("type", "invalid_request_error") != "invalid_request_error":
+        return False
+    if error.get("param", getattr(exc, "param", None)) not in (None, "identifier"):
+        return False
+    message = str(error.get("message") or exc.user_message or "")
+    return exc.code in _DUPLICATE_CODES or "already" in message.lower()
 
 
 def _names(message: str, identifier: str) -> bool:

@@ -152,6 +152,10 @@ def check_timestamp(timestamp: int, now: int) -> int:
 
 
 DUPLICATE_MESSAGE = "An event already exists with identifier {identifier}."
+# Stripe promises to deduplicate an identifier for "at least 24 h"; the emulator forgets it
+# after exactly that (the worst case), so a blind resend after it is recorded twice, as it
+# may be in Stripe, not hidden by an "already exists".
+IDENTIFIER_KEPT_S = 24 * 3600
 
 
 def duplicate_identifier(identifier: str, message: str = DUPLICATE_MESSAGE) -> StripeApiError:

@@ -268,7 +268,8 @@ class EmulatorState:
             rules.check_dimensions(payload, meter)
             at = rules.check_timestamp(now if timestamp is None else timestamp, now)
             identifier = identifier or f"emu_{secrets.token_hex(12)}"
-            if identifier in self._event_index:
+            known = self._event_index.get(identifier)
+            if known is not None and now - self._events[known].created < rules.IDENTIFIER_KEPT_S:
                 raise rules.duplicate_identifier(identifier, self.duplicate_message)
             event = MeterEvent(
                 event_name=name,

@@ -16,11 +16,13 @@ import stripe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from sqlalchemy import update
 
 from meterstream.deployment import stored_deployment_id
 from meterstream.errors import ConfigError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
+from meterstream.schema import deployment
 from meterstream.settings import load_settings
 from reporters.customers import link_customer
 from reporters.cycle import Reporter
@@ -137,8 +139,41 @@ def test_already_exists_for_another_identifier_is_not_taken_as_ours() -> None:
         code="duplicate_meter_event",
         http_status=400,
     )
-    assert classify(error, "ms1_abc").kind == "rejected"
+    assert classify(error, "ms1_abc").kind == "unknown"  # "already exists": Stripe may hold it
     assert classify(error, "ms1_abcdef").kind == "acknowledged"
+
+
+def test_an_already_exists_in_new_words_is_unknown_then_settled_not_rejected(
+    world: World,
+) -> None:
+    # Saw it fail before the fix: Stripe's "already recorded" in words that do not name our
+    # identifier made the row rejected ("bill by hand") though Stripe held it: billed twice.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("http_500", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    world.emulator.faults.clear()
+    [row] = all_rows(world.engine)
+    # Stripe got the event by a call whose answer (and Idempotency-Key) is long gone.
+    client = stripe.StripeClient(SECRET, base_addresses={"api": world.emulator.url})
+    client.v1.billing.meter_events.create(
+        params={
+            "event_name": row.event_name,
+            "payload": {"stripe_customer_id": row.stripe_customer_id, "value": str(row.value)},
+            "identifier": row.identifier,
+            "timestamp": int(row.timestamp.timestamp()),
+        }
+    )
+    world.emulator.state.duplicate_message = "This meter event was already recorded."
+
+    result = reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert row.status == "unknown" and result.rejected == 0 and result.unknown == 1
+    reconcile_now(world)
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert world.totals() == {("tokens", "cus_a"): 5}
 
 
 def _stripe_400(
@@ -171,14 +206,16 @@ def _stripe_400(
             "invalid_request_error",
             "acknowledged",
         ),
-        # The same code about another identifier, or about another field, is not ours.
+        # The same code about another identifier is not ours, but we sent only ours: Stripe
+        # may hold it, so reconcile decides (neither sent nor billed by hand).
         (
             "Meter event ms1_abcdef was already recorded",
             "resource_already_exists",
             "identifier",
             "invalid_request_error",
-            "rejected",
+            "unknown",
         ),
+        # About another field: not ours.
         (
             "A meter with event_name 'ms1_abc' already exists.",
             "resource_already_exists",
@@ -201,13 +238,14 @@ def _stripe_400(
             "idempotency_error",
             "rejected",
         ),
-        # A new wording without the code is not trusted: held for a person, not marked sent.
+        # A new wording without the code is not trusted: not marked sent, and not rejected
+        # either (billed by hand, it would be billed twice): unknown, reconcile decides.
         (
             "Meter event ms1_abc was already recorded",
             None,
             "identifier",
             "invalid_request_error",
-            "rejected",
+            "unknown",
         ),
     ],
 )
@@ -251,6 +289,30 @@ def test_row_first_sent_over_20_h_ago_is_unknown_not_resent_then_reconcile_finds
     assert world.totals() == {("tokens", "cus_a"): 5}
 
 
+def test_reconcile_settles_nothing_while_a_restore_holds_sending(world: World) -> None:
+    # Saw it fail before the fix: reconcile, which the operator runs before accepting a
+    # restore, settled unknown rows from a ledger that may lack rows Stripe holds (a row of
+    # the same minute sent after the backup): a "certain" answer it could not have.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("http_500", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    clock.offset = timedelta(hours=21)
+    reporter.run_cycle()
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+    # The hold the reporter's restore guard records (reporters/restore.py).
+    with world.engine.begin() as connection:
+        connection.execute(
+            update(deployment).values(restore_held_at=datetime.now(UTC), restore_mark_rows=9)
+        )
+
+    found = reconcile_now(world)
+
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+    assert len(found.settled) == 1 and "the ledger was restored" in found.settled[0]
+
+
 def test_unknown_row_stripe_never_recorded_is_sent_again_after_reconcile(world: World) -> None:
     clock = StepClock()
     put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
@@ -281,6 +343,10 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     world.emulator.faults.clear()
 
     clock.offset = timedelta(days=35)  # Stripe was down; the row crossed 35 days - 1 hour
+    reporter.run_cycle()
+    # It was called: Stripe may have it, so it is not "bill by hand" until Stripe says no.
+    assert [r.status for r in all_rows(world.engine)] == ["unknown"]
+    reconcile_now(world)  # Stripe's summary of its minute: never recorded
     result = reporter.run_cycle()
 
     [row] = all_rows(world.engine)
@@ -290,6 +356,34 @@ def test_row_pending_past_the_send_limit_is_rejected_before_its_resend(world: Wo
     assert result.rejected == 1
     code = "timestamp_too_old"
     assert world.metric("meterstream_reporter_meter_events_rejected_total", code=code) == 1
+
+
+def test_row_called_then_past_the_send_limit_is_unknown_not_billed_by_hand(
+    world: World,
+) -> None:
+    # Saw it fail before the fix: the row Stripe holds was rejected "bill these 5 units by
+    # hand", so a person following it billed them twice.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()  # Stripe recorded it; every answer was lost
+    assert [r.status for r in all_rows(world.engine)] == ["pending"]
+
+    clock.offset = timedelta(days=35)  # too old to resend now
+    result = reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert row.status == "unknown" and row.error_code == "resend_window_expired"
+    assert "billed by hand yet" in (row.last_error or "")
+    assert result.rejected == 0 and result.unknown == 1
+    assert len(world.emulator.state.events) == 1
+
+    settled = reconcile_now(world)
+
+    assert settled.settled == [f"{row.identifier}: Stripe has it; marked sent"]
+    assert [r.status for r in all_rows(world.engine)] == ["sent"]
+    assert world.totals() == {("tokens", "cus_a"): 5}
 
 
 def test_usage_within_an_hour_of_the_35_day_limit_is_not_sent(world: World) -> None:
@@ -408,7 +502,8 @@ def test_reconcile_groups_by_stripe_customer_and_lists_unbilled_database_usage(
     refused = by_key[("cus_nobody", "tokens")]
     assert refused.drift and "cus_nobody rejected 4" in str(refused)
     assert found.drifting == 2
-    assert found.end is not None and found.end <= now - timedelta(minutes=5)
+    # reconcile read the clock after ``now``: its end is at most 5 minutes before the clock now
+    assert found.end is not None and found.end <= datetime.now(UTC) - timedelta(minutes=5)
 
 
 # -- 10. v2 stream rows are unconfirmed until reconcile -------------------------------------
@@ -431,6 +526,43 @@ def test_accepted_stream_rows_stay_unconfirmed_until_reconcile_confirms_them(
     assert len(found.settled) == 1 and "confirmed" in found.settled[0]
     after = reporter_status(world.engine, world.catalogue, datetime.now(UTC))
     assert (after["unconfirmed"], after["billing_lag_s"]) == (0, 0.0)
+
+
+def test_an_unknown_row_in_stripe_does_not_confirm_an_accepted_row_stripe_dropped(
+    world: World,
+) -> None:
+    # Saw it fail before the fix: Stripe's total matched the ledger's only because the
+    # unknown row (in Stripe, not counted) stood in for the accepted one Stripe dropped, and
+    # reconcile marked the dropped row sent: its usage was lost.
+    clock = StepClock()
+    now = datetime.now(UTC)
+    link_customer(world.engine, "app1", "cus_a", now)
+    link_customer(world.engine, "app2", "cus_a", now)
+    put_total(world.engine, "app1", "tokens", hour_start(3), "4")  # both in one minute
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter_with(world, clock).run_cycle()  # Stripe recorded it; every answer was lost
+    clock.offset = timedelta(hours=21)
+    reporter_with(world, clock).run_cycle()
+    put_total(world.engine, "app2", "tokens", hour_start(3), "4")
+    reporter_with(world, clock, stripe_stream=True).run_cycle()
+    by_customer = {r.customer_id: r for r in all_rows(world.engine)}
+    assert (by_customer["app1"].status, by_customer["app2"].status) == ("unknown", "accepted")
+    # Stripe drops the accepted event (as an asynchronous validation failure would).
+    client = stripe.StripeClient(SECRET, base_addresses={"api": world.emulator.url})
+    client.v1.billing.meter_event_adjustments.create(
+        params={
+            "event_name": "tokens",
+            "type": "cancel",
+            "cancel": {"identifier": by_customer["app2"].identifier},
+        }
+    )
+    assert world.totals() == {("tokens", "cus_a"): 4}  # the unknown row's 4 only
+
+    reconcile_now(world)
+
+    by_customer = {r.customer_id: r for r in all_rows(world.engine)}
+    assert by_customer["app2"].status == "accepted"  # not confirmed: Stripe may lack it
+    assert by_customer["app1"].status == "unknown"  # its minute holds an undecided row
 
 
 # -- 8. usage that reached Stripe after its period may have been invoiced is flagged --------
@@ -593,11 +725,12 @@ def test_the_identifier_is_matched_whole_in_any_wording(
         "invalid_request_error",
     )
     assert classify(ours, identifier).kind == "acknowledged"
-    # Stripe naming a longer identifier that starts with ours is about another event.
+    # Stripe naming a longer identifier that starts with ours is not confirmed as ours:
+    # unknown (reconcile decides), never acknowledged.
     theirs = _stripe_400(
         f"{before}{identifier}{longer}{after}",
         "resource_already_exists",
         "identifier",
         "invalid_request_error",
     )
-    assert classify(theirs, identifier).kind == "rejected"
+    assert classify(theirs, identifier).kind == "unknown"

@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from meterstream.schema import customer_links
 from reporters.customers import link_customer
 from reporters.due import take_due
+from reporters.held_windows import set_aside
+from reporters.rows import HELD_NO_CUSTOMER_LINK
 from reporters.status import billing_lag_s
 from tests.reporters.test_billing_safety import StepClock, reporter_with
 from tests.reporters.test_reporter import STRIPE_METERS, World, hour_start, put_total
@@ -104,3 +106,41 @@ def test_billing_lag_leaves_out_held_windows_and_held_keys(world: World) -> None
     put_total(world.engine, "cus_c", "tokens", hour_start(5), "1")
     world.cycle()
     assert world.metric("meterstream_reporter_billing_lag_seconds") >= 3 * 3600
+
+
+def test_a_link_committed_during_the_cycle_is_not_met_by_a_hold(world: World) -> None:
+    # Saw it fail before the fix: a cycle reads the links at its start; `customers link`
+    # committed after that read (its release found nothing held yet), then the cycle held the
+    # window for want of a link, and it waited an hour for the slow re-check.
+    put_total(world.engine, "acme", "tokens", hour_start(3), "2")
+    [window] = take_due(world.engine, METERS)[("acme", "tokens")]  # the cycle's read...
+    link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))  # ... then the link
+
+    first = set_aside(world.engine, [(window, HELD_NO_CUSTOMER_LINK)], datetime.now(UTC))
+
+    assert first == set()
+    assert _due_keys(world) == {("acme", "tokens")}
+    assert world.cycle().held == {}
+    assert world.totals() == {("tokens", "cus_b"): 2}
+
+
+def test_an_unknown_row_does_not_pin_the_billing_lag_and_has_its_own_gauge(world: World) -> None:
+    # Saw it fail before the fix: a row reconcile cannot settle stays unknown for good, and
+    # it held the billing lag at its age, so the lag alert fired for ever and hid real lag.
+    clock = StepClock()
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")
+    world.emulator.faults.inject("drop_connection", count=3, path_prefix="/v1/billing/meter_events")
+    reporter_with(world, clock).run_cycle()
+    clock.offset = timedelta(hours=21)
+
+    result = reporter_with(world, clock).run_cycle()
+
+    assert result.unknown == 1
+    assert billing_lag_s(world.engine, world.catalogue, clock()) == 0
+    assert world.metric("meterstream_reporter_billing_lag_seconds") == 0
+    assert world.metric("meterstream_reporter_ledger_unknown_rows") == 1
+    # Real lag still shows beside it.
+    world.emulator.faults.inject("http_500", count=None, path_prefix="/v1/billing/meter_events")
+    put_total(world.engine, "cus_b", "tokens", hour_start(5), "1")
+    reporter_with(world, clock).run_cycle()
+    assert world.metric("meterstream_reporter_billing_lag_seconds") >= 21 * 3600

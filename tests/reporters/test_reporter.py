@@ -683,3 +683,27 @@ def test_the_due_windows_gauge_counts_what_the_cycle_left_unwritten(world: World
     link_customer(world.engine, "acme", "cus_b", datetime.now(UTC))
     world.cycle()
     assert world.metric("meterstream_reporter_due_windows") == 0
+
+
+def test_last_meter_revision_in_the_same_second_is_sent_not_held(world: World) -> None:
+    # Saw it fail before the fix: a second revision written in the second its first was
+    # stamped found "no later timestamp" by the reporter's clock, and the window was set aside
+    # for the hourly re-check, so Stripe kept the old value (the one billed at period end).
+    start, length = month_window()
+    now = datetime.now(UTC).replace(microsecond=500_000)
+    put_total(world.engine, "cus_a", "peak", start, "5", window=length, last_event_time=now)
+    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
+    # One frozen second: both cycles run within it.
+    reporter = build_reporter(
+        connected, world.engine, world.catalogue, world.stop, clock=lambda: now
+    )
+    reporter.run_cycle()
+    put_total(world.engine, "cus_a", "peak", start, "9", window=length, last_event_time=now)
+
+    result = reporter.run_cycle()
+
+    assert result.held == {}
+    events = world.emulator.state.events
+    assert [e.value for e in events] == [5, 9]
+    # Stripe's last value is the newest: 9, one second ahead of the clock (5 minutes allowed).
+    assert events[1].timestamp == events[0].timestamp + 1 == int(now.timestamp()) + 1

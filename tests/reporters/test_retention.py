@@ -131,6 +131,30 @@ def test_prune_keeps_heads_non_final_rows_and_newest_rows_of_kept_windows(world:
     history(world, "cus_a")
     prune_aggregates(world.engine, world.settings, datetime.now(UTC))
     rows = rows_for(world.engine, "cus_a", "tokens")
+    # Saw it fail before the fix: a pending row already called (it turns unknown at its next
+    # check) did not keep them, so reconcile could later read a sum without a pruned sent row
+    # of the minute and mark a row sent that Stripe never had.
+    with world.engine.begin() as connection:
+        connection.execute(
+            ledger.update()
+            .where(ledger.c.identifier == rows[1].identifier)
+            .values(status="pending", attempts=1, first_attempt_at=rows[1].created_at)
+        )
+    prune_ledger(world.engine, datetime.now(UTC), 45, 1000)
+    assert {r.identifier for r in rows_for(world.engine, "cus_a", "tokens")} == {
+        r.identifier for r in rows
+    }
+    with world.engine.begin() as connection:
+        connection.execute(
+            ledger.update()
+            .where(ledger.c.identifier == rows[1].identifier)
+            .values(
+                status=rows[1].status,
+                attempts=rows[1].attempts,
+                first_attempt_at=rows[1].first_attempt_at,
+            )
+        )
+
     # An aged row that would go if it were final stays in every other status.
     for status in ("unknown", "pending", "accepted", "rejected", "sent"):
         with world.engine.begin() as connection:
@@ -146,7 +170,6 @@ def test_prune_keeps_heads_non_final_rows_and_newest_rows_of_kept_windows(world:
             if status == "unknown":
                 # reconcile decides it from the sent rows of its minute: they all stay.
                 assert left == {r.identifier for r in rows}
-
     prune_ledger(world.engine, datetime.now(UTC), 45, 1000)
 
     kept = rows_for(world.engine, "cus_a", "tokens")

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from reporters.customers import link_customer
 from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, Status, all_rows
 from reporters.settle import Decision, decide_last, decide_sum
 from tests.reporters.test_billing_safety import StepClock, reconcile_now, reporter_with
-from tests.reporters.test_reporter import World, month_window, put_total
+from tests.reporters.test_reporter import World, hour_start, month_window, put_total
 
 # -- end to end: a max meter ("peak", a Stripe last meter) --------------------------------------
 
@@ -67,6 +68,40 @@ def test_unknown_row_of_a_max_meter_stripe_never_recorded_is_sent_again(world: W
     assert [r.status for r in all_rows(world.engine)] == ["sent"]
     [event] = world.emulator.state.events
     assert (event.customer_id, event.value) == ("cus_a", 7)
+
+
+# -- end to end: two unknown rows of a sum meter in one minute --------------------------------
+
+
+@pytest.mark.parametrize(("fault", "in_stripe"), [("drop_connection", True), ("http_500", False)])
+def test_unknown_rows_sharing_a_minute_are_decided_together(
+    world: World, fault: str, in_stripe: bool
+) -> None:
+    # Saw it fail before the fix: each blurred the other ("other undecided rows in its
+    # minute"), so both stayed unknown for good, after any outage that left two revisions of
+    # one minute unanswered.
+    clock = StepClock()
+    now = datetime.now(UTC)
+    link_customer(world.engine, "app1", "cus_a", now)
+    link_customer(world.engine, "app2", "cus_a", now)
+    start = hour_start(3)
+    put_total(world.engine, "app1", "tokens", start, "4")  # both stamped start + 10 min
+    put_total(world.engine, "app2", "tokens", start, "6")
+    world.emulator.faults.inject(fault, count=6, path_prefix="/v1/billing/meter_events")
+    reporter = reporter_with(world, clock)
+    reporter.run_cycle()
+    world.emulator.faults.clear()
+    clock.offset = timedelta(hours=21)
+    reporter.run_cycle()
+    assert [r.status for r in all_rows(world.engine)] == ["unknown", "unknown"]
+
+    reconcile_now(world)
+
+    expected = "sent" if in_stripe else "pending"
+    assert [r.status for r in all_rows(world.engine)] == [expected, expected]
+    reporter.run_cycle()
+    assert [r.status for r in all_rows(world.engine)] == ["sent", "sent"]
+    assert world.totals() == {("tokens", "cus_a"): 10}
 
 
 # -- the rules, with plain values ---------------------------------------------------------------
@@ -138,6 +173,18 @@ def test_rows_stripe_cannot_hold_do_not_blur_a_last_row() -> None:
     earlier = _row("e", 3, "sent", second=5)
     assert decide_last(row, [earlier], Decimal(3)).verdict == "pending"
     assert decide_last(row, [earlier], Decimal(7)).verdict == "sent"
+
+
+def test_sum_rows_unknown_together_are_decided_together_when_one_sign() -> None:
+    row, other = _row("r", 4, "unknown", second=20), _row("o", 6, "unknown", second=30)
+    sent = _row("s", 5, "sent", second=5)
+    assert decide_sum(row, [other, sent], Decimal(15)).verdict == "sent"
+    assert decide_sum(row, [other, sent], Decimal(5)).verdict == "pending"
+    assert decide_sum(row, [other, sent], Decimal(9)).verdict == "unknown"  # one of them
+    credit = _row("c", -4, "unknown", second=30)  # 4 - 4 = 0: "both" reads as "none"
+    assert decide_sum(row, [credit], Decimal(0)).verdict == "unknown"
+    pending = _row("p", 6, "pending", second=30)
+    assert decide_sum(row, [pending], Decimal(10)).verdict == "unknown"
 
 
 def test_a_zero_value_is_never_decided() -> None:

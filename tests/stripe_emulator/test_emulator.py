@@ -576,3 +576,22 @@ def test_a_meter_with_dimensions_refuses_events_without_them_and_groups_summarie
     assert [(e.identifier, e.code) for e in account.emulator.state.async_errors] == [
         ("s-dim", "missing_dimension_payload_keys")
     ]
+
+
+def test_an_identifier_is_forgotten_after_24_h_and_a_resend_counts_twice(
+    account: Account,
+) -> None:
+    # Saw it fail before the fix: the emulator kept identifiers for ever and answered "already
+    # exists" to a blind resend days later, which Stripe (24 h at least, not for ever) may
+    # record again: a reporter billing twice passed every test against it.
+    client = account.make_client()
+    client.v1.billing.meter_events.create(params=account.event("5", identifier="evt-old"))
+    account.clock.advance(DAY_S - 1)
+    with pytest.raises(stripe.InvalidRequestError, match="already exists"):
+        client.v1.billing.meter_events.create(params=account.event("5", identifier="evt-old"))
+
+    account.clock.advance(1)
+    client.v1.billing.meter_events.create(params=account.event("5", identifier="evt-old"))
+
+    assert [e.identifier for e in account.emulator.state.events] == ["evt-old", "evt-old"]
+    assert account.emulator.state.totals() == {("api_calls", account.customer_id): 10}

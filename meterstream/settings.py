@@ -214,6 +214,19 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("http_max_batch_events")
+    @classmethod
+    def _batch_fits_the_producer_queue(cls, value: int, info: ValidationInfo) -> int:
+        queue = info.data.get("producer_queue_max_events")
+        # A request is produced whole or not at all: a batch the queue cannot hold would be
+        # answered 503 on every retry, for ever.
+        if queue is not None and value > queue:
+            raise ValueError(
+                f"must be at most METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = {queue}: a larger "
+                "batch could never be produced (503 on every retry)"
+            )
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:

@@ -270,17 +270,3 @@ def test_api_key_commands_on_a_database_never_migrated_say_to_migrate(tmp_path: 
         assert done.returncode == 2, done.stderr
         assert "run meterstream migrate" in done.stderr
         assert "Traceback" not in done.stderr
-
-
-def test_a_request_the_producer_queue_has_no_room_for_is_503_and_nothing_of_it_is_produced(
-    serve: Callable[..., Server],
-) -> None:
-    server = serve(producer_queue_max_events=100)
-    key = server.create_key("producer")
-    answer = post(server, key, [event(f"full-{i}") for i in range(101)], BATCH)
-    assert answer.status == 503
-    assert answer.headers["retry-after"] == str(server.settings.http_retry_after_s)
-    assert "none of this request was produced" in answer.json()["error"]
-    assert post(server, key, [event(f"fits-{i}") for i in range(100)], BATCH).status == 202
-    messages = read_topic(server.settings.kafka_bootstrap, server.settings.topic, 101, timeout_s=3)
-    assert {decode_event(m.value()).event_id for m in messages} == {f"fits-{i}" for i in range(100)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -270,3 +271,27 @@ def test_api_key_commands_on_a_database_never_migrated_say_to_migrate(tmp_path: 
         assert done.returncode == 2, done.stderr
         assert "run meterstream migrate" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_body_sent_a_byte_at_a_time_is_answered_408_and_the_server_serves_others(
+    serve: Callable[..., Server],
+) -> None:
+    # Slowloris: uvicorn gives a body no deadline, so this request used to be held for ever.
+    server = serve(http_body_timeout_s=0.5)
+    key = server.create_key("producer")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as slow:
+        slow.sendall(
+            (
+                "POST /v1/events HTTP/1.1\r\n"
+                f"Host: {host}\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Type: {STRUCTURED}\r\nContent-Length: 1000\r\n\r\n{{"
+            ).encode()
+        )
+        assert post(server, key, event("meanwhile"), STRUCTURED).status == 202
+        answer = b""
+        while b"METERSTREAM_HTTP_BODY_TIMEOUT_S" not in answer:
+            received = slow.recv(4096)
+            assert received, answer  # closed without saying why
+            answer += received
+    assert answer.startswith(b"HTTP/1.1 408"), answer

@@ -45,3 +45,19 @@ def test_a_request_the_queue_has_no_room_for_is_refused_whole_while_another_wait
         assert await producer.close(0.0) == 60  # the refused request added none
 
     asyncio.run(scenario())
+
+
+def test_an_event_librdkafka_refuses_at_once_is_a_503_not_a_server_error(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    # produce() raises KafkaException (here: a value over message.max.bytes; in production, a
+    # producer failed for good before its error callback ran): that used to escape as a 500.
+    settings = settings_factory(kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
+
+    async def scenario() -> None:
+        producer = RequestProducer(settings, HttpMetrics())
+        with pytest.raises(KafkaNotAcknowledgedError, match="Kafka refused the events"):
+            await producer.produce_all([(b"c", b"x" * 2_000_000)])
+        await producer.close(0.0)
+
+    asyncio.run(scenario())

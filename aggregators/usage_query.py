@@ -11,7 +11,11 @@ Rolling windows up is exact for each aggregation, or refused (:class:`UsageQuery
   as the aggregators order them);
 - ``unique_count``: distinct counts of two months cannot be added (a user active in both would
   count twice), and the digests that would allow it are pruned soon after a month closes; so a
-  query over more than one of its months is refused, never answered wrong.
+  query over more than one of its months is refused, never answered wrong; so is a meter with
+  dimensions (its counts per combination cannot be added either).
+
+A meter with dimensions has a row per combination of their values in each window: every answer,
+the meter's own windows included, combines them by the rules above.
 
 A window is half-open ``[start, end)`` in UTC. ``from`` and ``to`` must fall on boundaries of
 the requested window (a stored window cannot be split), and windows no event reached are left
@@ -128,6 +132,14 @@ def _check_range(
             f"{window} is not a whole number of meter {meter.name!r}'s {meter.window} windows; "
             f"ask for window={meter.window} or total",
         )
+    if meter.aggregation == "unique_count" and meter.dimensions:
+        raise UsageQueryError(
+            "meter",
+            f"meter {meter.name!r} counts distinct values per combination of its dimensions "
+            f"({', '.join(meter.dimensions)}); those counts cannot be added (one value seen in "
+            "two combinations would count twice): read them per combination with meterstream "
+            "totals --group-by",
+        )
     own = meter.window
     for name, at in (("from", start), ("to", end)):
         for size in {own, own if window in ("own", "total") else window}:
@@ -191,13 +203,16 @@ def _stored(
 def _rolled_up(
     meter: Meter, rows: list[Row[Any]], start: datetime, end: datetime, window: RequestedWindow
 ) -> list[WindowUsage]:
-    if window == "own":
-        return [
-            WindowUsage(r.window_start, r.window_end, r.value, r.events, r.revision) for r in rows
-        ]
+    # A meter with dimensions stores a row per combination of their values in each window:
+    # its usage is theirs combined, in the meter's own windows too.
     groups: dict[tuple[datetime, datetime], list[Row[Any]]] = {}
     for row in rows:
-        bounds = (start, end) if window == "total" else window_bounds(row.window_start, window)
+        if window == "own":
+            bounds = (row.window_start, row.window_end)
+        elif window == "total":
+            bounds = (start, end)
+        else:
+            bounds = window_bounds(row.window_start, window)
         groups.setdefault(bounds, []).append(row)
     return [
         _combined(meter, bounds_start, bounds_end, group)

@@ -295,3 +295,29 @@ def test_a_body_sent_a_byte_at_a_time_is_answered_408_and_the_server_serves_othe
             assert received, answer  # closed without saying why
             answer += received
     assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_endless_headers_are_refused_431_and_the_server_serves_others(
+    serve: Callable[..., Server],
+) -> None:
+    # uvicorn with httptools kept every header byte of an unfinished head: one client without
+    # a key could grow the server without limit (100 MB of headers: +115 MB resident).
+    server = serve()
+    key = server.create_key("producer")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as endless:
+        endless.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode())
+        line = b"X-Padding: " + b"p" * 1000 + b"\r\n"
+        try:
+            for _ in range(2_000):  # 2 MB of headers, never ended
+                endless.sendall(line)
+        except OSError:
+            pass  # refused and closed while sending: what is wanted
+        try:
+            while received := endless.recv(4096):
+                answer += received
+        except ConnectionResetError:
+            pass  # closed with unread bytes: the kernel resets; the 431 may be lost
+    assert answer.startswith(b"HTTP/1.1 431") or answer == b"", answer
+    assert post(server, key, event("after"), STRUCTURED).status == 202

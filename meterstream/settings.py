@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     # How long a request's body may take to arrive once its headers have: a client that sends
     # it a byte at a time (slowloris) is answered 408 rather than holding its request for ever.
     http_body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    # How long a request's line and headers may take from their first byte (or a connection
+    # from being opened to its first request's headers): past it the connection is closed.
+    http_head_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     # How long a request waits for Kafka to acknowledge all of its events before answering 503
     # (with Retry-After); librdkafka gives those events up at the same time.
     http_produce_timeout_s: float = Field(10.0, gt=0.0, le=300.0)

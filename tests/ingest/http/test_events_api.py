@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -321,3 +322,22 @@ def test_endless_headers_are_refused_431_and_the_server_serves_others(
             pass  # closed with unread bytes: the kernel resets; the 431 may be lost
     assert answer.startswith(b"HTTP/1.1 431") or answer == b"", answer
     assert post(server, key, event("after"), STRUCTURED).status == 202
+
+
+def test_headers_trickled_or_never_sent_are_cut_off_and_the_server_serves_others(
+    serve: Callable[..., Server],
+) -> None:
+    # Slowloris before any key is read: uvicorn gives a head no deadline, so a connection that
+    # sent part of its headers, or nothing, was held for ever.
+    server = serve(http_head_timeout_s=0.5)
+    key = server.create_key("producer")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as silent,
+        socket.create_connection((host, int(port)), timeout=10) as trickling,
+    ):
+        trickling.sendall(f"POST /v1/events HTTP/1.1\r\nHost: {host}\r\nX-Slow: ".encode())
+        assert post(server, key, event("meanwhile"), STRUCTURED).status == 202
+        for connection in (silent, trickling):
+            with contextlib.suppress(ConnectionResetError):
+                assert connection.recv(4096) == b""  # closed by the server

@@ -4,7 +4,7 @@ A key reads ``msk_<key_id>_<secret>``: 16 hex digits that find its row, then 256
 Only SHA-256 of the secret is stored. A slow password hash would be wrong here: it would cost
 every request tens of milliseconds, and it protects low-entropy secrets, which these are not.
 The digest is compared in constant time, so answer times tell nothing about it. A server keeps
-what it read of a key for ``METERSTREAM_HTTP_API_KEY_CACHE_S``: a revoked key is refused
+the live keys it read for ``METERSTREAM_HTTP_API_KEY_CACHE_S``: a revoked key is refused
 everywhere within that time, and a request costs no database query.
 """
 
@@ -31,8 +31,6 @@ SCOPES: tuple[Scope, ...] = get_args(Scope)
 KEY_PREFIX = "msk_"
 _KEY = re.compile(r"msk_([0-9a-f]{16})_([0-9a-f]{64})")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-# Keys a server remembers at most (known and unknown): bounds its memory whatever is tried.
-_CACHE_MAX_KEYS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +124,11 @@ def revoke_key(engine: Engine, name: str) -> ApiKey:
     raise ApiKeyError(f"no API key named {name!r}; meterstream api-keys list shows them")
 
 
-def _lookup(engine: Engine, key_id: str) -> tuple[ApiKey, bytes] | None:
+def _live_keys(engine: Engine) -> dict[str, tuple[ApiKey, bytes]]:
+    """Every live (unrevoked) key with its digest, by key id: as many rows as live keys,
+    however many were made and revoked over the years."""
     with engine.connect() as connection:
-        row = connection.execute(
+        rows = connection.execute(
             select(
                 api_keys.c.name,
                 api_keys.c.key_id,
@@ -137,18 +137,23 @@ def _lookup(engine: Engine, key_id: str) -> tuple[ApiKey, bytes] | None:
                 api_keys.c.created_at,
                 api_keys.c.revoked_at,
                 api_keys.c.secret_sha256,
-            ).where(api_keys.c.key_id == key_id)
-        ).first()
-    if row is None:
-        return None
-    return ApiKey(*row[:6]), bytes(row[6])
+            ).where(api_keys.c.revoked_at.is_(None))
+        ).all()
+    return {row.key_id: (ApiKey(*row[:6]), bytes(row[6])) for row in rows}
 
 
 class KeyVerifier:
-    """Finds the key a request presents. Rows are read through a cache of ``ttl_s`` seconds.
+    """Finds the key a request presents in a snapshot of the live keys, read whole at most
+    ``ttl_s`` seconds ago: a revoked key is refused within that time.
 
-    :meth:`cached` answers from memory only; :meth:`load` reads the database (blocking: call it
-    from a worker thread) and fills the cache.
+    A key id the snapshot lacks is never remembered as unknown (a key made a moment ago must
+    work at once); instead the snapshot is read again, and the caller makes misses share
+    reads (:class:`meterstream.http.Authenticator`: one read at a time, each serving every
+    miss that came before it). So a flood of made-up keys costs the database one query at a
+    time, not one per request, and never evicts the live keys.
+
+    :meth:`cached` answers from memory only; :meth:`refresh` reads the database (blocking: call
+    it from a worker thread).
     """
 
     def __init__(
@@ -157,7 +162,8 @@ class KeyVerifier:
         self._engine = engine
         self._ttl_s = ttl_s
         self._clock = clock
-        self._rows: dict[str, tuple[float, tuple[ApiKey, bytes] | None]] = {}
+        self._keys: dict[str, tuple[ApiKey, bytes]] = {}
+        self._read_started: float | None = None
 
     @staticmethod
     def key_id_of(presented: str) -> str | None:
@@ -165,30 +171,46 @@ class KeyVerifier:
         match = _KEY.fullmatch(presented)
         return match.group(1) if match else None
 
+    def now(self) -> float:
+        """The verifier's clock (monotonic seconds)."""
+        return self._clock()
+
+    def read_since(self, at: float) -> bool:
+        """Whether the snapshot was read by a query started at ``at`` or later."""
+        return self._read_started is not None and self._read_started >= at
+
     def cached(self, presented: str) -> ApiKey | Literal[False] | None:
-        """The live key, None when refused (unknown, revoked, wrong secret), False when the
-        cache does not know and :meth:`load` must be called."""
+        """The live key, None when refused (malformed, wrong secret), False when memory cannot
+        tell (the snapshot is stale, or lacks the key id: :meth:`refresh`, then :meth:`known`)."""
         match = _KEY.fullmatch(presented)
         if match is None:
             return None
-        entry = self._rows.get(match.group(1))
-        if entry is None or entry[0] <= self._clock():
+        started = self._read_started
+        if started is None or started + self._ttl_s <= self._clock():
             return False
-        return _checked(entry[1], match.group(2))
+        found = self._keys.get(match.group(1))
+        return False if found is None else _checked(found, match.group(2))
+
+    def known(self, presented: str) -> ApiKey | None:
+        """The live key in the snapshot as it is, or None (unknown, revoked, wrong secret)."""
+        match = _KEY.fullmatch(presented)
+        if match is None:
+            return None
+        return _checked(self._keys.get(match.group(1)), match.group(2))
+
+    def refresh(self) -> None:
+        """Read the live keys again (blocking)."""
+        started = self._clock()
+        self._keys = _live_keys(self._engine)
+        self._read_started = started
 
     def load(self, presented: str) -> ApiKey | None:
-        """Read the key's row, remember it for ``ttl_s`` and check the presented secret."""
-        match = _KEY.fullmatch(presented)
-        if match is None:
+        """Read the live keys, then check ``presented`` (blocking; for callers without an
+        event loop)."""
+        if _KEY.fullmatch(presented) is None:
             return None
-        found = _lookup(self._engine, match.group(1))
-        now = self._clock()
-        if len(self._rows) >= _CACHE_MAX_KEYS:
-            self._rows = {k: v for k, v in self._rows.items() if v[0] > now}
-            if len(self._rows) >= _CACHE_MAX_KEYS:
-                self._rows.clear()
-        self._rows[match.group(1)] = (now + self._ttl_s, found)
-        return _checked(found, match.group(2))
+        self.refresh()
+        return self.known(presented)
 
 
 def _checked(found: tuple[ApiKey, bytes] | None, secret: str) -> ApiKey | None:

@@ -18,7 +18,7 @@ not JSON.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -54,30 +54,47 @@ def decode_message(
     named = _by_name(headers)
     content_type = named.get(_CONTENT_TYPE)
     attributes = {name[len(_PREFIX) :]: text for name, text in named.items() if _is_ce(name)}
-    structured = content_type is not None and _media_type(content_type).startswith(_STRUCTURED)
-    if structured and attributes:
-        raise HeaderError(
-            "headers",
-            f"both content modes: content-type {content_type!r:.80} says structured, but "
-            f"ce_ headers are set ({', '.join(sorted(attributes))[:200]}); send one or the other",
-        )
-    if structured or not attributes:
+    if is_structured(content_type, attributes, _PREFIX) or not attributes:
         # Without ce_ headers the value must be the whole event, whatever the content type
         # says: the SDK's older Kafka binding (cloudevents.v1.kafka) labels structured events
         # application/json, as the SDK's own reader accepts.
         return decode_event(value, catalogue)
-    return _decode_binary(value, attributes, content_type, catalogue)
+    document = binary_document(attributes, content_type, value, _PREFIX)
+    return event_from_document(document, field_prefix=_PREFIX, catalogue=catalogue)
 
 
-def _decode_binary(
-    value: bytes, attributes: dict[str, str], content_type: str | None, catalogue: Catalogue | None
-) -> UsageEvent:
+def is_structured(content_type: str | None, attributes: Mapping[str, str], prefix: str) -> bool:
+    """Whether ``content_type`` says structured mode (an event, or an HTTP batch). Raises
+    HeaderError when ``attributes`` (binary-mode headers, named without ``prefix``) are set
+    too: which one is the event? The rule of both bindings, Kafka's and HTTP's."""
+    structured = content_type is not None and _media_type(content_type).startswith(_STRUCTURED)
+    if structured and attributes:
+        names = ", ".join(prefix + name for name in sorted(attributes))
+        raise HeaderError(
+            "headers",
+            f"both content modes: content-type {content_type!r:.80} says structured, but "
+            f"{prefix} headers are set ({names[:200]}); send one or the other",
+        )
+    return structured
+
+
+def binary_document(
+    attributes: Mapping[str, str], content_type: str | None, value: bytes, prefix: str
+) -> dict[str, Any]:
+    """The CloudEvents document of a binary-mode event: ``attributes`` (its ``ce`` headers as
+    the transport's binding decoded them, named without ``prefix``) with its data, ``value``.
+
+    The one set of binary-mode rules for Kafka (``ce_`` headers, here) and HTTP (``ce-``
+    headers, ingest/http/body.py): what one refuses the other refuses. Attributes not sent are
+    None in the document. Raises HeaderError naming the header (``prefix`` + attribute, or
+    content-type) or InvalidEventError (``data``).
+    """
     for name in _FORBIDDEN:
         if name in attributes:
             raise HeaderError(
-                f"ce_{name}",
+                f"{prefix}{name}",
                 "not allowed in binary mode: the content-type header is the data's type and "
-                "the message value is the data",
+                "the body is the data",
             )
     if content_type is not None and _media_type(content_type) not in _JSON_TYPES:
         raise HeaderError(
@@ -91,12 +108,12 @@ def _decode_binary(
     if isinstance(data, dict) and "specversion" in data:
         raise HeaderError(
             "headers",
-            "both content modes: ce_ headers are set, but the value is a whole CloudEvent; send "
-            "the event structured without ce_ headers, or only its data in binary mode",
+            f"both content modes: {prefix} headers are set, but the body is a whole CloudEvent; "
+            f"send the event structured without {prefix} headers, or only its data in binary mode",
         )
     document: dict[str, Any] = {name: attributes.get(name) for name in _ATTRIBUTES}
     document["data"] = data
-    return event_from_document(document, field_prefix="ce_", catalogue=catalogue)
+    return document
 
 
 def _by_name(headers: Headers) -> dict[str, str]:

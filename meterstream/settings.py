@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     # typical events is about 300 KB; 64 KiB events are refused one by one (413 too).
     http_max_body_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
     http_max_batch_events: int = Field(1_000, ge=1, le=10_000)
+    # How long a request's body may take to arrive once its headers have: a client that sends
+    # it a byte at a time (slowloris) is answered 408 rather than holding its request for ever.
+    http_body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    # How long a request's line and headers may take from their first byte (or a connection
+    # from being opened to its first request's headers): past it the connection is closed.
+    http_head_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     # How long a request waits for Kafka to acknowledge all of its events before answering 503
     # (with Retry-After); librdkafka gives those events up at the same time.
     http_produce_timeout_s: float = Field(10.0, gt=0.0, le=300.0)
@@ -211,6 +217,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must be at least METERSTREAM_HORIZON_DAYS + 2 = {horizon + 2} days: rows "
                 "of a window that may still change must stay"
+            )
+        return value
+
+    @field_validator("http_max_batch_events")
+    @classmethod
+    def _batch_fits_the_producer_queue(cls, value: int, info: ValidationInfo) -> int:
+        queue = info.data.get("producer_queue_max_events")
+        # A request is produced whole or not at all: a batch the queue cannot hold would be
+        # answered 503 on every retry, for ever.
+        if queue is not None and value > queue:
+            raise ValueError(
+                f"must be at most METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = {queue}: a larger "
+                "batch could never be produced (503 on every retry)"
             )
         return value
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-from sqlalchemy import Engine, select
+import asyncio
+from typing import Any
 
-from meterstream.api_keys import KeyVerifier, create_key, list_keys, revoke_key
+import pytest
+from sqlalchemy import Engine, event, select
+
+from meterstream.api_keys import ApiKey, KeyVerifier, create_key, list_keys, revoke_key
 from meterstream.errors import ApiKeyError
+from meterstream.http import Authenticator
 from meterstream.schema import api_keys
 
 
@@ -40,19 +44,43 @@ def test_a_key_is_stored_as_a_digest_and_checked_through_the_cache(
     clock.now += 5.0
     assert verifier.cached(text) is False
     assert verifier.load(text) is None
-    assert verifier.cached(text) is None
+    assert verifier.cached(text) is False  # not among the live keys: memory cannot tell
     assert [(k.name, k.revoked_at is not None) for k in list_keys(migrated_engine)] == [
         ("checkout", True)
     ]
 
 
-def test_unknown_keys_are_remembered_too_and_the_cache_is_bounded(
+def test_made_up_keys_share_database_reads_and_a_key_made_after_a_miss_works_at_once(
     migrated_engine: Engine,
 ) -> None:
-    verifier = KeyVerifier(migrated_engine, ttl_s=60.0)
-    unknown = "msk_" + "a" * 16 + "_" + "b" * 64
-    assert verifier.load(unknown) is None
-    assert verifier.cached(unknown) is None  # no second database read for it
+    # Each made-up key used to cost a database read of its own (and 10,000 of them emptied
+    # the cache of live keys): one client could hold every pool connection.
+    key, text = create_key(migrated_engine, "live", "svc", "ingest")
+    reads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "api_keys" in statement:
+            reads.append(statement)
+
+    event.listen(migrated_engine, "before_cursor_execute", count)
+    authenticator = Authenticator(KeyVerifier(migrated_engine, ttl_s=60.0))
+    made_up = [f"msk_{i:016x}_{'b' * 64}" for i in range(300)]
+
+    async def flood() -> list[ApiKey | None]:
+        return await asyncio.gather(*(authenticator.key_of(k) for k in [text, *made_up]))
+
+    try:
+        answers = asyncio.run(flood())
+        assert answers == [key] + [None] * 300
+        assert len(reads) <= 2, len(reads)
+        reads.clear()
+        assert asyncio.run(authenticator.key_of(text)) == key
+        assert reads == []  # the live key is still known from memory
+        # A key made after a miss is not hidden by it.
+        newer, newer_text = create_key(migrated_engine, "newer", "svc", "read")
+        assert asyncio.run(authenticator.key_of(newer_text)) == newer
+    finally:
+        event.remove(migrated_engine, "before_cursor_execute", count)
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,16 @@ def test_two_meters_cannot_share_a_stripe_event_name() -> None:
     table = {"aggregation": "sum", "window": "1m", "stripe_event_name": "calls"}
     with pytest.raises(CatalogueError, match="already used by 'a'"):
         parse_catalogue({"meters": {"a": table, "b": table}})
+
+
+def test_a_batch_the_producer_queue_cannot_hold_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Else every request of a full batch is 503 for ever, however often it is retried.
+    monkeypatch.setenv("METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS", "500")
+    monkeypatch.setenv("METERSTREAM_HTTP_MAX_BATCH_EVENTS", "1000")
+    with pytest.raises(ConfigError, match="METERSTREAM_HTTP_MAX_BATCH_EVENTS") as caught:
+        load_settings()
+    assert "METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = 500" in str(caught.value)
+    monkeypatch.setenv("METERSTREAM_HTTP_MAX_BATCH_EVENTS", "500")
+    assert load_settings().http_max_batch_events == 500

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from meterstream.errors import KafkaNotAcknowledgedError
 from meterstream.kafka import client_config
@@ -131,6 +131,14 @@ class RequestProducer:
                 produce(topic, value, key, on_delivery=on_delivery)
         except BufferError as exc:
             raise KafkaNotAcknowledgedError(f"the Kafka producer's queue is full: {exc}") from exc
+        except KafkaException as exc:
+            # librdkafka refused at once (a producer failed for good before its error callback
+            # was served, say): a 503 the client retries, never a 500 it may not. Events queued
+            # before the refusal may still arrive; the workers count a retried request once.
+            self._replace_producer(generation)
+            raise KafkaNotAcknowledgedError(f"Kafka refused the events: {exc}") from None
+        finally:
+            self._wake.set()  # serve the reports now, not at the idle poll's next turn
         try:
             await asyncio.wait_for(asyncio.shield(acks.future), self._timeout_s + _REPORT_MARGIN_S)
         except TimeoutError:

@@ -11,7 +11,8 @@ code, so an event the API takes is one ``record()`` would take and the workers w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +21,8 @@ from urllib.parse import unquote
 import orjson
 
 from ingest.rules import EventRules, encode_checked
-from meterstream.errors import InvalidEventError
+from meterstream.content_modes import binary_document, is_structured
+from meterstream.errors import HeaderError, InvalidEventError
 from meterstream.events import SPECVERSION, parse_json_time, parse_json_value
 
 STRUCTURED = "application/cloudevents+json"
@@ -34,7 +36,9 @@ _CLOUDEVENTS_FIELD = {
     "event_id": "id",
     "properties": "data.properties",
 }
-_BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
+_HTTP_PREFIX = "ce-"
+# What a header value may hold before percent-decoding (the HTTP binding encodes the rest).
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +65,23 @@ def media_type(content_type: str | None) -> str:
 
 
 def documents(
-    content_type: str | None, headers: Mapping[str, str], body: bytes, max_events: int
+    content_type: str | None,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    body: bytes,
+    max_events: int,
 ) -> list[Any]:
-    """The event documents of a request. Raises BodyRefusedError (400, 413 or 415)."""
+    """The event documents of a request. Raises BodyRefusedError (400, 413 or 415).
+
+    ``headers`` are the request's, every one of them (a Starlette ``Headers`` keeps a header
+    sent twice): binary mode refuses a ``ce-`` header twice, as the Kafka binding does.
+    """
     kind = media_type(content_type)
-    if kind == BATCH:
+    try:
+        attributes = _ce_headers(headers)
+        structured = is_structured(content_type, attributes, _HTTP_PREFIX)
+    except HeaderError as exc:
+        raise BodyRefusedError(400, f"header {exc.field}: {exc.reason}") from None
+    if structured and kind == BATCH:
         batch = _json(body)
         if not isinstance(batch, list):
             raise BodyRefusedError(400, f"{BATCH} must be a JSON array of events")
@@ -76,10 +92,10 @@ def documents(
                 413, f"the batch holds {len(batch)} events; at most {max_events} per request"
             )
         return batch
-    if kind == STRUCTURED:
+    if structured and kind == STRUCTURED:
         return [_json(body)]
-    if "ce-specversion" in headers:
-        return [_binary_document(kind, headers, body)]
+    if "specversion" in attributes:
+        return [_binary_document(content_type, attributes, body)]
     raise BodyRefusedError(
         415,
         f"Content-Type {kind or 'missing'!r}: send {STRUCTURED} (one event), {BATCH} (an "
@@ -94,19 +110,56 @@ def _json(body: bytes) -> Any:
         raise BodyRefusedError(400, f"the body is not JSON: {exc}") from None
 
 
-def _binary_document(kind: str, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-    if kind != "application/json" and not kind.endswith("+json"):
+def _ce_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The ``ce-`` headers by attribute name, percent-decoded as the HTTP binding says.
+
+    Refused (HeaderError): a header twice (which one counts?); a value with characters the
+    binding says must be percent-encoded (servers read raw bytes as Latin-1: ``é`` sent raw
+    would arrive as ``Ã©``, another customer); a percent-encoding that is not UTF-8 (decoded
+    leniently, ``a%FF`` and ``a%FE`` would both be ``a\ufffd``: two events, one dedup key).
+    """
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    found: dict[str, str] = {}
+    for raw_name, raw_value in pairs:
+        name = raw_name.lower()
+        if not name.startswith(_HTTP_PREFIX):
+            continue
+        attribute = name[len(_HTTP_PREFIX) :]
+        if attribute in found:
+            raise HeaderError(name, "appears more than once; which one counts is unknowable")
+        if not _PRINTABLE_ASCII.fullmatch(raw_value):
+            raise HeaderError(
+                name,
+                "holds characters outside printable ASCII: percent-encode them as UTF-8 "
+                "(the CloudEvents HTTP binding), e.g. é as %C3%A9",
+            )
+        try:
+            found[attribute] = unquote(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            raise HeaderError(
+                name, f"its percent-encoding is not UTF-8: {raw_value!r:.80}"
+            ) from None
+    return found
+
+
+def _binary_document(
+    content_type: str | None, attributes: dict[str, str], body: bytes
+) -> dict[str, Any]:
+    """The Kafka binding's binary-mode rules (meterstream.content_modes), the same code."""
+    try:
+        return binary_document(attributes, content_type, body, _HTTP_PREFIX)
+    except HeaderError as exc:
+        status = 415 if exc.field == "content-type" else 400
         raise BodyRefusedError(
-            415, f"binary mode: Content-Type {kind or 'missing'!r}; the data must be JSON"
-        )
-    # The HTTP binding percent-encodes header values outside printable ASCII.
-    doc: dict[str, Any] = {
-        name: unquote(headers[f"ce-{name}"])
-        for name in _BINARY_ATTRIBUTES
-        if f"ce-{name}" in headers
-    }
-    doc["data"] = _json(body)
-    return doc
+            status,
+            f"binary mode: header {exc.field}: {exc.reason}; the data must be JSON"
+            if status == 415
+            else f"binary mode: header {exc.field}: {exc.reason}",
+        ) from None
+    except InvalidEventError as exc:
+        raise BodyRefusedError(
+            400, f"binary mode: the body is not the event's data: {exc}"
+        ) from None
 
 
 def _checked(doc: Any, rules: EventRules, source: str, now: datetime) -> tuple[str, bytes]:

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time, and the
 # dependencies they name are local to the function that builds the router.
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -110,6 +111,7 @@ def events_router(routes: IngestRoutes) -> APIRouter:
         responses={
             400: {"model": Refused, "description": "an event broke a rule; nothing produced"},
             401: {"model": ErrorBody},
+            408: {"model": ErrorBody, "description": "the body came too slowly; nothing produced"},
             403: {"model": ErrorBody},
             413: {"model": Refused, "description": "body, batch or event too large"},
             415: {"model": ErrorBody},
@@ -124,7 +126,9 @@ def events_router(routes: IngestRoutes) -> APIRouter:
         event; 503 with Retry-After when Kafka is slow or down (send the same request again:
         events are deduplicated by source, id, subject and type)."""
         try:
-            body = await _read_body(request, settings.http_max_body_bytes)
+            body = await _read_body(
+                request, settings.http_max_body_bytes, settings.http_body_timeout_s
+            )
             docs = documents(
                 request.headers.get("content-type"),
                 request.headers,
@@ -153,17 +157,27 @@ def events_router(routes: IngestRoutes) -> APIRouter:
     return router
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyRefusedError(413, _too_large(int(declared), limit))
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyRefusedError(413, _too_large(size, limit))
-        chunks.append(chunk)
+    try:
+        # The server itself gives a body no deadline: a client sending a byte at a time would
+        # keep its request (and its connection) for ever.
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefusedError(413, _too_large(size, limit))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyRefusedError(
+            408,
+            f"the body did not arrive within {timeout_s:g} s (METERSTREAM_HTTP_BODY_TIMEOUT_S), "
+            f"{size} bytes came: send it whole, then wait for the answer",
+        ) from None
     return b"".join(chunks)
 
 

@@ -1,12 +1,13 @@
 """``Authorization: Bearer <api key>`` on the routes that need a key, with its scope.
 
 The key is never logged, never put in an error or a metric label: answers say only which rule
-failed. Unknown keys cost a database read at most once per cache period (KeyVerifier).
+failed. Keys the server has not seen share database reads: one at a time (KeyVerifier).
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time, and the
 # dependencies they name are local to the function that builds the router.
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -28,13 +29,21 @@ class Authenticator:
 
     def __init__(self, verifier: KeyVerifier) -> None:
         self._verifier = verifier
+        # One read of the keys at a time: misses wait for it rather than each reading.
+        self._reading = asyncio.Lock()
 
     async def key_of(self, presented: str) -> ApiKey | None:
-        """The live key ``presented`` names, or None; reads the database only on a cache miss."""
+        """The live key ``presented`` names, or None. On a miss the keys are read again, unless
+        a read that started after this request arrived has done so already: however many
+        made-up keys arrive, the database serves one query at a time."""
         found = self._verifier.cached(presented)
-        if found is False:
-            return await run_in_threadpool(self._verifier.load, presented)
-        return found
+        if found is not False:
+            return found
+        arrived = self._verifier.now()
+        async with self._reading:
+            if not self._verifier.read_since(arrived):
+                await run_in_threadpool(self._verifier.refresh)
+        return self._verifier.known(presented)
 
     def require(self, scope: Scope) -> Callable[..., Awaitable[ApiKey]]:
         """A dependency returning the request's key; 401 without a live key, 403 when the key's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -254,3 +255,76 @@ def usage_engine(migrated_engine: Engine) -> Engine:
         ],
     )
     return migrated_engine
+
+
+_DIMENSIONED = """
+[meters.d_sum]
+aggregation = "sum"
+window = "1h"
+dimensions = ["model"]
+
+[meters.d_max]
+aggregation = "max"
+window = "1h"
+dimensions = ["model"]
+
+[meters.d_unique]
+aggregation = "unique_count"
+window = "1mo"
+unique_property = "user_id"
+dimensions = ["model"]
+"""
+
+
+def test_a_meter_with_dimensions_answers_its_combinations_combined(
+    migrated_engine: Engine, tmp_path: Path
+) -> None:
+    # A row per combination in each window: the meter's own windows listed each combination's
+    # row as a window of its own (two answers for one hour), and unique_count added distinct
+    # counts of combinations (one user seen with two models counted twice).
+    meters = tmp_path / "meters.toml"
+    meters.write_text(_DIMENSIONED)
+    catalogue = load_catalogue(meters)
+    applier = BatchApplier(
+        migrated_engine, catalogue, AggregatorMetrics(), horizon_days=35, clock=lambda: NOW
+    )
+    events = [
+        ("d_sum", Decimal("1.5"), {"model": "a"}),
+        ("d_sum", Decimal("2.25"), {"model": "b"}),
+        ("d_max", Decimal(7), {"model": "a"}),
+        ("d_max", Decimal(9), {"model": "b"}),
+        ("d_unique", 1, {"model": "a", "user_id": "u1"}),
+        ("d_unique", 1, {"model": "b", "user_id": "u1"}),
+    ]
+    messages = [
+        Message(
+            "usage",
+            0,
+            offset,
+            encode_event(UsageEvent(f"d{offset}", "svc", "c1", meter, value, HOUR, props)),
+        )
+        for offset, (meter, value, props) in enumerate(events)
+    ]
+    assert applier.apply(messages).rejected == []
+
+    def query(meter: str, start: datetime, end: datetime, window: Any) -> Usage:
+        return query_usage(
+            migrated_engine,
+            catalogue,
+            customer="c1",
+            meter=meter,
+            start=start,
+            end=end,
+            window=window,
+            now=NOW,
+            retention_days=60,
+        )
+
+    hour = (HOUR, HOUR + timedelta(hours=1))
+    for window in ("own", "1h", "total"):
+        start, end = hour
+        assert _values(query("d_sum", start, end, window)) == [(*hour, Decimal("3.75"), 2)]
+        assert _values(query("d_max", start, end, window)) == [(*hour, Decimal(9), 2)]
+    # Without group_by, distinct counts of several combinations cannot be added.
+    with pytest.raises(InvalidQueryError, match="group_by"):
+        query("d_unique", NOVEMBER, DECEMBER, "own")

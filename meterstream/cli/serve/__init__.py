@@ -30,6 +30,7 @@ def serve(ctx: click.Context) -> None:
     import uvicorn
 
     from meterstream.cli.serve.app import ServerParts, build_app
+    from meterstream.cli.serve.bounded_http import bounded_protocol
     from meterstream.db import build_engine
     from meterstream.meters import load_catalogue
     from meterstream.metrics import HttpMetrics, serve_metrics
@@ -59,7 +60,8 @@ def serve(ctx: click.Context) -> None:
                 host=settings.http_host,
                 port=settings.http_port,
                 loop="uvloop",
-                http="httptools",
+                # httptools, with bounds on each request's head (bounded_http.py).
+                http=bounded_protocol(settings.http_head_timeout_s),
                 lifespan="on",
                 access_log=False,
                 log_level=options.level,

@@ -88,3 +88,57 @@ def test_an_event_without_time_is_stamped_when_received() -> None:
 def test_serve_without_the_http_extra_names_it(module: str) -> None:
     message = missing_extra_message(ModuleNotFoundError(f"No module named {module!r}", name=module))
     assert message is not None and "meterstream[http]" in message
+
+
+def _binary(**headers: str) -> dict[str, str]:
+    base = {
+        "ce-specversion": "1.0",
+        "ce-id": "b-1",
+        "ce-source": SOURCE,
+        "ce-type": "api_calls",
+        "ce-subject": "c",
+    }
+    return {**base, **{name.replace("_", "-"): value for name, value in headers.items()}}
+
+
+def test_binary_ids_whose_percent_encoding_is_not_utf8_are_refused_not_merged() -> None:
+    # Decoded leniently, both ids were 'a\ufffd': two events, one dedup key, one counted.
+    for bad in ("a%FF", "a%FE"):
+        with pytest.raises(BodyRefusedError) as refused:
+            documents("application/json", _binary(ce_id=bad), b'{"value": "1"}', 1000)
+        assert refused.value.status == 400 and "ce-id" in refused.value.message
+
+
+def test_a_raw_non_ascii_binary_header_is_refused_not_read_as_latin1() -> None:
+    # Servers read header bytes as Latin-1: a raw 'é' arrives as 'Ã©', another customer.
+    with pytest.raises(BodyRefusedError) as refused:
+        documents("application/json", _binary(ce_subject="cust Ã©"), b'{"value": "1"}', 1000)
+    assert refused.value.status == 400 and "ce-subject" in refused.value.message
+    docs = documents("application/json", _binary(ce_subject="cust%20%C3%A9"), b'{"value": "1"}', 9)
+    assert docs[0]["subject"] == "cust é"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "headers", "body", "status", "words"),
+    [
+        # The Kafka binding's rules (meterstream.content_modes), which HTTP used to skip.
+        ("application/json", [("ce-id", "one"), ("ce-id", "two")], b'{"value": "1"}', 400, "ce-id"),
+        ("application/json", [("ce-datacontenttype", "text/plain")], b'{"value": "1"}', 400, "ce-"),
+        ("application/json", [], orjson.dumps(event("whole")), 400, "both content modes"),
+        (STRUCTURED, [("ce-id", "x")], orjson.dumps(event("x")), 400, "both content modes"),
+        ("application/vnd.custom+json", [], b'{"value": "1"}', 415, "must be JSON"),
+    ],
+)
+def test_http_binary_mode_follows_the_kafka_bindings_rules(
+    content_type: str, headers: list[tuple[str, str]], body: bytes, status: int, words: str
+) -> None:
+    pairs = [*_binary().items(), *headers] if content_type != STRUCTURED else headers
+    with pytest.raises(BodyRefusedError) as refused:
+        documents(content_type, pairs, body, 1000)
+    assert refused.value.status == status and words in refused.value.message
+
+
+def test_binary_mode_without_content_type_is_json_as_on_kafka() -> None:
+    docs = documents(None, _binary(), b'{"value": "2"}', 1000)
+    messages, problems = admit(docs, RULES, SOURCE, NOW)
+    assert problems == [] and decode_event(messages[0][1]).value == 2

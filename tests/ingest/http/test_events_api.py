@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -272,15 +274,70 @@ def test_api_key_commands_on_a_database_never_migrated_say_to_migrate(tmp_path: 
         assert "Traceback" not in done.stderr
 
 
-def test_a_request_the_producer_queue_has_no_room_for_is_503_and_nothing_of_it_is_produced(
+def test_a_body_sent_a_byte_at_a_time_is_answered_408_and_the_server_serves_others(
     serve: Callable[..., Server],
 ) -> None:
-    server = serve(producer_queue_max_events=100)
+    # Slowloris: uvicorn gives a body no deadline, so this request used to be held for ever.
+    server = serve(http_body_timeout_s=0.5)
     key = server.create_key("producer")
-    answer = post(server, key, [event(f"full-{i}") for i in range(101)], BATCH)
-    assert answer.status == 503
-    assert answer.headers["retry-after"] == str(server.settings.http_retry_after_s)
-    assert "none of this request was produced" in answer.json()["error"]
-    assert post(server, key, [event(f"fits-{i}") for i in range(100)], BATCH).status == 202
-    messages = read_topic(server.settings.kafka_bootstrap, server.settings.topic, 101, timeout_s=3)
-    assert {decode_event(m.value()).event_id for m in messages} == {f"fits-{i}" for i in range(100)}
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as slow:
+        slow.sendall(
+            (
+                "POST /v1/events HTTP/1.1\r\n"
+                f"Host: {host}\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Type: {STRUCTURED}\r\nContent-Length: 1000\r\n\r\n{{"
+            ).encode()
+        )
+        assert post(server, key, event("meanwhile"), STRUCTURED).status == 202
+        answer = b""
+        while b"METERSTREAM_HTTP_BODY_TIMEOUT_S" not in answer:
+            received = slow.recv(4096)
+            assert received, answer  # closed without saying why
+            answer += received
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_endless_headers_are_refused_431_and_the_server_serves_others(
+    serve: Callable[..., Server],
+) -> None:
+    # uvicorn with httptools kept every header byte of an unfinished head: one client without
+    # a key could grow the server without limit (100 MB of headers: +115 MB resident).
+    server = serve()
+    key = server.create_key("producer")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as endless:
+        endless.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode())
+        line = b"X-Padding: " + b"p" * 1000 + b"\r\n"
+        try:
+            for _ in range(2_000):  # 2 MB of headers, never ended
+                endless.sendall(line)
+        except OSError:
+            pass  # refused and closed while sending: what is wanted
+        try:
+            while received := endless.recv(4096):
+                answer += received
+        except ConnectionResetError:
+            pass  # closed with unread bytes: the kernel resets; the 431 may be lost
+    assert answer.startswith(b"HTTP/1.1 431") or answer == b"", answer
+    assert post(server, key, event("after"), STRUCTURED).status == 202
+
+
+def test_headers_trickled_or_never_sent_are_cut_off_and_the_server_serves_others(
+    serve: Callable[..., Server],
+) -> None:
+    # Slowloris before any key is read: uvicorn gives a head no deadline, so a connection that
+    # sent part of its headers, or nothing, was held for ever.
+    server = serve(http_head_timeout_s=0.5)
+    key = server.create_key("producer")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as silent,
+        socket.create_connection((host, int(port)), timeout=10) as trickling,
+    ):
+        trickling.sendall(f"POST /v1/events HTTP/1.1\r\nHost: {host}\r\nX-Slow: ".encode())
+        assert post(server, key, event("meanwhile"), STRUCTURED).status == 202
+        for connection in (silent, trickling):
+            with contextlib.suppress(ConnectionResetError):
+                assert connection.recv(4096) == b""  # closed by the server

@@ -17,7 +17,7 @@ what is stored, so they are not checked here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import Connection, Engine, delete, exists, select
@@ -51,6 +51,18 @@ class Definition:
             meter.value_property,
         )
 
+    def keeps_totals_of(self, before: Definition) -> bool:
+        """True if totals made with ``before`` read the same under this definition. The order of
+        the dimensions is not part of it: a combination's key sorts them
+        (meterstream.dimensions) and Stripe's dimension_payload_keys are compared as a set."""
+        return replace(self, dimensions=_sorted(self.dimensions)) == replace(
+            before, dimensions=_sorted(before.dimensions)
+        )
+
+
+def _sorted(dimensions: str) -> str:
+    return ",".join(sorted(dimensions.split(",")))
+
 
 def check_definitions(engine: Engine, catalogue: Catalogue, now: datetime, where: str) -> None:
     """Record the catalogue's definitions, or raise CatalogueChangedError (recording nothing)
@@ -67,7 +79,7 @@ def check_definitions(engine: Engine, catalogue: Catalogue, now: datetime, where
         for name, before in sorted(recorded.items()):
             meter = catalogue.get(name)
             after = None if meter is None else Definition.of(meter)
-            if after is not None and (before is None or before == after):
+            if after is not None and (before is None or after.keeps_totals_of(before)):
                 continue
             # A meter without totals may change or go: nothing stored was made with it.
             if _has_totals(connection, name):
@@ -138,7 +150,7 @@ def _record(
         for name, before in recorded.items()
         if name in catalogue
         and before is not None
-        and before != Definition.of(catalogue.meters[name])
+        and not Definition.of(catalogue.meters[name]).keeps_totals_of(before)
     ]
     if gone or changed:
         connection.execute(delete(meter_definitions).where(c.meter.in_(gone + changed)))

@@ -106,6 +106,19 @@ def test_changing_the_unique_property_of_a_meter_with_totals_is_refused(
         check(migrated_engine, catalogue(users={**USERS, "unique_property": "team_id"}))
 
 
+def test_listing_a_meters_dimensions_in_another_order_is_no_change(
+    migrated_engine: Engine,
+) -> None:
+    # A combination's key sorts its dimensions (meterstream.dimensions), Stripe's check compares
+    # them as a set: the same totals, so the worker starts (a new meter is not asked for).
+    by_model_region = {**TOKENS, "dimensions": ["model", "region"]}
+    check(migrated_engine, catalogue(tokens=by_model_region))
+    store_total(migrated_engine, "tokens")
+    check(migrated_engine, catalogue(tokens={**TOKENS, "dimensions": ["region", "model"]}))
+    with pytest.raises(CatalogueChangedError, match="dimensions 'model,region' -> 'model'"):
+        check(migrated_engine, catalogue(tokens={**TOKENS, "dimensions": ["model"]}))
+
+
 @pytest.mark.parametrize("renamed", [False, True], ids=["removed", "renamed"])
 def test_removing_or_renaming_a_meter_with_totals_is_refused(
     migrated_engine: Engine, renamed: bool

@@ -24,7 +24,7 @@ from decimal import Inexact, localcontext
 from sqlalchemy import Engine
 
 from aggregators.aggregation import Partial, WindowKey, unique_digest
-from aggregators.cardinality import over_the_limit
+from aggregators.cardinality import claim_within_the_limit
 from aggregators.dedup import DedupKeys
 from aggregators.faults import MESSAGE_CLASSES, is_database_failure, sqlstate_of
 from aggregators.intake import Accepted, Clock, Rejection, admit
@@ -275,12 +275,11 @@ class BatchApplier:
         with self.engine.begin() as connection:
             check_not_went_back(connection, first_offsets(messages), self._recorded)
             # Before the keys are claimed: an event refused here stays countable when replayed.
-            accepted, refused = over_the_limit(
-                connection, admitted, self._catalogue, self._max_combinations
+            accepted, fresh, refused = claim_within_the_limit(
+                connection, admitted, self._catalogue, self._max_combinations, self.dedup.claim
             )
             result.rejected.extend(Rejected(m, r) for m, r in refused)
             combination_of = {id(a.event): a.combination for a in accepted}
-            fresh = self.dedup.claim(connection, [a.event for a in accepted])
             partials: dict[WindowKey, Partial] = {}
             applied: Counter[str] = Counter()
             late: Counter[str] = Counter()

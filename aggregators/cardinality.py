@@ -11,11 +11,15 @@ batch's it has already (lookups on the key): an answer the size of the batch, wh
 history. Two workers sharing a
 window during a rebalance may each admit the last free place: the limit can be passed by the
 combinations of one concurrent batch, never by a stream of them.
+
+An event already counted (a re-send, a replay) takes no place, even under another
+combination: :func:`claim_within_the_limit` checks the limit again without the duplicates
+its claim found, so a new combination refused for their sake is counted after all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -24,6 +28,7 @@ from sqlalchemy import Connection, select, tuple_
 from aggregators import postgres
 from aggregators.intake import Accepted, Rejection
 from aggregators.windows import window_bounds
+from meterstream.events import UsageEvent
 from meterstream.meters import Catalogue
 from meterstream.schema import window_totals
 
@@ -31,6 +36,39 @@ M = TypeVar("M")
 _Window = tuple[str, str, datetime]
 # Bound the size of one IN (...) list of window keys.
 _CHUNK = 1000
+
+
+def claim_within_the_limit(
+    connection: Connection,
+    admitted: Sequence[tuple[M, Accepted]],
+    catalogue: Catalogue,
+    default_limit: int,
+    claim: Callable[[Connection, Sequence[UsageEvent]], list[UsageEvent]],
+) -> tuple[list[Accepted], list[UsageEvent], list[tuple[M, Rejection]]]:
+    """(the events within their window's limit, those of them ``claim`` found new, in order;
+    the refusals). Refused events are not claimed: counted when replayed with a higher limit.
+
+    A duplicate among the admitted held a place before the claim told it apart: while one did
+    and an event was refused, the limit is checked again without the duplicates (removing
+    events only frees places, so every event admitted stays admitted). Each round removes a
+    duplicate: a batch without any costs no second round."""
+    accepted, refused = over_the_limit(connection, admitted, catalogue, default_limit)
+    fresh = claim(connection, [a.event for a in accepted])
+    claimed = {id(a.event) for a in accepted}
+    while refused:
+        duplicates = claimed - {id(event) for event in fresh}
+        remaining = [(m, a) for m, a in admitted if id(a.event) not in duplicates]
+        if len(remaining) == len(admitted):
+            break
+        admitted = remaining
+        again, refused = over_the_limit(connection, admitted, catalogue, default_limit)
+        newly = [a for a in again if id(a.event) not in claimed]
+        if not newly:
+            break
+        claimed.update(id(a.event) for a in newly)
+        accepted += newly
+        fresh += claim(connection, [a.event for a in newly])
+    return accepted, fresh, refused
 
 
 def over_the_limit(

@@ -187,6 +187,24 @@ def test_a_combination_over_the_limit_is_dead_lettered_and_counted_never_merged(
     assert (replayed.applied, replayed.duplicates, replayed.rejected) == (1, 1, [])
 
 
+def test_a_resent_event_under_another_combination_takes_no_place_from_a_new_one(
+    migrated_engine: Engine,
+) -> None:
+    # A producer resends an event already counted (its key was claimed) with another model: a
+    # duplicate, counted nowhere. The free place of its window goes to the next new model.
+    target = _applier(migrated_engine, limit=2)
+    base = NOW - timedelta(minutes=30)
+
+    def event(i: int, model: str) -> UsageEvent:
+        return UsageEvent(f"e{i}", "svc", "c1", "d_count", Decimal(1), base, {"model": model})
+
+    assert target.apply([_message(event(0, "m0"), 0)]).rejected == []
+    result = target.apply([_message(event(0, "m1"), 1), _message(event(1, "m2"), 2)])
+    assert (result.applied, result.duplicates, result.rejected) == (1, 1, [])
+    stored = _stored(migrated_engine)
+    assert sorted(orjson.loads(k[3])["model"] for k in stored) == ["m0", "m2"]
+
+
 def test_the_catalogue_limit_wins_over_the_setting(migrated_engine: Engine) -> None:
     catalogue = parse_catalogue({"meters": {"d_count": _meter("count", "1h", max_combinations=1)}})
     target = _applier(migrated_engine, catalogue, limit=100)

@@ -8,7 +8,7 @@
   queue, not read again every cycle (reporters/held_windows.py).
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ key is rebuilt under an exclusive lock: stop the workers and the reporter for th
 seconds per million windows).
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 """
 
 from __future__ import annotations

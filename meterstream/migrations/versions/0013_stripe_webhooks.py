@@ -2,7 +2,7 @@
 error counts and billing alert counts (reporters/webhooks/).
 
 Revision ID: 0013
-Revises: 0010
+Revises: 0012
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 headers, its value only the data) can be replayed whole.
 
 Revision ID: 0017
-Revises: 0010 (0009 before the merge of s6-http; the lead re-chains)
+Revises: 0013
 """
 
 from __future__ import annotations

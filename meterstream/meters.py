@@ -40,6 +40,8 @@ WINDOWS: tuple[str, ...] = get_args(Window)
 # The example catalogue ships inside the package (examples/meters.toml links to it), so the demo
 # and readers find it outside a checkout too.
 EXAMPLE_CATALOGUE = Path(__file__).resolve().parent / "catalogues" / "example.toml"
+# The example with its tokens-by-model meter enabled: what `meterstream demo` runs.
+DEMO_CATALOGUE = EXAMPLE_CATALOGUE.with_name("demo.toml")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 # Stripe refuses events with too many dimensions (meter_event_dimension_count_too_high); each
 # dimension also multiplies the rows a window can hold.

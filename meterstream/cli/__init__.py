@@ -249,7 +249,7 @@ def demo(
                         --stripe-api-key sk_test_...
     """
     from meterstream.cli.demo import DemoOptions, run_demo
-    from meterstream.meters import EXAMPLE_CATALOGUE
+    from meterstream.meters import DEMO_CATALOGUE
 
     if stripe_api_key is not None and not stripe_api_key.startswith(("sk_test_", "rk_test_")):
         raise click.BadParameter(
@@ -263,7 +263,7 @@ def demo(
         bootstrap=bootstrap,
         database_url=database_url,
         stripe_api_key=stripe_api_key,
-        meters_file=meters_file or EXAMPLE_CATALOGUE,
+        meters_file=meters_file or DEMO_CATALOGUE,
     )
     sys.exit(run_demo(options))
 

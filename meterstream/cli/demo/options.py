@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meterstream.meters import EXAMPLE_CATALOGUE
+from meterstream.meters import DEMO_CATALOGUE
 
 Echo = Callable[[str], None]
 
@@ -25,4 +25,4 @@ class DemoOptions:
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
     # The catalogue shipped in the package, so the demo runs outside a checkout too.
-    meters_file: Path = field(default=EXAMPLE_CATALOGUE)
+    meters_file: Path = field(default=DEMO_CATALOGUE)

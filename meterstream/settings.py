@@ -220,19 +220,6 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("http_max_batch_events")
-    @classmethod
-    def _batch_fits_the_producer_queue(cls, value: int, info: ValidationInfo) -> int:
-        queue = info.data.get("producer_queue_max_events")
-        # A request is produced whole or not at all: a batch the queue cannot hold would be
-        # answered 503 on every retry, for ever.
-        if queue is not None and value > queue:
-            raise ValueError(
-                f"must be at most METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = {queue}: a larger "
-                "batch could never be produced (503 on every retry)"
-            )
-        return value
-
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
@@ -387,3 +374,16 @@ def environment_of(settings: Settings, inherit: Mapping[str, str]) -> dict[str, 
             value = settings.stripe_webhook_secret.get_secret_value()
         environment[ENV_PREFIX + name.upper()] = str(value)
     return environment
+
+
+def check_http_batch(settings: Settings) -> None:
+    """``meterstream serve``'s start-up rule (the SDK alone may use a smaller queue): a request
+    is produced whole or not at all, so a batch the producer queue cannot hold would be answered
+    503 on every retry, for ever. Raises ConfigError naming both settings."""
+    queue, batch = settings.producer_queue_max_events, settings.http_max_batch_events
+    if batch > queue:
+        raise ConfigError(
+            f"invalid settings: METERSTREAM_HTTP_MAX_BATCH_EVENTS={batch}: must be at most "
+            f"METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = {queue}: a larger batch could never be "
+            "produced (503 on every retry)"
+        )

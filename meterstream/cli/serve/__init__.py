@@ -34,10 +34,12 @@ def serve(ctx: click.Context) -> None:
     from meterstream.db import build_engine
     from meterstream.meters import load_catalogue
     from meterstream.metrics import HttpMetrics, serve_metrics
+    from meterstream.settings import check_http_batch
 
     settings = settings_or_exit()
     options = ctx.find_object(LogOptions) or LogOptions()
     try:
+        check_http_batch(settings)
         catalogue = load_catalogue(settings.meters_file)
     except MeterstreamError as exc:
         raise failed(exc) from exc

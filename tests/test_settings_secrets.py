@@ -84,6 +84,7 @@ def test_the_settings_repr_leaves_the_database_url_out() -> None:
         # Accepted, but nothing answers: the connection error must not quote the URL either.
         f"postgres://postgres:{PASSWORD}@127.0.0.1:{free_port()}/meterstream",
     ],
+    ids=["mysql", "postgres-nothing-answers"],  # the same in every test process (xdist)
 )
 def test_the_command_line_never_prints_the_database_password(tmp_path: Path, url: str) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}

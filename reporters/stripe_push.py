@@ -269,18 +269,26 @@ def is_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
     ``resource_already_exists``, or which has Stripe's known wording when it has no such
     code. A new wording keeps working as long as the code is there; another error that
     merely names our identifier (a bad value, an idempotency clash) does not qualify."""
-    if not identifier or exc.http_status != 400:
+    message = _identifier_refusal(exc, identifier)
+    if message is None or identifier is None:
         return False
-    raw = exc.json_body.get("error") if isinstance(exc.json_body, dict) else None
-    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    if error.get("type", "invalid_request_error") != "invalid_request_error":
-        return False
-    if error.get("param", getattr(exc, "param", None)) not in (None, "identifier"):
-        return False
-    message = str(error.get("message") or exc.user_message or "")
     if not _names(message, identifier):
         return False
     return exc.code in _DUPLICATE_CODES or _existing_identifier(message) == identifier
+
+
+def _identifier_refusal(exc: stripe.StripeError, identifier: str | None) -> str | None:
+    """The message of a 400 ``invalid_request_error`` about ``identifier`` (or no param), the
+    shape every "already exists" answer has; None for any other error."""
+    if not identifier or exc.http_status != 400:
+        return None
+    raw = exc.json_body.get("error") if isinstance(exc.json_body, dict) else None
+    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if error.get("type", "invalid_request_error") != "invalid_request_error":
+        return None
+    if error.get("param", getattr(exc, "param", None)) not in (None, "identifier"):
+        return None
+    return str(error.get("message") or exc.user_message or "")
 
 
 def may_be_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
@@ -288,15 +296,9 @@ def may_be_duplicate(exc: stripe.StripeError, identifier: str | None) -> bool:
     ``invalid_request_error`` about ``identifier`` (or no param) with the document's
     ``resource_already_exists`` code, or "already" in its message, that :func:`is_duplicate`
     cannot confirm (a new wording or code, our identifier not named)."""
-    if not identifier or exc.http_status != 400:
+    message = _identifier_refusal(exc, identifier)
+    if message is None:
         return False
-    raw = exc.json_body.get("error") if isinstance(exc.json_body, dict) else None
-    error: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    if error.get("type", "invalid_request_error") != "invalid_request_error":
-        return False
-    if error.get("param", getattr(exc, "param", None)) not in (None, "identifier"):
-        return False
-    message = str(error.get("message") or exc.user_message or "")
     return exc.code in _DUPLICATE_CODES or "already" in message.lower()
 
 

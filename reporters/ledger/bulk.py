@@ -1,19 +1,22 @@
 """The ledger's driver-level writes and the planner hint its updates use.
 
-insert_rows hands the driver one executemany with the values already converted as the
-schema's types would convert them (several times cheaper than SQLAlchemy's per-row
-processing); FilterOnly keeps a ``status = ...`` test out of the planner's index choice.
+insert_rows hands the driver the values already converted as the schema's types would
+convert them, as one COPY on PostgreSQL and one executemany elsewhere (several times cheaper
+than SQLAlchemy's per-row processing); FilterOnly keeps a ``status = ...`` test out of the
+planner's index choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from operator import attrgetter
 from typing import Any
 
+import psycopg
 from sqlalchemy import Boolean, ColumnElement, Connection, bindparam, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
@@ -37,13 +40,16 @@ def count_written(connection: Connection, rows: int) -> None:
 
 
 def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
-    """Insert many rows in ``connection``'s transaction: one executemany of the driver, with
+    """Insert many rows in ``connection``'s transaction: one COPY or executemany of the driver, with
     the values converted here as the schema's types convert them (driver_values), which is
     several times cheaper than SQLAlchemy's per-row processing. Errors are SQLAlchemy's
     (IntegrityError for a second writer), as with ledger.insert()."""
     dialect = connection.dialect
     values = driver_values(dialect.name, rows)
-    if values:
+    if values and dialect.name == "postgresql":
+        _copy_rows(connection, values)
+        count_written(connection, len(values))
+    elif values:
         # sqlite3 takes qmark, psycopg format; another driver needs its own placeholder here.
         placeholders = {"qmark": "?", "format": "%s", "pyformat": "%s"}
         if dialect.paramstyle not in placeholders:
@@ -55,6 +61,25 @@ def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
             values,
         )
         count_written(connection, len(values))
+
+
+def _copy_rows(connection: Connection, values: Sequence[tuple[Any, ...]]) -> None:
+    """PostgreSQL: the rows through one COPY in ``connection``'s transaction. A third of the
+    server's CPU and under half of ours of the pipelined executemany it replaces (a statement
+    per row); a unique violation (a second writer) is SQLAlchemy's IntegrityError, as for an
+    INSERT."""
+    driver = connection.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection):  # the only PostgreSQL driver configured
+        raise NotImplementedError(f"ledger inserts: PostgreSQL driver {type(driver).__name__}")
+    try:
+        with (
+            driver.cursor() as cursor,
+            cursor.copy(f"COPY ledger ({_INSERT_COLUMNS}) FROM STDIN") as copy,
+        ):
+            for row in values:
+                copy.write_row(row)
+    except psycopg.IntegrityError as exc:
+        raise IntegrityError("COPY ledger", None, exc) from exc
 
 
 _INSERT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)

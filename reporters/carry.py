@@ -85,11 +85,19 @@ def report(
     unit_scale: Decimal,
 ) -> Report:
     """The value to send for a window whose exact total went from ``previous_total`` (0 for a
-    window never reported) to ``new_total``; see the module docstring."""
-    with localcontext(_EXACT):
-        if formula == "last":
-            value = _whole_units(new_total, unit_scale)
-            return Report(value, Account(new_total, value))
-        accounted = account.accounted_total - previous_total + new_total
-        units = _whole_units(accounted, unit_scale)
+    window never reported) to ``new_total``; see the module docstring.
+
+    The context's own methods, not ``localcontext``: entering one copies the context, a third
+    of this function's time, and a ledger row is written per call."""
+    if formula == "last":
+        value = _floor(_EXACT.multiply(new_total, unit_scale))
+        return Report(value, Account(new_total, value))
+    accounted = _EXACT.add(_EXACT.subtract(account.accounted_total, previous_total), new_total)
+    units = _floor(_EXACT.multiply(accounted, unit_scale))
     return Report(units - account.units_total, Account(accounted, units))
+
+
+def _floor(value: Decimal) -> int:
+    """floor(value) of an exact product (to_integral_value never rounds away a digit that
+    counts: it is the floor, by definition)."""
+    return int(value.to_integral_value(rounding=ROUND_FLOOR, context=_EXACT))

@@ -168,15 +168,19 @@ def _read(
     meters = list(meters)
     found = list(connection.execute(_queue_query(meters)))
     if recheck_before is not None:
-        found += connection.execute(_queue_query(meters, held=True, recheck_before=recheck_before))
-        found.sort(
-            key=lambda row: (
-                row.customer_id,
-                row.meter,
-                row.window_start,
-                bytes(row.combination_digest),
-            )
+        rechecked = list(
+            connection.execute(_queue_query(meters, held=True, recheck_before=recheck_before))
         )
+        if rechecked:  # nearly always none: no sort of the whole queue for nothing
+            found += rechecked
+            found.sort(
+                key=lambda row: (
+                    row.customer_id,
+                    row.meter,
+                    row.window_start,
+                    bytes(row.combination_digest),
+                )
+            )
     for row in found:
         if row.revision is None or int(row.revision) == int(row.reported):
             # Gone from window_totals, or the ledger already has this revision.
@@ -196,17 +200,18 @@ def _read(
 
 
 def _window(row: Any) -> DueWindow:
+    # Positional (DueWindow's field order): a catch-up makes one per due window.
     return DueWindow(
-        customer_id=row.customer_id,
-        meter=row.meter,
-        window_start=row.window_start,
-        window_end=row.window_end,
-        revision=int(row.revision),
-        window_value=row.value,
-        last_event_time=row.last_event_time,
-        queued=int(row.queued),
-        combination=row.combination,
-        combination_digest=bytes(row.combination_digest),
+        row.customer_id,
+        row.meter,
+        row.window_start,
+        row.window_end,
+        int(row.revision),
+        row.value,
+        row.last_event_time,
+        int(row.queued),
+        row.combination,
+        bytes(row.combination_digest),
     )
 
 

@@ -1,12 +1,13 @@
 """v2 stream sending: writer threads write the chunks while the cycle's thread sends them in order.
 
-The written rows go in batches of 100 in ledger order, one call at a time. While a call is in
-flight, a bookkeeping thread takes the next batch and stamps it in one committed statement
-(once the session is checked open: a refused key or a stop leaves it unstamped); the next
-call goes out once that stamp is committed and this call is answered. An acceptor thread
-records each accepted call. A batch not accepted (or a stop) ends the sending and takes back
-the stamp of the batch taken meanwhile (the later batches are neither stamped nor called);
-the chunks are all written all the same."""
+The written rows go in batches of 100 in ledger order, one call at a time, in groups of up to
+BATCHES_PER_STAMP calls whose rows are stamped in one committed statement before the first of
+them is called. While a group's calls are made, a bookkeeping thread takes the next group and
+stamps it (once the session is checked open: a refused key or a stop leaves it unstamped); its
+calls go out once that stamp is committed and this group is done. An acceptor thread records
+the accepted calls, several in one transaction when they queue up. A call not accepted (or a
+stop) ends the sending and takes back the stamps of the calls that will not be made (the rest
+of the group and the group taken meanwhile); the chunks are all written all the same."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ STREAM_CHUNKS_AHEAD = 2
 # Writer threads on PostgreSQL: in a catch-up one writer (about 30 ms a chunk of 100 rows, mostly
 # waiting on the server) was slower than the sending; two keep ahead of it.
 STREAM_WRITERS = 2
+# Calls (of up to 100 rows) stamped in one committed statement: a commit waits for the disk
+# (about 4 ms here), so a stamp per call made the stamps, not the calls, the stream's pace.
+# At most this many calls' rows are ever stamped ahead of their calls (twice this after a
+# crash: the group in hand and the next), and a stop or a failed call takes their stamps back.
+BATCHES_PER_STAMP = 4
+# The most rows the acceptor marks accepted in one transaction.
+ACCEPTED_PER_RECORD = 1_000
 # The outcome of a batch whose rows were all settled elsewhere since they were read (no call:
 # the stream goes on).
 _NOTHING_CALLED = Outcome("acknowledged")
@@ -111,52 +119,76 @@ class V2StreamSender:
     def _send_stream(
         self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
     ) -> None:
-        """Rows in ledger order, 100 a call, one call at a time. While a call is in flight, a
-        bookkeeping thread takes the next batch and stamps it (committed); the next call goes
-        out once its stamp is committed and this call is answered. An accepted call is
+        """Rows in ledger order, 100 a call, one call at a time, in groups of up to
+        BATCHES_PER_STAMP calls stamped in one committed statement. While a group's calls go
+        out, a bookkeeping thread takes the next group and stamps it; the next group's calls
+        go out once its stamp is committed and this group is done. Accepted calls are
         recorded by an acceptor thread, off that path. A call not accepted (or a stop) ends
-        the sending and takes back the stamp of the batch that will not be called."""
+        the sending and takes back the stamps of the calls that will not be made."""
         waiting: deque[LedgerRow] = deque()
-        batch = self._next_batch(book, chunks, waiting, result)
-        if not self._ready(batch):
+        group = self._next_group(book, chunks, waiting, result)
+        if not self._ready(_rows_of(group)):
             return
-        stamped, stamped_at = book.stamp_call(batch)
-        acceptances: list[Future[object]] = []
+        stamped, stamped_at = book.stamp_call(_rows_of(group))
+        acceptor = _Acceptor(book, result)
         try:
             with (
                 ThreadPoolExecutor(1, thread_name_prefix="reporter-bookkeeper") as bookkeeper,
-                ThreadPoolExecutor(1, thread_name_prefix="reporter-acceptor") as acceptor,
+                acceptor,
             ):
-                while batch:
-                    calls = [row for row in batch if row.identifier in stamped]
-                    more = not book.stop.is_set() and self._session_ready(book, calls, stamped_at)
+                while group:
+                    in_hand = [row for row in _rows_of(group) if row.identifier in stamped]
+                    more = not book.stop.is_set() and self._session_ready(book, in_hand, stamped_at)
                     prepared = bookkeeper.submit(
                         self._prepare_next, book, chunks, waiting, more, result
                     )
                     try:
-                        outcome = self._call(book, calls, stamped_at)
-                    except BaseException:  # a refused key, say: the batch taken is not called
+                        done = self._call_group(book, group, stamped, stamped_at, acceptor, result)
+                    except BaseException:  # a refused key, say: the group taken is not called
                         self._take_back(book, prepared)
                         raise
-                    if outcome is not None and outcome.kind == "acknowledged" and calls:
-                        acceptances.append(
-                            acceptor.submit(book.accept_and_stamp, calls, [], result)
-                        )
-                    batch, stamped, stamped_at = prepared.result()
-                    if outcome is None:  # a stop came before the call: nothing more goes out
-                        book.unstamp(batch, stamped_at)
-                        return
-                    if outcome.kind != "acknowledged":
-                        book.record([(row, outcome) for row in calls], "accepted", result)
-                    if outcome.kind == "retry" or book.stop.is_set():
-                        # Later batches wait (per (customer, meter) order must hold): the
-                        # stamp of the one taken is taken back, as it will not be called.
-                        book.unstamp(batch, stamped_at)
+                    group, stamped, stamped_at = prepared.result()
+                    if not done:  # a stop, or a call not accepted: nothing more goes out
+                        book.unstamp(_rows_of(group), stamped_at)
                         break
         finally:
-            failed = _failures(acceptances)
+            failed = _failures(acceptor.futures)
         if failed:
             raise failed[0]
+
+    def _call_group(
+        self,
+        book: Bookkeeper,
+        group: Sequence[list[LedgerRow]],
+        stamped: set[str],
+        stamped_at: datetime,
+        acceptor: _Acceptor,
+        result: CycleResult,
+    ) -> bool:
+        """Call the group's batches in order; False if the sending ends (a stop, or a call
+        not accepted), the stamps of the batches not called taken back."""
+        for n, batch in enumerate(group):
+            if n and not self._session_open(book, _rows_of(group[n:]), stamped_at):
+                return False
+            calls = [row for row in batch if row.identifier in stamped]
+            try:
+                outcome = self._call(book, calls, stamped_at)
+            except BaseException:
+                book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
+                raise
+            if outcome is None:  # a stop came before the call: its stamps are taken back
+                book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
+                return False
+            if outcome.kind == "acknowledged" and calls:
+                acceptor.add(calls)
+            if outcome.kind != "acknowledged":
+                book.record([(row, outcome) for row in calls], "accepted", result)
+            if outcome.kind == "retry" or book.stop.is_set():
+                # Later batches wait (per (customer, meter) order must hold): the stamps of
+                # those taken are taken back, as they will not be called.
+                book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
+                return False
+        return True
 
     def _session_ready(
         self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
@@ -172,16 +204,33 @@ class V2StreamSender:
             book.unstamp(calls, stamped_at)
             raise
 
+    def _session_open(
+        self, book: Bookkeeper, not_called: Sequence[LedgerRow], stamped_at: datetime
+    ) -> bool:
+        """Whether the session is open for the group's next call (it may need renewing
+        between two calls of a group); if not, the stamps of ``not_called`` are taken back,
+        and a refused key raises StripeAuthError."""
+        try:
+            if self.stream.ready():
+                return True
+        except StoppedError:
+            pass
+        except BaseException:
+            book.unstamp(not_called, stamped_at)
+            raise
+        book.unstamp(not_called, stamped_at)
+        return False
+
     @staticmethod
     def _take_back(
-        book: Bookkeeper, prepared: Future[tuple[list[LedgerRow], set[str], datetime]]
+        book: Bookkeeper, prepared: Future[tuple[list[list[LedgerRow]], set[str], datetime]]
     ) -> None:
-        """Once the bookkeeping thread is done, take back the stamp of the batch it took."""
+        """Once the bookkeeping thread is done, take back the stamp of the group it took."""
         try:
-            batch, _stamped, stamped_at = prepared.result()
+            group, _stamped, stamped_at = prepared.result()
         except Exception:  # nothing was stamped; the caller's error is the one to report
             return
-        book.unstamp(batch, stamped_at)
+        book.unstamp(_rows_of(group), stamped_at)
 
     def _call(
         self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
@@ -203,14 +252,14 @@ class V2StreamSender:
         waiting: deque[LedgerRow],
         more: bool,
         result: CycleResult,
-    ) -> tuple[list[LedgerRow], set[str], datetime]:
-        """On the bookkeeping thread: the next batch ([] if ``more`` is False or none is
-        left), stamped in one committed statement."""
-        batch = self._next_batch(book, chunks, waiting, result) if more else []
-        if not batch:
-            return batch, set(), book.clock()
-        stamped, stamped_at = book.stamp_call(batch)
-        return batch, stamped, stamped_at
+    ) -> tuple[list[list[LedgerRow]], set[str], datetime]:
+        """On the bookkeeping thread: the next group of batches ([] if ``more`` is False or
+        none is left), stamped in one committed statement."""
+        group = self._next_group(book, chunks, waiting, result) if more else []
+        if not group:
+            return group, set(), book.clock()
+        stamped, stamped_at = book.stamp_call(_rows_of(group))
+        return group, stamped, stamped_at
 
     def _ready(self, batch: Sequence[LedgerRow]) -> bool:
         """Whether ``batch`` may be stamped: empty, or its session is open. False when the
@@ -222,6 +271,23 @@ class V2StreamSender:
             return self.stream.ready()
         except StoppedError:
             return False
+
+    @classmethod
+    def _next_group(
+        cls,
+        book: Bookkeeper,
+        chunks: Iterator[list[LedgerRow]],
+        waiting: deque[LedgerRow],
+        result: CycleResult,
+    ) -> list[list[LedgerRow]]:
+        """Up to BATCHES_PER_STAMP batches, in ledger order ([] when none are left)."""
+        group: list[list[LedgerRow]] = []
+        while len(group) < BATCHES_PER_STAMP:
+            batch = cls._next_batch(book, chunks, waiting, result)
+            if not batch:
+                break
+            group.append(batch)
+        return group
 
     @staticmethod
     def _next_batch(
@@ -251,7 +317,51 @@ def _in_order(
         yield rows
 
 
-def _failures(acceptances: Sequence[Future[object]]) -> list[BaseException]:
+def _rows_of(group: Sequence[Sequence[LedgerRow]]) -> list[LedgerRow]:
+    return [row for batch in group for row in batch]
+
+
+class _Acceptor:
+    """Records accepted calls on a thread of its own: all the calls accepted since its last
+    record in one transaction (at most ACCEPTED_PER_RECORD rows), so that a commit, not a
+    call, is what it costs when the calls outrun it. Each call added has a future: the
+    error of the record that took its rows, if that failed (they stay pending and stamped,
+    and are resent next cycle under their identifiers, which Stripe deduplicates)."""
+
+    def __init__(self, book: Bookkeeper, result: CycleResult) -> None:
+        self._book = book
+        self._result = result
+        self._accepted: deque[Sequence[LedgerRow]] = deque()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reporter-acceptor")
+        self.futures: list[Future[None]] = []
+
+    def __enter__(self) -> _Acceptor:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._executor.shutdown(wait=True)
+
+    def add(self, calls: Sequence[LedgerRow]) -> None:
+        self._accepted.append(calls)
+        self.futures.append(self._executor.submit(self._record))
+
+    def _record(self) -> None:
+        """Record what is waiting (nothing if an earlier run took it), in pieces of at most
+        ACCEPTED_PER_RECORD rows; the first piece that fails is raised, the rest recorded."""
+        failed: BaseException | None = None
+        while self._accepted:
+            rows: list[LedgerRow] = []
+            while self._accepted and len(rows) < ACCEPTED_PER_RECORD:
+                rows.extend(self._accepted.popleft())
+            try:
+                self._book.accept_and_stamp(rows, [], self._result)
+            except Exception as exc:  # raised once the others are recorded
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+
+def _failures(acceptances: Sequence[Future[None]]) -> list[BaseException]:
     """The errors of the acceptances that failed, each logged: their rows stay pending and
     stamped, and are resent next cycle under their identifiers (Stripe deduplicates them)."""
     failed = [error for done in acceptances if (error := done.exception()) is not None]

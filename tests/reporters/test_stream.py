@@ -23,11 +23,13 @@ from meterstream.deployment import stored_deployment_id
 from meterstream.errors import StripeAuthError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
+from reporters import stream_sender
+from reporters.bookkeeping import Bookkeeper
 from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, all_rows, insert_rows
 from reporters.service import connect
 from reporters.stream import STREAM_PATH, StreamSender, stream_error, stream_event
-from reporters.stream_sender import V2StreamSender
+from reporters.stream_sender import BATCHES_PER_STAMP, V2StreamSender
 from reporters.stripe_http import KeepAliveClient
 from reporters.stripe_push import (
     SDK_NETWORK_RETRIES,
@@ -225,12 +227,14 @@ def test_a_stream_error_of_an_unknown_type_is_retried_not_rejected() -> None:
 
 
 class FailingSecondCall(KeepAliveClient):
-    """The reporter's transport, answering 500 to every try of the second stream call (the
-    SDK retries it with the same Idempotency-Key), without passing it on."""
+    """The reporter's transport, answering 500 to every try of the second stream call (or
+    the ``failing``-th, from 0; the SDK retries it with the same Idempotency-Key), without
+    passing it on."""
 
-    def __init__(self) -> None:
+    def __init__(self, failing: int = 1) -> None:
         super().__init__(30.0)
         self.calls: list[str] = []
+        self.failing = failing
 
     def request(
         self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
@@ -239,7 +243,7 @@ class FailingSecondCall(KeepAliveClient):
             key = headers["Idempotency-Key"]
             if key not in self.calls:
                 self.calls.append(key)
-            if self.calls.index(key) == 1:
+            if self.calls.index(key) == self.failing:
                 return json.dumps(_error("api_error", "boom")), 500, {}
         return super().request(method, url, headers, post_data, **kwargs)
 
@@ -310,6 +314,77 @@ def stream_reporter(world: World, transport: KeepAliveClient) -> Iterator[Report
         transport.close()
 
 
+def test_a_call_failing_at_the_end_of_a_group_takes_back_the_stamp_of_the_next_group(
+    world: World,
+) -> None:
+    """Calls are stamped BATCHES_PER_STAMP at a time, and the next group is taken and
+    stamped while a group's calls are made: the last call of the first group fails, so the
+    next group, stamped meanwhile, is never called and its stamp is taken back. The next
+    cycle sends the rest, each once."""
+    calls = BATCHES_PER_STAMP + 2
+    customers = due_customers(world, 100 * calls)
+    transport = FailingSecondCall(failing=BATCHES_PER_STAMP - 1)
+    with stream_reporter(world, transport) as reporter:
+        first = reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    accepted = 100 * (BATCHES_PER_STAMP - 1)
+    assert len(transport.calls) == BATCHES_PER_STAMP
+    assert first.acknowledged == accepted
+    assert [(r.status, r.attempts) for r in rows[:accepted]] == [("accepted", 1)] * accepted
+    assert [(r.status, r.attempts) for r in rows[accepted : accepted + 100]] == [
+        ("pending", 1)
+    ] * 100
+    assert [(r.status, r.attempts, r.first_attempt_at) for r in rows[accepted + 100 :]] == [
+        ("pending", 0, None)
+    ] * 200
+
+    second = world.reporter(stripe_stream=True).run_cycle()
+
+    assert (second.acknowledged, second.unacknowledged) == (300, 0)
+    assert sorted(e.identifier for e in world.emulator.state.events) == sorted(
+        r.identifier for r in rows
+    )
+    assert world.totals() == {("tokens", c): 2 for c in customers}
+
+
+def test_calls_accepted_while_an_acceptance_is_written_are_recorded_together(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acceptor records every call accepted since its last record in one transaction:
+    held on its first record until three more calls are answered, it records those three
+    in one, not three."""
+    due_customers(world, 400)
+    transport = Transport(lambda: None)
+    three_more = threading.Event()
+    recorded: list[int] = []
+    accept = Bookkeeper.accept_and_stamp
+
+    def held_first(self: Bookkeeper, accepted: Any, batch: Any, result: Any) -> Any:
+        if not recorded:
+            assert three_more.wait(timeout=30)
+        recorded.append(len(accepted))
+        return accept(self, accepted, batch, result)
+
+    add = stream_sender._Acceptor.add
+    added: list[int] = []
+
+    def note_accepted(self: stream_sender._Acceptor, calls: Any) -> None:
+        add(self, calls)
+        added.append(len(calls))
+        if len(added) == 4:
+            three_more.set()
+
+    monkeypatch.setattr(stream_sender._Acceptor, "add", note_accepted)
+    monkeypatch.setattr(Bookkeeper, "accept_and_stamp", held_first)
+    with stream_reporter(world, transport) as reporter:
+        result = reporter.run_cycle()
+
+    assert result.acknowledged == 400
+    assert recorded == [100, 300]
+    assert {(r.status, r.attempts) for r in all_rows(world.engine)} == {("accepted", 1)}
+
+
 def due_customers(world: World, count: int) -> list[str]:
     customers = [f"cus_{n:03d}" for n in range(count)]
     for customer in customers:
@@ -341,9 +416,9 @@ def test_a_stop_request_stamps_no_batch_it_will_not_send(world: World) -> None:
 
 
 def test_an_accepted_batch_is_recorded_even_if_taking_the_next_one_fails(world: World) -> None:
-    """The next batch is taken before the answer to this one is written (they share a
-    transaction); if taking it fails, the answer is still written."""
-    due_customers(world, 100)
+    """The next group of batches is taken while this group's calls are made and before their
+    answers are written; if taking it fails, the answers are still written."""
+    due_customers(world, 100 * BATCHES_PER_STAMP)
     stuck = dataclasses.replace(pending_row(1), customer_id="cus_zzz", identifier="ms1_stuck")
     with world.engine.begin() as connection:
         insert_rows(connection, [stuck])
@@ -355,7 +430,7 @@ def test_an_accepted_batch_is_recorded_even_if_taking_the_next_one_fails(world: 
     statuses = {r.customer_id: r.status for r in all_rows(world.engine)}
     assert statuses.pop("cus_zzz") == "pending"
     assert set(statuses.values()) == {"accepted"}
-    assert len(statuses) == 100
+    assert len(statuses) == 100 * BATCHES_PER_STAMP
 
 
 def test_every_row_of_a_call_is_stamped_and_committed_before_the_call(world: World) -> None:

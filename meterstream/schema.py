@@ -299,11 +299,21 @@ deployment = Table(
     # held until `meterstream report --accept-restore`. For `meterstream status`.
     Column("restore_held_at", UTCDateTime(), nullable=True),
     Column("restore_mark_rows", BigInteger, nullable=True),
-    # Ledger rows ever written, counted in each insert's transaction: the restore mark compares
-    # with it. It only grows (retention prunes rows, never this) and a restore takes it back;
-    # reading it costs one row, however long the ledger.
-    Column("ledger_rows_written", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("singleton = 1", name="deployment_one_row"),
+)
+
+# Ledger rows ever written, counted in each insert's transaction: the restore mark compares
+# with their sum. It only grows (retention prunes rows, never this) and a restore takes it
+# back; reading it costs at most LEDGER_COUNT_SLOTS rows, however long the ledger. A row per
+# slot, each writing connection adding to its own (PostgreSQL: its backend's pid modulo the
+# slots), so writers running side by side do not wait for each other's commit (migration
+# 0019: one row made the reporter's writers take turns).
+LEDGER_COUNT_SLOTS = 16
+ledger_rows_written = Table(
+    "ledger_rows_written",
+    metadata,
+    Column("slot", Integer, primary_key=True, autoincrement=False),
+    Column("rows", BigInteger, nullable=False),
 )
 
 # Rows that reached Stripe more than an hour (Stripe's invoice grace, reporters/invoiced.py)

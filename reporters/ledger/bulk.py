@@ -15,13 +15,21 @@ from operator import attrgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Boolean, ColumnElement, Connection, bindparam, update
+from sqlalchemy import Boolean, ColumnElement, Connection, bindparam, func
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from meterstream.schema import ExactDecimal, UTCDateTime, deployment, ledger
+from meterstream.schema import (
+    LEDGER_COUNT_SLOTS,
+    ExactDecimal,
+    UTCDateTime,
+    ledger,
+    ledger_rows_written,
+)
 from reporters.ledger.model import COLUMNS, FIELDS, LedgerRow, values_of
 
 
@@ -33,9 +41,18 @@ def insert_row(connection: Connection, row: LedgerRow) -> None:
 
 def count_written(connection: Connection, rows: int) -> None:
     """Add ``rows`` to the ledger's written-rows counter in the inserting transaction (the
-    restore mark's measure: reporters/restore.py)."""
+    restore mark's measure: reporters/restore.py), in this connection's own slot."""
+    if connection.dialect.name == "postgresql":
+        slot: Any = func.pg_backend_pid() % LEDGER_COUNT_SLOTS
+        insert: Any = postgresql_insert(ledger_rows_written)
+    else:  # SQLite has one writer at a time
+        slot, insert = 0, sqlite_insert(ledger_rows_written)
+    statement = insert.values(slot=slot, rows=rows)
     connection.execute(
-        update(deployment).values(ledger_rows_written=deployment.c.ledger_rows_written + rows)
+        statement.on_conflict_do_update(
+            index_elements=[ledger_rows_written.c.slot],
+            set_={"rows": ledger_rows_written.c.rows + statement.excluded.rows},
+        )
     )
 
 

@@ -7,13 +7,18 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import delete, select, update
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import delete, select
 
+from meterstream.db import MIGRATIONS, build_engine, migrate
 from meterstream.deployment import stored_deployment_id
 from meterstream.errors import ConfigError, RestoredLedgerError
-from meterstream.schema import deployment, ledger
+from meterstream.schema import ledger
+from meterstream.settings import load_settings
+from reporters.ledger.bulk import count_written
 from reporters.marks import KafkaMarks
-from reporters.restore import RestoreGuard, accept_restore, restore_hold
+from reporters.restore import RestoreGuard, accept_restore, ledger_rows, restore_hold
 from tests.reporters.test_reporter import World, hour_start, put_total
 
 
@@ -47,9 +52,7 @@ def test_a_ledger_behind_its_mark_is_held_until_the_restore_is_accepted(
         )
         connection.execute(delete(ledger).where(ledger.c.window_start == newest.scalar()))
         # A restore takes the written-rows counter back with the rows.
-        connection.execute(
-            update(deployment).values(ledger_rows_written=deployment.c.ledger_rows_written - 1)
-        )
+        count_written(connection, -1)
     again = _guard(world, marks)  # a new process: reads the mark from the broker
     with pytest.raises(RestoredLedgerError) as held:
         again.check()
@@ -88,3 +91,32 @@ def test_rows_pruned_by_retention_do_not_look_like_a_restore(
 
     assert _guard(world, marks).check() == 2  # rows written, not rows left
     assert world.metric("meterstream_reporter_ledger_rows_behind_mark") == 0
+
+
+def test_the_written_rows_count_moves_into_slots_and_back_with_its_value(
+    database_url: str,
+) -> None:
+    """Migration 0019 moves the count from deployment into the slot table and 0018 takes it
+    back: nothing counted is lost either way (the restore guard compares with it)."""
+    engine = build_engine(load_settings(database_url=database_url))
+    try:
+        migrate(engine, "0018")
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE deployment SET ledger_rows_written = 41")
+        migrate(engine)
+        with engine.begin() as connection:
+            count_written(connection, 1)
+        with engine.begin() as connection:
+            count_written(connection, 2)
+        assert ledger_rows(engine) == 44
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0018")
+        with engine.connect() as connection:
+            kept = connection.exec_driver_sql("SELECT ledger_rows_written FROM deployment")
+            assert kept.scalar() == 44
+    finally:
+        engine.dispose()

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     ledger_rejected_retention_days: int = Field(400, ge=2, le=36_500)
     # Refused events (their raw bytes stay on the dead-letter topic) are kept this long.
     rejected_retention_days: int = Field(30, ge=1, le=36_500)
+    # A (Stripe usage alert, customer) count not triggered for this long is dropped: a year and a
+    # month keeps last year's alerts to compare with, and customers gone long ago go with them.
+    billing_alert_retention_days: int = Field(400, ge=1, le=36_500)
     # Rows deleted per pruning transaction: small enough never to hold a batch or a cycle up.
     prune_batch_rows: int = Field(1_000, ge=1, le=100_000)
 

@@ -256,7 +256,8 @@ class ReporterMetrics:
         )
         self.pruned_rows = Counter(
             "meterstream_reporter_pruned_rows",
-            "Final ledger rows deleted past METERSTREAM_LEDGER_RETENTION_DAYS, by table.",
+            "Final ledger rows deleted past METERSTREAM_LEDGER_RETENTION_DAYS (rejected ones past "
+            "METERSTREAM_LEDGER_REJECTED_RETENTION_DAYS), by table.",
             ["table"],
             registry=self.registry,
         )
@@ -333,7 +334,8 @@ class WebhookMetrics:
         )
         self.pruned_rows = Counter(
             "meterstream_stripe_webhook_pruned_rows",
-            "Processed Stripe events and closed payment failures deleted past retention, by table.",
+            "Processed Stripe events, closed payment failures and usage alert counts deleted past "
+            "retention, by table.",
             ["table"],
             registry=self.registry,
         )

@@ -106,8 +106,15 @@ class Settings(BaseSettings):
     # by the reporter; never the newest row of a (customer, meter), which carries the running
     # totals, nor one of a window still in window_totals. `reconcile --since` works this far back.
     ledger_retention_days: int = Field(45, ge=2, le=36_500)
+    # Rejected ledger rows (usage Stripe refused: a person bills it by hand) are pruned this long
+    # after they were rejected and their window ended, under the same rules: a year and a month,
+    # so last year's invoices can still be put right from them.
+    ledger_rejected_retention_days: int = Field(400, ge=2, le=36_500)
     # Refused events (their raw bytes stay on the dead-letter topic) are kept this long.
     rejected_retention_days: int = Field(30, ge=1, le=36_500)
+    # A (Stripe usage alert, customer) count not triggered for this long is dropped: a year and a
+    # month keeps last year's alerts to compare with, and customers gone long ago go with them.
+    billing_alert_retention_days: int = Field(400, ge=1, le=36_500)
     # Rows deleted per pruning transaction: small enough never to hold a batch or a cycle up.
     prune_batch_rows: int = Field(1_000, ge=1, le=100_000)
 
@@ -207,7 +214,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port...], got {value!r}")
         return value
 
-    @field_validator("window_retention_days", "ledger_retention_days")
+    @field_validator(
+        "window_retention_days", "ledger_retention_days", "ledger_rejected_retention_days"
+    )
     @classmethod
     def _past_the_horizon(cls, value: int, info: ValidationInfo) -> int:
         horizon = info.data.get("horizon_days")

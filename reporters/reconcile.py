@@ -14,8 +14,9 @@ and several application customers may be linked to one. Three quantities:
   (the carry makes units global; windows pruned by retention count through the ledger's running
   total), against the units acknowledged; a ``last`` meter's newest
   window's current value, against the newest ledger row. Each difference is listed with its
-  reason: held (unlinked customer, negative correction, revision went back), rejected, unknown,
-  or in flight (pending or due, normal until the next cycle).
+  reason: held (unlinked customer, negative correction, revision went back), rejected
+  (timestamped or rejected since ``since``), unknown, or in flight (pending or due, normal
+  until the next cycle).
 
 A line drifts when Stripe differs from the ledger, or when usage in the database is held,
 rejected or unknown. (customer, meter) pairs with database rows but no Stripe customer are
@@ -31,7 +32,8 @@ stand in for an accepted row Stripe dropped.
 
 What it reads grows with the range and the work in hand, never with history: the ledger rows
 timestamped in [since, end) (one range read through ledger_by_time, aggregated per key as it
-streams) and the database side's reads (reporters/reconcile_database.py). Keys with nothing in
+streams) and the database side's reads (reporters/reconcile_database.py), which read the
+rejected rows of the range and those rejected since, not all of them. Keys with nothing in
 the range and nothing in hand are not listed, unless Stripe has usage for them. Stripe is asked
 once per (Stripe customer, meter) (paged; grouped by dimension for a meter with them), plus
 once per ``unknown`` row's minute.
@@ -155,7 +157,7 @@ def reconcile(
         for key, entry in ranges.items()
         for customer_id in entry.customer_ids
     }
-    database = database_side(engine, catalogue, stripe_meters, in_range_keys, links)
+    database = database_side(engine, catalogue, stripe_meters, in_range_keys, links, start)
     keys = ranges.keys() | database.keys()
     asked = sorted({(key[0], key[1]) for key in keys if key[0] != UNLINKED})
 

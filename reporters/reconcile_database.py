@@ -5,8 +5,10 @@ A combination is meterstream.dimensions' canonical key, ``''`` for a meter witho
 dimensions. Each combination has its own running totals in the ledger (reporters/rows.py), so
 its units are the floor of its own exact total, compared with Stripe's summary of it.
 
-What it reads grows with the work in hand, never with history: the rows not final
-(ledger_by_status), the report queue, and per (customer, meter, combination) found there or in
+What it reads grows with the range and the work in hand, never with history: the rows not
+final (ledger_by_status; ``rejected`` ones only if timestamped or rejected since the range's
+start, through ledger_by_time and ledger_by_status: they are final and kept long, so all of them
+grow with history), the report queue, and per (customer, meter, combination) found there or in
 the range its newest row (ledger_by_combination), its due windows' reported revisions and, for a
 ``last`` meter, its newest window (each one index lookup).
 """
@@ -15,9 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, Engine, LargeBinary, String, and_, column, func, select, values
+from sqlalchemy import (
+    Connection,
+    Engine,
+    LargeBinary,
+    String,
+    and_,
+    column,
+    func,
+    or_,
+    select,
+    values,
+)
 
 from meterstream.dimensions import combination_digest
 from meterstream.meters import Catalogue
@@ -46,6 +60,8 @@ class Side:
 
 
 _OUTSTANDING: tuple[ledger.Status, ...] = ("rejected", "unknown", "pending")
+# Not final: few, whatever the history (reconcile or the next cycle decides them).
+_UNDECIDED: tuple[ledger.Status, ...] = ("unknown", "pending")
 
 
 def database_side(
@@ -54,16 +70,17 @@ def database_side(
     stripe_meters: Mapping[str, StripeMeter],
     in_range: Collection[AppKey],
     links: Mapping[str, str],
+    since: datetime,
 ) -> dict[StripeKey, Side]:
     """Per (Stripe customer, meter, combination): the database's units and why some are not
-    in Stripe, for the keys with rows in the range (``in_range``), rows not final or due
-    windows."""
+    in Stripe, for the keys with rows in the range (``in_range``), rows not final, rows
+    rejected since ``since`` (or timestamped since) or due windows."""
     outstanding: dict[AppKey, list[LedgerRow]] = {}
-    for status in _OUTSTANDING:
-        for row in rows_with_status(engine, status):
-            if row.meter in stripe_meters:
-                key = (row.customer_id, row.meter, row.combination)
-                outstanding.setdefault(key, []).append(row)
+    undecided = [row for status in _UNDECIDED for row in rows_with_status(engine, status)]
+    for row in [*_rejected_since(engine, since), *undecided]:
+        if row.meter in stripe_meters:
+            key = (row.customer_id, row.meter, row.combination)
+            outstanding.setdefault(key, []).append(row)
     due: dict[AppKey, list[DueWindow]] = {}
     for windows in due_windows(engine, stripe_meters, include_held=True).values():
         for window in windows:
@@ -92,6 +109,21 @@ def database_side(
                 linked=stripe_customer_for(customer_id, links) is not None,
             )
     return sides
+
+
+def _rejected_since(engine: Engine, since: datetime) -> list[LedgerRow]:
+    """The rejected rows timestamped since ``since`` (the range's, ledger_by_time) or rejected
+    since (an old window refused after an outage, ledger_by_status), not the older ones: they
+    are never resent and outlive the sent rows (bill by hand; ``meterstream status`` lists the
+    newest), so all of them grow with history."""
+    c = ledger_table.c
+    query = (
+        select(ledger_table)
+        .where(c.status == "rejected", or_(c.timestamp >= since, c.updated_at >= since))
+        .order_by(c.customer_id, c.meter, c.sequence)
+    )
+    with engine.connect() as connection:
+        return [row_from(mapping) for mapping in connection.execute(query).mappings()]
 
 
 _HEADS_PER_QUERY = 1_000

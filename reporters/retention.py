@@ -2,11 +2,14 @@
 
 A row is pruned only if every one of these holds (each is checked again in the delete):
 
-- it is final and settled: ``sent`` or ``carried``. Never ``pending``, ``unknown`` or
-  ``accepted`` (not confirmed), nor ``rejected``: that is usage a person must bill by hand.
+- it is final and settled: ``sent`` or ``carried``, or ``rejected`` (usage a person bills by
+  hand) when a rejected retention is given. Never ``pending``, ``unknown`` or ``accepted``
+  (not confirmed).
 - its window ended, and it was last updated, more than ``METERSTREAM_LEDGER_RETENTION_DAYS``
   ago (at least the horizon plus two days): Stripe refuses its timestamp, so no call can
   concern it again, and ``reconcile --since`` within the retention sees every row it sums.
+  A rejected row: more than ``METERSTREAM_LEDGER_REJECTED_RETENTION_DAYS`` ago (400), for
+  the people who bill it by hand.
 - it is not the head (highest ``sequence``) of its (customer, meter): the head carries the
   running totals (``accounted_total``, ``units_total``) that the next report starts from.
 - it is not the newest revision of a window still in ``window_totals``: due windows, the
@@ -27,6 +30,9 @@ quarter of the ledger). Marks in ``ledger_prune_marks``:
   (ledger_by_time); a pass reads the rows timestamped in [mark, window cutoff - the longest
   window of the catalogue): a row's timestamp lies in its window, so their windows are gone
   (METERSTREAM_WINDOW_RETENTION_DAYS) and the rows kept for them may go now.
+- rejected rows: those last updated in [rejected cutoff at ``last_pass_at``, rejected cutoff)
+  (ledger_by_status): the ones that turned old since the last pass. A rejected retention
+  lowered since leaves the rows between the two cutoffs to the next full pass.
 - a row kept as its key's head, or for an ``unknown`` row, becomes prunable without either
   range moving over it: every FULL_PASS_EVERY a pass reads everything again.
 
@@ -75,8 +81,9 @@ _undecided = ledger.alias("undecided_row")
 _wt = window_totals.c
 
 
-def prunable(before: datetime) -> ColumnElement[bool]:
-    """The condition a ledger row must meet to be pruned (see the module docstring)."""
+def prunable(before: datetime, rejected_before: datetime | None = None) -> ColumnElement[bool]:
+    """The condition a ledger row must meet to be pruned (see the module docstring);
+    ``rejected_before`` None: no rejected row is."""
     same_pair = and_(
         _newer.c.customer_id == _row.customer_id,
         _newer.c.meter == _row.meter,
@@ -122,10 +129,18 @@ def prunable(before: datetime) -> ColumnElement[bool]:
             _undecided.c.meter == _row.meter,
         )
     )
+    old = and_(_row.status.in_(PRUNABLE), _row.updated_at < before, _row.window_end < before)
+    if rejected_before is not None:
+        old = or_(
+            old,
+            and_(
+                _row.status == "rejected",
+                _row.updated_at < rejected_before,
+                _row.window_end < rejected_before,
+            ),
+        )
     return and_(
-        _row.status.in_(PRUNABLE),
-        _row.updated_at < before,
-        _row.window_end < before,
+        old,
         not_head,
         or_(newer_revision, not_(window_kept)),
         not_(unknown_waits),
@@ -138,15 +153,20 @@ def prune_ledger(
     retention_days: int,
     batch_rows: int,
     should_stop: Callable[[], bool] = lambda: False,
+    rejected_retention_days: int | None = None,
 ) -> int:
     """Delete the prunable ledger rows, ``batch_rows`` per transaction; return how many went.
+    ``rejected_retention_days`` None: rejected rows stay.
 
     Run it in the reporter's process between cycles: a cycle's writes are what the checks read.
     """
+    rejected_before = (
+        None if rejected_retention_days is None else cutoff(now, rejected_retention_days)
+    )
     return delete_in_batches(
         engine,
         ledger,
-        prunable(cutoff(now, retention_days)),
+        prunable(cutoff(now, retention_days), rejected_before),
         batch_rows=batch_rows,
         key=("identifier",),
         should_stop=should_stop,
@@ -185,13 +205,17 @@ def _save_marks(engine: Engine, marks: PruneMarks) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PassRanges:
-    """What one pass reads: final rows updated in [updated_from, updated_to) and rows
-    timestamped in [timestamp_from, timestamp_to); ``*_from`` None: from the oldest."""
+    """What one pass reads: final rows updated in [updated_from, updated_to), rows
+    timestamped in [timestamp_from, timestamp_to) and rejected rows updated in
+    [rejected_from, rejected_to); ``*_from`` None: from the oldest; ``rejected_to`` None:
+    no rejected row goes."""
 
     updated_from: datetime | None
     updated_to: datetime
     timestamp_from: datetime | None
     timestamp_to: datetime
+    rejected_from: datetime | None = None
+    rejected_to: datetime | None = None
 
     @property
     def full(self) -> bool:
@@ -200,14 +224,21 @@ class PassRanges:
     def condition(self) -> ColumnElement[bool]:
         """The rows the pass reads (each must also be ``prunable``)."""
         if self.updated_from is None:
-            return _row.updated_at < self.updated_to
-        return or_(
-            and_(_row.updated_at >= self.updated_from, _row.updated_at < self.updated_to),
-            and_(
-                _row.timestamp >= (self.timestamp_from or self.timestamp_to),
-                _row.timestamp < self.timestamp_to,
-            ),
-        )
+            read = _row.updated_at < self.updated_to
+        else:
+            read = or_(
+                and_(_row.updated_at >= self.updated_from, _row.updated_at < self.updated_to),
+                and_(
+                    _row.timestamp >= (self.timestamp_from or self.timestamp_to),
+                    _row.timestamp < self.timestamp_to,
+                ),
+            )
+        if self.rejected_to is None:
+            return read
+        rejected = and_(_row.status == "rejected", _row.updated_at < self.rejected_to)
+        if self.rejected_from is not None:
+            rejected = and_(rejected, _row.updated_at >= self.rejected_from)
+        return or_(read, rejected)
 
 
 def pass_ranges(
@@ -216,18 +247,32 @@ def pass_ranges(
     retention_days: int,
     window_retention_days: int,
     windows: Iterable[Window],
+    rejected_retention_days: int | None = None,
 ) -> PassRanges:
-    """The ranges of the next pass: from the marks, or everything when a full pass is due."""
+    """The ranges of the next pass: from the marks, or everything when a full pass is due.
+    ``rejected_retention_days`` None: no rejected row goes."""
     longest = max((WINDOW_LENGTHS[w] for w in windows), default=WINDOW_LENGTHS["1mo"])
     windows_gone = cutoff(now, window_retention_days) - longest
     before = cutoff(now, retention_days)
+    rejected_to = None if rejected_retention_days is None else cutoff(now, rejected_retention_days)
     full_due = marks.full_pass_at is None or now - marks.full_pass_at >= FULL_PASS_EVERY
     if full_due or marks.updated_mark is None:
-        return PassRanges(None, before, None, windows_gone)
+        return PassRanges(None, before, None, windows_gone, None, rejected_to)
     timestamp_from = marks.timestamp_mark if marks.timestamp_mark is not None else windows_gone
+    # Where the last pass's rejected range ended: its cutoff then (no column of its own).
+    rejected_from = (
+        None
+        if rejected_retention_days is None or marks.last_pass_at is None
+        else cutoff(marks.last_pass_at, rejected_retention_days)
+    )
     # A mark never runs ahead of its end (a retention raised since): nothing read twice.
     return PassRanges(
-        min(marks.updated_mark, before), before, min(timestamp_from, windows_gone), windows_gone
+        min(marks.updated_mark, before),
+        before,
+        min(timestamp_from, windows_gone),
+        windows_gone,
+        rejected_from,
+        rejected_to,
     )
 
 
@@ -239,14 +284,18 @@ def prune_ledger_pass(
     windows: Iterable[Window],
     batch_rows: int,
     should_stop: Callable[[], bool] = lambda: False,
+    rejected_retention_days: int | None = None,
 ) -> int | None:
     """One pass from the marks, if PRUNE_EVERY has passed since the last; how many rows went,
     or None when no pass was due. Marks move only when the pass ran to its end (a stop leaves
-    them: the next pass reads the same ranges again)."""
+    them: the next pass reads the same ranges again). ``rejected_retention_days`` None:
+    rejected rows stay."""
     marks = load_marks(engine)
     if marks.last_pass_at is not None and now - marks.last_pass_at < PRUNE_EVERY:
         return None
-    ranges = pass_ranges(marks, now, retention_days, window_retention_days, windows)
+    ranges = pass_ranges(
+        marks, now, retention_days, window_retention_days, windows, rejected_retention_days
+    )
     stopped = False
 
     def stop() -> bool:
@@ -257,7 +306,7 @@ def prune_ledger_pass(
     pruned = delete_in_batches(
         engine,
         ledger,
-        and_(ranges.condition(), prunable(ranges.updated_to)),
+        and_(ranges.condition(), prunable(ranges.updated_to, ranges.rejected_to)),
         batch_rows=batch_rows,
         key=("identifier",),
         should_stop=stop,

@@ -132,3 +132,15 @@ def test_a_batch_the_producer_queue_cannot_hold_is_refused_at_start(
     assert "METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = 500" in str(caught.value)
     monkeypatch.setenv("METERSTREAM_HTTP_MAX_BATCH_EVENTS", "500")
     check_http_batch(load_settings())
+
+
+def test_rejected_ledger_rows_are_kept_400_days_and_never_within_the_horizon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("METERSTREAM_LEDGER_REJECTED_RETENTION_DAYS", raising=False)
+    assert load_settings().ledger_rejected_retention_days == 400
+    variable = "METERSTREAM_LEDGER_REJECTED_RETENTION_DAYS"
+    monkeypatch.setenv(variable, "36")
+    with pytest.raises(ConfigError, match=f"{variable}=36") as caught:
+        load_settings()
+    assert "at least METERSTREAM_HORIZON_DAYS + 2 = 37 days" in str(caught.value)

@@ -71,6 +71,7 @@ class WebhookProcessor:
         *,
         can_fetch: bool = True,
         prune_batch_rows: int = 1_000,
+        billing_alert_retention_days: int = 400,
     ) -> None:
         self.engine = engine
         self.can_fetch = can_fetch  # False: no API key, so thin events wait (failing, shown)
@@ -80,6 +81,7 @@ class WebhookProcessor:
         self._wake = threading.Event()
         self._currencies: set[str] = set()
         self.prune_batch_rows = prune_batch_rows
+        self.billing_alert_retention_days = billing_alert_retention_days
         self._pruned_at: datetime | None = None
 
     def wake(self) -> None:
@@ -120,7 +122,13 @@ class WebhookProcessor:
         if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
             return
         self._pruned_at = now
-        for table, rows in retention.prune(self.engine, now, self.prune_batch_rows).items():
+        pruned = retention.prune(
+            self.engine,
+            now,
+            self.prune_batch_rows,
+            billing_alert_retention_days=self.billing_alert_retention_days,
+        )
+        for table, rows in pruned.items():
             if rows:
                 self.metrics.pruned_rows.labels(table=table).inc(rows)
                 _log.info("pruned %d row(s) of %s past retention", rows, table)

@@ -5,8 +5,13 @@
   30 days leave room for a manual resend from the Dashboard. Pending events are never pruned.
 - ``payment_failures``: closed failures go once opened and closed more than
   ``FAILURE_RETENTION_DAYS`` ago (the row only guards against an older event arriving late).
+- ``billing_alert_counts``: a count goes once its alert last triggered for its customer more
+  than ``METERSTREAM_BILLING_ALERT_RETENTION_DAYS`` ago (400): otherwise every customer that
+  ever crossed a threshold would stay for good. A later trigger counts afresh from 1.
 
-Found through the tables' (status, next_attempt_at) and (state, opened_at) indexes.
+Found through the tables' (status, next_attempt_at) and (state, opened_at) indexes; the alert
+counts are read whole, one row per (alert, customer) triggered within the retention, so what
+the read costs follows the alerts in hand, not the history.
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ from datetime import datetime
 from sqlalchemy import Engine, and_
 
 from meterstream.retention import cutoff, delete_in_batches
-from meterstream.schema import payment_failures, stripe_webhook_events
+from meterstream.schema import billing_alert_counts, payment_failures, stripe_webhook_events
 
 EVENT_RETENTION_DAYS = 30
 FAILURE_RETENTION_DAYS = 35
 
 
-def prune(engine: Engine, now: datetime, batch_rows: int) -> dict[str, int]:
+def prune(
+    engine: Engine, now: datetime, batch_rows: int, *, billing_alert_retention_days: int
+) -> dict[str, int]:
     """Delete what retention let go; rows deleted per table."""
     events = stripe_webhook_events.c
     failures = payment_failures.c
+    alerts = billing_alert_counts.c
     event_cutoff = cutoff(now, EVENT_RETENTION_DAYS)
     failure_cutoff = cutoff(now, FAILURE_RETENTION_DAYS)
     return {
@@ -44,6 +52,12 @@ def prune(engine: Engine, now: datetime, batch_rows: int) -> dict[str, int]:
                 failures.opened_at < failure_cutoff,
                 failures.closed_at < failure_cutoff,
             ),
+            batch_rows=batch_rows,
+        ),
+        "billing_alert_counts": delete_in_batches(
+            engine,
+            billing_alert_counts,
+            alerts.last_triggered_at < cutoff(now, billing_alert_retention_days),
             batch_rows=batch_rows,
         ),
     }

@@ -77,6 +77,7 @@ def build_webhook_service(
             metrics,
             can_fetch=settings.stripe_api_key is not None,
             prune_batch_rows=settings.prune_batch_rows,
+            billing_alert_retention_days=settings.billing_alert_retention_days,
         )
         if settings.stripe_webhook_processing
         else None

@@ -15,12 +15,18 @@ from sqlalchemy import and_, func, select
 from aggregators.retention import prune_aggregates
 from meterstream.schema import ledger
 from reporters.ledger import rows_for
-from reporters.retention import PRUNABLE, PruneMarks, load_marks, pass_ranges
+from reporters.retention import (
+    PRUNABLE,
+    PruneMarks,
+    load_marks,
+    pass_ranges,
+    prune_ledger_pass,
+)
 from tests.reporters.test_billing_safety import StepClock, reporter_with
 from tests.reporters.test_reporter import World, hour_start, put_total
-from tests.reporters.test_retention import history, move_back
+from tests.reporters.test_retention import history, move_back, rejected_history
 
-RETENTION, WINDOW_RETENTION = 45, 60
+RETENTION, WINDOW_RETENTION, REJECTED_RETENTION = 45, 60, 400
 
 
 def _rows(world: World, customer_id: str) -> set[str]:
@@ -115,6 +121,55 @@ def test_ranges_start_at_the_marks_and_a_full_pass_comes_weekly() -> None:
         now - timedelta(days=91),
     )
     assert pass_ranges(marks, now, 45, 60, ["1h"]).timestamp_to == now - timedelta(days=60, hours=1)
+    assert (ranges.rejected_from, ranges.rejected_to) == (None, None)  # rejected rows stay
+    rejected = pass_ranges(marks, now, 45, 60, ["1h"], 400)
+    assert (rejected.rejected_from, rejected.rejected_to) == (
+        hour_ago - timedelta(days=400),
+        now - timedelta(days=400),
+    )
     weekly = PruneMarks(marks.updated_mark, marks.timestamp_mark, now - timedelta(days=7), hour_ago)
     assert pass_ranges(weekly, now, 45, 60, ["1h"]).full
+    full = pass_ranges(weekly, now, 45, 60, ["1h"], 400)
+    assert (full.rejected_from, full.rejected_to) == (None, now - timedelta(days=400))
     assert pass_ranges(PruneMarks(), now, 45, 60, ["1h"]).full
+
+
+def test_a_pass_prunes_the_rejected_rows_that_turned_old_since_the_last_one(world: World) -> None:
+    rows = rejected_history(world, "cus_gone")  # aged 410 days
+    ids = [r.identifier for r in rows]
+    # The one 300 days old: rejected 30 minutes short of the retention at the first pass.
+    young = rows[3].window_start - timedelta(days=300)
+    move_back(world.engine, "cus_gone", {young}, timedelta(days=100, minutes=-30))
+    prune_aggregates(world.engine, world.settings, datetime.now(UTC))
+    windows = [m.window for m in world.catalogue]
+
+    def prune_at(now: datetime) -> int | None:
+        return prune_ledger_pass(
+            world.engine,
+            now,
+            RETENTION,
+            WINDOW_RETENTION,
+            windows,
+            1000,
+            rejected_retention_days=REJECTED_RETENTION,
+        )
+
+    first = datetime.now(UTC)
+    assert prune_at(first) == 3  # a full pass: all but the young one and the head
+    assert _rejected(world) == {ids[3], ids[4]}
+    later = first + timedelta(hours=1)
+    next_pass = pass_ranges(
+        load_marks(world.engine), later, RETENTION, WINDOW_RETENTION, windows, REJECTED_RETENTION
+    )
+    assert not next_pass.full
+    assert next_pass.rejected_from == first - timedelta(days=REJECTED_RETENTION)
+    with world.engine.connect() as connection:  # the head is not read again
+        read = connection.execute(select(ledger.c.identifier).where(next_pass.condition()))
+        assert set(read.scalars()) == {ids[3]}
+
+    assert prune_at(later) == 1
+    assert _rejected(world) == {ids[4]}
+
+
+def _rejected(world: World) -> set[str]:
+    return {r.identifier for r in rows_for(world.engine, "cus_gone", "tokens")}

@@ -7,7 +7,7 @@ every window, and compared every pair that ever had a row."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ from stripe_emulator import run_stripe_emulator
 from tests.reporters.test_report_queue import history
 from tests.reporters.test_reporter import (
     World,
+    _reconcile,
     create_stripe_meters,
     hour_start,
     put_total,
     world_settings,
 )
+from tests.reporters.test_retention import move_back
 
 ACTIVE = [f"cus_h{c:04d}" for c in range(10)]
 
@@ -100,3 +102,82 @@ def test_reconcile_since_reads_the_range_and_asks_stripe_once_per_pair(
     for plan in plans:
         assert "Seq Scan on ledger" not in plan, plan
         assert "Seq Scan on window_totals" not in plan, plan
+
+
+def _ledger_rows_read(plan: dict[str, Any]) -> int:
+    """Ledger rows one EXPLAIN ANALYZE plan node and its children read (returned or filtered
+    out, over every loop)."""
+    own = 0
+    if plan.get("Relation Name") == "ledger":
+        loops = plan.get("Actual Loops", 1)
+        kept = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+        own = int(kept * loops) + plan.get("Rows Removed by Index Recheck", 0)
+    return own + sum(_ledger_rows_read(child) for child in plan.get("Plans", []))
+
+
+def test_reconcile_reads_no_rejected_row_older_than_its_range(counted_world: World) -> None:
+    """Rejected rows are never resent and outlive the sent ones (bill by hand): with 11,600
+    of them before the range, reconcile reads a few dozen ledger rows. Before, it read every
+    rejected row ever written (through ledger_by_status, so no Seq Scan showed it) and listed
+    the 290 pairs they belong to as drift."""
+    world = counted_world
+    history(world, customers=300, hours=40)
+    with world.engine.begin() as connection:  # rejected when they were written, long ago
+        connection.execute(
+            update(ledger)
+            .where(ledger.c.customer_id.not_in(ACTIVE))
+            .values(status="rejected", error_code="invalid_value", updated_at=ledger.c.timestamp)
+        )
+    for customer in ACTIVE:
+        put_total(world.engine, customer, "tokens", hour_start(1), "3")
+    world.cycle()
+    with world.engine.begin() as connection:
+        connection.exec_driver_sql("ANALYZE")
+    read: list[int] = []
+
+    def count(connection: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            first = parameters[0] if isinstance(parameters, list) else parameters
+            cursor = connection.connection.dbapi_connection.cursor()
+            cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", first)
+            read.append(_ledger_rows_read(cursor.fetchone()[0][0]["Plan"]))
+
+    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
+    event.listen(world.engine, "before_cursor_execute", count)
+    try:
+        found = reconcile(
+            world.engine,
+            world.catalogue,
+            connected.stripe_meters,
+            fetch_summary(connected),
+            hour_start(2),
+            datetime.now(UTC),
+        )
+    finally:
+        event.remove(world.engine, "before_cursor_execute", count)
+
+    assert read and sum(read) < 200, read  # before: over 11,600
+    assert sorted(line.stripe_customer_id for line in found.lines) == ACTIVE
+    assert found.drifting == 0
+
+
+def test_reconcile_lists_rejected_rows_of_its_range_and_rows_rejected_since(
+    world: World,
+) -> None:
+    """A rejected row is listed when its timestamp is in the range, or when it was rejected
+    within it (usage too old for Stripe, found after an outage); not one rejected and
+    timestamped before the range (meterstream status lists the newest rejections)."""
+    put_total(world.engine, "cus_gone", "tokens", hour_start(3), "4")  # unknown to Stripe
+    put_total(world.engine, "cus_none", "tokens", hour_start(3), "5")  # unknown to Stripe
+    put_total(world.engine, "cus_late", "tokens", hour_start(36 * 24), "6")  # too old
+    world.cycle()
+    rows = {row.customer_id: row for row in all_rows(world.engine)}
+    assert {row.status for row in rows.values()} == {"rejected"}
+    move_back(world.engine, "cus_gone", {hour_start(3)}, timedelta(days=5))
+
+    lines = _reconcile(world, since=timedelta(days=2))
+
+    assert sorted((line.stripe_customer_id, line.not_billed) for line in lines) == [
+        ("cus_late", ("cus_late rejected 6",)),
+        ("cus_none", ("cus_none rejected 5",)),
+    ]

@@ -240,3 +240,56 @@ def test_a_held_window_outlives_the_windows_retention_until_the_ledger_has_it(
 
     assert pruned["window_totals"] == 0
     assert world.cycle().held == {"no_customer_link": 1}  # still held, still shown
+
+
+REJECTED_RETENTION = 400
+PAST_REJECTED = timedelta(days=REJECTED_RETENTION + 10)
+
+
+def rejected_history(world: World, customer_id: str) -> list[Any]:
+    """Rows Stripe refused (``customer_id`` unknown to it), oldest first: two revisions of one
+    window, a second window, one 300 days old (inside the retention), the head. All but the
+    300 days old one are aged past the rejected retention; their windows are still stored."""
+    windows = [hour_start(h) for h in (9, 9, 8, 6, 7)]
+    for value, window in zip(("1", "2", "3", "4", "5"), windows, strict=True):
+        put_total(world.engine, customer_id, "tokens", window, value)
+        world.cycle()
+    rows = rows_for(world.engine, customer_id, "tokens")
+    assert [r.status for r in rows] == ["rejected"] * 5
+    move_back(world.engine, customer_id, {hour_start(h) for h in (9, 8, 7)}, PAST_REJECTED)
+    move_back(world.engine, customer_id, {hour_start(6)}, timedelta(days=300))
+    return rows
+
+
+def _left(world: World, customer_id: str) -> list[str]:
+    return [r.identifier for r in rows_for(world.engine, customer_id, "tokens")]
+
+
+def test_rejected_rows_go_after_their_own_retention_under_every_other_rule(world: World) -> None:
+    """Before, rejected rows were never pruned: the ledger grew with every refusal forever."""
+    rows = rejected_history(world, "cus_gone")
+    ids = [r.identifier for r in rows]
+    now = datetime.now(UTC)
+
+    # Without a rejected retention (and within it), every rejected row stays.
+    assert prune_ledger(world.engine, now, 45, 1000) == 0
+    assert prune_ledger(world.engine, now, 45, 1000, rejected_retention_days=500) == 0
+    # Windows still stored: only the superseded revision goes, not the newest of a window.
+    assert prune_ledger(world.engine, now, 45, 1000, rejected_retention_days=400) == 1
+    assert _left(world, "cus_gone") == ids[1:]
+
+    prune_aggregates(world.engine, world.settings, now)  # the old windows go
+    # An unknown row of the same (Stripe customer, meter) keeps them all: reconcile decides it.
+    with world.engine.begin() as connection:
+        connection.execute(
+            ledger.update().where(ledger.c.identifier == ids[3]).values(status="unknown")
+        )
+    assert prune_ledger(world.engine, now, 45, 1000, rejected_retention_days=400) == 0
+    with world.engine.begin() as connection:
+        connection.execute(
+            ledger.update().where(ledger.c.identifier == ids[3]).values(status="rejected")
+        )
+
+    assert prune_ledger(world.engine, now, 45, 1000, rejected_retention_days=400) == 2
+    # Left: the one inside the retention, and the head (its running totals carry).
+    assert _left(world, "cus_gone") == [ids[3], ids[4]]

@@ -13,11 +13,19 @@ import pytest
 import stripe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, select
 
 from meterstream.errors import WebhookError
-from meterstream.schema import customer_links, payment_failures, stripe_webhook_events
+from meterstream.schema import (
+    billing_alert_counts,
+    customer_links,
+    payment_failures,
+    stripe_webhook_events,
+)
+from meterstream.settings import load_settings
 from reporters.webhooks import retention
+from reporters.webhooks.service import build_webhook_service
 from reporters.webhooks.verify import VerifiedEvent, verify
 
 SECRET = "whsec_parsingSecret"  # noqa: S105 (a test secret)
@@ -129,9 +137,12 @@ def test_processed_events_and_closed_failures_go_after_retention(migrated_engine
                     event_id="evt_x",
                 )
             )
-    assert retention.prune(migrated_engine, now, batch_rows=1) == {
+    assert retention.prune(
+        migrated_engine, now, batch_rows=1, billing_alert_retention_days=400
+    ) == {
         "stripe_webhook_events": 1,
         "payment_failures": 1,
+        "billing_alert_counts": 0,
     }
     with migrated_engine.connect() as connection:
         events = set(connection.execute(select(stripe_webhook_events.c.event_id)).scalars())
@@ -264,3 +275,50 @@ def test_processing_status_and_payments_never_scan_history(postgres_engine: Engi
         assert "Seq Scan on stripe_webhook_events" not in plan, plan
         assert "Seq Scan on payment_failures" not in plan, plan
         assert "Seq Scan on customer_links" not in plan, plan
+
+
+def _alert_counts(engine: Engine, now: datetime, days_ago: dict[str, int]) -> None:
+    with engine.begin() as connection:
+        for alert_id, days in days_ago.items():
+            connection.execute(
+                billing_alert_counts.insert().values(
+                    alert_id=alert_id,
+                    stripe_customer_id="cus_a",
+                    customer_id="acme",
+                    triggered=3,
+                    last_value=None,
+                    last_triggered_at=now - timedelta(days=days),
+                )
+            )
+
+
+def _alert_ids(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(connection.execute(select(billing_alert_counts.c.alert_id)).scalars())
+
+
+def test_alert_counts_not_triggered_within_their_retention_go(migrated_engine: Engine) -> None:
+    """Before, a count stayed for good: one row per customer that ever crossed a threshold."""
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    _alert_counts(migrated_engine, now, {"alrt_gone": 401, "alrt_kept": 399})
+
+    pruned = retention.prune(migrated_engine, now, batch_rows=1, billing_alert_retention_days=400)
+
+    assert pruned["billing_alert_counts"] == 1
+    assert _alert_ids(migrated_engine) == {"alrt_kept"}
+
+
+def test_the_webhook_processor_keeps_alert_counts_as_long_as_the_setting_says(
+    migrated_engine: Engine, database_url: str
+) -> None:
+    settings = load_settings(
+        database_url=database_url, stripe_webhook_secret=SECRET, billing_alert_retention_days=50
+    )
+    service = build_webhook_service(settings, migrated_engine, CollectorRegistry())
+    assert service is not None and service.processor is not None
+    now = datetime.now(UTC)
+    _alert_counts(migrated_engine, now, {"alrt_gone": 51, "alrt_kept": 49})
+
+    service.processor.run_once()  # prunes: its first pass
+
+    assert _alert_ids(migrated_engine) == {"alrt_kept"}

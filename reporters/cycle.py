@@ -84,6 +84,7 @@ class Reporter:
         deployment_id: str,
         backstop_s: float | None = None,
         ledger_retention_days: int | None = None,
+        ledger_rejected_retention_days: int | None = None,
         window_retention_days: int = 60,
         prune_batch_rows: int = 1_000,
     ) -> None:
@@ -98,6 +99,7 @@ class Reporter:
         self._horizon_days = horizon_days
         self._stop = stop
         self._ledger_retention_days = ledger_retention_days
+        self._ledger_rejected_retention_days = ledger_rejected_retention_days
         self._window_retention_days = window_retention_days
         self._prune_batch_rows = prune_batch_rows
         self._book = Bookkeeper(
@@ -193,6 +195,7 @@ class Reporter:
             [meter.window for meter in self.catalogue],
             self._prune_batch_rows,
             should_stop=self._stop.is_set,
+            rejected_retention_days=self._ledger_rejected_retention_days,
         )
         if pruned:
             self.metrics.pruned_rows.labels("ledger").inc(pruned)

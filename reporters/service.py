@@ -159,6 +159,7 @@ def build_reporter(
         deployment_id=deployment_id_of(settings, engine),
         backstop_s=settings.report_backstop_s,
         ledger_retention_days=settings.ledger_retention_days,
+        ledger_rejected_retention_days=settings.ledger_rejected_retention_days,
         window_retention_days=settings.window_retention_days,
         prune_batch_rows=settings.prune_batch_rows,
     )

@@ -293,3 +293,11 @@ def test_rejected_rows_go_after_their_own_retention_under_every_other_rule(world
     assert prune_ledger(world.engine, now, 45, 1000, rejected_retention_days=400) == 2
     # Left: the one inside the retention, and the head (its running totals carry).
     assert _left(world, "cus_gone") == [ids[3], ids[4]]
+
+
+def test_the_reporter_prunes_rejected_rows_past_the_setting(world: World) -> None:
+    ids = [r.identifier for r in rejected_history(world, "cus_gone")]
+    prune_aggregates(world.engine, world.settings, datetime.now(UTC))
+    # METERSTREAM_LEDGER_REJECTED_RETENTION_DAYS: 400 by default.
+    assert world.reporter().prune_ledger() == 3
+    assert _left(world, "cus_gone") == [ids[3], ids[4]]

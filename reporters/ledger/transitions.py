@@ -48,15 +48,22 @@ _STAMP_ARRAY = (
     )
     .returning(_l.identifier)
 )
-# The stream's acceptance (no request ids) in one statement, guarded by ``status = 'pending'``;
-# RETURNING gives exactly the rows updated (READ COMMITTED re-checks the guard on a row another
-# transaction changed meanwhile). The rows are found through the identifier index, whose scan
-# of an array takes its values in sorted order: rows are locked in identifier order, so two
-# writers locking overlapping rows cannot deadlock (a locking subquery first cost the server
-# a third more per row).
+# The stream's acceptance (no request ids) in one statement: the rows still pending, locked in
+# identifier order (two writers locking overlapping rows cannot deadlock), then updated, still
+# guarded by ``status = 'pending'``; RETURNING gives exactly the rows updated. The locking
+# subquery is what orders the locks: the plans PostgreSQL picks for ``identifier = ANY(array)``
+# (a seq scan of a small ledger, a bitmap heap scan of a large one) meet the rows in the
+# table's order, not the identifiers' (test_stream_acceptance_locks_its_rows_in_identifier_order).
+_LOCKED_PENDING = (
+    select(_l.identifier)
+    .where(_l.identifier == _IDENTIFIERS, still_pending())
+    .order_by(_l.identifier)
+    .with_for_update()
+    .scalar_subquery()
+)
 _ACCEPT_ARRAY = (
     update(ledger)
-    .where(_l.identifier == _IDENTIFIERS, still_pending())
+    .where(_l.identifier == _IDENTIFIERS, _l.identifier.in_(_LOCKED_PENDING), still_pending())
     .values(
         status="accepted",
         stripe_request_id=None,

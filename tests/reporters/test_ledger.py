@@ -4,11 +4,14 @@ loudly (rolling back) when the updates do not match the rows it found pending.""
 from __future__ import annotations
 
 import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, event, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -373,3 +376,47 @@ def refuse_updates_of(engine: Engine, identifier: str) -> None:
             "CREATE TRIGGER refuse BEFORE UPDATE ON ledger FOR EACH ROW "
             f"WHEN (OLD.identifier = '{identifier}') EXECUTE FUNCTION refuse()"
         )
+
+
+def test_stream_acceptance_locks_its_rows_in_identifier_order(postgres_engine: Engine) -> None:
+    """Two writers accepting overlapping batches cannot deadlock only if each locks its rows
+    in one global order. The rows here lie in the table in the reverse of identifier order
+    (a seq or bitmap heap scan meets them so); another transaction holds the row of the
+    largest identifier. Locking in identifier order, the acceptance takes every other row
+    before it waits on that one; in the table's order it waits before taking any."""
+    engine = postgres_engine
+    rows = sorted((pending_row(n) for n in range(20)), key=lambda r: r.identifier, reverse=True)
+    with engine.begin() as connection:
+        ledger.insert_rows(connection, rows)
+    identifiers = [row.identifier for row in rows]
+    largest = identifiers[0]
+    admin_url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url) as holder, psycopg.connect(admin_url) as probe:
+        holder.execute("SELECT 1 FROM ledger WHERE identifier = %s FOR UPDATE", [largest])
+        with ThreadPoolExecutor(1) as pool:
+            accepting = pool.submit(ledger.accept_then_stamp, engine, identifiers, [], NOW)
+            _wait_for_a_lock_wait(probe)
+            unlocked = probe.execute(
+                "SELECT identifier FROM ledger WHERE identifier = ANY(%s) "
+                "ORDER BY identifier FOR UPDATE SKIP LOCKED",
+                [identifiers],
+            ).fetchall()
+            probe.rollback()
+            holder.rollback()
+            accepted, _stamped = accepting.result(timeout=30)
+    assert unlocked == []  # all taken by the acceptance, but the largest (the holder's)
+    assert accepted == set(identifiers)
+
+
+def _wait_for_a_lock_wait(connection: psycopg.Connection[Any]) -> None:
+    """Until some session of this database waits on a lock (polls pg_stat_activity)."""
+    for _ in range(3000):
+        waiting = connection.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+        connection.rollback()
+        if waiting is not None and waiting[0] > 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the acceptance never waited on the held row")

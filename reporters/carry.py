@@ -32,7 +32,9 @@ from decimal import (
 from meterstream.meters import StripeFormula
 
 # 60 digits hold any NUMERIC total times any unit_scale we accept without rounding; Inexact is
-# trapped so that, were that ever false, we raise instead of billing a rounded number.
+# trapped so that, were that ever false, we raise instead of billing a rounded number. Its
+# flags (set by every thread that computes through it) are never read: a trap raises on the
+# operation that signals it, whatever the flags hold.
 _EXACT = Context(
     prec=60, rounding=ROUND_FLOOR, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow]
 )

@@ -163,6 +163,8 @@ def _read(
 ) -> tuple[dict[Key, list[DueWindow]], list[SettledRow]]:
     """(due windows per key, queue rows found not due: to settle). Held rows apart, but
     those last checked before ``recheck_before``."""
+    if recheck_before is not None and recheck_before.tzinfo is None:
+        raise ValueError(f"naive datetime {recheck_before!r}: meterstream uses UTC times only")
     due: dict[Key, list[DueWindow]] = {}
     settled: list[SettledRow] = []
     meters = list(meters)

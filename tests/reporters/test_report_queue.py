@@ -489,3 +489,12 @@ def test_a_running_reporter_runs_the_backstop_every_report_backstop_s(pg_world: 
     assert reporter.run_cycle().acknowledged == 1
     assert pg_world.metric("meterstream_reporter_backstop_found_total") == 1
     assert_reported_once(pg_world, [1, 2], 7)
+
+
+def test_a_naive_recheck_time_is_refused_not_read_in_the_sessions_zone(
+    migrated_engine: Engine,
+) -> None:
+    """The queue is read through the driver on PostgreSQL, without UTCDateTime's check of
+    the times it binds: the read checks its one time itself."""
+    with pytest.raises(ValueError, match="naive datetime"):
+        take_due(migrated_engine, ["tokens"], datetime(2026, 1, 1))  # naive: the point

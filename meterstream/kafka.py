@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -13,12 +14,26 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # NewTopic is
 
 from meterstream.errors import BrokerUnavailableError
 
+# Where librdkafka's own log lines go. Without a logger, librdkafka's threads print them straight
+# to the process's stderr (``%6|1796410951.338|BGQUEUE|rdkafka#producer-2| ...``), past logging:
+# a line that is not JSON under --log-format json, written by a C thread in between ours.
+_librdkafka_log = logging.getLogger("librdkafka")
+
 
 def client_config(bootstrap: str) -> dict[str, Any]:
-    """The librdkafka settings every meterstream client shares."""
-    # A closed connection is routine (the embedded broker restarting, a client closing);
-    # librdkafka would log each one as a failure.
-    return {"bootstrap.servers": bootstrap, "log.connection.close": False}
+    """The librdkafka settings every meterstream client shares.
+
+    librdkafka's log lines go to the ``librdkafka`` logger, in the process's log format. They
+    are handed over when the client is served (``poll``, ``flush``, ``consume``); an AdminClient
+    is never polled, so its lines are dropped: its failures reach the caller as exceptions.
+    """
+    return {
+        "bootstrap.servers": bootstrap,
+        # A closed connection is routine (the embedded broker restarting, a client closing);
+        # librdkafka would log each one as a failure.
+        "log.connection.close": False,
+        "logger": _librdkafka_log,
+    }
 
 
 def wait_for_broker(bootstrap: str, timeout_s: float = 10.0) -> None:

@@ -90,3 +90,6 @@ def logging_config(level: LogLevel, log_format: LogFormat) -> dict[str, Any]:
 def configure_logging(level: LogLevel, log_format: LogFormat) -> None:
     """Configure the process's logging; call once, before any command runs."""
     logging.config.dictConfig(logging_config(level, log_format))
+    # A warning (Python's or a library's) is printed to stderr past logging, as two lines of
+    # plain text, unless logging takes it: then it is one line in the chosen format.
+    logging.captureWarnings(True)

@@ -103,6 +103,22 @@ def test_json_lines_carry_customer_meter_and_identifier_passed_with_extra() -> N
     assert set(plain) == {"time", "level", "logger", "message"}
 
 
+def test_a_warning_is_one_json_log_line_not_plain_text_on_stderr() -> None:
+    # Python prints a warning past logging unless logging takes it.
+    script = (
+        "import warnings; from meterstream.cli.logs import configure_logging; "
+        "configure_logging('info', 'json'); warnings.warn('old option', UserWarning)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    [record] = json_lines(done.stderr)
+    assert record["logger"] == "py.warnings"
+    assert "UserWarning: old option" in record["message"]
+
+
 def test_aggregate_worker_logs_faust_lines_as_json_too(
     settings_factory: Callable[..., Settings], topic_factory: Callable[..., str], tmp_path: Path
 ) -> None:

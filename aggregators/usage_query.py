@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, Inexact, localcontext
+from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy import Engine, Row, select
@@ -40,7 +40,7 @@ from sqlalchemy import Engine, Row, select
 from aggregators.windows import window_bounds
 from meterstream.dimensions import combination_values
 from meterstream.errors import InvalidQueryError
-from meterstream.grouped_totals import check_group_by
+from meterstream.grouped_totals import check_group_by, merged_value
 from meterstream.meters import Catalogue, Meter
 from meterstream.schema import window_totals
 
@@ -264,32 +264,14 @@ def _rolled_up(
 def _combined(
     meter: Meter, start: datetime, end: datetime, rows: Sequence[Row[Any]]
 ) -> WindowUsage:
-    aggregation = meter.aggregation
     # unique_count: one month and one combination at most here (refused before otherwise)
-    if aggregation in ("sum", "count", "unique_count"):
-        with localcontext() as exact:
-            # Totals reach 30 digits and more; the default 28 would round their sum.
-            exact.prec = 80
-            exact.traps[Inexact] = True
-            value = sum((Decimal(r.value) for r in rows), Decimal(0))
-    elif aggregation == "max":
-        value = max(Decimal(r.value) for r in rows)
-    elif aggregation == "min":
-        value = min(Decimal(r.value) for r in rows)
-    else:  # last: the window whose last event is latest
-        value = Decimal(max(rows, key=_last_key).value)
     return WindowUsage(
         start,
         end,
-        value,
+        merged_value(meter, rows),
         sum(int(r.events) for r in rows),
         sum(int(r.revision) for r in rows),
     )
-
-
-def _last_key(row: Row[Any]) -> tuple[datetime, str]:
-    when = row.last_event_time or datetime.min.replace(tzinfo=UTC)
-    return when, row.last_event_id or ""
 
 
 def _iso(at: datetime) -> str:

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow, localcontext
+from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Row, select
 
 from meterstream.dimensions import combination_values
 from meterstream.errors import InvalidQueryError
 from meterstream.meters import Meter
 from meterstream.schema import window_totals
 
-__all__ = ["GroupedTotal", "check_group_by", "grouped_totals"]
+__all__ = ["GroupedTotal", "check_group_by", "grouped_totals", "merged_value"]
 
 _LONGEST_WINDOW = timedelta(days=31)  # a calendar month
 # Totals of 12 decimals reach 29 digits and more; the default 28 would round their sum, so
@@ -44,14 +45,6 @@ class GroupedTotal:
     group: dict[str, str]
     value: Decimal
     events: int
-
-
-@dataclass(slots=True)
-class _Running:
-    window_end: datetime
-    value: Decimal
-    events: int
-    newest: tuple[datetime, str] | None
 
 
 def grouped_totals(
@@ -85,27 +78,22 @@ def grouped_totals(
         query = query.where(c.window_start < until, c.window_end <= until + _LONGEST_WINDOW)
     if customer_id is not None:
         query = query.where(c.customer_id == customer_id)
-    groups: dict[tuple[str, datetime, tuple[str, ...]], _Running] = {}
-    for row in connection.execute(query):
+    groups: dict[tuple[str, datetime, tuple[str, ...]], list[Row[Any]]] = {}
+    stored: list[Row[Any]] = list(connection.execute(query))
+    for row in stored:
         values = combination_values(row.combination)
         group = tuple(values.get(name, "") for name in group_by)
-        key = (row.customer_id, row.window_start, group)
-        newest = None if row.last_event_time is None else (row.last_event_time, row.last_event_id)
-        running = groups.get(key)
-        if running is None:
-            groups[key] = _Running(row.window_end, row.value, row.events, newest)
-        else:
-            _merge(meter, running, row.value, row.events, newest)
+        groups.setdefault((row.customer_id, row.window_start, group), []).append(row)
     return [
         GroupedTotal(
             customer,
             start,
-            running.window_end,
+            rows[0].window_end,
             dict(zip(group_by, group, strict=True)),
-            running.value,
-            running.events,
+            merged_value(meter, rows),
+            sum(int(r.events) for r in rows),
         )
-        for (customer, start, group), running in sorted(groups.items(), key=lambda i: i[0])
+        for (customer, start, group), rows in sorted(groups.items(), key=lambda i: i[0])
     ]
 
 
@@ -141,20 +129,28 @@ def check_group_by(meter: Meter, group_by: Sequence[str]) -> None:
         )
 
 
-def _merge(
-    meter: Meter,
-    running: _Running,
-    value: Decimal,
-    events: int,
-    newest: tuple[datetime, str] | None,
-) -> None:
-    running.events += events
-    if meter.aggregation in ("sum", "count"):
+def merged_value(meter: Meter, rows: Sequence[Row[Any]]) -> Decimal:
+    """The exact value of ``rows`` of ``window_totals`` (``value``, ``last_event_time``,
+    ``last_event_id``; windows or combinations of one meter) merged into one, as ``meter``'s
+    aggregation allows: sum and count add (raising decimal.Inexact rather than rounding), max
+    and min take the largest and smallest, last takes the row whose last event is newest (by
+    event time, then event id; the first of equals).
+
+    unique_count rows are added too: the caller has refused any merge that could count a
+    value twice (several combinations, see :func:`check_group_by`, or several months).
+    """
+    aggregation = meter.aggregation
+    if aggregation in ("sum", "count", "unique_count"):
         with localcontext(_EXACT):
-            running.value += value
-    elif meter.aggregation == "max":
-        running.value = max(running.value, value)
-    elif meter.aggregation == "min":
-        running.value = min(running.value, value)
-    elif newest is not None and (running.newest is None or newest > running.newest):
-        running.value, running.newest = value, newest  # last: the newest event wins
+            return sum((Decimal(r.value) for r in rows), Decimal(0))
+    if aggregation == "max":
+        return max(Decimal(r.value) for r in rows)
+    if aggregation == "min":
+        return min(Decimal(r.value) for r in rows)
+    return Decimal(max(rows, key=_newest).value)  # last
+
+
+def _newest(row: Row[Any]) -> tuple[datetime, str]:
+    # A row with no last event recorded sorts before every other.
+    when = row.last_event_time or datetime.min.replace(tzinfo=UTC)
+    return when, row.last_event_id or ""

@@ -11,7 +11,7 @@ MeterstreamError
  |    +-- MissingDimensionError a meter's dimension has no value and no default
  +-- InvalidQueryError         a read of the totals (meterstream totals, GET /v1/usage) asked
  |                             what they cannot answer exactly; names the parameter and the
- |                             reason (UsageQueryError is another name for it)
+ |                             reason
  +-- BrokerUnavailableError    no Kafka broker answered at the configured bootstrap
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- KafkaNotAcknowledgedError Kafka did not acknowledge every event of an HTTP request in
@@ -101,11 +101,6 @@ class InvalidQueryError(MeterstreamError):
         self.parameter = parameter
         self.reason = reason
         super().__init__(f"{parameter}: {reason}")
-
-
-# The usage API's name for the same refusal, from before the two reads shared one error; the
-# same class, so catching either catches both.
-UsageQueryError = InvalidQueryError
 
 
 class BrokerUnavailableError(MeterstreamError):

@@ -21,7 +21,7 @@ def _drawn() -> dict[str, int]:
 
 
 def test_the_drawing_holds_every_error_class_under_its_parent() -> None:
-    # By the class's own name: an alias (UsageQueryError) is the class it names, drawn once.
+    # By the class's own name: an alias would be the class it names, drawn once.
     classes = {
         cls.__name__: cls
         for _, cls in inspect.getmembers(errors, inspect.isclass)
@@ -35,9 +35,3 @@ def test_the_drawing_holds_every_error_class_under_its_parent() -> None:
         parent = cls.__mro__[1].__name__
         # Drawn one level (5 columns) right of its parent.
         assert drawn[name] == drawn[parent] + 5, name
-
-
-def test_the_usage_query_error_is_the_invalid_query_error() -> None:
-    # One refusal for every read of the totals: catching either name catches both.
-    assert errors.UsageQueryError is errors.InvalidQueryError
-    assert "UsageQueryError" not in _drawn()

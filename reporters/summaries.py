@@ -46,7 +46,22 @@ class StripeSummaries:
         self._client = client
         self._gateway = gateway
 
-    def _summaries(self, meter_id: str, params: dict[str, Any]) -> list[Any]:
+    def _summaries(
+        self,
+        meter_id: str,
+        stripe_customer_id: str,
+        start_s: int,
+        end_s: int,
+        group_by: Sequence[str] | None = None,
+    ) -> list[Any]:
+        params: dict[str, Any] = {
+            "customer": stripe_customer_id,
+            "start_time": start_s,
+            "end_time": end_s,
+        }
+        if group_by is not None:
+            params["dimension_group_by_keys"] = list(group_by)
+
         def page(page_params: Any) -> Any:
             summaries = self._client.v1.billing.meters.event_summaries
             return self._gateway.call(partial(summaries.list, meter_id, params=page_params))
@@ -54,8 +69,7 @@ class StripeSummaries:
         return list(all_items(page, params))
 
     def __call__(self, meter_id: str, stripe_customer_id: str, start_s: int, end_s: int) -> Decimal:
-        params = {"customer": stripe_customer_id, "start_time": start_s, "end_time": end_s}
-        found = self._summaries(meter_id, params)
+        found = self._summaries(meter_id, stripe_customer_id, start_s, end_s)
         return sum((Decimal(str(s.aggregated_value)) for s in found), Decimal(0))
 
     def grouped(
@@ -66,14 +80,8 @@ class StripeSummaries:
         end_s: int,
         dimensions: Sequence[str],
     ) -> dict[str, Decimal]:
-        params = {
-            "customer": stripe_customer_id,
-            "start_time": start_s,
-            "end_time": end_s,
-            "dimension_group_by_keys": list(dimensions),
-        }
         totals: dict[str, Decimal] = {}
-        for summary in self._summaries(meter_id, params):
+        for summary in self._summaries(meter_id, stripe_customer_id, start_s, end_s, dimensions):
             named = getattr(summary, "dimensions", None)
             values = named.to_dict() if named is not None else {}
             key = combination_key({d: str(values.get(d, "")) for d in dimensions})

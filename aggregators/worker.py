@@ -17,7 +17,8 @@ from meterstream.db import build_engine
 from meterstream.errors import ConfigError
 from meterstream.kafka import ensure_topic, wait_for_broker
 from meterstream.meters import load_catalogue
-from meterstream.metrics import AggregatorMetrics, serve_metrics
+from meterstream.metrics import AggregatorMetrics
+from meterstream.metrics_endpoint import serve_metrics
 from meterstream.settings import Settings
 
 _log = logging.getLogger(__name__)

@@ -1,19 +1,13 @@
 """Prometheus metrics of every stage, each set built on a registry the caller owns.
 
 No default REGISTRY: tests and the demo build as many stages side by side as they need. Names are
-``meterstream_<stage>_<thing>_<unit>``; counters end in ``_total``.
+``meterstream_<stage>_<thing>_<unit>``; counters end in ``_total``. Serving a registry on
+/metrics, and reading one back, is meterstream/metrics_endpoint.py's job.
 """
 
 from __future__ import annotations
 
-import urllib.request
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
-
-from meterstream.settings import Settings
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -382,27 +376,3 @@ class HttpMetrics:
             "Events produced by the HTTP server and not yet acknowledged by Kafka.",
             registry=self.registry,
         )
-
-
-def serve_metrics(settings: Settings, registry: CollectorRegistry) -> None:
-    """Serve ``registry`` on http://METERSTREAM_METRICS_HOST:METERSTREAM_METRICS_PORT/metrics from
-    a daemon thread; nothing when the port is 0. The host is loopback unless set otherwise:
-    /metrics has no authentication, so only a deployment that means it (a container on its own
-    network) opens it wider."""
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-
-
-def scrape(port: int, host: str = "127.0.0.1") -> Samples:
-    """Every sample a /metrics endpoint serves, as (name, sorted labels) -> value; empty when
-    nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    except OSError:
-        return {}
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }

@@ -25,7 +25,8 @@ from meterstream.cli.json_output import json_document
 from meterstream.dimensions import combination_values
 from meterstream.errors import MeterstreamError
 from meterstream.meters import Catalogue, load_catalogue
-from meterstream.metrics import ReporterMetrics, serve_metrics
+from meterstream.metrics import ReporterMetrics
+from meterstream.metrics_endpoint import serve_metrics
 from meterstream.settings import Settings
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from meterstream.db import build_engine, migrate
 from meterstream.embedded import free_port
 from meterstream.kafka import client_config
 from meterstream.lag import consumer_lag
-from meterstream.metrics import scrape
+from meterstream.metrics_endpoint import scrape
 from meterstream.settings import Settings
 from tests.aggregators.workers import events_applied, wait_until, worker
 from tests.sockets import listening_hosts

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine
 
 from meterstream.embedded import free_port
-from meterstream.metrics import scrape
+from meterstream.metrics_endpoint import scrape
 from meterstream.schema import window_totals
 from reporters.ledger import all_rows
 from stripe_emulator import Emulator

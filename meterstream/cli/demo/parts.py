@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 from aggregators.reference import CombinationTotals
 from meterstream.cli.demo.options import DemoOptions, Echo
 from meterstream.embedded import embedded_broker
-from meterstream.metrics import scrape
+from meterstream.metrics_endpoint import scrape
 from meterstream.processes import start_meterstream, stop_process
 from meterstream.schema import window_totals
 from meterstream.settings import Settings, load_settings

@@ -33,7 +33,8 @@ def serve(ctx: click.Context) -> None:
     from meterstream.cli.serve.bounded_http import bounded_protocol
     from meterstream.db import build_engine
     from meterstream.meters import load_catalogue
-    from meterstream.metrics import HttpMetrics, serve_metrics
+    from meterstream.metrics import HttpMetrics
+    from meterstream.metrics_endpoint import serve_metrics
     from meterstream.settings import check_http_batch
 
     settings = settings_or_exit()

@@ -4,7 +4,8 @@ It serves the meter slice of Stripe's API (v1 meter events, adjustments, meters,
 summaries, customers; v2 meter event sessions and streams) with Stripe's rules, limits and
 error shapes, plus faults a test can inject. Modules, from the wire inwards:
 `server` (HTTP, control API, running) -> `api` (auth, limits, idempotency, faults) ->
-`routes` (endpoints) -> `state` (the account) -> `rules` (Stripe's checks) -> `records`.
+`routes` (endpoints; `params` reads their parameters) -> `state` (the account) ->
+`rules` (Stripe's checks) -> `records`.
 """
 
 from __future__ import annotations

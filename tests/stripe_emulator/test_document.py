@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stripe_emulator import Emulator, ManualClock, routes, run_stripe_emulator
+from stripe_emulator import Emulator, ManualClock, run_stripe_emulator
+from stripe_emulator.params import paged
 from tests.stripe_emulator.document import answer_problems, problems
 
 NOW_S = 1_795_500_000  # 2026-11-24T06:00:00Z, minute-aligned
@@ -321,7 +322,7 @@ def test_paging_either_way_gives_every_item_once_in_order(count: int, limit: int
     forward: list[dict[str, str]] = []
     query: dict[str, str] = {"limit": str(limit)}
     while True:
-        page = routes._page(query, "/v1/things", items)
+        page = paged(query, "/v1/things", items)
         assert len(page["data"]) <= limit
         forward += page["data"]
         if not page["has_more"]:
@@ -333,7 +334,7 @@ def test_paging_either_way_gives_every_item_once_in_order(count: int, limit: int
     backward = [items[-1]]
     query = {"limit": str(limit), "ending_before": items[-1]["id"]}
     while True:
-        page = routes._page(query, "/v1/things", items)
+        page = paged(query, "/v1/things", items)
         backward = page["data"] + backward
         if not page["has_more"]:
             break

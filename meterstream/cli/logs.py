@@ -6,6 +6,9 @@ Two formats on stderr:
 - ``json``: one JSON object per line with ``time`` (ISO-8601 UTC, ``Z``), ``level``, ``logger``
   and ``message``; plus ``customer_id``, ``meter``, ``identifier`` and ``event_id`` when the log
   call passes them with ``extra=``, and ``exception`` when it carries one.
+
+Lines of librdkafka (logger ``librdkafka``, see meterstream/kafka.py) and Python's warnings
+(``py.warnings``) take the same format, not plain text of their own.
 """
 
 from __future__ import annotations

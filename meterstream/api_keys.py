@@ -49,6 +49,17 @@ class ApiKey:
         return self.scope == "all" or self.scope == needed
 
 
+# The columns of an ApiKey, in the order of its fields.
+_KEY_COLUMNS = (
+    api_keys.c.name,
+    api_keys.c.key_id,
+    api_keys.c.source,
+    api_keys.c.scope,
+    api_keys.c.created_at,
+    api_keys.c.revoked_at,
+)
+
+
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
@@ -96,16 +107,7 @@ def create_key(engine: Engine, name: str, source: str, scope: Scope) -> tuple[Ap
 def list_keys(engine: Engine) -> list[ApiKey]:
     """Every key, revoked ones included, by name."""
     with engine.connect() as connection:
-        rows = connection.execute(
-            select(
-                api_keys.c.name,
-                api_keys.c.key_id,
-                api_keys.c.source,
-                api_keys.c.scope,
-                api_keys.c.created_at,
-                api_keys.c.revoked_at,
-            ).order_by(api_keys.c.name)
-        ).all()
+        rows = connection.execute(select(*_KEY_COLUMNS).order_by(api_keys.c.name)).all()
     return [ApiKey(*row) for row in rows]
 
 
@@ -129,17 +131,10 @@ def _live_keys(engine: Engine) -> dict[str, tuple[ApiKey, bytes]]:
     however many were made and revoked over the years."""
     with engine.connect() as connection:
         rows = connection.execute(
-            select(
-                api_keys.c.name,
-                api_keys.c.key_id,
-                api_keys.c.source,
-                api_keys.c.scope,
-                api_keys.c.created_at,
-                api_keys.c.revoked_at,
-                api_keys.c.secret_sha256,
-            ).where(api_keys.c.revoked_at.is_(None))
+            select(*_KEY_COLUMNS, api_keys.c.secret_sha256).where(api_keys.c.revoked_at.is_(None))
         ).all()
-    return {row.key_id: (ApiKey(*row[:6]), bytes(row[6])) for row in rows}
+    known = len(_KEY_COLUMNS)
+    return {row.key_id: (ApiKey(*row[:known]), bytes(row[known])) for row in rows}
 
 
 class KeyVerifier:

@@ -62,8 +62,8 @@ class V2StreamSender:
         """Writer threads write the chunks' rows while this one sends them, in chunk order
         (the calls wait on the network, the writes on the database). Returns the error of
         each chunk that failed to be written (its keys wait for the next cycle)."""
-        # PostgreSQL writes chunks side by side (their keys are disjoint; only the
-        # deployment row's counter is shared, taken last); SQLite has a single writer.
+        # PostgreSQL writes chunks side by side (their keys are disjoint; the written-rows
+        # counter has a row per connection's slot); SQLite has a single writer.
         count = STREAM_WRITERS if book.engine.dialect.name == "postgresql" else 1
         written: list[queue.Queue[list[LedgerRow] | None]] = [
             queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)

@@ -227,12 +227,15 @@ class V2StreamSender:
         self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
     ) -> Outcome | None:
         """Send ``calls`` (all settled elsewhere since they were read: no call, the stream
-        goes on); None if a stop came before the call was made (its stamps taken back)."""
+        goes on); None if a stop came before the call was made (its stamps taken back), a
+        retry if it came once the call was made (its stamps kept: Stripe may have it)."""
         if not calls:
             return _NOTHING_CALLED
         try:
             return self.stream.send_batch(calls, book.stripe_meters)
-        except StoppedError:
+        except StoppedError as stopped:
+            if stopped.after_a_call:
+                return Outcome("retry", error=str(stopped))
             book.unstamp(calls, stamped_at)  # raised before the call: Stripe has nothing
             return None
 

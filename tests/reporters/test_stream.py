@@ -481,6 +481,48 @@ def test_a_session_that_cannot_be_renewed_before_a_group_leaves_that_group_unsta
     ] * 200
 
 
+class AcceptedThenRateLimited(KeepAliveClient):
+    """The first call on ``path`` reaches Stripe (accepted) but its answer is lost (a 500 to
+    the SDK, which retries it); the retry is answered 429, and a stop comes then."""
+
+    def __init__(self, stop: threading.Event, path: str = STREAM_PATH) -> None:
+        super().__init__(30.0)
+        self.stop = stop
+        self.path = path
+        self.tries = 0
+
+    def request(
+        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
+    ) -> Any:
+        if url.endswith(self.path):
+            self.tries += 1
+            if self.tries == 1:
+                super().request(method, url, headers, post_data, **kwargs)
+                return json.dumps(_error("api_error", "lost")), 500, {}
+            if self.tries == 2:
+                self.stop.set()
+                return json.dumps(_error("rate_limit", "slow down")), 429, {}
+        return super().request(method, url, headers, post_data, **kwargs)
+
+
+def test_a_stop_while_a_made_call_backs_off_keeps_its_stamps(world: World) -> None:
+    """A stop that comes while a call backs off a 429 comes after the call was made (an
+    earlier try of it, retried by the SDK, may have reached Stripe, as here): its rows keep
+    their stamps (unknown after 20 h, never resent blindly past Stripe's 24 h of
+    deduplication); the other batches of its group, never called, are unstamped."""
+    due_customers(world, 250)
+    transport = AcceptedThenRateLimited(world.stop)
+    with stream_reporter(world, transport) as reporter:
+        reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert transport.tries == 2
+    assert len(world.emulator.state.events) == 100  # Stripe has the first call's events
+    assert all(r.status == "pending" for r in rows)
+    assert all(r.attempts == 1 and r.first_attempt_at for r in rows[:100])
+    assert [(r.attempts, r.first_attempt_at) for r in rows[100:]] == [(0, None)] * 150
+
+
 def due_customers(world: World, count: int) -> list[str]:
     customers = [f"cus_{n:03d}" for n in range(count)]
     for customer in customers:

@@ -24,7 +24,8 @@ MeterstreamError
  |    +-- BatchFailedError     the child could not apply it; nothing of it was kept
  +-- StripeCallError           a call to Stripe failed for a reason no row is to blame for
  |    +-- StripeAuthError      Stripe refused the API key (401/403); fix the key
- |    +-- StoppedError         a stop was requested before the call; nothing was sent
+ |    +-- StoppedError         a stop was requested before the call (nothing was sent), or
+ |                             while a call made backed off a 429 (``after_a_call``)
  +-- WebhookError              a Stripe webhook was not taken: answered 400, nothing stored
  |    +-- WebhookSignatureError  its Stripe-Signature matches no configured secret, or is stale
  +-- LedgerError               the ledger refused a write that would break its rules
@@ -167,7 +168,14 @@ class StripeAuthError(StripeCallError):
 
 
 class StoppedError(StripeCallError):
-    """A stop was requested while waiting to call Stripe; nothing was sent."""
+    """A stop was requested while waiting to call Stripe. Nothing was sent, unless
+    ``after_a_call``: the stop came while a call made backed off a 429, and an earlier try of
+    it (the SDK retries a lost answer or a 5xx) may have reached Stripe, so its rows keep
+    their stamps."""
+
+    def __init__(self, message: str, *, after_a_call: bool = False) -> None:
+        super().__init__(message)
+        self.after_a_call = after_a_call
 
 
 class LedgerError(MeterstreamError):

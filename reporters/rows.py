@@ -213,8 +213,8 @@ def write_rows(
                 heads[start] = WindowHead(row.revision, row.window_value, row.timestamp)
             results.append(row)
         # In the transaction of the rows: a window leaves the queue with its row committed.
-        # Held windows stay queued. Before the insert, whose written-rows counter (the
-        # deployment row, shared by every writer) is then held only until the commit.
+        # Held windows stay queued. Before the insert, whose written-rows counter (a row per
+        # connection's slot, which another writer may share) is then held only until the commit.
         settle(
             connection,
             [j.window for j, r in zip(jobs, results, strict=True) if not isinstance(r, Held)],

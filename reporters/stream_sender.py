@@ -6,8 +6,9 @@ them is called. While a group's calls are made, a bookkeeping thread takes the n
 stamps it (once the session is checked open: a refused key or a stop leaves it unstamped); its
 calls go out once that stamp is committed and this group is done. An acceptor thread records
 the accepted calls, several in one transaction when they queue up. A call not accepted (or a
-stop) ends the sending and takes back the stamps of the calls that will not be made (the rest
-of the group and the group taken meanwhile); the chunks are all written all the same."""
+stop, or a session that cannot be renewed before a call) ends the sending and takes back the
+stamps of the calls that will not be made (the rest of the group and the group taken
+meanwhile); the chunks are all written all the same."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ class V2StreamSender:
         """Writer threads write the chunks' rows while this one sends them, in chunk order
         (the calls wait on the network, the writes on the database). Returns the error of
         each chunk that failed to be written (its keys wait for the next cycle)."""
-        # PostgreSQL writes chunks side by side (their keys are disjoint; only the
-        # deployment row's counter is shared, taken last); SQLite has a single writer.
+        # PostgreSQL writes chunks side by side (their keys are disjoint; the written-rows
+        # counter has a row per connection's slot); SQLite has a single writer.
         count = STREAM_WRITERS if book.engine.dialect.name == "postgresql" else 1
         written: list[queue.Queue[list[LedgerRow] | None]] = [
             queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)
@@ -137,8 +138,11 @@ class V2StreamSender:
                 acceptor,
             ):
                 while group:
-                    in_hand = [row for row in _rows_of(group) if row.identifier in stamped]
-                    more = not book.stop.is_set() and self._session_ready(book, in_hand, stamped_at)
+                    # The session is checked open before a group's first call too: a group
+                    # not called (its session not renewed, a stop) is unstamped here.
+                    if not self._session_open(book, _rows_of(group), stamped_at):
+                        break
+                    more = not book.stop.is_set()
                     prepared = bookkeeper.submit(
                         self._prepare_next, book, chunks, waiting, more, result
                     )
@@ -173,16 +177,16 @@ class V2StreamSender:
             calls = [row for row in batch if row.identifier in stamped]
             try:
                 outcome = self._call(book, calls, stamped_at)
-            except BaseException:
+                if outcome is not None and outcome.kind == "acknowledged" and calls:
+                    acceptor.add(calls)
+                elif outcome is not None:
+                    book.record([(row, outcome) for row in calls], "accepted", result)
+            except BaseException:  # a refused key, or an answer not recorded
                 book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
                 raise
             if outcome is None:  # a stop came before the call: its stamps are taken back
                 book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
                 return False
-            if outcome.kind == "acknowledged" and calls:
-                acceptor.add(calls)
-            if outcome.kind != "acknowledged":
-                book.record([(row, outcome) for row in calls], "accepted", result)
             if outcome.kind == "retry" or book.stop.is_set():
                 # Later batches wait (per (customer, meter) order must hold): the stamps of
                 # those taken are taken back, as they will not be called.
@@ -190,26 +194,13 @@ class V2StreamSender:
                 return False
         return True
 
-    def _session_ready(
-        self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
-    ) -> bool:
-        """Whether a batch may be stamped for the call after ``calls`` (checked on this
-        thread: the session's renewal is a call to Stripe); a refused key takes back the
-        stamps of ``calls``, not yet called, and raises StripeAuthError."""
-        try:
-            return self.stream.ready()
-        except StoppedError:
-            return False
-        except BaseException:
-            book.unstamp(calls, stamped_at)
-            raise
-
     def _session_open(
         self, book: Bookkeeper, not_called: Sequence[LedgerRow], stamped_at: datetime
     ) -> bool:
-        """Whether the session is open for the group's next call (it may need renewing
-        between two calls of a group); if not, the stamps of ``not_called`` are taken back,
-        and a refused key raises StripeAuthError."""
+        """Whether the session is open for the group's next call (checked on this thread:
+        its renewal is a call to Stripe, and it may be due between two calls of a group, or
+        before a group's first); if not, the stamps of ``not_called`` are taken back, and a
+        refused key raises StripeAuthError."""
         try:
             if self.stream.ready():
                 return True
@@ -236,12 +227,15 @@ class V2StreamSender:
         self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
     ) -> Outcome | None:
         """Send ``calls`` (all settled elsewhere since they were read: no call, the stream
-        goes on); None if a stop came before the call was made (its stamps taken back)."""
+        goes on); None if a stop came before the call was made (its stamps taken back), a
+        retry if it came once the call was made (its stamps kept: Stripe may have it)."""
         if not calls:
             return _NOTHING_CALLED
         try:
             return self.stream.send_batch(calls, book.stripe_meters)
-        except StoppedError:
+        except StoppedError as stopped:
+            if stopped.after_a_call:
+                return Outcome("retry", error=str(stopped))
             book.unstamp(calls, stamped_at)  # raised before the call: Stripe has nothing
             return None
 

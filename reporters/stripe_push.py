@@ -161,7 +161,9 @@ class StripeGateway:
                 self.metrics.retried.inc()
                 delay_s = backoff_s(attempt, self.backoff_base_s, self.backoff_cap_s)
                 if self.stop.wait(delay_s * self._random.uniform(0.5, 1.0)):
-                    raise StoppedError("stop requested while backing off a 429") from None
+                    raise StoppedError(
+                        "stop requested while backing off a 429", after_a_call=True
+                    ) from None
             finally:
                 self.metrics.request_latency.observe(time.monotonic() - started_s)
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover

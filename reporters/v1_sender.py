@@ -105,8 +105,9 @@ class V1Sender:
             return None
         try:
             return self.send_one(row, book.stripe_meters[row.meter])
-        except StoppedError:
-            book.unstamp([row], stamped_at)  # raised before the call: Stripe has nothing
+        except StoppedError as stopped:
+            if not stopped.after_a_call:  # raised before the call: Stripe has nothing
+                book.unstamp([row], stamped_at)
             raise
         except StripeAuthError:
             raise  # the key, not the row: the cycle stops (this call was made and refused)

@@ -3,13 +3,15 @@ holds sending with a gauge and a recorded hold, accepting re-bases it under a ne
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
 
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select, text
 
 from meterstream.db import MIGRATIONS, build_engine, migrate
 from meterstream.deployment import stored_deployment_id
@@ -120,3 +122,72 @@ def test_the_written_rows_count_moves_into_slots_and_back_with_its_value(
             assert kept.scalar() == 44
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("revision", ["head", "0018"])
+def test_a_count_committed_while_migration_0019_runs_is_kept(
+    postgres_url: str, revision: str
+) -> None:
+    """A reporter still writing while 0019 runs (or is taken back): its insert's transaction
+    has added 5 to the counter and commits while the migration waits on a lock. The copy
+    must count those 5; if it read the counter before they were committed, they are lost,
+    and a mark taken with them is ahead of the ledger for good (a restore hold)."""
+    engine = build_engine(load_settings(database_url=postgres_url))
+    try:
+        migrate(engine, "0018" if revision == "head" else "head")
+        with engine.begin() as connection:
+            if revision == "head":
+                connection.exec_driver_sql("UPDATE deployment SET ledger_rows_written = 41")
+            else:
+                count_written(connection, 41)
+        failed: list[BaseException] = []
+
+        def migrate_to_revision() -> None:
+            try:
+                if revision == "head":
+                    migrate(engine)
+                    return
+                config = Config()
+                config.set_main_option("script_location", str(MIGRATIONS))
+                with engine.begin() as connection:
+                    config.attributes["connection"] = connection
+                    command.downgrade(config, revision)
+            except BaseException as exc:
+                failed.append(exc)
+
+        with engine.connect() as writer:
+            if revision == "head":  # the counter as a reporter before 0019 adds to it
+                writer.exec_driver_sql(
+                    "UPDATE deployment SET ledger_rows_written = ledger_rows_written + 5"
+                )
+            else:
+                count_written(writer, 5)
+            migration = threading.Thread(target=migrate_to_revision)
+            migration.start()
+            _wait_for_a_lock_wait(engine)
+            writer.commit()
+        migration.join()
+
+        assert failed == []
+        with engine.connect() as connection:
+            if revision == "head":
+                assert ledger_rows(engine) == 46
+            else:
+                kept = connection.exec_driver_sql("SELECT ledger_rows_written FROM deployment")
+                assert kept.scalar() == 46
+    finally:
+        engine.dispose()
+
+
+def _wait_for_a_lock_wait(engine: Engine) -> None:
+    """Until a session of this database waits on a lock (the migration, on the writer's)."""
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    for _ in range(6_000):  # a bound, not a timing: the wait comes within milliseconds
+        with engine.connect() as connection:
+            if connection.execute(waiting).scalar():
+                return
+        time.sleep(0.01)
+    raise AssertionError("the migration never waited on the writer's lock")

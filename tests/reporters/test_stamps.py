@@ -12,11 +12,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import pytest
+
 from meterstream.errors import StripeAuthError
+from reporters import service
 from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, all_rows
 from tests.reporters.test_billing_safety import StepClock, reporter_with
 from tests.reporters.test_reporter import SECRET, World, hour_start, put_total
+from tests.reporters.test_stream import AcceptedThenRateLimited
 
 V1_PATH = "/v1/billing/meter_events"
 STREAM_PATH = "/v2/billing/meter_event_stream"
@@ -70,6 +74,27 @@ def test_v1_stop_mid_cycle_leaves_the_rows_not_called_unstamped(world: World) ->
     assert len(world.emulator.state.events) == 1  # the call in hand went on and was answered
     [called] = stamped(rows)
     assert called.status == "sent"
+    assert [row.status for row in rows if row is not called] == ["pending", "pending"]
+
+
+def test_v1_stop_while_a_made_call_backs_off_keeps_its_stamp(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first v1 call reaches Stripe but its answer is lost; the SDK's retry is answered
+    429, and a stop comes while the call backs off: Stripe has the event, so its row keeps
+    its stamp (unknown after 20 h, never resent blindly); the rows never called have none."""
+    three_customers(world)
+    transport = AcceptedThenRateLimited(world.stop, V1_PATH)
+    monkeypatch.setattr(service, "build_http_client", lambda *_: transport)
+    reporter = world.reporter(stripe_rate=1000.0)
+
+    reporter.run_cycle()
+
+    rows = all_rows(world.engine)
+    assert transport.tries == 2
+    [held] = world.emulator.state.events
+    [called] = stamped(rows)
+    assert (called.identifier, called.status, called.attempts) == (held.identifier, "pending", 1)
     assert [row.status for row in rows if row is not called] == ["pending", "pending"]
 
 

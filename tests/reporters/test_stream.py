@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -284,8 +284,13 @@ def test_a_refused_key_stops_the_cycle_whatever_its_error_type() -> None:
 
 
 @contextmanager
-def stream_reporter(world: World, transport: KeepAliveClient) -> Iterator[Reporter]:
-    """A stream Reporter on ``transport``; its connection and ``transport`` are closed on exit."""
+def stream_reporter(
+    world: World,
+    transport: KeepAliveClient,
+    session_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Iterator[Reporter]:
+    """A stream Reporter on ``transport`` (its sessions timed by ``session_clock``); its
+    connection and ``transport`` are closed on exit."""
     settings = world.settings.model_copy(update={"stripe_stream": True})
     connected = connect(settings, world.catalogue, world.metrics, world.stop)
     stream = StreamSender(
@@ -293,7 +298,7 @@ def stream_reporter(world: World, transport: KeepAliveClient) -> Iterator[Report
         connected.gateway,
         transport,
         settings.meter_events_base,
-        lambda: datetime.now(UTC),
+        session_clock,
         max_network_retries=SDK_NETWORK_RETRIES,
     )
     reporter = Reporter(
@@ -383,6 +388,139 @@ def test_calls_accepted_while_an_acceptance_is_written_are_recorded_together(
     assert result.acknowledged == 400
     assert recorded == [100, 300]
     assert {(r.status, r.attempts) for r in all_rows(world.engine)} == {("accepted", 1)}
+
+
+def test_a_failed_call_whose_answer_cannot_be_recorded_takes_back_the_rest_of_its_group(
+    world: World,
+) -> None:
+    """The second call of a group fails (500) and recording that answer fails too (a trigger
+    refuses one of its rows' update): the group's last two batches and the group taken
+    meanwhile are never called, so none of their rows may stay stamped."""
+    due_customers(world, 100 * (BATCHES_PER_STAMP + 2))
+    refuse_recorded_error_of(world.engine, "cus_150")
+    transport = FailingSecondCall()
+    with stream_reporter(world, transport) as reporter, pytest.raises(DatabaseError):
+        reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert len(transport.calls) == 2
+    assert [(r.status, r.attempts) for r in rows[:100]] == [("accepted", 1)] * 100
+    assert [(r.status, r.attempts) for r in rows[100:200]] == [("pending", 1)] * 100
+    assert [(r.status, r.attempts, r.first_attempt_at) for r in rows[200:]] == [
+        ("pending", 0, None)
+    ] * 400
+
+
+def refuse_recorded_error_of(engine: Engine, customer_id: str) -> None:
+    """A trigger failing the update that records a failed call's error on ``customer_id``'s
+    row (its stamp, which sets no error, goes through)."""
+    when = f"OLD.customer_id = '{customer_id}' AND NEW.last_error IS NOT NULL"
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER refuse_error BEFORE UPDATE ON ledger WHEN {when} "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            return
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_error() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_error BEFORE UPDATE ON ledger FOR EACH ROW "
+            f"WHEN ({when}) EXECUTE FUNCTION refuse_error()"
+        )
+
+
+class NoSessionAfterTheFirst(Transport):
+    """Stream calls go through; every meter event session after the first is refused with a
+    500 (the SDK retries it, then gives up)."""
+
+    def __init__(self, on_stream: Any) -> None:
+        super().__init__(on_stream)
+        self.sessions = 0
+
+    def request(
+        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
+    ) -> Any:
+        if url.endswith("/v2/billing/meter_event_session"):
+            self.sessions += 1
+            if self.sessions > 1:
+                self.sent.append((method, url, dict(headers), post_data))
+                return json.dumps(_error("api_error", "down")), 500, {}
+        return super().request(method, url, headers, post_data, **kwargs)
+
+
+def test_a_session_that_cannot_be_renewed_before_a_group_leaves_that_group_unstamped(
+    world: World,
+) -> None:
+    """The session is due for renewal once the first group's last call is made, and Stripe
+    will not open a new one: the second group, stamped while the first group's calls were
+    made, is never called, so none of its rows may stay stamped (a stamp older than 20 h
+    makes a row unknown, never resent)."""
+    due_customers(world, 100 * (BATCHES_PER_STAMP + 2))
+    later = timedelta()
+
+    def session_due_after_the_first_group() -> None:
+        nonlocal later
+        if sum(1 for r in transport.sent if r[1].endswith(STREAM_PATH)) == BATCHES_PER_STAMP:
+            later = timedelta(minutes=15)  # the session's whole life
+
+    transport = NoSessionAfterTheFirst(session_due_after_the_first_group)
+    with stream_reporter(world, transport, lambda: datetime.now(UTC) + later) as reporter:
+        result = reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    accepted = 100 * BATCHES_PER_STAMP
+    assert sum(1 for r in transport.sent if r[1].endswith(STREAM_PATH)) == BATCHES_PER_STAMP
+    assert transport.sessions > 1
+    assert result.acknowledged == accepted
+    assert [(r.status, r.attempts) for r in rows[:accepted]] == [("accepted", 1)] * accepted
+    assert [(r.status, r.attempts, r.first_attempt_at) for r in rows[accepted:]] == [
+        ("pending", 0, None)
+    ] * 200
+
+
+class AcceptedThenRateLimited(KeepAliveClient):
+    """The first call on ``path`` reaches Stripe (accepted) but its answer is lost (a 500 to
+    the SDK, which retries it); the retry is answered 429, and a stop comes then."""
+
+    def __init__(self, stop: threading.Event, path: str = STREAM_PATH) -> None:
+        super().__init__(30.0)
+        self.stop = stop
+        self.path = path
+        self.tries = 0
+
+    def request(
+        self, method: str, url: str, headers: Any, post_data: Any = None, **kwargs: Any
+    ) -> Any:
+        if url.endswith(self.path):
+            self.tries += 1
+            if self.tries == 1:
+                super().request(method, url, headers, post_data, **kwargs)
+                return json.dumps(_error("api_error", "lost")), 500, {}
+            if self.tries == 2:
+                self.stop.set()
+                return json.dumps(_error("rate_limit", "slow down")), 429, {}
+        return super().request(method, url, headers, post_data, **kwargs)
+
+
+def test_a_stop_while_a_made_call_backs_off_keeps_its_stamps(world: World) -> None:
+    """A stop that comes while a call backs off a 429 comes after the call was made (an
+    earlier try of it, retried by the SDK, may have reached Stripe, as here): its rows keep
+    their stamps (unknown after 20 h, never resent blindly past Stripe's 24 h of
+    deduplication); the other batches of its group, never called, are unstamped."""
+    due_customers(world, 250)
+    transport = AcceptedThenRateLimited(world.stop)
+    with stream_reporter(world, transport) as reporter:
+        reporter.run_cycle()
+
+    rows = sorted(all_rows(world.engine), key=lambda r: r.customer_id)
+    assert transport.tries == 2
+    assert len(world.emulator.state.events) == 100  # Stripe has the first call's events
+    assert all(r.status == "pending" for r in rows)
+    assert all(r.attempts == 1 and r.first_attempt_at for r in rows[:100])
+    assert [(r.attempts, r.first_attempt_at) for r in rows[100:]] == [(0, None)] * 150
 
 
 def due_customers(world: World, count: int) -> list[str]:

@@ -17,7 +17,18 @@ branch_labels = None
 depends_on = None
 
 
+def _lock(table: str) -> None:
+    """PostgreSQL: hold ``table`` before its counter is copied, until the migration commits. A
+    reporter still writing holds its counter's row until its commit; the copy, a plain read,
+    would not wait for it, and what it commits before the column or table is dropped would be
+    lost (a mark taken with it then stays ahead of the ledger: a restore hold). SQLite's
+    migration holds the whole database from its BEGIN IMMEDIATE."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+
 def upgrade() -> None:
+    _lock("deployment")
     op.create_table(
         "ledger_rows_written",
         sa.Column("slot", sa.Integer, primary_key=True, autoincrement=False),
@@ -31,6 +42,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _lock("ledger_rows_written")
     with op.batch_alter_table("deployment") as batch:
         batch.add_column(
             sa.Column("ledger_rows_written", sa.BigInteger, nullable=False, server_default="0")

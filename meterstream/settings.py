@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     # A (Stripe usage alert, customer) count not triggered for this long is dropped: a year and a
     # month keeps last year's alerts to compare with, and customers gone long ago go with them.
     billing_alert_retention_days: int = Field(400, ge=1, le=36_500)
+    # Processed Stripe webhook events: Stripe retries a delivery for up to 3 days, so a
+    # duplicate cannot come later than that; the rest leaves room for a resend by hand.
+    webhook_event_retention_days: int = Field(30, ge=4, le=36_500)
+    # Closed payment failures: a closed row only guards against an older event arriving late.
+    payment_failure_retention_days: int = Field(35, ge=1, le=36_500)
     # Rows deleted per pruning transaction: small enough never to hold a batch or a cycle up.
     prune_batch_rows: int = Field(1_000, ge=1, le=100_000)
 

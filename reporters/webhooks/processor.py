@@ -71,7 +71,7 @@ class WebhookProcessor:
         *,
         can_fetch: bool = True,
         prune_batch_rows: int = 1_000,
-        billing_alert_retention_days: int = 400,
+        retention_days: retention.WebhookRetention | None = None,
     ) -> None:
         self.engine = engine
         self.can_fetch = can_fetch  # False: no API key, so thin events wait (failing, shown)
@@ -81,7 +81,7 @@ class WebhookProcessor:
         self._wake = threading.Event()
         self._currencies: set[str] = set()
         self.prune_batch_rows = prune_batch_rows
-        self.billing_alert_retention_days = billing_alert_retention_days
+        self.retention_days = retention_days or retention.WebhookRetention()
         self._pruned_at: datetime | None = None
 
     def wake(self) -> None:
@@ -126,7 +126,7 @@ class WebhookProcessor:
             self.engine,
             now,
             self.prune_batch_rows,
-            billing_alert_retention_days=self.billing_alert_retention_days,
+            self.retention_days,
         )
         for table, rows in pruned.items():
             if rows:

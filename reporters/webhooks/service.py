@@ -16,6 +16,7 @@ from meterstream.metrics import WebhookMetrics
 from meterstream.settings import Settings
 from reporters.stripe_push import REQUEST_TIMEOUT_S
 from reporters.webhooks.processor import WebhookProcessor
+from reporters.webhooks.retention import WebhookRetention
 from reporters.webhooks.route import webhooks_router
 
 _log = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ def build_webhook_service(
             metrics,
             can_fetch=settings.stripe_api_key is not None,
             prune_batch_rows=settings.prune_batch_rows,
-            billing_alert_retention_days=settings.billing_alert_retention_days,
+            retention_days=WebhookRetention(
+                event_days=settings.webhook_event_retention_days,
+                failure_days=settings.payment_failure_retention_days,
+                alert_days=settings.billing_alert_retention_days,
+            ),
         )
         if settings.stripe_webhook_processing
         else None

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, select
 
-from meterstream.errors import WebhookError
+from meterstream.db import build_engine
+from meterstream.errors import ConfigError, WebhookError
 from meterstream.schema import (
     billing_alert_counts,
     customer_links,
@@ -137,9 +138,7 @@ def test_processed_events_and_closed_failures_go_after_retention(migrated_engine
                     event_id="evt_x",
                 )
             )
-    assert retention.prune(
-        migrated_engine, now, batch_rows=1, billing_alert_retention_days=400
-    ) == {
+    assert retention.prune(migrated_engine, now, 1, retention.WebhookRetention()) == {
         "stripe_webhook_events": 1,
         "payment_failures": 1,
         "billing_alert_counts": 0,
@@ -302,7 +301,7 @@ def test_alert_counts_not_triggered_within_their_retention_go(migrated_engine: E
     now = datetime(2026, 12, 1, tzinfo=UTC)
     _alert_counts(migrated_engine, now, {"alrt_gone": 401, "alrt_kept": 399})
 
-    pruned = retention.prune(migrated_engine, now, batch_rows=1, billing_alert_retention_days=400)
+    pruned = retention.prune(migrated_engine, now, 1, retention.WebhookRetention(alert_days=400))
 
     assert pruned["billing_alert_counts"] == 1
     assert _alert_ids(migrated_engine) == {"alrt_kept"}
@@ -322,3 +321,23 @@ def test_the_webhook_processor_keeps_alert_counts_as_long_as_the_setting_says(
     service.processor.run_once()  # prunes: its first pass
 
     assert _alert_ids(migrated_engine) == {"alrt_kept"}
+
+
+def test_the_webhook_processor_keeps_events_and_failures_as_long_as_the_settings_say(
+    database_url: str,
+) -> None:
+    settings = load_settings(
+        database_url=database_url,
+        stripe_webhook_secret=SECRET,
+        webhook_event_retention_days=7,
+        payment_failure_retention_days=9,
+    )
+    service = build_webhook_service(settings, build_engine(settings), CollectorRegistry())
+
+    assert service is not None and service.processor is not None
+    assert service.processor.retention_days == retention.WebhookRetention(7, 9, 400)
+
+
+def test_a_webhook_event_retention_shorter_than_stripes_retries_is_refused() -> None:
+    with pytest.raises(ConfigError, match="METERSTREAM_WEBHOOK_EVENT_RETENTION_DAYS"):
+        load_settings(webhook_event_retention_days=3)

@@ -7,6 +7,7 @@ all. Health, readiness, metrics and the OpenAPI document are the server's own.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -61,6 +62,10 @@ def build_app(parts: ServerParts) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if webhooks is not None:
             webhooks.start()  # events a crash left stored are acted on first
+        # What start-up made (modules, the app, the catalogue) lives as long as the process:
+        # frozen, the collector's full collections stop walking it again and again (measured:
+        # bench/http.py; a request of 1,000 events makes some 8,000 objects).
+        gc.freeze()
         yield
         if webhooks is not None:
             await run_in_threadpool(webhooks.stop)

@@ -55,7 +55,10 @@ def build_app(parts: ServerParts) -> FastAPI:
     """The HTTP API: every stage's routes plus /healthz, /readyz, /metrics, /openapi.json."""
     settings, metrics = parts.settings, parts.metrics
     producer = RequestProducer(settings, metrics)
-    authenticator = Authenticator(KeyVerifier(parts.engine, settings.http_api_key_cache_s))
+    authenticator = Authenticator(
+        KeyVerifier(parts.engine, settings.http_api_key_cache_s),
+        retry_after_s=settings.http_retry_after_s,
+    )
     webhooks = _stripe_webhooks(parts)
 
     @asynccontextmanager

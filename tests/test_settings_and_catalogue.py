@@ -132,3 +132,17 @@ def test_a_batch_the_producer_queue_cannot_hold_is_refused_at_start(
     assert "METERSTREAM_PRODUCER_QUEUE_MAX_EVENTS = 500" in str(caught.value)
     monkeypatch.setenv("METERSTREAM_HTTP_MAX_BATCH_EVENTS", "500")
     check_http_batch(load_settings())
+
+
+def test_an_http_linger_as_long_as_the_produce_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # librdkafka would refuse to start the HTTP server's producer (message.timeout.ms must be
+    # greater than linger.ms); said at load, with both settings named.
+    monkeypatch.setenv("METERSTREAM_HTTP_PRODUCE_TIMEOUT_S", "2")
+    monkeypatch.setenv("METERSTREAM_HTTP_LINGER_MS", "2000")
+    with pytest.raises(ConfigError, match="METERSTREAM_HTTP_LINGER_MS=2000") as caught:
+        load_settings()
+    assert "METERSTREAM_HTTP_PRODUCE_TIMEOUT_S=2 s" in str(caught.value)
+    monkeypatch.setenv("METERSTREAM_HTTP_LINGER_MS", "1999")
+    assert load_settings().http_linger_ms == 1999

@@ -107,7 +107,7 @@ class RequestProducer:
             # Idempotence: librdkafka's retries never write an event twice or out of order.
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": settings.producer_linger_ms,
+            "linger.ms": settings.http_linger_ms,
             "queue.buffering.max.messages": settings.producer_queue_max_events,
             "message.timeout.ms": int(settings.http_produce_timeout_s * 1000),
             "compression.type": "lz4",

@@ -127,3 +127,27 @@ def test_no_request_is_answered_while_kafka_is_frozen_and_all_are_once_it_is_bac
             assert sum(end_offsets(broker.bootstrap, "acks-frozen").values()) == expected
 
         asyncio.run(scenario())
+
+
+def test_the_http_producer_lingers_as_long_as_its_own_setting_says(
+    settings_factory: Callable[..., Settings], topic_factory: Callable[..., str]
+) -> None:
+    # METERSTREAM_HTTP_LINGER_MS, not the SDK's METERSTREAM_PRODUCER_LINGER_MS, holds a
+    # request's events back: with 10 s, nothing reaches Kafka (nor is answered) within a second.
+    settings = settings_factory(
+        topic=topic_factory(),
+        http_linger_ms=10_000,
+        http_produce_timeout_s=30.0,
+        producer_linger_ms=0,
+    )
+
+    async def scenario() -> None:
+        producer = RequestProducer(settings, HttpMetrics())
+        request = asyncio.create_task(producer.produce_all([(b"c", b"{}")] * 5))
+        await asyncio.sleep(1.0)
+        assert not request.done()
+        assert sum(end_offsets(settings.kafka_bootstrap, settings.topic).values()) == 0
+        request.cancel()
+        await producer.close(0.0)
+
+    asyncio.run(scenario())

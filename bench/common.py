@@ -37,10 +37,12 @@ def broker_process() -> Iterator[tuple[str, int | None]]:
         yield running.bootstrap, running.pid
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds ``pid`` has used so far, all its threads (Linux /proc)."""
+def cpu_seconds(pid: int, *, main_thread_only: bool = False) -> float:
+    """User and system CPU seconds ``pid`` has used so far: all its threads, or only its main
+    thread (a Python server's event loop, without librdkafka's threads). Linux /proc."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat")
     # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = stat.read_text().rpartition(")")[2].split()
     user, system = int(fields[11]), int(fields[12])
     return (user + system) / os.sysconf("SC_CLK_TCK")
 

@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from typing import Literal, get_args
 
 from sqlalchemy import Engine, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from meterstream.errors import ApiKeyError
+from meterstream.errors import ApiKeyError, KeysUnavailableError
 from meterstream.schema import api_keys
 
 Scope = Literal["ingest", "read", "all"]
@@ -194,14 +194,21 @@ class KeyVerifier:
         return _checked(self._keys.get(match.group(1)), match.group(2))
 
     def refresh(self) -> None:
-        """Read the live keys again (blocking)."""
+        """Read the live keys again (blocking). Raises KeysUnavailableError when the database
+        does not answer; the snapshot is then left as it was."""
         started = self._clock()
-        self._keys = _live_keys(self._engine)
+        try:
+            self._keys = _live_keys(self._engine)
+        except SQLAlchemyError as exc:
+            raise KeysUnavailableError(
+                f"the database did not answer a read of the API keys ({type(exc).__name__}); "
+                "check METERSTREAM_DATABASE_URL and that the database is up"
+            ) from exc
         self._read_started = started
 
     def load(self, presented: str) -> ApiKey | None:
         """Read the live keys, then check ``presented`` (blocking; for callers without an
-        event loop)."""
+        event loop). Raises KeysUnavailableError when the database does not answer."""
         if _KEY.fullmatch(presented) is None:
             return None
         self.refresh()

@@ -16,6 +16,8 @@ MeterstreamError
  +-- BackpressureError         the producer queue stayed full past the configured wait
  +-- KafkaNotAcknowledgedError Kafka did not acknowledge every event of an HTTP request in
  |                             time (the answer is 503); a retry of the request is deduplicated
+ +-- KeysUnavailableError      the database did not answer when the HTTP API needed its keys
+ |                             (the answer is 503 with Retry-After)
  +-- DeliveryError             events accepted by the SDK that Kafka refused for good
  +-- ClientClosedError         record() on a UsageClient after close(); make a new client
  +-- ReplayError               dead letters Kafka did not take back; replaying again is safe
@@ -118,6 +120,11 @@ class KafkaNotAcknowledgedError(MeterstreamError):
     ``METERSTREAM_HTTP_PRODUCE_TIMEOUT_S`` (or refused one, or the queue was full). The request
     is answered 503 with Retry-After; events of it that did reach Kafka are counted once when
     the producer sends the request again, since the workers deduplicate by event."""
+
+
+class KeysUnavailableError(MeterstreamError):
+    """The HTTP API had to read its API keys and the database did not answer. The request is
+    answered 503 with Retry-After: nothing was taken, the client sends it again."""
 
 
 @dataclass(frozen=True, slots=True)

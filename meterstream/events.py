@@ -102,7 +102,9 @@ def check_event_id(event_id: Any, field_name: str = "event_id") -> str:
 
 
 def _check_printable(field_name: str, text: str) -> None:
-    if _CONTROL.search(text):
+    # isprintable() is False for every control character (and for a few harmless ones, which
+    # the search then clears): the common case costs no regular expression.
+    if not text.isprintable() and _CONTROL.search(text):
         raise InvalidEventError(
             field_name, f"must not contain control characters (such as NUL), got {text!r:.80}"
         )
@@ -143,13 +145,28 @@ def check_value(value: Any, meter: Meter) -> Decimal | int:
         raise InvalidEventError(
             "value", f"must be a Decimal, an int or a decimal string, got {type(value).__name__}"
         )
-    if isinstance(value, str) and not _PLAIN_DECIMAL.match(value):
-        raise InvalidEventError("value", f"not a plain decimal number like '12.5': {value!r:.80}")
+    if isinstance(value, str):
+        whole = _plain_int(value)
+        if whole is not None:
+            return check_value(whole, meter)
+        if not _PLAIN_DECIMAL.match(value):
+            raise InvalidEventError(
+                "value", f"not a plain decimal number like '12.5': {value!r:.80}"
+            )
     try:
         exact = value if isinstance(value, Decimal) else Decimal(value)
     except (InvalidOperation, TypeError, ValueError):
         raise InvalidEventError("value", f"not a decimal number: {value!r:.80}") from None
     return _check_exact(exact, meter)
+
+
+def _plain_int(text: str) -> int | None:
+    """The int a string of up to 18 ASCII digits spells, else None (then it is read as a
+    Decimal): the same number, read without a Decimal and its checks, and written the same
+    (str(int) and format(Decimal, 'f') agree on every such number, leading zeros dropped)."""
+    if len(text) <= 18 and text.isdigit() and text.isascii():
+        return int(text)
+    return None
 
 
 def _check_exact(exact: Decimal, meter: Meter) -> Decimal:
@@ -240,6 +257,8 @@ def check_not_ahead(
 def check_properties(properties: Any, meter: Meter) -> dict[str, str]:
     if properties is None:
         properties = {}
+    if type(properties) is dict and _plain_properties(properties, meter):
+        return dict(properties)
     if not isinstance(properties, Mapping):
         raise InvalidEventError(
             "properties", f"must be a mapping of str to str, got {properties!r:.80}"
@@ -268,6 +287,24 @@ def check_properties(properties: Any, meter: Meter) -> dict[str, str]:
             f"meter {meter.name!r} counts distinct values of this property; it is missing",
         )
     return dict(properties)
+
+
+def _plain_properties(properties: dict[Any, Any], meter: Meter) -> bool:
+    """Whether ``properties`` pass check_properties' rules at first sight (a cheap test of the
+    common case; False hands them to the full checks, which decide)."""
+    if len(properties) > MAX_PROPERTIES:
+        return False
+    for key, value in properties.items():
+        if not (
+            type(key) is str
+            and type(value) is str
+            and 0 < len(key) <= MAX_PROPERTY_KEY_CHARS
+            and len(value) <= MAX_PROPERTY_VALUE_CHARS
+            and key.isprintable()
+            and value.isprintable()
+        ):
+            return False
+    return meter.unique_property is None or bool(properties.get(meter.unique_property))
 
 
 def format_value(value: Decimal | int) -> str:
@@ -419,9 +456,18 @@ def _parse_time(raw: Any, field_name: str) -> datetime:
         raise InvalidEventError(field_name, f"out of range in UTC: {raw!r:.40}") from None
 
 
-def parse_json_value(raw: Any, field_name: str = "data.value") -> Decimal:
+def parse_json_value(raw: Any, field_name: str = "data.value") -> Decimal | int:
     """The value of a JSON event as the workers read it: a decimal string or an integer, never
-    a float or a missing value. Raises InvalidEventError on ``field_name``."""
+    a float or a missing value. Raises InvalidEventError on ``field_name``.
+
+    An integer, or a string of up to 18 digits, comes back as an int: the number the workers'
+    Decimal holds, without building it (the HTTP API's common case)."""
+    if type(raw) is int:
+        return raw
+    if type(raw) is str:
+        whole = _plain_int(raw)
+        if whole is not None:
+            return whole
     return _decode_value(raw, field_name)
 
 

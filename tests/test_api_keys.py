@@ -63,7 +63,7 @@ def test_made_up_keys_share_database_reads_and_a_key_made_after_a_miss_works_at_
             reads.append(statement)
 
     event.listen(migrated_engine, "before_cursor_execute", count)
-    authenticator = Authenticator(KeyVerifier(migrated_engine, ttl_s=60.0))
+    authenticator = Authenticator(KeyVerifier(migrated_engine, ttl_s=60.0), retry_after_s=5)
     made_up = [f"msk_{i:016x}_{'b' * 64}" for i in range(300)]
 
     async def flood() -> list[ApiKey | None]:

@@ -144,3 +144,17 @@ def test_rejected_ledger_rows_are_kept_400_days_and_never_within_the_horizon(
     with pytest.raises(ConfigError, match=f"{variable}=36") as caught:
         load_settings()
     assert "at least METERSTREAM_HORIZON_DAYS + 2 = 37 days" in str(caught.value)
+
+
+def test_an_http_linger_as_long_as_the_produce_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # librdkafka would refuse to start the HTTP server's producer (message.timeout.ms must be
+    # greater than linger.ms); said at load, with both settings named.
+    monkeypatch.setenv("METERSTREAM_HTTP_PRODUCE_TIMEOUT_S", "2")
+    monkeypatch.setenv("METERSTREAM_HTTP_LINGER_MS", "2000")
+    with pytest.raises(ConfigError, match="METERSTREAM_HTTP_LINGER_MS=2000") as caught:
+        load_settings()
+    assert "METERSTREAM_HTTP_PRODUCE_TIMEOUT_S=2 s" in str(caught.value)
+    monkeypatch.setenv("METERSTREAM_HTTP_LINGER_MS", "1999")
+    assert load_settings().http_linger_ms == 1999

@@ -168,41 +168,32 @@ def _checked(doc: Any, rules: EventRules, source: str, now: datetime) -> tuple[s
     is the SDK's (encode_checked)."""
     if not isinstance(doc, dict):
         raise InvalidEventError("event", "expected a CloudEvents JSON object")
-    if doc.get("specversion") != SPECVERSION:
-        raise InvalidEventError(
-            "specversion", f"expected '1.0', got {doc.get('specversion')!r:.40}"
-        )
-    data = doc.get("data")
+    get = doc.get
+    if get("specversion") != SPECVERSION:
+        raise InvalidEventError("specversion", f"expected '1.0', got {get('specversion')!r:.40}")
+    data = get("data")
     if not isinstance(data, dict):
         raise InvalidEventError("data", "expected an object with 'value' and 'properties'")
-    if doc.get("source") != source:
+    if get("source") != source:
         raise InvalidEventError(
-            "source",
-            f"this API key sends events of source {source!r}, not {doc.get('source')!r:.80}",
+            "source", f"this API key sends events of source {source!r}, not {get('source')!r:.80}"
         )
-    raw_time = doc.get("time")
-    meter = rules.catalogue.get(doc["type"]) if isinstance(doc.get("type"), str) else None
-    value_key = meter.value_key if meter is not None else "value"
+    raw_time = get("time")
+    meter_name = get("type")
+    meter = rules.catalogue.meters.get(meter_name) if type(meter_name) is str else None
     properties = data.get("properties")
-    if (
-        meter is not None
-        and meter.dimensions
-        and (properties is None or isinstance(properties, dict))
-    ):
-        # An OpenMeter-shaped event carries its dimensions as data fields; the message keeps
-        # them as properties, where the workers read them first.
-        lifted = {
-            name: str(data[name])
-            for name in meter.dimensions
-            if type(data.get(name)) in (str, int) and name not in (properties or {})
-        }
-        properties = {**(properties or {}), **lifted} if lifted else properties
+    if meter is None:
+        value_key = "value"
+    else:
+        value_key = meter.value_key
+        if meter.dimensions and (properties is None or isinstance(properties, dict)):
+            properties = _lift_dimensions(meter.dimensions, data, properties)
     payload = encode_checked(
         rules,
         source=source,
-        event_id=doc.get("id"),
-        customer=doc.get("subject"),
-        meter=doc.get("type"),
+        event_id=get("id"),
+        customer=get("subject"),
+        meter=meter_name,
         value=parse_json_value(data.get(value_key), f"data.{value_key}"),
         # An event without time is stamped when received, as record() does.
         event_time=None if raw_time is None else parse_json_time(raw_time),
@@ -211,6 +202,19 @@ def _checked(doc: Any, rules: EventRules, source: str, now: datetime) -> tuple[s
     )
     customer: str = doc["subject"]  # checked by encode_checked: a non-empty string
     return customer, payload
+
+
+def _lift_dimensions(
+    dimensions: tuple[str, ...], data: dict[str, Any], properties: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """An OpenMeter-shaped event carries its dimensions as data fields; the message keeps them
+    as properties, where the workers read them first."""
+    lifted = {
+        name: str(data[name])
+        for name in dimensions
+        if type(data.get(name)) in (str, int) and name not in (properties or {})
+    }
+    return {**(properties or {}), **lifted} if lifted else properties
 
 
 def admit(

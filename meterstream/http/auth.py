@@ -1,7 +1,9 @@
 """``Authorization: Bearer <api key>`` on the routes that need a key, with its scope.
 
 The key is never logged, never put in an error or a metric label: answers say only which rule
-failed. Keys the server has not seen share database reads: one at a time (KeyVerifier).
+failed. Keys the server has not seen share database reads: one at a time (KeyVerifier). When
+such a read finds the database down, the answer is 503 with Retry-After: the client cannot
+tell an outage from its own error in a 500, and would not send the request again.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time, and the
@@ -16,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from meterstream.api_keys import ApiKey, KeyVerifier, Scope
+from meterstream.errors import KeysUnavailableError
 
 _BEARER = HTTPBearer(
     auto_error=False,
@@ -27,22 +30,34 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 class Authenticator:
     """Makes the FastAPI dependency that admits a request with a live key of a scope."""
 
-    def __init__(self, verifier: KeyVerifier) -> None:
+    def __init__(self, verifier: KeyVerifier, *, retry_after_s: int) -> None:
         self._verifier = verifier
+        self._retry_after_s = retry_after_s  # METERSTREAM_HTTP_RETRY_AFTER_S
         # One read of the keys at a time: misses wait for it rather than each reading.
         self._reading = asyncio.Lock()
 
     async def key_of(self, presented: str) -> ApiKey | None:
         """The live key ``presented`` names, or None. On a miss the keys are read again, unless
         a read that started after this request arrived has done so already: however many
-        made-up keys arrive, the database serves one query at a time."""
+        made-up keys arrive, the database serves one query at a time.
+
+        Raises HTTPException 503 with Retry-After when the keys must be read and the database
+        does not answer."""
         found = self._verifier.cached(presented)
         if found is not False:
             return found
         arrived = self._verifier.now()
         async with self._reading:
             if not self._verifier.read_since(arrived):
-                await run_in_threadpool(self._verifier.refresh)
+                try:
+                    await run_in_threadpool(self._verifier.refresh)
+                except KeysUnavailableError as exc:
+                    raise HTTPException(
+                        503,
+                        f"{exc}: send the request again after {self._retry_after_s} s "
+                        "(nothing of it was taken)",
+                        headers={"Retry-After": str(self._retry_after_s)},
+                    ) from exc
         return self._verifier.known(presented)
 
     def require(self, scope: Scope) -> Callable[..., Awaitable[ApiKey]]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select
+from fastapi import HTTPException
+from sqlalchemy import Engine, create_engine, event, select
 
 from meterstream.api_keys import ApiKey, KeyVerifier, create_key, list_keys, revoke_key
 from meterstream.errors import ApiKeyError
@@ -109,3 +111,28 @@ def test_a_name_is_never_reused_and_revoking_an_unknown_name_says_so(
         create_key(migrated_engine, "svc", "s", "all")
     with pytest.raises(ApiKeyError, match="no API key named"):
         revoke_key(migrated_engine, "nobody")
+
+
+def test_a_database_that_accepts_connections_but_never_answers_is_a_503_not_a_hang() -> None:
+    # A frozen database host (or a half-open connection) completes the TCP handshake and then
+    # says nothing: the key read blocks for good. Requests must still be answered, 503.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts into the backlog; nobody ever answers
+        port = silent.getsockname()[1]
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")
+        authenticator = Authenticator(
+            KeyVerifier(engine, ttl_s=5.0), retry_after_s=5, read_timeout_s=0.2
+        )
+        presented = "msk_" + "0" * 16 + "_" + "0" * 64
+
+        async def three_requests() -> list[BaseException | ApiKey | None]:
+            checks = [authenticator.key_of(presented) for _ in range(3)]
+            return await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), 30)
+
+        answers = asyncio.run(three_requests())
+        for answer in answers:
+            assert isinstance(answer, HTTPException), answer
+            assert answer.status_code == 503
+            assert answer.headers == {"Retry-After": "5"}
+        engine.dispose()

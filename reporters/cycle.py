@@ -1,7 +1,7 @@
 """One report cycle: resend what is pending, write and send a row per due window.
 
-The (customer, meter) pairs with work are cut into chunks of KEYS_PER_CHUNK and handed to a
-Sender, which writes each chunk's rows (bookkeeping) and calls Stripe: ``V1Sender``
+The (customer, meter) pairs with work are cut into chunks (of the sender's keys_per_chunk) and
+handed to a Sender, which writes each chunk's rows (bookkeeping) and calls Stripe: ``V1Sender``
 (reporters/v1_sender.py: rounds of single meter events on a thread pool) or
 ``V2StreamSender`` (reporters/stream_sender.py: batches of 100 on the v2 stream while a
 writer thread writes the chunks ahead).
@@ -42,17 +42,16 @@ from reporters.rows import KEY_FAILURES
 from reporters.scales import check_unit_scales
 from reporters.status import billing_lag_s
 
-__all__ = ["KEYS_PER_CHUNK", "CycleResult", "CycleWork", "Reporter", "Sender"]
+__all__ = ["CycleResult", "CycleWork", "Reporter", "Sender"]
 
 _log = logging.getLogger(__name__)
-# (customer, meter) pairs whose rows are written, stamped and acknowledged together; a crash
-# between the calls and the acknowledgement resends at most this many rows per thread (Stripe
-# answers "already exists" for each).
-KEYS_PER_CHUNK = 100
 
 
 class Sender(Protocol):
     """One way of calling Stripe for a cycle's chunks (v1 meter events or the v2 stream)."""
+
+    # (customer, meter) pairs a chunk holds: the rows a writer writes in one transaction.
+    keys_per_chunk: int
 
     def send(
         self,
@@ -136,7 +135,8 @@ class Reporter:
         for row in ledger.pending_rows(self.engine):
             pending.setdefault((row.customer_id, row.meter), []).append(row)
         keys = sorted(set(due) | set(pending))
-        chunks = [keys[i : i + KEYS_PER_CHUNK] for i in range(0, len(keys), KEYS_PER_CHUNK)]
+        size = self.sender.keys_per_chunk
+        chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
         errors = self.sender.send(self._book, chunks, CycleWork(due, pending, links), result)
         for error in errors:
             if isinstance(error, StripeAuthError):

@@ -29,7 +29,11 @@ from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
 from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)
-# Chunks each writer writes ahead of the sending (each at most KEYS_PER_CHUNK keys' rows).
+# (customer, meter) pairs a writer writes in one transaction: a chunk costs about eight round
+# trips and a commit whatever its size, and the writers set the stream's pace. 400 measured
+# 1.1-1.2x the events/s of 100 (alternated runs; 200 in between), at 0.01 ms less CPU an event.
+STREAM_KEYS_PER_CHUNK = 400
+# Chunks each writer writes ahead of the sending (each at most STREAM_KEYS_PER_CHUNK keys' rows).
 STREAM_CHUNKS_AHEAD = 2
 # Writer threads on PostgreSQL: in a catch-up one writer (about 30 ms a chunk of 100 rows, mostly
 # waiting on the server) was slower than the sending; two keep ahead of it.
@@ -51,6 +55,7 @@ class V2StreamSender:
 
     def __init__(self, stream: StreamSender) -> None:
         self.stream = stream
+        self.keys_per_chunk = STREAM_KEYS_PER_CHUNK
 
     def send(
         self,

@@ -29,6 +29,10 @@ SendOne = Callable[[LedgerRow, StripeMeter], Outcome]
 # 1 / (call time) calls a second, so the rate needs rate x call time threads (400 calls/s at
 # 150 ms a call: 60), never fewer than SEND_THREADS and never more than MAX_SEND_THREADS.
 SEND_THREADS = 8
+# (customer, meter) pairs whose rows are written, stamped and acknowledged together; a crash
+# between the calls and the acknowledgement resends at most this many rows per thread (Stripe
+# answers "already exists" for each).
+V1_KEYS_PER_CHUNK = 100
 MAX_SEND_THREADS = 64
 ASSUMED_CALL_S = 0.15
 
@@ -45,6 +49,7 @@ class V1Sender:
     def __init__(self, send_one: SendOne, *, workers: int = SEND_THREADS) -> None:
         self.send_one = send_one
         self.workers = workers
+        self.keys_per_chunk = V1_KEYS_PER_CHUNK
 
     def send(
         self,

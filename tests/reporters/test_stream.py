@@ -251,7 +251,7 @@ class FailingSecondCall(KeepAliveClient):
 def test_a_failed_call_stops_the_stream_and_the_rows_after_it_wait_unstamped(
     world: World,
 ) -> None:
-    """Three chunks of 100 keys, written by one thread while another sends: the first call
+    """Three batches of 100 rows, written by one thread while another sends: the first call
     is accepted, the second fails (500 three times), so the third is neither stamped nor
     sent; every row is still written, and the next cycle sends the rest, each once."""
     customers = due_customers(world, 250)

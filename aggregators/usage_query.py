@@ -28,7 +28,6 @@ up window, the sum of its windows' revisions, so it too rises whenever any of th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,7 @@ from sqlalchemy import Engine, Row, select
 from aggregators.windows import window_bounds
 from meterstream.dimensions import combination_values
 from meterstream.errors import InvalidQueryError
+from meterstream.event_checks import CONTROL_CHARACTERS
 from meterstream.grouped_totals import check_group_by, merged_value
 from meterstream.meters import Catalogue, Meter
 from meterstream.schema import window_totals
@@ -55,7 +55,6 @@ MAX_STORED_ROWS = 100_000
 # A range ending further ahead than this holds no usage yet, and dates near year 9999 have no
 # next window: refused rather than computed.
 FURTHEST_AHEAD = timedelta(days=400)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIXED = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 # Which rolled-up windows a meter's own window divides exactly.
 _DIVIDES = {"1m": ("1h", "1d"), "1h": ("1h", "1d"), "1d": ("1d",), "1mo": ()}
@@ -117,7 +116,7 @@ def query_usage(
     too wide, older than the retention of window totals (``retention_days`` before ``now``),
     not on the window's boundaries, or when the rollup or the grouping cannot be exact.
     """
-    if not customer or _CONTROL.search(customer):
+    if not customer or CONTROL_CHARACTERS.search(customer):
         raise InvalidQueryError("customer", "must be a customer id without control characters")
     found = catalogue.get(meter)
     if found is None:

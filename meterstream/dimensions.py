@@ -10,18 +10,16 @@ is what the database's unique keys hold: a fixed size whatever the values' lengt
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from meterstream.errors import InvalidEventError, MissingDimensionError
+from meterstream.event_checks import CONTROL_CHARACTERS
 from meterstream.meters import MAX_DIMENSION_VALUE_CHARS, Meter
 
 NO_COMBINATION = ""
-# As in meterstream.events: control characters (NUL above all) mean a bug upstream.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def read_combination(
@@ -58,7 +56,7 @@ def _dimension_value(dimension: str, value: Any) -> str:
             f"a dimension value is a string of 1 to {MAX_DIMENSION_VALUE_CHARS} characters, "
             f"got {value!r:.80}",
         )
-    if _CONTROL.search(value):
+    if CONTROL_CHARACTERS.search(value):
         raise InvalidEventError(
             f"properties.{dimension}", f"must not contain control characters, got {value!r:.80}"
         )

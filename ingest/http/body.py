@@ -208,7 +208,12 @@ def _lift_dimensions(
     dimensions: tuple[str, ...], data: dict[str, Any], properties: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """An OpenMeter-shaped event carries its dimensions as data fields; the message keeps them
-    as properties, where the workers read them first."""
+    as properties, where the workers read them first.
+
+    Not meterstream.dimensions.read_combination, though it reads the same fields first: that
+    one also returns the catalogue's defaults (the message would then carry them as
+    properties) and refuses a data field that is neither a string nor an integer, which this
+    leaves out, so the event counts under the dimension's default if it has one."""
     lifted = {
         name: str(data[name])
         for name in dimensions

@@ -1,5 +1,8 @@
 """The one settings object, read from ``METERSTREAM_*`` environment variables.
 
+Past 400 lines on purpose: one object, each field with its bounds and the reason for its
+default, and the rules across fields beside them; split, the rules would lose their fields.
+
 Read it once at the edge (the CLI, a test fixture) with :func:`load_settings` and pass it down;
 nothing else in meterstream reads ``os.environ``.
 """

@@ -1,5 +1,7 @@
 """What both ways of sending share in a cycle: writing a chunk's rows, the check before each
 call, the stamp, and recording the answers in the ledger, the metrics and the CycleResult.
+One class past 400 lines: each step reads and writes the same CycleResult and metrics under
+one lock, which a split would have to pass around.
 
 A chunk first writes the rows of all its due windows in one transaction (bulk statements;
 every row is committed before any call). On SQLite the ledger writes take turns on an
@@ -251,7 +253,8 @@ class Bookkeeper:
         committed); False if it must not be called: too old now, or first called too long ago."""
         now = self.clock()
         first = row.first_attempt_at
-        if row.timestamp < send_limit(now, self._horizon_days) and first is not None:
+        too_old = row.timestamp < send_limit(now, self._horizon_days)
+        if too_old and first is not None:
             # Called before with no answer: Stripe may hold it, so "bill by hand" could bill
             # twice. Unknown: reconcile decides from Stripe's summaries (sent, or pending
             # again with no stamp, and then rejected here as never sent).
@@ -260,13 +263,9 @@ class Bookkeeper:
                 "Stripe to take again: Stripe may have it, so neither resent nor to be billed "
                 "by hand yet; run meterstream reconcile to check Stripe's summaries"
             )
-            if ledger.mark_unknown(self.engine, row.identifier, reason, now):
-                self.metrics.held.labels(reason="resend_window_expired").inc()
-                _log.error(
-                    "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
-                )
+            self._mark_unknown(row, reason, "resend_window_expired", now)
             return False
-        if row.timestamp < send_limit(now, self._horizon_days):
+        if too_old:
             reason = too_old_reason(
                 row.window_start, row.window_end, row.timestamp, row.value, self._horizon_days
             )
@@ -280,13 +279,18 @@ class Bookkeeper:
                 "may have forgotten its identifier, so a resend could bill twice. Not resent; "
                 "run meterstream reconcile to check Stripe's summaries"
             )
-            if ledger.mark_unknown(self.engine, row.identifier, reason, now):
-                self.metrics.held.labels(reason="resend_window_expired").inc()
-                _log.error(
-                    "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
-                )
+            self._mark_unknown(row, reason, "resend_window_expired", now)
             return False
         return True
+
+    def _mark_unknown(self, row: LedgerRow, reason: str, held_reason: str, now: datetime) -> None:
+        """Make a pending row ``unknown`` (reconcile decides), counted and said once: nothing
+        if it was settled elsewhere meanwhile."""
+        if ledger.mark_unknown(self.engine, row.identifier, reason, now):
+            self.metrics.held.labels(reason=held_reason).inc()
+            _log.error(
+                "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
+            )
 
     def stamp_call(self, rows: Collection[LedgerRow]) -> tuple[set[str], datetime]:
         """Stamp the attempts of the rows of one call, made right after (one committed
@@ -356,15 +360,7 @@ class Bookkeeper:
                     "ours), so it is neither resent nor to be billed by hand; run meterstream "
                     "reconcile to check Stripe's summaries"
                 )
-                if ledger.mark_unknown(self.engine, row.identifier, reason, now):
-                    self.metrics.held.labels(reason="duplicate_unconfirmed").inc()
-                    _log.error(
-                        "meter event %s (%s %s): %s",
-                        row.identifier,
-                        row.customer_id,
-                        row.meter,
-                        reason,
-                    )
+                self._mark_unknown(row, reason, "duplicate_unconfirmed", now)
                 continue
             if outcome.kind == "rejected":
                 code, message = outcome.code or "unknown", outcome.error or ""

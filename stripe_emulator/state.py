@@ -1,4 +1,5 @@
 """In-memory state of one fake Stripe account: customers, meters, events, sessions, replies.
+Past 400 lines: one account behind one lock (a split would spread the lock across modules).
 
 No HTTP here: the server parses a request and calls one method, which applies the rules in
 `rules.py` and raises `StripeApiError` when one is broken. One re-entrant lock guards all

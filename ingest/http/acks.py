@@ -215,7 +215,7 @@ class RequestProducer:
         turn.answer(failure)
         if turn.kafka.owed():
             self._retired.append(turn.kafka)
-        _log.warning("Kafka failed a request: %s; its producer is replaced by a new one", failure)
+        _say_replaced(failure)
 
     def _serve_step(self) -> None:
         """Serve every producer's reports; answer the closing turn once it drained (or failed
@@ -232,10 +232,7 @@ class RequestProducer:
                 if closing.kafka.failure is None:
                     self._spare.append(closing.kafka)
                 else:
-                    _log.warning(
-                        "Kafka failed a request: %s; its producer is replaced by a new one",
-                        closing.kafka.failure,
-                    )
+                    _say_replaced(closing.kafka.failure)
             elif self._overdue(closing, now):
                 self._closing = None
                 self._retire(closing, closing.kafka.failure or "overdue")
@@ -269,3 +266,7 @@ class RequestProducer:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), _IDLE_POLL_S)
+
+
+def _say_replaced(failure: str) -> None:
+    _log.warning("Kafka failed a request: %s; its producer is replaced by a new one", failure)

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 import pytest
@@ -41,7 +42,7 @@ def test_a_request_the_queue_has_no_room_for_is_refused_whole_while_another_wait
     async def scenario() -> None:
         producer = RequestProducer(settings, HttpMetrics())
         waiting = asyncio.create_task(producer.produce_all([(b"c", b"{}")] * 60))
-        await asyncio.sleep(0)  # the first request queues its events
+        await _until(lambda: producer._owed() >= 60)  # the first request queued its events
         with pytest.raises(KafkaNotAcknowledgedError, match="none of this request was produced"):
             await producer.produce_all([(b"c", b"{}")] * 60)
         waiting.cancel()
@@ -82,9 +83,10 @@ def test_a_failure_during_a_turn_answers_every_request_of_the_turn_503(
     async def scenario() -> None:
         producer = RequestProducer(settings, HttpMetrics())
         first = asyncio.create_task(producer.produce_all([(b"c", b"{}")]))
-        await asyncio.sleep(0.05)  # its turn is closed; it waits for a broker that never answers
+        # Its turn is closed; it waits for a broker that never answers.
+        await _until(lambda: producer._closing is not None and bool(producer._closing.waiters))
         second = asyncio.create_task(producer.produce_all([(b"c", b"{}")] * 3))
-        await asyncio.sleep(0.05)  # the next turn holds the second request
+        await _until(lambda: bool(producer._open.waiters))  # the next turn holds the second
         with pytest.raises(KafkaNotAcknowledgedError, match="Kafka refused the events"):
             await producer.produce_all([(b"c", b"x" * 2_000_000)])  # the same turn, refused
         with pytest.raises(KafkaNotAcknowledgedError, match="Kafka refused the events"):
@@ -151,3 +153,11 @@ def test_the_http_producer_lingers_as_long_as_its_own_setting_says(
         await producer.close(0.0)
 
     asyncio.run(scenario())
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Let the event loop run until ``condition`` holds (fails after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)

@@ -395,7 +395,7 @@ def test_stream_acceptance_locks_its_rows_in_identifier_order(postgres_engine: E
         holder.execute("SELECT 1 FROM ledger WHERE identifier = %s FOR UPDATE", [largest])
         with ThreadPoolExecutor(1) as pool:
             accepting = pool.submit(ledger.accept_then_stamp, engine, identifiers, [], NOW)
-            _wait_for_a_lock_wait(probe)
+            wait_for_a_lock_wait(probe)
             unlocked = probe.execute(
                 "SELECT identifier FROM ledger WHERE identifier = ANY(%s) "
                 "ORDER BY identifier FOR UPDATE SKIP LOCKED",
@@ -408,7 +408,7 @@ def test_stream_acceptance_locks_its_rows_in_identifier_order(postgres_engine: E
     assert accepted == set(identifiers)
 
 
-def _wait_for_a_lock_wait(connection: psycopg.Connection[Any]) -> None:
+def wait_for_a_lock_wait(connection: psycopg.Connection[Any]) -> None:
     """Until some session of this database waits on a lock (polls pg_stat_activity)."""
     for _ in range(3000):
         waiting = connection.execute(

@@ -7,7 +7,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy import Dialect, Engine, String, TypeDecorator, create_engine, event
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import ArgumentError
 
 from meterstream.errors import ConfigError
@@ -35,13 +37,42 @@ def build_engine(settings: Settings, **options: Any) -> Engine:
             event.listen(engine, "connect", _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)
             return engine
-        return create_engine(url, pool_pre_ping=True, **options)
+        engine = create_engine(url, pool_pre_ping=True, **options)
+        if engine.dialect.driver == "psycopg":
+            event.listen(engine, "connect", _psycopg_connect)
+        return engine
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(
             f"METERSTREAM_DATABASE_URL={redact_url(url)}: not a URL SQLAlchemy can read "
             f"({type(exc).__name__}); check the port is a number and that special characters "
             "in the user or password are %-encoded"
         ) from None
+
+
+class BinaryArray(list[Any]):
+    """A list that psycopg sends to PostgreSQL as a binary array (on the engines of
+    build_engine): a text array is written element by element in Python, each escaped by a
+    regular expression, and the batch statements' arrays (five of 400 elements a chunk) took
+    3.7 ms so against 0.37 ms in binary. Give it a cast in the SQL (``%s::varchar[]``), as an
+    empty one has no element type."""
+
+
+class BinaryStrings(TypeDecorator[list[str]]):
+    """A ``VARCHAR[]`` bind parameter sent as a BinaryArray (PostgreSQL statements only)."""
+
+    impl = ARRAY(String)
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        return _binary_array
+
+
+def _binary_array(value: list[str] | None) -> BinaryArray | None:
+    return None if value is None else BinaryArray(value)
+
+
+def _psycopg_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.adapters.register_dumper(BinaryArray, ListBinaryDumper)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

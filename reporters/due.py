@@ -64,6 +64,7 @@ from sqlalchemy import (
     select,
 )
 
+from meterstream.db import BinaryArray
 from meterstream.schema import ledger, report_queue, window_totals
 
 Key = tuple[str, str]  # (customer_id, meter)
@@ -333,7 +334,7 @@ def settle(connection: Connection, windows: Iterable[DueWindow | SettledRow]) ->
         # Handed to psycopg as they are: SQLAlchemy's per-row parameter processing was most of
         # a catch-up chunk's Python time here. The times are the aware UTC datetimes
         # UTCDateTime would bind.
-        columns = tuple(map(list, zip(*map(_driver_key, sorted(rows)), strict=True)))
+        columns = tuple(map(BinaryArray, zip(*map(_driver_key, sorted(rows)), strict=True)))
         connection.exec_driver_sql(_SETTLE_POSTGRESQL, columns)
     elif rows:
         connection.execute(

@@ -24,8 +24,8 @@ from sqlalchemy import (
     text,
     values,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 
+from meterstream.db import BinaryStrings
 from meterstream.schema import ExactDecimal, has_combination, ledger
 from reporters.ledger.model import ACKNOWLEDGED, LedgerRow, Status, row_from
 
@@ -209,7 +209,7 @@ _KEY_HEADS_POSTGRESQL = (
         "ORDER BY ledger.sequence DESC LIMIT 1) AS newest"
     )
     .bindparams(
-        bindparam("customers", type_=ARRAY(String)), bindparam("meters", type_=ARRAY(String))
+        bindparam("customers", type_=BinaryStrings), bindparam("meters", type_=BinaryStrings)
     )
     .columns(
         column("c", String),

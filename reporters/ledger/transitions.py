@@ -12,9 +12,9 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, String, any_, bindparam, case, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, Engine, any_, bindparam, case, func, select, update
 
+from meterstream.db import BinaryStrings
 from meterstream.errors import AcknowledgementMismatchError
 from meterstream.schema import ledger
 from reporters.ledger.bulk import FilterOnly, still_pending
@@ -37,7 +37,7 @@ _STAMP = (
 # PostgreSQL: the same statements with the identifiers as one array parameter, so each is one
 # statement text whatever the batch's size: psycopg prepares it once per connection instead of
 # SQLAlchemy expanding and PostgreSQL parsing and planning 100 placeholders for every call.
-_IDENTIFIERS = any_(bindparam("identifier_array", type_=ARRAY(String)))
+_IDENTIFIERS = any_(bindparam("identifier_array", type_=BinaryStrings))
 _STAMP_ARRAY = (
     update(ledger)
     .where(_l.identifier == _IDENTIFIERS, still_pending())

@@ -36,10 +36,9 @@ def test_binary_arrays_of_every_kind_come_back_the_same(postgres_url: str) -> No
     try:
         with engine.connect() as connection:
             found = connection.exec_driver_sql(
-                "SELECT %s::varchar[], %s::bigint[], %s::timestamptz[], %s::bytea[], "
-                "%s::varchar[]",
+                "SELECT %s::varchar[], %s::bigint[], %s::timestamptz[], %s::bytea[], %s::varchar[]",
                 (
-                    BinaryArray(['a,b', 'q"', "{x}", "é\\", "", "NULL"]),
+                    BinaryArray(["a,b", 'q"', "{x}", "é\\", "", "NULL"]),
                     BinaryArray([0, -(2**63), 2**63 - 1]),
                     BinaryArray([at]),
                     BinaryArray([b"\x00\xff", b""]),
@@ -49,7 +48,7 @@ def test_binary_arrays_of_every_kind_come_back_the_same(postgres_url: str) -> No
     finally:
         engine.dispose()
     assert found == (
-        ['a,b', 'q"', "{x}", "é\\", "", "NULL"],
+        ["a,b", 'q"', "{x}", "é\\", "", "NULL"],
         [0, -(2**63), 2**63 - 1],
         [at.astimezone(UTC)],
         [b"\x00\xff", b""],
@@ -57,11 +56,11 @@ def test_binary_arrays_of_every_kind_come_back_the_same(postgres_url: str) -> No
     )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(values=st.lists(_TEXT, max_size=20))
 def test_any_strings_come_back_the_same(postgres_engine: Engine, values: list[str]) -> None:
     with postgres_engine.connect() as connection:
-        (found,) = connection.exec_driver_sql(
-            "SELECT %s::varchar[]", (BinaryArray(values),)
-        ).one()
+        (found,) = connection.exec_driver_sql("SELECT %s::varchar[]", (BinaryArray(values),)).one()
     assert found == values

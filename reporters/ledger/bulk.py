@@ -15,7 +15,19 @@ from operator import attrgetter
 from typing import Any
 
 import psycopg
-from sqlalchemy import Boolean, ColumnElement, Connection, bindparam, func
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    Connection,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    bindparam,
+    func,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -81,18 +93,20 @@ def insert_rows(connection: Connection, rows: Iterable[LedgerRow]) -> None:
 
 
 def _copy_rows(connection: Connection, values: Sequence[tuple[Any, ...]]) -> None:
-    """PostgreSQL: the rows through one COPY in ``connection``'s transaction. A third of the
-    server's CPU and under half of ours of the pipelined executemany it replaces (a statement
-    per row); a unique violation (a second writer) is SQLAlchemy's IntegrityError, as for an
-    INSERT."""
+    """PostgreSQL: the rows through one binary COPY in ``connection``'s transaction. A third
+    of the server's CPU and under half of ours of the pipelined executemany it replaced (a
+    statement per row); binary rather than text: 3.7 against 8.9 us of our CPU a row, and
+    less of the server's (it parses no text). A unique violation (a second writer) is
+    SQLAlchemy's IntegrityError, as for an INSERT."""
     driver = connection.connection.driver_connection
     if not isinstance(driver, psycopg.Connection):  # the only PostgreSQL driver configured
         raise NotImplementedError(f"ledger inserts: PostgreSQL driver {type(driver).__name__}")
     try:
         with (
             driver.cursor() as cursor,
-            cursor.copy(f"COPY ledger ({_INSERT_COLUMNS}) FROM STDIN") as copy,
+            cursor.copy(f"COPY ledger ({_INSERT_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy,
         ):
+            copy.set_types(COPY_TYPES)
             for row in values:
                 copy.write_row(row)
     except psycopg.IntegrityError as exc:
@@ -100,6 +114,31 @@ def _copy_rows(connection: Connection, values: Sequence[tuple[Any, ...]]) -> Non
 
 
 _INSERT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)
+
+
+def _postgresql_type(column: Column[Any]) -> str:
+    """The PostgreSQL type name of a ledger column, as binary COPY must be told it: a value
+    in another type's binary form would be misread, so test_ledger checks these names
+    against the migrated table's own types."""
+    kind = column.type
+    if isinstance(kind, UTCDateTime):
+        return "timestamptz"
+    if isinstance(kind, ExactDecimal):
+        return "numeric"
+    if isinstance(kind, BigInteger):
+        return "int8"
+    if isinstance(kind, Integer):
+        return "int4"
+    if isinstance(kind, LargeBinary):
+        return "bytea"
+    if isinstance(kind, Text):
+        return "text"
+    if isinstance(kind, String):
+        return "varchar"
+    raise NotImplementedError(f"ledger.{column.name}: no binary COPY type for {kind!r}")
+
+
+COPY_TYPES = tuple(_postgresql_type(ledger.c[name]) for name in COLUMNS)
 # The columns of a ledger row that the schema's types convert (UTCDateTime, ExactDecimal); the
 # others (strings and integers) go to the driver as they are. test_ledger checks this against
 # SQLAlchemy's own bind processors on SQLite and PostgreSQL.

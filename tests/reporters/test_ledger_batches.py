@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, event, select
 
 from meterstream.report_queue import queue_windows
@@ -20,8 +23,14 @@ from meterstream.schema import ledger as ledger_table
 from meterstream.schema import report_queue
 from reporters import ledger
 from reporters.due import settle
-from reporters.ledger import KeyHead, LedgerRow, key_heads, latest_row
-from tests.reporters.test_ledger import NOW, PLUS_5, pending_row, wait_for_a_lock_wait
+from reporters.ledger import KeyHead, LedgerRow, bulk, key_heads, latest_row, model
+from tests.reporters.test_ledger import (
+    NOW,
+    PLUS_5,
+    pending_row,
+    stored_text,
+    wait_for_a_lock_wait,
+)
 
 
 def key_row(customer: str, sequence: int) -> LedgerRow:
@@ -222,3 +231,77 @@ def test_settle_on_postgresql_locks_the_queue_rows_in_the_order_given(
     assert unlocked == []  # all taken by settle, but the last (the holder's)
     with engine.connect() as connection:
         assert connection.execute(select(report_queue.c.customer_id)).all() == []
+
+
+_PG_TYPE_NAMES = {
+    "character varying": "varchar",
+    "text": "text",
+    "bigint": "int8",
+    "integer": "int4",
+    "numeric": "numeric",
+    "timestamp with time zone": "timestamptz",
+    "bytea": "bytea",
+}
+
+
+def test_the_binary_copy_types_are_the_migrated_ledgers_own(postgres_engine: Engine) -> None:
+    """Binary COPY sends each value in the binary form of the type it is told: one told
+    int4 for a bigint column, say, would be misread. The migrated table decides."""
+    with postgres_engine.connect() as connection:
+        found = dict(
+            connection.exec_driver_sql(
+                "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+                "WHERE attrelid = 'ledger'::regclass AND attnum > 0 AND NOT attisdropped"
+            ).all()
+        )
+    assert [_PG_TYPE_NAMES[found[name]] for name in bulk.COLUMNS] == list(bulk.COPY_TYPES)
+
+
+_DECIMALS = st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(
+    lambda d: abs(d.adjusted()) < 60
+)
+_INT64 = st.integers(-(2**63), 2**63 - 1)
+_TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=60)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    totals=st.tuples(_DECIMALS, _DECIMALS, _DECIMALS),
+    numbers=st.tuples(_INT64, _INT64, _INT64, _INT64, st.integers(0, 2**31 - 1)),
+    texts=st.tuples(_TEXT, _TEXT, _TEXT),
+    digest=st.binary(max_size=16),
+)
+def test_binary_copy_stores_what_sqlalchemy_stores(
+    postgres_engine: Engine,
+    totals: tuple[Decimal, Decimal, Decimal],
+    numbers: tuple[int, int, int, int, int],
+    texts: tuple[str, str, str],
+    digest: bytes,
+) -> None:
+    """Generated values of every column type through the binary COPY and through SQLAlchemy's
+    INSERT: the same text stored (a numeric's digits and scale included)."""
+    row = dataclasses.replace(
+        key_row(texts[0][:50] or "c", 1),
+        window_value=totals[0],
+        accounted_total=totals[1],
+        unit_scale=totals[2],
+        revision=numbers[0],
+        units_total=numbers[1],
+        value=numbers[2],
+        sequence=numbers[3],
+        attempts=numbers[4],
+        last_error=texts[1],
+        combination=texts[2],
+        combination_digest=digest,
+    )
+    engine = postgres_engine
+    with engine.begin() as connection:
+        connection.execute(ledger_table.delete())
+        connection.execute(ledger_table.insert(), [model.values_of(row)])
+    expected = stored_text(engine)
+    with engine.begin() as connection:
+        connection.execute(ledger_table.delete())
+        ledger.insert_rows(connection, [row])
+    assert stored_text(engine) == expected

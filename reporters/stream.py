@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -159,6 +160,8 @@ class StreamSender:
         self._renew_margin = timedelta(seconds=renew_margin_s)
         self._headers: dict[str, str] | None = None
         self._expires_at = datetime.min.replace(tzinfo=UTC)
+        # The sending lanes share the session: one renews it while the others wait for it.
+        self._session_lock = threading.Lock()
         # What the SDK sends in these two headers, less its telemetry (a per-install id and
         # the platform string).
         self._user_agent = {
@@ -228,6 +231,10 @@ class StreamSender:
 
     def _session(self, force: bool) -> dict[str, str]:
         """The headers of a stream call on a live session (renewed when due or ``force``)."""
+        with self._session_lock:
+            return self._live_session(force)
+
+    def _live_session(self, force: bool) -> dict[str, str]:
         now = self._clock()
         if self._headers is not None and not force and now < self._expires_at - self._renew_margin:
             return self._headers

@@ -1,14 +1,22 @@
-"""v2 stream sending: writer threads write the chunks while the cycle's thread sends them in order.
+"""v2 stream sending: writer threads write the chunks while sending lanes send them in order.
 
-The written rows go in batches of 100 in ledger order, one call at a time, in groups of up to
-BATCHES_PER_STAMP calls whose rows are stamped in one committed statement before the first of
-them is called. While a group's calls are made, a bookkeeping thread takes the next group and
-stamps it (once the session is checked open: a refused key or a stop leaves it unstamped); its
-calls go out once that stamp is committed and this group is done. An acceptor thread records
-the accepted calls, several in one transaction when they queue up. A call not accepted (or a
-stop, or a session that cannot be renewed before a call) ends the sending and takes back the
-stamps of the calls that will not be made (the rest of the group and the group taken
-meanwhile); the chunks are all written all the same."""
+Each lane on PostgreSQL (one on SQLite) has a writer thread of its own, which writes its share
+of the chunks (chunks l, l + lanes, ...: a (customer, meter)'s rows are all in one chunk, so
+each key's calls keep their order in one lane), and sends them with one call in flight. Lanes
+make calls side by side: Stripe allows concurrent stream calls (10,000 calls/s), and with one
+call in flight a stream goes no faster than one call's round trip allows.
+
+In a lane, the written rows go in batches of 100 in ledger order, one call at a time, in
+groups of up to BATCHES_PER_STAMP calls whose rows are stamped in one committed statement
+before the first of them is called. While a group's calls are made, a bookkeeping thread takes
+the next group and stamps it (once the session is checked open: a refused key or a stop leaves
+it unstamped); its calls go out once that stamp is committed and this group is done. An
+acceptor thread records the accepted calls, several in one transaction when they queue up. A
+call not accepted (or a stop, or a session that cannot be renewed before a call) ends the
+lane's sending and takes back the stamps of the calls that will not be made (the rest of the
+group and the group taken meanwhile); the chunks are all written all the same. A lane that
+raises (a refused key, say) ends the other lanes' sending at their next group.
+"""
 
 from __future__ import annotations
 
@@ -35,9 +43,12 @@ _log = logging.getLogger(__name__)
 STREAM_KEYS_PER_CHUNK = 400
 # Chunks each writer writes ahead of the sending (each at most STREAM_KEYS_PER_CHUNK keys' rows).
 STREAM_CHUNKS_AHEAD = 2
-# Writer threads on PostgreSQL: in a catch-up one writer (about 30 ms a chunk of 100 rows, mostly
-# waiting on the server) was slower than the sending; two keep ahead of it.
-STREAM_WRITERS = 2
+# Lanes on PostgreSQL, each a writer and a sender with one call in flight. A lane sends at
+# most 100 events a round trip: with Stripe 20 ms away (bench.report.stream --latency-ms) one
+# lane sent 3,500 events/s, two 5,500, four 7,200; on the loopback four cost nothing against
+# two. Each lane uses up to three connections at once (writer, stamps, acceptances), within
+# the engine's pool of 15 with the cycle's own.
+STREAM_LANES = 4
 # Calls (of up to 100 rows) stamped in one committed statement: a commit waits for the disk
 # (about 4 ms here), so a stamp per call made the stamps, not the calls, the stream's pace.
 # At most this many calls' rows are ever stamped ahead of their calls (twice this after a
@@ -56,6 +67,7 @@ class V2StreamSender:
     def __init__(self, stream: StreamSender) -> None:
         self.stream = stream
         self.keys_per_chunk = STREAM_KEYS_PER_CHUNK
+        self.lanes = STREAM_LANES  # on PostgreSQL; SQLite has one
 
     def send(
         self,
@@ -64,12 +76,13 @@ class V2StreamSender:
         work: CycleWork,
         result: CycleResult,
     ) -> list[BaseException | None]:
-        """Writer threads write the chunks' rows while this one sends them, in chunk order
-        (the calls wait on the network, the writes on the database). Returns the error of
-        each chunk that failed to be written (its keys wait for the next cycle)."""
+        """Writer threads write the chunks' rows while the lanes send them, each lane its
+        writer's chunks in order (the calls wait on the network, the writes on the
+        database). Returns the error of each chunk that failed to be written (its keys wait
+        for the next cycle)."""
         # PostgreSQL writes chunks side by side (their keys are disjoint; the written-rows
         # counter has a row per connection's slot); SQLite has a single writer.
-        count = STREAM_WRITERS if book.engine.dialect.name == "postgresql" else 1
+        count = self.lanes if book.engine.dialect.name == "postgresql" else 1
         written: list[queue.Queue[list[LedgerRow] | None]] = [
             queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)
         ]
@@ -77,7 +90,7 @@ class V2StreamSender:
 
         def write_share(share: int) -> None:
             """Chunks share, share + count, ... in order, each into this writer's queue (an
-            empty list for a chunk that failed, so the sender stays in step)."""
+            empty list for a chunk that failed, so that its lane goes on with the next)."""
             try:
                 for chunk in chunks[share::count]:
                     try:
@@ -98,8 +111,19 @@ class V2StreamSender:
         ]
         for writer in writers:
             writer.start()
+        ended = threading.Event()  # a lane raised: the others end at their next group
         try:
-            self._send_stream(book, _in_order(written, len(chunks)), result)
+            with ThreadPoolExecutor(count - 1 or 1, thread_name_prefix="reporter-lane") as pool:
+                lanes = [
+                    pool.submit(self._send_lane, book, _queued(written[n]), result, ended)
+                    for n in range(1, count)
+                ]
+                try:
+                    self._send_lane(book, _queued(written[0]), result, ended)
+                finally:
+                    failed = _failures(lanes, "a sending lane failed")
+            if failed:
+                raise failed[0]
         except BaseException:
             # run_cycle will not see the chunks' errors: say them here.
             self._drain(writers, written)
@@ -108,6 +132,20 @@ class V2StreamSender:
             raise
         self._drain(writers, written)
         return errors
+
+    def _send_lane(
+        self,
+        book: Bookkeeper,
+        chunks: Iterator[list[LedgerRow]],
+        result: CycleResult,
+        ended: threading.Event,
+    ) -> None:
+        """One lane's sending; if it raises, ``ended`` tells the other lanes to end too."""
+        try:
+            self._send_stream(book, chunks, result, ended)
+        except BaseException:
+            ended.set()
+            raise
 
     @staticmethod
     def _drain(
@@ -123,7 +161,11 @@ class V2StreamSender:
             writer.join()
 
     def _send_stream(
-        self, book: Bookkeeper, chunks: Iterator[list[LedgerRow]], result: CycleResult
+        self,
+        book: Bookkeeper,
+        chunks: Iterator[list[LedgerRow]],
+        result: CycleResult,
+        ended: threading.Event,
     ) -> None:
         """Rows in ledger order, 100 a call, one call at a time, in groups of up to
         BATCHES_PER_STAMP calls stamped in one committed statement. While a group's calls go
@@ -147,13 +189,16 @@ class V2StreamSender:
                     # not called (its session not renewed, a stop) is unstamped here.
                     if not self._session_open(book, _rows_of(group), stamped_at):
                         break
-                    more = not book.stop.is_set()
+                    more = not (book.stop.is_set() or ended.is_set())
                     prepared = bookkeeper.submit(
                         self._prepare_next, book, chunks, waiting, more, result
                     )
                     try:
-                        done = self._call_group(book, group, stamped, stamped_at, acceptor, result)
+                        done = self._call_group(
+                            book, group, stamped, stamped_at, acceptor, result, ended
+                        )
                     except BaseException:  # a refused key, say: the group taken is not called
+                        ended.set()  # first: the other lanes end at their next call
                         self._take_back(book, prepared)
                         raise
                     group, stamped, stamped_at = prepared.result()
@@ -161,7 +206,9 @@ class V2StreamSender:
                         book.unstamp(_rows_of(group), stamped_at)
                         break
         finally:
-            failed = _failures(acceptor.futures)
+            failed = _failures(
+                acceptor.futures, "an accepted stream call could not be recorded; resent next cycle"
+            )
         if failed:
             raise failed[0]
 
@@ -173,9 +220,11 @@ class V2StreamSender:
         stamped_at: datetime,
         acceptor: _Acceptor,
         result: CycleResult,
+        ended: threading.Event,
     ) -> bool:
-        """Call the group's batches in order; False if the sending ends (a stop, or a call
-        not accepted), the stamps of the batches not called taken back."""
+        """Call the group's batches in order; False if the sending ends (a stop, another
+        lane's error, or a call not accepted), the stamps of the batches not called taken
+        back."""
         for n, batch in enumerate(group):
             if n and not self._session_open(book, _rows_of(group[n:]), stamped_at):
                 return False
@@ -187,12 +236,13 @@ class V2StreamSender:
                 elif outcome is not None:
                     book.record([(row, outcome) for row in calls], "accepted", result)
             except BaseException:  # a refused key, or an answer not recorded
+                ended.set()  # first: the other lanes end after the call they have in flight
                 book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
                 raise
             if outcome is None:  # a stop came before the call: its stamps are taken back
                 book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
                 return False
-            if outcome.kind == "retry" or book.stop.is_set():
+            if outcome.kind == "retry" or book.stop.is_set() or ended.is_set():
                 # Later batches wait (per (customer, meter) order must hold): the stamps of
                 # those taken are taken back, as they will not be called.
                 book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
@@ -304,15 +354,9 @@ class V2StreamSender:
         return [waiting.popleft() for _ in range(min(MAX_EVENTS_PER_CALL, len(waiting)))]
 
 
-def _in_order(
-    written: Sequence[queue.Queue[list[LedgerRow] | None]], chunks: int
-) -> Iterator[list[LedgerRow]]:
-    """The chunks' rows in chunk order, chunk n from writer n % len(written); ends early if a
-    writer ended early (its None), since its later chunks will never come."""
-    for n in range(chunks):
-        rows = written[n % len(written)].get()
-        if rows is None:
-            return
+def _queued(written: queue.Queue[list[LedgerRow] | None]) -> Iterator[list[LedgerRow]]:
+    """A writer's chunks in order, until its None."""
+    while (rows := written.get()) is not None:
         yield rows
 
 
@@ -360,12 +404,11 @@ class _Acceptor:
             raise failed
 
 
-def _failures(acceptances: Sequence[Future[None]]) -> list[BaseException]:
-    """The errors of the acceptances that failed, each logged: their rows stay pending and
-    stamped, and are resent next cycle under their identifiers (Stripe deduplicates them)."""
-    failed = [error for done in acceptances if (error := done.exception()) is not None]
+def _failures(done: Sequence[Future[None]], what: str) -> list[BaseException]:
+    """The errors of the futures that failed (once all are done), each logged as ``what``
+    (an acceptance's rows stay pending and stamped, and are resent next cycle under their
+    identifiers, which Stripe deduplicates)."""
+    failed = [error for future in done if (error := future.exception()) is not None]
     for error in failed:
-        _log.error(
-            "an accepted stream call could not be recorded; resent next cycle", exc_info=error
-        )
+        _log.error(what, exc_info=error)
     return failed

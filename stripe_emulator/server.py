@@ -76,6 +76,10 @@ class _Server(ThreadingHTTPServer):
         self.api = StripeApi(
             self.emulator.state, self.emulator.faults, self.emulator.rate_limit, CallSlots()
         )
+        # Added to every API call's answer: the round trip to Stripe (tens of ms from a data
+        # centre), which the loopback hides; a benchmark sets it to show what the number of
+        # calls in flight does.
+        self.latency_s = 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -112,6 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path.startswith("/_emulator/"):
                 response = _control(self.server.emulator, request)
             else:
+                if self.server.latency_s:
+                    time.sleep(self.server.latency_s)
                 self.server.emulator.received.append(request)
                 response = self.server.api.handle(request)
         except Exception:
@@ -275,13 +281,15 @@ def run_stripe_emulator(
     rate_clock: Callable[[], float] = time.monotonic,
     fault_seed: int = 0,
     keep_requests: int = 0,
+    latency_s: float = 0.0,
 ) -> Iterator[Emulator]:
     """Serve the emulator on a background thread for the `with` body, then stop it.
 
     `port=0` picks a free port (read it from `.url`). `clock` is Stripe's clock (Unix
     seconds: timestamps, session expiry, the 24 h cancel window); `rate_clock` drives the
     account rate limit; `rate_limit_per_s=None` turns the account rate limit off;
-    `keep_requests`: how many of the latest API calls `Emulator.received` keeps.
+    `keep_requests`: how many of the latest API calls `Emulator.received` keeps;
+    `latency_s`: added to every API call (a network's round trip).
     """
     server = _make_server(
         host,
@@ -292,6 +300,7 @@ def run_stripe_emulator(
         fault_seed=fault_seed,
         keep_requests=keep_requests,
     )
+    server.latency_s = latency_s
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )

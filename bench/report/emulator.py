@@ -13,9 +13,9 @@ from meterstream.meters import Catalogue
 from stripe_emulator import run_stripe_emulator
 
 
-def _serve_emulator(conn: Connection) -> None:
+def _serve_emulator(conn: Connection, latency_s: float) -> None:
     """Child process: run the emulator and obey (command, argument) pairs from ``conn``."""
-    with run_stripe_emulator(rate_limit_per_s=None) as emulator:
+    with run_stripe_emulator(rate_limit_per_s=None, latency_s=latency_s) as emulator:
         conn.send(emulator.url)
         while True:
             command, argument = conn.recv()
@@ -56,10 +56,11 @@ class EmulatorProcess:
 
 
 @contextmanager
-def emulator_process(catalogue: Catalogue) -> Iterator[EmulatorProcess]:
+def emulator_process(catalogue: Catalogue, latency_s: float = 0.0) -> Iterator[EmulatorProcess]:
+    """The emulator in a process of its own; ``latency_s`` is added to every API call."""
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=_serve_emulator, args=(child,), daemon=True)
+    process = context.Process(target=_serve_emulator, args=(child, latency_s), daemon=True)
     process.start()
     try:
         yield EmulatorProcess(str(parent.recv()), parent, catalogue)

@@ -10,6 +10,10 @@ Each round, with the emulator (no rate limit) in a process of its own and a fres
    ledger rows, stamp, call, mark accepted), every event checked recorded by the emulator.
 The figures printed are the median of the rounds, with every round shown.
 Target (issue #15): the reporter >= 1.0 x Stripe's 10,000 events/s; 3x is the goal.
+
+Then, with --latency-ms added to every call of an emulator of its own (Stripe is tens of ms
+away, which the loopback hides), one cycle with one sending lane and one with the default
+number: with one call in flight a lane sends at most 100 events a round trip.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from bench.report.reporter import METERS_FILE
 from bench.report.throughput import Rate, bare_stream, reporter_cycle
 from bench.report.windows import throughput_windows
 from meterstream.meters import load_catalogue
+from reporters.stream_sender import STREAM_LANES
 
 # Stripe's planning figure for the v2 meter event stream (docs: 10,000 events/s per account).
 STRIPE_STREAM_EVENTS_PER_S = 10_000.0
@@ -56,6 +61,24 @@ def stream_rounds(
     return bare, reporter
 
 
+def latency_rounds(postgres: str, windows: int, latency_ms: float) -> dict[int, Rate]:
+    """The reporter's rate by number of lanes (1, then the default), every call delayed."""
+    catalogue = load_catalogue(METERS_FILE)
+    rates: dict[int, Rate] = {}
+    with emulator_process(catalogue, latency_s=latency_ms / 1000) as emulator:
+        for lanes in sorted({1, STREAM_LANES}):
+            fresh = throughput_windows(catalogue, windows, f"l{lanes}")
+            emulator.seed(sorted({w.customer_id for w in fresh}))
+            rates[lanes] = reporter_cycle(
+                emulator, catalogue, fresh, postgres, True, False, lanes=lanes
+            )
+            print(
+                f"{latency_ms:g} ms a call, {lanes} lane(s): {rates[lanes].per_s:,.0f} events/s",
+                flush=True,
+            )
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report.stream", description=__doc__)
     parser.add_argument(
@@ -66,9 +89,16 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=30_000, help="windows per cycle")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median shown)")
     parser.add_argument("--profile", action="store_true", help="py-spy the reporter cycles")
+    parser.add_argument(
+        "--latency-ms", type=float, default=20.0, help="a call's round trip for the lanes run"
+    )
+    parser.add_argument(
+        "--latency-windows", type=int, default=5_000, help="windows of the lanes run's cycles"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     bare, reporter = stream_rounds(args.postgres, args.windows, args.rounds, args.profile)
+    by_lanes = latency_rounds(args.postgres, args.latency_windows, args.latency_ms)
     emulator_per_s = statistics.median(r.per_s for r in bare)
     reporter_per_s = statistics.median(r.per_s for r in reporter)
     cpu_ms = statistics.median(1000 * (r.cpu_seconds or 0) / r.events for r in reporter)
@@ -88,6 +118,10 @@ def main() -> None:
             "ratio_vs_stripe_10000": round(versus_stripe, 2),
             "ratio_vs_emulator": round(versus_emulator, 3),
             "targets": {"ratio_vs_stripe_10000": 1.0, "goal_vs_stripe_10000": 3.0},
+            "latency_ms": args.latency_ms,
+            "latency_events_per_s_by_lanes": {
+                str(lanes): round(rate.per_s) for lanes, rate in by_lanes.items()
+            },
         },
     )
     table(
@@ -102,6 +136,13 @@ def main() -> None:
             ),
             ("vs Stripe's 10,000 events/s (target >= 1.0, goal 3)", f"{versus_stripe:.2f}"),
             ("vs the emulator's capacity, same run", f"{versus_emulator:.2f}"),
+            *(
+                (
+                    f"{args.latency_ms:g} ms a call, {lanes} sending lane(s)",
+                    f"{rate.per_s:,.0f} events/s",
+                )
+                for lanes, rate in by_lanes.items()
+            ),
         ],
     )
 

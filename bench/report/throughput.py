@@ -152,10 +152,14 @@ def reporter_cycle(
     postgres: str | None,
     stream: bool,
     profile: bool,
+    lanes: int | None = None,
 ) -> Rate:
-    """One report cycle over ``windows`` (seeded as window totals); events/s acknowledged."""
+    """One report cycle over ``windows`` (seeded as window totals); events/s acknowledged.
+    ``lanes``: the stream's sending lanes, if not its default."""
     with database(postgres) as url:
         reporter, engine = reporter_for(url, emulator.url, catalogue, stream)
+        if lanes is not None:
+            reporter.sender.lanes = lanes  # type: ignore[attr-defined]  # a stream reporter's
         try:
             write_windows(engine, windows, [])
             spans: list[float] = []

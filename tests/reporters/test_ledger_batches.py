@@ -261,7 +261,9 @@ _DECIMALS = st.decimals(allow_nan=False, allow_infinity=False, places=None).filt
     lambda d: abs(d.adjusted()) < 60
 )
 _INT64 = st.integers(-(2**63), 2**63 - 1)
-_TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=60)
+_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60
+)
 
 
 @settings(

@@ -19,10 +19,12 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError
 
+from meterstream.db import build_engine, migrate
 from meterstream.deployment import stored_deployment_id
 from meterstream.errors import StripeAuthError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
+from meterstream.settings import load_settings
 from reporters import stream_sender
 from reporters.bookkeeping import Bookkeeper
 from reporters.cycle import Reporter
@@ -37,7 +39,7 @@ from reporters.stripe_push import (
     build_client,
     classify,
 )
-from stripe_emulator import Emulator
+from stripe_emulator import Emulator, run_stripe_emulator
 from tests.reporters.test_ledger import pending_row, refuse_updates_of
 from tests.reporters.test_reporter import (
     SECRET,
@@ -288,9 +290,11 @@ def stream_reporter(
     world: World,
     transport: KeepAliveClient,
     session_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    lanes: int = 1,
 ) -> Iterator[Reporter]:
-    """A stream Reporter on ``transport`` (its sessions timed by ``session_clock``); its
-    connection and ``transport`` are closed on exit."""
+    """A stream Reporter on ``transport`` (its sessions timed by ``session_clock``), in one
+    sending lane unless told (the tests of a call sequence read one lane's); its connection
+    and ``transport`` are closed on exit."""
     settings = world.settings.model_copy(update={"stripe_stream": True})
     connected = connect(settings, world.catalogue, world.metrics, world.stop)
     stream = StreamSender(
@@ -301,12 +305,14 @@ def stream_reporter(
         session_clock,
         max_network_retries=SDK_NETWORK_RETRIES,
     )
+    sender = V2StreamSender(stream)
+    sender.lanes = lanes
     reporter = Reporter(
         world.engine,
         world.catalogue,
         connected.stripe_meters,
         world.metrics,
-        sender=V2StreamSender(stream),
+        sender=sender,
         clock=lambda: datetime.now(UTC),
         stop=world.stop,
         horizon_days=settings.horizon_days,
@@ -672,3 +678,100 @@ def drop_refusal(engine: Engine) -> None:
             "DROP TRIGGER refuse_accepted"
             + ("" if engine.dialect.name == "sqlite" else " ON ledger")
         )
+
+
+@pytest.fixture
+def pg_stream_world(postgres_url: str, tmp_path: Path) -> Iterator[World]:
+    """A World on a migrated PostgreSQL database, where the stream sends in several lanes."""
+    engine = build_engine(load_settings(database_url=postgres_url))
+    migrate(engine)
+    try:
+        with run_stripe_emulator(rate_limit_per_s=None) as emulator:
+            create_stripe_meters(emulator)
+            settings = world_settings(emulator, postgres_url, tmp_path)
+            yield World(emulator, engine, settings, load_catalogue(settings.meters_file))
+    finally:
+        engine.dispose()
+
+
+def two_windows_each(world: World, count: int) -> list[str]:
+    """``count`` customers, each with two due windows of tokens (two rows of one key)."""
+    customers = [f"cus_{n:03d}" for n in range(count)]
+    for customer in customers:
+        world.emulator.state.create_customer(customer_id=customer)
+        put_total(world.engine, customer, "tokens", hour_start(3), "2")
+        put_total(world.engine, customer, "tokens", hour_start(2), "3")
+    return customers
+
+
+def called_identifiers(transport: Transport) -> set[str]:
+    return {
+        event["identifier"]
+        for _method, url, _headers, body in transport.sent
+        if url.endswith(STREAM_PATH)
+        for event in json.loads(body)["events"]
+    }
+
+
+def test_lanes_on_postgresql_send_every_row_once_each_keys_rows_in_order(
+    pg_stream_world: World,
+) -> None:
+    """Four lanes, sixteen chunks: calls go out side by side from several threads, every
+    row is sent once and accepted, and each (customer, meter)'s rows reach Stripe in
+    ledger order (both of a key's rows are in one chunk, so in one lane)."""
+    world = pg_stream_world
+    customers = two_windows_each(world, 400)
+    threads: set[str] = set()
+    transport = Transport(lambda: threads.add(threading.current_thread().name))
+    with stream_reporter(world, transport, lanes=4) as reporter:
+        sender = reporter.sender
+        assert isinstance(sender, V2StreamSender)
+        sender.keys_per_chunk = 25
+        result = reporter.run_cycle()
+
+    rows = all_rows(world.engine)
+    assert (result.acknowledged, result.unacknowledged) == (800, 0)
+    assert {(r.status, r.attempts) for r in rows} == {("accepted", 1)}
+    events = world.emulator.state.events
+    assert sorted(e.identifier for e in events) == sorted(r.identifier for r in rows)
+    arrival: dict[str, list[int]] = {}
+    for event in events:
+        arrival.setdefault(event.customer_id, []).append(event.timestamp)
+    assert all(times == sorted(times) and len(times) == 2 for times in arrival.values())
+    assert len(arrival) == len(customers)
+    assert len(threads) > 1
+
+
+def test_a_key_refused_in_one_lane_ends_every_lane_with_no_uncalled_row_stamped(
+    pg_stream_world: World,
+) -> None:
+    """Five calls a lane; the third call is refused (401): the cycle raises, every lane ends
+    after at most the call it had in flight, and exactly the rows of the calls made are
+    stamped (the groups taken meanwhile are taken back)."""
+    world = pg_stream_world
+    two_windows_each(world, 1_000)
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def refuse_the_fifth() -> Any:
+        with lock:
+            calls.append(len(calls))
+            if len(calls) == 3:
+                return json.dumps(_error("invalid_request_error", "revoked")), 401, {}
+        return None
+
+    transport = Transport(refuse_the_fifth)
+    with stream_reporter(world, transport, lanes=4) as reporter, pytest.raises(StripeAuthError):
+        sender = reporter.sender
+        assert isinstance(sender, V2StreamSender)
+        sender.keys_per_chunk = 50
+        reporter.run_cycle()
+
+    rows = all_rows(world.engine)
+    called = called_identifiers(transport)
+    accepted = {e.identifier for e in world.emulator.state.events}
+    assert len(rows) == 2_000  # every chunk written all the same
+    assert len(calls) <= 3 + 3  # the refused one's lane ends; the others after one more
+    assert {r.identifier for r in rows if r.attempts} == called
+    assert {r.identifier for r in rows if r.status == "accepted"} == accepted
+    assert all(r.status == "pending" for r in rows if r.identifier not in accepted)

@@ -9,8 +9,10 @@ slow re-check; held usage has its own gauges and alert.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
+from meterstream.meters import Catalogue
 from meterstream.schema import customer_links
 from reporters.customers import link_customer
 from reporters.due import take_due
@@ -144,3 +146,26 @@ def test_an_unknown_row_does_not_pin_the_billing_lag_and_has_its_own_gauge(world
     put_total(world.engine, "cus_b", "tokens", hour_start(5), "1")
     reporter_with(world, clock).run_cycle()
     assert world.metric("meterstream_reporter_billing_lag_seconds") >= 21 * 3600
+
+
+def test_billing_lag_takes_each_meters_own_grace(world: World) -> None:
+    """The rows not final of every meter are read in one pass, each held to its own meter's
+    grace: a window inside its meter's grace is not lag, one past another's is."""
+    now = datetime.now(UTC)
+    world.emulator.faults.inject("http_500", count=None, path_prefix="/v1/billing/meter_events")
+    put_total(world.engine, "cus_b", "tokens", hour_start(3), "1")  # ended 2 to 3 h ago
+    put_total(world.engine, "cus_c", "storage", hour_start(5), "1")  # ended 4 to 5 h ago
+    world.cycle()  # both rows written, neither acknowledged
+    meters = world.catalogue.meters
+    lenient = {
+        **meters,
+        "storage": dataclasses.replace(meters["storage"], grace_s=5 * 3600),
+        "tokens": dataclasses.replace(meters["tokens"], grace_s=60),
+    }
+    strict = {**lenient, "tokens": dataclasses.replace(meters["tokens"], grace_s=3 * 3600)}
+
+    lag = billing_lag_s(world.engine, Catalogue(lenient), now)
+    nothing_past_grace = billing_lag_s(world.engine, Catalogue(strict), now)
+
+    assert 2 * 3600 <= lag < 3 * 3600  # tokens' window, not storage's older one
+    assert nothing_past_grace == 0

@@ -1,0 +1,102 @@
+"""settle locks report_queue rows in Python's order (code points): reporters/due.py says that
+is the aggregators' order. The aggregators' PostgreSQL statement (aggregators/postgres.py)
+upserts them ``ORDER BY customer_id, meter, ...`` in the database's collation, which is
+Python's only in a C database. In one whose collation is not C (the postgres image's
+initdb default is en_US.utf8) the orders differ for ordinary customer ids ("a1", "a_1"),
+and an aggregator batch and a reporter writer deadlock: PostgreSQL aborts one of them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from aggregators.postgres import upsert_totals
+from meterstream.db import build_engine, migrate
+from meterstream.report_queue import queue_windows
+from meterstream.settings import load_settings
+from reporters.due import settle
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.reporters.test_ledger import NOW, wait_for_a_lock_wait
+
+_KINDS = {"additive": ["tokens"], "max": [], "min": []}
+_START = NOW - timedelta(hours=1)
+
+
+@pytest.fixture
+def en_us_engine() -> Iterator[Engine]:
+    """A migrated database whose default collation is ICU en-US (not C)."""
+    name = f"meterstream_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE 'C.UTF-8' "
+            "LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        )
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    engine = build_engine(load_settings(database_url=url))
+    migrate(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _batch(customers: list[str]) -> list[tuple]:
+    return [
+        ((c, "tokens", _START, ""), _START + timedelta(hours=1), Decimal(1), 1, NOW, "e1")
+        for c in customers
+    ]
+
+
+def test_settle_and_an_aggregator_batch_take_the_queue_rows_in_one_order(
+    en_us_engine: Engine,
+) -> None:
+    engine = en_us_engine
+    customers = ["a1", "a_1"]  # Python: a1 < a_1; ICU en-US: a_1 < a1
+    # The order an aggregator batch of both windows takes their queue rows in (its inserts'
+    # order, rolled back).
+    with engine.connect() as connection:
+        upsert_totals(connection, _batch(customers), _KINDS, NOW)
+        aggregator_order = [
+            c for (c,) in connection.exec_driver_sql(
+                "SELECT customer_id FROM report_queue ORDER BY ctid"
+            )
+        ]
+        connection.rollback()
+    queued = [(c, "tokens", _START, 1) for c in customers]
+    with engine.begin() as connection:
+        queue_windows(connection, queued)
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    failures: list[BaseException] = []
+    with engine.connect() as aggregator, psycopg.connect(url) as probe:
+        # The aggregator's batch, its rows taken one at a time in its statement's order.
+        upsert_totals(aggregator, _batch(aggregator_order[:1]), _KINDS, NOW)
+
+        def settle_both() -> None:
+            with engine.begin() as connection:
+                settle(connection, [(c, m, s, b"", r) for c, m, s, r in queued])
+
+        with ThreadPoolExecutor(1) as pool:
+            settling = pool.submit(settle_both)
+            wait_for_a_lock_wait(probe)
+            try:
+                upsert_totals(aggregator, _batch(aggregator_order[1:]), _KINDS, NOW)
+                aggregator.commit()
+            except OperationalError as exc:
+                aggregator.rollback()
+                failures.append(exc)
+            try:
+                settling.result(timeout=30)
+            except OperationalError as exc:
+                failures.append(exc)
+    assert failures == []  # no deadlock
+    assert aggregator_order == sorted(customers)  # settle's order

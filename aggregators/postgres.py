@@ -43,7 +43,9 @@ RETURNING event_day, key
 # updated_at moves only when the value changes, to this batch's time (strictly later than the
 # last batch's), which tells RETURNING which windows changed. Each changed window is queued
 # for the reporter (report_queue, see reporters/due.py) by the same statement, so in the same
-# transaction, in key order like the windows themselves.
+# transaction, in key order like the windows themselves. Key order is Python's (code points,
+# COLLATE "C"), as settle (reporters/due.py) and queue_combinations lock them: the database's
+# own collation (en_US in the postgres image) orders "a_1" before "a1", and they deadlock.
 _UPSERT = """
 WITH upserted AS (
 INSERT INTO window_totals AS w (customer_id, meter, window_start, combination,
@@ -54,7 +56,7 @@ FROM unnest(%(c)s::text[], %(m)s::text[], %(s)s::timestamptz[], %(k)s::text[], %
             %(e)s::timestamptz[], %(proposed)s::numeric[], %(n)s::bigint[],
             %(lt)s::timestamptz[], %(lid)s::text[])
      AS u(c, m, s, k, d, e, proposed, n, lt, lid)
-ORDER BY c, m, s, decode(d, 'hex')
+ORDER BY c COLLATE "C", m COLLATE "C", s, decode(d, 'hex')
 ON CONFLICT (customer_id, meter, window_start, combination_digest) DO UPDATE SET
     value = {merged},
     revision = w.revision + CASE WHEN {merged} <> w.value THEN 1 ELSE 0 END,
@@ -69,7 +71,7 @@ RETURNING customer_id, meter, window_start, combination, combination_digest, val
                               revision)
     SELECT customer_id, meter, window_start, combination, combination_digest, revision
     FROM upserted WHERE changed
-    ORDER BY customer_id, meter, window_start, combination_digest
+    ORDER BY customer_id COLLATE "C", meter COLLATE "C", window_start, combination_digest
     ON CONFLICT (customer_id, meter, window_start, combination_digest)
     DO UPDATE SET revision = excluded.revision
 )

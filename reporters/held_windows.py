@@ -62,8 +62,11 @@ def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: dateti
     still the one read; the indexes (in ``held``'s order) held for the first time at that
     revision and reason (to count and log once), the others were re-checks."""
     first: set[int] = set()
+    # In key order, as the aggregators and settle lock the queue's rows (no deadlock): a
+    # chunk's holds come in two runs (no customer link, then the rows' own).
+    in_key_order = sorted(enumerate(held), key=lambda item: _queue_key(item[1][0]))
     with engine.begin() as connection:
-        for index, (window, reason) in enumerate(held):
+        for index, (window, reason) in in_key_order:
             if window.queued is None or reason not in SET_ASIDE:
                 continue
             key = and_(
@@ -98,6 +101,10 @@ def set_aside(engine: Engine, held: Iterable[tuple[DueWindow, str]], now: dateti
             if marked:
                 first.add(index)
     return first
+
+
+def _queue_key(window: DueWindow) -> tuple[str, str, datetime, bytes]:
+    return (window.customer_id, window.meter, window.window_start, window.combination_digest)
 
 
 def set_aside_and_count(

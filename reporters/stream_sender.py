@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
-from meterstream.errors import StoppedError
+from meterstream.errors import StoppedError, StripeAuthError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.due import Key
 from reporters.ledger import LedgerRow
@@ -45,10 +45,10 @@ STREAM_KEYS_PER_CHUNK = 400
 STREAM_CHUNKS_AHEAD = 2
 # Lanes on PostgreSQL, each a writer and a sender with one call in flight. A lane sends at
 # most 100 events a round trip: with Stripe 20 ms away (bench.report.stream --latency-ms) one
-# lane sent 3,500 events/s, two 5,500, four 7,200; on the loopback four cost nothing against
-# two. Each lane uses up to three connections at once (writer, stamps, acceptances), within
-# the engine's pool of 15 with the cycle's own.
-STREAM_LANES = 4
+# lane sent 3,500 events/s, two 5,500, four 7,200; on the loopback more lanes cost nothing.
+# A lane uses up to four connections at once (its writer, its stamps, its acceptor and its
+# own records): three lanes stay within the engine's pool of 15 with the webhook thread's.
+STREAM_LANES = 3
 # Calls (of up to 100 rows) stamped in one committed statement: a commit waits for the disk
 # (about 4 ms here), so a stamp per call made the stamps, not the calls, the stream's pace.
 # At most this many calls' rows are ever stamped ahead of their calls (twice this after a
@@ -111,19 +111,21 @@ class V2StreamSender:
         ]
         for writer in writers:
             writer.start()
-        ended = threading.Event()  # a lane raised: the others end at their next group
+        ended = threading.Event()  # a lane raised: the others end at their next call
         try:
             with ThreadPoolExecutor(count - 1 or 1, thread_name_prefix="reporter-lane") as pool:
                 lanes = [
                     pool.submit(self._send_lane, book, _queued(written[n]), result, ended)
                     for n in range(1, count)
                 ]
+                failed: list[BaseException] = []
                 try:
                     self._send_lane(book, _queued(written[0]), result, ended)
-                finally:
-                    failed = _failures(lanes, "a sending lane failed")
+                except BaseException as exc:  # raised below, once the other lanes end
+                    failed.append(exc)
+                failed += [error for lane in lanes if (error := lane.exception()) is not None]
             if failed:
-                raise failed[0]
+                raise _most_telling(failed)
         except BaseException:
             # run_cycle will not see the chunks' errors: say them here.
             self._drain(writers, written)
@@ -175,7 +177,7 @@ class V2StreamSender:
         the sending and takes back the stamps of the calls that will not be made."""
         waiting: deque[LedgerRow] = deque()
         group = self._next_group(book, chunks, waiting, result)
-        if not self._ready(_rows_of(group)):
+        if ended.is_set() or not self._ready(_rows_of(group)):
             return
         stamped, stamped_at = book.stamp_call(_rows_of(group))
         acceptor = _Acceptor(book, result)
@@ -402,6 +404,16 @@ class _Acceptor:
                 failed = failed or exc
         if failed is not None:
             raise failed
+
+
+def _most_telling(failed: Sequence[BaseException]) -> BaseException:
+    """The error the cycle raises when lanes failed: a refused key first (it stops the
+    reporter), else the first; the others are logged."""
+    chosen = next((e for e in failed if isinstance(e, StripeAuthError)), failed[0])
+    for error in failed:
+        if error is not chosen:
+            _log.error("a sending lane failed", exc_info=error)
+    return chosen
 
 
 def _failures(done: Sequence[Future[None]], what: str) -> list[BaseException]:

@@ -22,7 +22,9 @@ from aggregators.postgres import upsert_totals
 from meterstream.db import build_engine, migrate
 from meterstream.report_queue import queue_windows
 from meterstream.settings import load_settings
-from reporters.due import settle
+from reporters.due import DueWindow, settle
+from reporters.held_windows import set_aside
+from reporters.rows import HELD_NO_CUSTOMER_LINK
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.reporters.test_ledger import NOW, wait_for_a_lock_wait
 
@@ -67,7 +69,8 @@ def test_settle_and_an_aggregator_batch_take_the_queue_rows_in_one_order(
     with engine.connect() as connection:
         upsert_totals(connection, _batch(customers), _KINDS, NOW)
         aggregator_order = [
-            c for (c,) in connection.exec_driver_sql(
+            c
+            for (c,) in connection.exec_driver_sql(
                 "SELECT customer_id FROM report_queue ORDER BY ctid"
             )
         ]
@@ -100,3 +103,46 @@ def test_settle_and_an_aggregator_batch_take_the_queue_rows_in_one_order(
                 failures.append(exc)
     assert failures == []  # no deadlock
     assert aggregator_order == sorted(customers)  # settle's order
+
+
+def test_set_aside_takes_the_queue_rows_in_key_order(postgres_engine: Engine) -> None:
+    """A chunk's holds come in two runs (windows with no customer link, then the rows' own):
+    set_aside marks them in key order, as an aggregator batch takes them, so the two never
+    deadlock. An aggregator holds the first key's row; set_aside, given the second key
+    first, waits on the first before it takes the second."""
+    engine = postgres_engine
+    customers = ["a", "b"]
+    queued = [(c, "tokens", _START, 1) for c in customers]
+    with engine.begin() as connection:
+        queue_windows(connection, queued)
+    held = [
+        (
+            DueWindow(c, "tokens", _START, _START + timedelta(hours=1), 1, Decimal(1), None, 1),
+            HELD_NO_CUSTOMER_LINK,
+        )
+        for c in reversed(customers)
+    ]
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    failures: list[BaseException] = []
+    with engine.connect() as aggregator, psycopg.connect(url) as probe:
+        upsert_totals(aggregator, _batch(customers[:1]), _KINDS, NOW)
+
+        def hold_both() -> set[int]:
+            return set_aside(engine, held, NOW)
+
+        with ThreadPoolExecutor(1) as pool:
+            holding = pool.submit(hold_both)
+            wait_for_a_lock_wait(probe)
+            try:
+                upsert_totals(aggregator, _batch(customers[1:]), _KINDS, NOW)
+                aggregator.rollback()
+            except OperationalError as exc:
+                aggregator.rollback()
+                failures.append(exc)
+            try:
+                first = holding.result(timeout=30)
+            except OperationalError as exc:
+                failures.append(exc)
+                first = set()
+    assert failures == []  # no deadlock
+    assert first == {0, 1}  # both held, reported by their places in ``held``

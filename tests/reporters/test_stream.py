@@ -775,3 +775,14 @@ def test_a_key_refused_in_one_lane_ends_every_lane_with_no_uncalled_row_stamped(
     assert {r.identifier for r in rows if r.attempts} == called
     assert {r.identifier for r in rows if r.status == "accepted"} == accepted
     assert all(r.status == "pending" for r in rows if r.identifier not in accepted)
+
+
+def test_when_lanes_fail_a_refused_key_is_the_error_the_cycle_raises() -> None:
+    """A lane's acceptance that could not be recorded and another lane's refused key: the
+    refused key is raised (it stops the reporter), whichever lane failed first."""
+    unrecorded = DatabaseError("UPDATE ledger", None, Exception("gone"))
+    refused = StripeAuthError("the key is refused")
+
+    assert stream_sender._most_telling([unrecorded, refused]) is refused
+    assert stream_sender._most_telling([refused, unrecorded]) is refused
+    assert stream_sender._most_telling([unrecorded]) is unrecorded

@@ -116,26 +116,25 @@ def _copy_rows(connection: Connection, values: Sequence[tuple[Any, ...]]) -> Non
 _INSERT_COLUMNS = ", ".join(f'"{name}"' for name in COLUMNS)
 
 
+# The PostgreSQL type name of each of the ledger's column types, as binary COPY must be told
+# it: a value in another type's binary form would be misread, so test_ledger checks these
+# names against the migrated table's own types. Subclasses before their bases.
+_COPY_TYPE_NAMES: tuple[tuple[type[Any], str], ...] = (
+    (UTCDateTime, "timestamptz"),
+    (ExactDecimal, "numeric"),
+    (BigInteger, "int8"),
+    (Integer, "int4"),
+    (LargeBinary, "bytea"),
+    (Text, "text"),
+    (String, "varchar"),
+)
+
+
 def _postgresql_type(column: Column[Any]) -> str:
-    """The PostgreSQL type name of a ledger column, as binary COPY must be told it: a value
-    in another type's binary form would be misread, so test_ledger checks these names
-    against the migrated table's own types."""
-    kind = column.type
-    if isinstance(kind, UTCDateTime):
-        return "timestamptz"
-    if isinstance(kind, ExactDecimal):
-        return "numeric"
-    if isinstance(kind, BigInteger):
-        return "int8"
-    if isinstance(kind, Integer):
-        return "int4"
-    if isinstance(kind, LargeBinary):
-        return "bytea"
-    if isinstance(kind, Text):
-        return "text"
-    if isinstance(kind, String):
-        return "varchar"
-    raise NotImplementedError(f"ledger.{column.name}: no binary COPY type for {kind!r}")
+    for kind, name in _COPY_TYPE_NAMES:
+        if isinstance(column.type, kind):
+            return name
+    raise NotImplementedError(f"ledger.{column.name}: no binary COPY type for {column.type!r}")
 
 
 COPY_TYPES = tuple(_postgresql_type(ledger.c[name]) for name in COLUMNS)

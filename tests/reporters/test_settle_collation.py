@@ -8,10 +8,11 @@ and an aggregator batch and a reporter writer deadlock: PostgreSQL aborts one of
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -30,6 +31,7 @@ from tests.reporters.test_ledger import NOW, wait_for_a_lock_wait
 
 _KINDS = {"additive": ["tokens"], "max": [], "min": []}
 _START = NOW - timedelta(hours=1)
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -59,6 +61,32 @@ def _batch(customers: list[str]) -> list[tuple]:
     ]
 
 
+def race_an_aggregator(
+    engine: Engine, batch_order: list[str], reporter_step: Callable[[], T]
+) -> tuple[list[BaseException], T | None]:
+    """An aggregator batch takes the queue rows of ``batch_order``'s first customer, then,
+    once ``reporter_step`` (on a thread of its own) waits on that row, the rest's: the
+    deadlocks seen, and what ``reporter_step`` returned (None if it failed)."""
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    failures: list[BaseException] = []
+    done: T | None = None
+    with engine.connect() as aggregator, psycopg.connect(url) as probe:
+        upsert_totals(aggregator, _batch(batch_order[:1]), _KINDS, NOW)
+        with ThreadPoolExecutor(1) as pool:
+            stepping = pool.submit(reporter_step)
+            wait_for_a_lock_wait(probe)
+            try:
+                upsert_totals(aggregator, _batch(batch_order[1:]), _KINDS, NOW)
+            except OperationalError as exc:
+                failures.append(exc)
+            aggregator.rollback()
+            try:
+                done = stepping.result(timeout=30)
+            except OperationalError as exc:
+                failures.append(exc)
+    return failures, done
+
+
 def test_settle_and_an_aggregator_batch_take_the_queue_rows_in_one_order(
     en_us_engine: Engine,
 ) -> None:
@@ -78,29 +106,12 @@ def test_settle_and_an_aggregator_batch_take_the_queue_rows_in_one_order(
     queued = [(c, "tokens", _START, 1) for c in customers]
     with engine.begin() as connection:
         queue_windows(connection, queued)
-    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    failures: list[BaseException] = []
-    with engine.connect() as aggregator, psycopg.connect(url) as probe:
-        # The aggregator's batch, its rows taken one at a time in its statement's order.
-        upsert_totals(aggregator, _batch(aggregator_order[:1]), _KINDS, NOW)
 
-        def settle_both() -> None:
-            with engine.begin() as connection:
-                settle(connection, [(c, m, s, b"", r) for c, m, s, r in queued])
+    def settle_both() -> None:
+        with engine.begin() as connection:
+            settle(connection, [(c, m, s, b"", r) for c, m, s, r in queued])
 
-        with ThreadPoolExecutor(1) as pool:
-            settling = pool.submit(settle_both)
-            wait_for_a_lock_wait(probe)
-            try:
-                upsert_totals(aggregator, _batch(aggregator_order[1:]), _KINDS, NOW)
-                aggregator.commit()
-            except OperationalError as exc:
-                aggregator.rollback()
-                failures.append(exc)
-            try:
-                settling.result(timeout=30)
-            except OperationalError as exc:
-                failures.append(exc)
+    failures, _ = race_an_aggregator(engine, aggregator_order, settle_both)
     assert failures == []  # no deadlock
     assert aggregator_order == sorted(customers)  # settle's order
 
@@ -122,27 +133,6 @@ def test_set_aside_takes_the_queue_rows_in_key_order(postgres_engine: Engine) ->
         )
         for c in reversed(customers)
     ]
-    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    failures: list[BaseException] = []
-    with engine.connect() as aggregator, psycopg.connect(url) as probe:
-        upsert_totals(aggregator, _batch(customers[:1]), _KINDS, NOW)
-
-        def hold_both() -> set[int]:
-            return set_aside(engine, held, NOW)
-
-        with ThreadPoolExecutor(1) as pool:
-            holding = pool.submit(hold_both)
-            wait_for_a_lock_wait(probe)
-            try:
-                upsert_totals(aggregator, _batch(customers[1:]), _KINDS, NOW)
-                aggregator.rollback()
-            except OperationalError as exc:
-                aggregator.rollback()
-                failures.append(exc)
-            try:
-                first = holding.result(timeout=30)
-            except OperationalError as exc:
-                failures.append(exc)
-                first = set()
+    failures, first = race_an_aggregator(engine, customers, lambda: set_aside(engine, held, NOW))
     assert failures == []  # no deadlock
     assert first == {0, 1}  # both held, reported by their places in ``held``

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -31,15 +31,7 @@ from reporters import ledger
 from reporters.backstop import queue_missed
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.customers import load_links
-from reporters.due import (
-    DueWindow,
-    Key,
-    SettledRow,
-    count_due_windows,
-    due_pages,
-    rechecked_windows,
-    settle,
-)
+from reporters.due import Key, count_due_windows, take_due
 from reporters.held_keys import save_held_keys
 from reporters.held_windows import RECHECK_AFTER, SET_ASIDE, held_usage_summary
 from reporters.invoiced import possibly_invoiced
@@ -64,14 +56,13 @@ class Sender(Protocol):
     def send(
         self,
         book: Bookkeeper,
-        chunks: Iterable[Sequence[Key]],
+        chunks: Sequence[Sequence[Key]],
         work: CycleWork,
         result: CycleResult,
     ) -> list[BaseException | None]:
         """Write each chunk's rows (``book.rows_to_send``) and send them; the error of each
-        chunk that failed (its keys wait for the next cycle). ``chunks`` is read as it goes
-        (each chunk's windows are in ``work.due`` once it is given), by one thread at a
-        time. A StripeAuthError may be raised or returned: either way the cycle raises it."""
+        chunk that failed (its keys wait for the next cycle). A StripeAuthError may be
+        raised or returned: either way the cycle raises it."""
         ...
 
 
@@ -139,20 +130,14 @@ class Reporter:
             self.run_backstop()
             self._backstop_at = self._clock() + timedelta(seconds=self._backstop_s or 0)
         links = load_links(self.engine)
-        rechecked, settled = rechecked_windows(
-            self.engine, self.stripe_meters, self._clock() - RECHECK_AFTER
-        )
+        due = take_due(self.engine, self.stripe_meters, self._clock() - RECHECK_AFTER)
         pending: dict[Key, list[LedgerRow]] = {}
         for row in ledger.pending_rows(self.engine):
             pending.setdefault((row.customer_id, row.meter), []).append(row)
-        due: dict[Key, list[DueWindow]] = {}  # filled as the chunks are read
-        read_errors: list[BaseException] = []
-        chunks = _guarded(self._chunks(due, rechecked, settled, pending), read_errors)
-        try:
-            errors = self.sender.send(self._book, chunks, CycleWork(due, pending, links), result)
-        finally:
-            chunks.close()  # the queue's read ends with the sending, whatever ended it
-        errors = [*errors, *read_errors]
+        keys = sorted(set(due) | set(pending))
+        size = self.sender.keys_per_chunk
+        chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
+        errors = self.sender.send(self._book, chunks, CycleWork(due, pending, links), result)
         for error in errors:
             if isinstance(error, StripeAuthError):
                 raise error
@@ -161,42 +146,6 @@ class Reporter:
                 _log.error("report cycle failed for some customers and meters", exc_info=error)
         self._finish(result)
         return result
-
-    def _chunks(
-        self,
-        due: dict[Key, list[DueWindow]],
-        rechecked: dict[Key, list[DueWindow]],
-        settled: list[SettledRow],
-        pending: Mapping[Key, Sequence[LedgerRow]],
-    ) -> Iterator[list[Key]]:
-        """The keys with work, keys_per_chunk a chunk, each key in one chunk: the report
-        queue's due keys page by page (reporters.due.due_pages; each key's windows put in
-        ``due`` before its chunk is given, with its re-checked held windows in window
-        order), then the keys with only re-checked or pending work. Once all are given,
-        the queue rows found not due are settled."""
-        size = self.sender.keys_per_chunk
-        chunk: list[Key] = []
-        for page, found_settled in due_pages(self.engine, self.stripe_meters):
-            settled += found_settled
-            for key, windows in page.items():
-                held = rechecked.pop(key, None)
-                due[key] = windows if held is None else sorted([*windows, *held], key=_order)
-                chunk.append(key)
-                if len(chunk) == size:
-                    yield chunk
-                    chunk = []
-        rest = sorted(key for key in {*rechecked, *pending} if key not in due)
-        due.update(rechecked)
-        for key in rest:
-            chunk.append(key)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-        if settled:
-            with self.engine.begin() as connection:
-                settle(connection, settled)
 
     def _finish(self, result: CycleResult) -> None:
         now = self._clock()
@@ -254,17 +203,3 @@ class Reporter:
                 "pruned %d ledger row(s) older than %d days", pruned, self._ledger_retention_days
             )
         return pruned
-
-
-def _order(window: DueWindow) -> tuple[datetime, bytes]:
-    return (window.window_start, window.combination_digest)
-
-
-def _guarded(chunks: Iterator[list[Key]], errors: list[BaseException]) -> Generator[list[Key]]:
-    """``chunks`` until they end or their reading fails: the error goes to ``errors`` (the
-    cycle reports it; the keys not read wait for the next cycle) instead of into a sender's
-    thread."""
-    try:
-        yield from chunks
-    except Exception as exc:  # reported by run_cycle with the chunks' own errors
-        errors.append(exc)

@@ -46,7 +46,7 @@ the reporter holds it loudly instead of skipping it in silence.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -166,6 +166,8 @@ def _read(
     those last checked before ``recheck_before``."""
     if recheck_before is not None and recheck_before.tzinfo is None:
         raise ValueError(f"naive datetime {recheck_before!r}: meterstream uses UTC times only")
+    due: dict[Key, list[DueWindow]] = {}
+    settled: list[SettledRow] = []
     meters = list(meters)
     found = _fetch(connection, _queue_query(meters))
     if recheck_before is not None:
@@ -174,18 +176,7 @@ def _read(
         )
         if rechecked:  # nearly always none: no sort of the whole queue for nothing
             found += rechecked
-            found.sort(key=_row_order)
-    return _split(found)
-
-
-def _row_order(row: _QueueRow) -> tuple[str, str, datetime, bytes]:
-    return (row[0], row[1], row[2], row[4])
-
-
-def _split(found: Iterable[_QueueRow]) -> tuple[dict[Key, list[DueWindow]], list[SettledRow]]:
-    """(due windows per key, in the rows' order; queue rows found not due: to settle)."""
-    due: dict[Key, list[DueWindow]] = {}
-    settled: list[SettledRow] = []
+            found.sort(key=lambda row: (row[0], row[1], row[2], row[4]))
     for row in found:
         if row[7] is None or row[7] == row[10]:
             # Gone from window_totals, or the ledger already has this revision.
@@ -194,65 +185,6 @@ def _split(found: Iterable[_QueueRow]) -> tuple[dict[Key, list[DueWindow]], list
         window = _window(row)
         due.setdefault(window.key, []).append(window)
     return due, settled
-
-
-# Queue rows the reporter takes from the database at a time in due_pages (PostgreSQL).
-DUE_PAGE_ROWS = 2_000
-
-
-def due_pages(
-    engine: Engine, meters: Iterable[str], page_rows: int = DUE_PAGE_ROWS
-) -> Iterator[tuple[dict[Key, list[DueWindow]], list[SettledRow]]]:
-    """due_windows (held ones apart) a page at a time, in key order, each page whole keys
-    (a key's windows oldest first); with each page, its queue rows found not due (to
-    settle). On PostgreSQL one statement (one snapshot, the plan of the whole read) through
-    a server-side cursor, ``page_rows`` rows at a time: a cycle writes and sends the first
-    pages while it turns the next into windows (a third of a catch-up cycle's time went to
-    reading the whole queue first). Elsewhere one page, read whole. The connection stays
-    open until the pages end or the iterator is closed."""
-    meters = list(meters)
-    with engine.connect() as connection:
-        if connection.dialect.name != "postgresql":
-            found = _read(connection, meters)
-            connection.rollback()
-            yield found
-            return
-        compiled = _queue_query(meters).compile(
-            dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
-        )
-        result = connection.execution_options(
-            stream_results=True, max_row_buffer=page_rows
-        ).exec_driver_sql(compiled.string, compiled.params)
-        held_back: list[_QueueRow] = []  # the last key's rows: it may go on in the next
-        try:
-            for partition in result.partitions(page_rows):
-                rows = held_back + [_postgresql_row(r) for r in partition]
-                last = (rows[-1][0], rows[-1][1])
-                whole = len(rows)
-                while whole and (rows[whole - 1][0], rows[whole - 1][1]) == last:
-                    whole -= 1
-                held_back = rows[whole:]
-                if whole:
-                    yield _split(rows[:whole])
-        finally:
-            result.close()  # the server-side cursor, also when the reading stops early
-        connection.rollback()
-    if held_back:
-        yield _split(held_back)
-
-
-def rechecked_windows(
-    engine: Engine, meters: Iterable[str], recheck_before: datetime
-) -> tuple[dict[Key, list[DueWindow]], list[SettledRow]]:
-    """The held windows last checked before ``recheck_before`` (RECHECK_PER_CYCLE of them)
-    that are due, per key; and those found not due (to settle)."""
-    if recheck_before.tzinfo is None:
-        raise ValueError(f"naive datetime {recheck_before!r}: meterstream uses UTC times only")
-    query = _queue_query(meters, held=True, recheck_before=recheck_before)
-    with engine.connect() as connection:
-        rows = _fetch(connection, query)
-        connection.rollback()
-    return _split(sorted(rows, key=_row_order))
 
 
 # A queue row as _fetch gives it: _queue_query's columns in order, as Python values.
@@ -275,24 +207,21 @@ def _fetch(connection: Connection, query: Select[Any]) -> list[_QueueRow]:
         dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
     )
     return [
-        _postgresql_row(r) for r in connection.exec_driver_sql(compiled.string, compiled.params)
+        (
+            r[0],
+            r[1],
+            r[2].astimezone(UTC),
+            r[3],
+            bytes(r[4]),
+            r[5],
+            None if r[6] is None else r[6].astimezone(UTC),
+            r[7],
+            r[8],
+            None if r[9] is None else r[9].astimezone(UTC),
+            r[10],
+        )
+        for r in connection.exec_driver_sql(compiled.string, compiled.params)
     ]
-
-
-def _postgresql_row(r: Any) -> _QueueRow:
-    return (
-        r[0],
-        r[1],
-        r[2].astimezone(UTC),
-        r[3],
-        bytes(r[4]),
-        r[5],
-        None if r[6] is None else r[6].astimezone(UTC),
-        r[7],
-        r[8],
-        None if r[9] is None else r[9].astimezone(UTC),
-        r[10],
-    )
 
 
 def _window(row: _QueueRow) -> DueWindow:

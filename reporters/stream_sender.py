@@ -1,9 +1,8 @@
 """v2 stream sending: writer threads write the chunks while sending lanes send them in order.
 
-Each lane on PostgreSQL (one on SQLite) has a writer thread of its own, which takes the next
-chunk not taken (the cycle reads them as they go) and writes it (a (customer, meter)'s rows are
-all in one chunk, so each key's calls keep their order in one lane); the lane sends its
-writer's chunks in order, with one call in flight. Lanes
+Each lane on PostgreSQL (one on SQLite) has a writer thread of its own, which writes its share
+of the chunks (chunks l, l + lanes, ...: a (customer, meter)'s rows are all in one chunk, so
+each key's calls keep their order in one lane), and sends them with one call in flight. Lanes
 make calls side by side: Stripe allows concurrent stream calls (10,000 calls/s), and with one
 call in flight a stream goes no faster than one call's round trip allows.
 
@@ -26,7 +25,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
@@ -73,7 +72,7 @@ class V2StreamSender:
     def send(
         self,
         book: Bookkeeper,
-        chunks: Iterable[Sequence[Key]],
+        chunks: Sequence[Sequence[Key]],
         work: CycleWork,
         result: CycleResult,
     ) -> list[BaseException | None]:
@@ -88,18 +87,12 @@ class V2StreamSender:
             queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)
         ]
         errors: list[BaseException | None] = []
-        source = iter(chunks)
-        taking = threading.Lock()  # the chunks are read as they go, one writer at a time
 
         def write_share(share: int) -> None:
-            """The next chunk not taken, until none is left, each into this writer's queue
-            (an empty list for a chunk that failed, so that its lane goes on)."""
+            """Chunks share, share + count, ... in order, each into this writer's queue (an
+            empty list for a chunk that failed, so that its lane goes on with the next)."""
             try:
-                while True:
-                    with taking:
-                        chunk = next(source, None)
-                    if chunk is None:
-                        return
+                for chunk in chunks[share::count]:
                     try:
                         queues = book.rows_to_send(chunk, work, result)
                         rows = [row for key in chunk for row in queues[key]]

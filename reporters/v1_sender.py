@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from meterstream.errors import StoppedError, StripeAuthError
@@ -54,7 +54,7 @@ class V1Sender:
     def send(
         self,
         book: Bookkeeper,
-        chunks: Iterable[Sequence[Key]],
+        chunks: Sequence[Sequence[Key]],
         work: CycleWork,
         result: CycleResult,
     ) -> list[BaseException | None]:

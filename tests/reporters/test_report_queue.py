@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, event, func, select, text
-from sqlalchemy.exc import OperationalError
 
-import reporters.cycle
 from aggregators.aggregation import Partial
 from aggregators.status import totals_facts
 from aggregators.totals import apply_partials
@@ -28,7 +26,7 @@ from meterstream.meters import load_catalogue
 from meterstream.schema import ledger, meter_scales, report_queue, window_totals
 from meterstream.settings import load_settings
 from reporters.backstop import queue_missed
-from reporters.due import DueWindow, due_pages, due_windows, take_due
+from reporters.due import DueWindow, take_due
 from reporters.ledger import LedgerRow, identifier_for, insert_rows, rows_for
 from reporters.rows import RowJob, write_rows
 from reporters.service import build_reporter, connect
@@ -500,69 +498,3 @@ def test_a_naive_recheck_time_is_refused_not_read_in_the_sessions_zone(
     the times it binds: the read checks its one time itself."""
     with pytest.raises(ValueError, match="naive datetime"):
         take_due(migrated_engine, ["tokens"], datetime(2026, 1, 1))  # naive: the point
-
-
-@pytest.mark.parametrize("page_rows", [1, 2, 3, 5, 100])
-def test_due_pages_give_each_key_whole_in_one_page(world: World, page_rows: int) -> None:
-    """The cycle's paged read of the queue (a server-side cursor on PostgreSQL): every due
-    window once, each key's windows together in one page and oldest first, whatever the
-    page size against the keys' windows (a key of five windows, pages of one row); the queue
-    row of a window gone from window_totals is given to settle."""
-    windows_per_customer = {"cus_a": 1, "cus_b": 5, "cus_c": 2, "cus_d": 3, "cus_e": 1}
-    for customer, count in windows_per_customer.items():
-        for n in range(count):
-            put_total(world.engine, customer, "tokens", hour_start(n + 2), str(n + 1))
-    put_total(world.engine, "cus_z", "tokens", hour_start(2), "1")
-    with world.engine.begin() as connection:
-        connection.execute(window_totals.delete().where(window_totals.c.customer_id == "cus_z"))
-    expected = due_windows(world.engine, ["tokens"])
-
-    pages = list(due_pages(world.engine, ["tokens"], page_rows=page_rows))
-
-    merged: dict[tuple[str, str], list[DueWindow]] = {}
-    for page, _settled in pages:
-        assert not set(page) & set(merged)  # a key in one page only
-        merged.update(page)
-    assert merged == expected
-    assert list(merged) == sorted(merged)  # key order
-    assert all(
-        [w.window_start for w in windows] == sorted(w.window_start for w in windows)
-        for windows in merged.values()
-    )
-    assert [s[0] for _page, settled in pages for s in settled] == ["cus_z"]
-    if world.engine.dialect.name == "sqlite":
-        assert len(pages) == 1
-
-
-def test_a_failed_read_of_the_queue_is_reported_and_the_keys_read_are_sent(
-    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The queue is read as the chunks are written: a read failing after its first page
-    fails the cycle for the keys not read (they wait for the next cycle, and are logged),
-    not for those already read, and raises nothing. (SQLite's first page is the whole
-    queue.)"""
-    for customer in ("cus_a", "cus_b"):
-        put_total(world.engine, customer, "tokens", hour_start(2), "1")
-    read_pages = reporters.cycle.due_pages
-
-    def failing(engine: Engine, meters: Any, *args: Any) -> Any:
-        pages = read_pages(engine, meters, page_rows=1)
-        yield next(pages)
-        pages.close()
-        raise OperationalError("SELECT report_queue", None, Exception("connection lost"))
-
-    monkeypatch.setattr(reporters.cycle, "due_pages", failing)
-    reporter = world.reporter()
-    reporter.sender.keys_per_chunk = 1  # type: ignore[misc]
-
-    result = reporter.run_cycle()
-
-    first_page = {("tokens", "cus_a"): 1}
-    if world.engine.dialect.name == "sqlite":
-        first_page[("tokens", "cus_b")] = 1
-    assert world.totals() == first_page
-    assert result.unacknowledged == 2 - len(first_page)
-    assert "connection lost" in caplog.text
-    monkeypatch.undo()
-    world.cycle()
-    assert world.totals() == {("tokens", "cus_a"): 1, ("tokens", "cus_b"): 1}

@@ -58,11 +58,13 @@ def billing_lag_s(engine: Engine, catalogue: Catalogue, now: datetime) -> float:
     Bounded by the work in hand, not by history: such a window is either in the report queue
     (changed, not written yet, or held) or has a ledger row in a status that is not final
     (found through ledger_by_status), each looked up by key."""
-    oldest: datetime | None = None
     cutoffs = {meter.name: now - timedelta(seconds=meter.grace_s) for meter in catalogue}
+    if not cutoffs:
+        return 0.0
+    queries = [*(_queued_lag(m, cutoff) for m, cutoff in cutoffs.items()), _unsettled_lag(cutoffs)]
+    oldest: datetime | None = None
     with engine.connect() as connection:
-        queries = [_queued_lag(meter, cutoff) for meter, cutoff in cutoffs.items()]
-        for query in [*queries, _unsettled_lag(cutoffs)] if cutoffs else []:
+        for query in queries:
             found = connection.execute(query).scalar()
             # func.min takes its column's type, so this is already an aware UTC datetime.
             if found is not None and (oldest is None or found < oldest):

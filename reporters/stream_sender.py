@@ -34,6 +34,7 @@ from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
 from reporters.due import Key
 from reporters.ledger import LedgerRow
 from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
+from reporters.stream_acceptor import Acceptor, acceptance_failures
 from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ STREAM_LANES = 3
 # At most this many calls' rows are ever stamped ahead of their calls (twice this after a
 # crash: the group in hand and the next), and a stop or a failed call takes their stamps back.
 BATCHES_PER_STAMP = 4
-# The most rows the acceptor marks accepted in one transaction.
-ACCEPTED_PER_RECORD = 1_000
 # The outcome of a batch whose rows were all settled elsewhere since they were read (no call:
 # the stream goes on).
 _NOTHING_CALLED = Outcome("acknowledged")
@@ -180,7 +179,7 @@ class V2StreamSender:
         if ended.is_set() or not self._ready(_rows_of(group)):
             return
         stamped, stamped_at = book.stamp_call(_rows_of(group))
-        acceptor = _Acceptor(book, result)
+        acceptor = Acceptor(book, result)
         try:
             with (
                 ThreadPoolExecutor(1, thread_name_prefix="reporter-bookkeeper") as bookkeeper,
@@ -208,9 +207,7 @@ class V2StreamSender:
                         book.unstamp(_rows_of(group), stamped_at)
                         break
         finally:
-            failed = _failures(
-                acceptor.futures, "an accepted stream call could not be recorded; resent next cycle"
-            )
+            failed = acceptance_failures(acceptor.futures)
         if failed:
             raise failed[0]
 
@@ -220,7 +217,7 @@ class V2StreamSender:
         group: Sequence[list[LedgerRow]],
         stamped: set[str],
         stamped_at: datetime,
-        acceptor: _Acceptor,
+        acceptor: Acceptor,
         result: CycleResult,
         ended: threading.Event,
     ) -> bool:
@@ -366,46 +363,6 @@ def _rows_of(group: Sequence[Sequence[LedgerRow]]) -> list[LedgerRow]:
     return [row for batch in group for row in batch]
 
 
-class _Acceptor:
-    """Records accepted calls on a thread of its own: all the calls accepted since its last
-    record in one transaction (at most ACCEPTED_PER_RECORD rows), so that a commit, not a
-    call, is what it costs when the calls outrun it. Each call added has a future: the
-    error of the record that took its rows, if that failed (they stay pending and stamped,
-    and are resent next cycle under their identifiers, which Stripe deduplicates)."""
-
-    def __init__(self, book: Bookkeeper, result: CycleResult) -> None:
-        self._book = book
-        self._result = result
-        self._accepted: deque[Sequence[LedgerRow]] = deque()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reporter-acceptor")
-        self.futures: list[Future[None]] = []
-
-    def __enter__(self) -> _Acceptor:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._executor.shutdown(wait=True)
-
-    def add(self, calls: Sequence[LedgerRow]) -> None:
-        self._accepted.append(calls)
-        self.futures.append(self._executor.submit(self._record))
-
-    def _record(self) -> None:
-        """Record what is waiting (nothing if an earlier run took it), in pieces of at most
-        ACCEPTED_PER_RECORD rows; the first piece that fails is raised, the rest recorded."""
-        failed: BaseException | None = None
-        while self._accepted:
-            rows: list[LedgerRow] = []
-            while self._accepted and len(rows) < ACCEPTED_PER_RECORD:
-                rows.extend(self._accepted.popleft())
-            try:
-                self._book.accept_and_stamp(rows, [], self._result)
-            except Exception as exc:  # raised once the others are recorded
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-
-
 def _most_telling(failed: Sequence[BaseException]) -> BaseException:
     """The error the cycle raises when lanes failed: a refused key first (it stops the
     reporter), else the first; the others are logged."""
@@ -414,13 +371,3 @@ def _most_telling(failed: Sequence[BaseException]) -> BaseException:
         if error is not chosen:
             _log.error("a sending lane failed", exc_info=error)
     return chosen
-
-
-def _failures(done: Sequence[Future[None]], what: str) -> list[BaseException]:
-    """The errors of the futures that failed (once all are done), each logged as ``what``
-    (an acceptance's rows stay pending and stamped, and are resent next cycle under their
-    identifiers, which Stripe deduplicates)."""
-    failed = [error for future in done if (error := future.exception()) is not None]
-    for error in failed:
-        _log.error(what, exc_info=error)
-    return failed

@@ -6,7 +6,7 @@ every window, and compared every pair that ever had a row."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from meterstream.meters import load_catalogue
 from meterstream.schema import ledger
 from meterstream.settings import load_settings
 from reporters.ledger import all_rows
-from reporters.reconcile import reconcile
+from reporters.reconcile import Reconciliation, reconcile
 from reporters.service import connect, fetch_summary
 from stripe_emulator import run_stripe_emulator
 from tests.reporters.test_report_queue import history
@@ -77,20 +77,7 @@ def test_reconcile_since_reads_the_range_and_asks_stripe_once_per_pair(
             cursor.execute(f"EXPLAIN {statement}", first)
             plans.append("\n".join(str(r[0]) for r in cursor.fetchall()))
 
-    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
-    world.emulator.received.clear()
-    event.listen(world.engine, "before_cursor_execute", explain)
-    try:
-        found = reconcile(
-            world.engine,
-            world.catalogue,
-            connected.stripe_meters,
-            fetch_summary(connected),
-            hour_start(2),
-            datetime.now(UTC),
-        )
-    finally:
-        event.remove(world.engine, "before_cursor_execute", explain)
+    found = reconcile_watched(world, explain, clear_received=True)
 
     assert found.settled == [f"{recent[0].identifier}: Stripe has it; marked sent"]
     assert sorted(line.stripe_customer_id for line in found.lines) == ACTIVE
@@ -142,19 +129,7 @@ def test_reconcile_reads_no_rejected_row_older_than_its_range(counted_world: Wor
             cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", first)
             read.append(_ledger_rows_read(cursor.fetchone()[0][0]["Plan"]))
 
-    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
-    event.listen(world.engine, "before_cursor_execute", count)
-    try:
-        found = reconcile(
-            world.engine,
-            world.catalogue,
-            connected.stripe_meters,
-            fetch_summary(connected),
-            hour_start(2),
-            datetime.now(UTC),
-        )
-    finally:
-        event.remove(world.engine, "before_cursor_execute", count)
+    found = reconcile_watched(world, count)
 
     assert read and sum(read) < 200, read  # before: over 11,600
     assert sorted(line.stripe_customer_id for line in found.lines) == ACTIVE
@@ -181,3 +156,26 @@ def test_reconcile_lists_rejected_rows_of_its_range_and_rows_rejected_since(
         ("cus_late", ("cus_late rejected 6",)),
         ("cus_none", ("cus_none rejected 5",)),
     ]
+
+
+def reconcile_watched(
+    world: World, listener: Callable[..., None], *, clear_received: bool = False
+) -> Reconciliation:
+    """``reconcile`` from two hours back, with ``listener`` on every statement it runs
+    (before_cursor_execute); with ``clear_received``, the emulator's record of calls is
+    emptied first (after the connection's own calls)."""
+    connected = connect(world.settings, world.catalogue, world.metrics, world.stop)
+    if clear_received:
+        world.emulator.received.clear()
+    event.listen(world.engine, "before_cursor_execute", listener)
+    try:
+        return reconcile(
+            world.engine,
+            world.catalogue,
+            connected.stripe_meters,
+            fetch_summary(connected),
+            hour_start(2),
+            datetime.now(UTC),
+        )
+    finally:
+        event.remove(world.engine, "before_cursor_execute", listener)

@@ -377,16 +377,16 @@ def test_calls_accepted_while_an_acceptance_is_written_are_recorded_together(
         recorded.append(len(accepted))
         return accept(self, accepted, batch, result)
 
-    add = stream_sender._Acceptor.add
+    add = stream_sender.Acceptor.add
     added: list[int] = []
 
-    def note_accepted(self: stream_sender._Acceptor, calls: Any) -> None:
+    def note_accepted(self: stream_sender.Acceptor, calls: Any) -> None:
         add(self, calls)
         added.append(len(calls))
         if len(added) == 4:
             three_more.set()
 
-    monkeypatch.setattr(stream_sender._Acceptor, "add", note_accepted)
+    monkeypatch.setattr(stream_sender.Acceptor, "add", note_accepted)
     monkeypatch.setattr(Bookkeeper, "accept_and_stamp", held_first)
     with stream_reporter(world, transport) as reporter:
         result = reporter.run_cycle()

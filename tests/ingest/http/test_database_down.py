@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import orjson
 import psycopg
 
 from tests.conftest import POSTGRES_ADMIN_URL
@@ -33,15 +32,7 @@ def _refusing_connections(database_url: str) -> Iterator[None]:
 def _post(server: Server, key: str, path: str = "/v1/events") -> Answer:
     if path != "/v1/events":
         return server.curl("-H", f"Authorization: Bearer {key}", path=path)
-    return server.curl(
-        "-X",
-        "POST",
-        "-H",
-        f"Authorization: Bearer {key}",
-        "-H",
-        "Content-Type: application/cloudevents+json",
-        body=orjson.dumps(event("while-the-database-is-down")),
-    )
+    return server.post(key, event("while-the-database-is-down"), "application/cloudevents+json")
 
 
 def test_a_key_check_without_the_database_is_a_503_with_retry_after_not_a_500(

@@ -17,17 +17,7 @@ from tests.ingest.http.server import SOURCE, Answer, Server, event
 
 
 def post(server: Server, key: str, body: Any, content_type: str, *extra: str) -> Answer:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    return server.curl(
-        "-X",
-        "POST",
-        "-H",
-        f"Authorization: Bearer {key}",
-        "-H",
-        f"Content-Type: {content_type}",
-        *extra,
-        body=data,
-    )
+    return server.post(key, body, content_type, *extra)
 
 
 STRUCTURED = "application/cloudevents+json"

@@ -11,7 +11,8 @@ Before every call, resends included, a row is checked again (``may_call``): too 
 now (it may have waited while Stripe was down) -> ``rejected`` if never called, ``unknown`` if
 called before (Stripe may have it: billing it by hand could bill twice); first called more
 than UNKNOWN_AFTER ago -> ``unknown`` (Stripe may have forgotten its identifier: a resend could
-bill twice). Then the attempt is stamped in a committed write, and only then is Stripe called.
+bill twice). Then the attempt is stamped in a committed write, and only then is Stripe called
+(the v2 stream writes its new rows stamped: reporters/stream_stamps.py).
 
 A failure that belongs to one (customer, meter) holds that key (``hold_key``: a reason from
 rows.KEY_FAILURES, a metric, the held_keys table for ``meterstream status``) and every other
@@ -129,11 +130,13 @@ class Bookkeeper:
         )
 
     def rows_to_send(
-        self, keys: Sequence[Key], work: CycleWork, result: CycleResult
+        self, keys: Sequence[Key], work: CycleWork, result: CycleResult, stamped: bool = False
     ) -> dict[Key, list[LedgerRow]]:
         """Write the rows of ``keys``' due windows; per key, its pending rows then the new
-        ones, in ledger order (the order they must be called in)."""
-        written = self._write_chunk(keys, work, result)
+        ones, in ledger order (the order they must be called in). ``stamped``: the new rows
+        are written with their first attempt stamped (rows.decide_row), for a sender that
+        calls them right away and takes back the stamps of those it does not call."""
+        written = self._write_chunk(keys, work, result, stamped)
         queues: dict[Key, list[LedgerRow]] = {}
         for key in keys:
             pending = work.pending.get(key, ())
@@ -175,7 +178,7 @@ class Bookkeeper:
             }
 
     def _write_chunk(
-        self, keys: Sequence[Key], work: CycleWork, result: CycleResult
+        self, keys: Sequence[Key], work: CycleWork, result: CycleResult, stamped: bool
     ) -> dict[Key, list[LedgerRow]]:
         """Write the rows of ``keys``' due windows in one transaction; the pending ones, per
         (customer, meter), in ledger order."""
@@ -197,12 +200,12 @@ class Bookkeeper:
             return {}
         try:
             with self._sqlite_turn:
-                outcomes = write_rows(self.engine, jobs, self.clock(), self._horizon_days)
+                outcomes = write_rows(self.engine, jobs, self.clock(), self._horizon_days, stamped)
         except IntegrityError:
             # The unique (customer, meter, sequence) index refused a second writer somewhere
             # in the chunk (nothing was written): write key by key to skip only that one.
             with self._sqlite_turn:
-                outcomes = self._write_one_by_one(jobs)
+                outcomes = self._write_one_by_one(jobs, stamped)
         written: dict[Key, list[LedgerRow]] = {}
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, Held):
@@ -216,7 +219,9 @@ class Bookkeeper:
         self._hold(held, result)
         return written
 
-    def _write_one_by_one(self, jobs: Sequence[RowJob]) -> list[LedgerRow | Held | None]:
+    def _write_one_by_one(
+        self, jobs: Sequence[RowJob], stamped: bool
+    ) -> list[LedgerRow | Held | None]:
         outcomes: list[LedgerRow | Held | None] = []
         refused: set[Key] = set()
         for job in jobs:
@@ -235,6 +240,7 @@ class Bookkeeper:
                         self.clock(),
                         self._horizon_days,
                         self.deployment_id,
+                        stamped,
                     )
                 )
             except IntegrityError:
@@ -248,11 +254,13 @@ class Bookkeeper:
                 outcomes.append(None)
         return outcomes
 
-    def may_call(self, row: LedgerRow, result: CycleResult) -> bool:
+    def may_call(self, row: LedgerRow, result: CycleResult, stamped_here: bool = False) -> bool:
         """Check a pending row just before its call (the caller then stamps the attempt,
-        committed); False if it must not be called: too old now, or first called too long ago."""
+        committed); False if it must not be called: too old now, or first called too long ago.
+        ``stamped_here``: the row's one stamp is the one it was written with this cycle, and
+        it was not called since: checked as a row never called."""
         now = self.clock()
-        first = row.first_attempt_at
+        first = None if stamped_here else row.first_attempt_at
         too_old = row.timestamp < send_limit(now, self._horizon_days)
         if too_old and first is not None:
             # Called before with no answer: Stripe may hold it, so "bill by hand" could bill
@@ -292,18 +300,20 @@ class Bookkeeper:
                 "meter event %s (%s %s): %s", row.identifier, row.customer_id, row.meter, reason
             )
 
-    def stamp_call(self, rows: Collection[LedgerRow]) -> tuple[set[str], datetime]:
+    def stamp_call(self, rows: Collection[LedgerRow]) -> set[str]:
         """Stamp the attempts of the rows of one call, made right after (one committed
         statement); the identifiers stamped (the others are no longer pending: do not call
-        them) and the stamp's time (for ``unstamp`` if the call is not made after all)."""
-        now = self.clock()
+        them)."""
         with self._sqlite_turn:
-            return ledger.start_attempts(self.engine, [r.identifier for r in rows], now), now
+            return ledger.start_attempts(self.engine, [r.identifier for r in rows], self.clock())
 
-    def unstamp(self, rows: Collection[LedgerRow], stamped_at: datetime) -> None:
-        """Take back the stamps of rows whose call was never made (a stop request)."""
+    def unstamp(self, rows: Collection[LedgerRow]) -> None:
+        """Take back the stamps of rows whose call was never made (a stop request), each
+        stamped once (a stamp taken back twice would erase another's)."""
+        if not rows:
+            return
         with self._sqlite_turn:
-            ledger.undo_attempts(self.engine, [row.identifier for row in rows], stamped_at)
+            ledger.undo_attempts(self.engine, [row.identifier for row in rows], self.clock())
 
     def accept_and_stamp(
         self, accepted: Sequence[LedgerRow], batch: Sequence[LedgerRow], result: CycleResult

@@ -130,11 +130,13 @@ def write_row(
     now: datetime,
     horizon_days: int,
     deployment_id: str,
+    stamped: bool = False,
 ) -> LedgerRow | Held | None:
     """Write (and commit) the ledger row for ``window``'s newest revision.
 
     Returns the row (status pending, carried or rejected), Held for a negative correction the
     meter does not allow, or None if another writer already reported this revision.
+    ``stamped``: a pending row is written with its first attempt stamped (decide_row).
     """
     digest = window.combination_digest
     with engine.begin() as connection:
@@ -156,7 +158,7 @@ def write_row(
                 reported_revision, previous_total, previous.timestamp if previous else now
             )
         job = RowJob(window, meter, event_name, stripe_customer_id, deployment_id)
-        row = decide_row(job, latest, head, now, horizon_days, account)
+        row = decide_row(job, latest, head, now, horizon_days, account, stamped)
         if isinstance(row, LedgerRow):
             insert_row(connection, row)
         if not isinstance(row, Held):
@@ -176,10 +178,15 @@ class RowJob:
 
 
 def write_rows(
-    engine: Engine, jobs: Sequence[RowJob], now: datetime, horizon_days: int
+    engine: Engine,
+    jobs: Sequence[RowJob],
+    now: datetime,
+    horizon_days: int,
+    stamped: bool = False,
 ) -> list[LedgerRow | Held | None]:
     """write_row for many windows in one transaction (a few bulk statements), in order: the
     windows of one (customer, meter) must come oldest first, as due_windows gives them.
+    ``stamped``: pending rows are written with their first attempt stamped (decide_row).
 
     Raises IntegrityError (nothing written) if another writer got to one of them first.
     """
@@ -204,7 +211,9 @@ def write_rows(
                 results.append(Held(job.window, failed[key].reason, 0, failed[key].detail))
                 continue
             account = accounts.get(combination) if combination[2] else latest.get(key)
-            row = decide_row(job, latest.get(key), heads.get(start), now, horizon_days, account)
+            row = decide_row(
+                job, latest.get(key), heads.get(start), now, horizon_days, account, stamped
+            )
             if isinstance(row, Held) and row.reason in KEY_FAILURES:
                 failed[key] = row
             if isinstance(row, LedgerRow):
@@ -230,10 +239,15 @@ def decide_row(
     now: datetime,
     horizon_days: int,
     combination_latest: KeyHead | LedgerRow | None,
+    stamped: bool = False,
 ) -> LedgerRow | Held | None:
     """The row for ``job`` (not written), given the newest row of its (customer, meter) (the
     sequence), of its combination (the running totals; the same row without dimensions) and
-    of its window; Held or None as write_row says."""
+    of its window; Held or None as write_row says.
+
+    ``stamped``: a pending row comes with its first attempt stamped at ``now`` (the v2
+    stream's rows, called within seconds: the stamp costs no write of its own; the stream
+    takes it back from those it does not call)."""
     window, meter = job.window, job.meter
     formula = meter.stripe_formula
     account = (
@@ -312,8 +326,8 @@ def decide_row(
             combination=window.combination,
         ),
         status=status,
-        attempts=0,
-        first_attempt_at=None,
+        attempts=1 if stamped and status == "pending" else 0,
+        first_attempt_at=now if stamped and status == "pending" else None,
         error_code=error_code,
         last_error=last_error,
         stripe_request_id=None,

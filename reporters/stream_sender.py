@@ -6,15 +6,18 @@ each key's calls keep their order in one lane), and sends them with one call in 
 make calls side by side: Stripe allows concurrent stream calls (10,000 calls/s), and with one
 call in flight a stream goes no faster than one call's round trip allows.
 
-In a lane, the written rows go in batches of 100 in ledger order, one call at a time, in
-groups of up to BATCHES_PER_STAMP calls whose rows are stamped in one committed statement
-before the first of them is called. While a group's calls are made, a bookkeeping thread takes
-the next group and stamps it (once the session is checked open: a refused key or a stop leaves
-it unstamped); its calls go out once that stamp is committed and this group is done. An
+The writers write the new rows already stamped (reporters/stream_stamps.py: a stamp of their
+own would write every row twice). In a lane, the rows go in batches of 100 in ledger order,
+one call at a time, in groups of up to BATCHES_PER_STAMP calls; the rows of a group read
+pending from earlier cycles are stamped in one committed statement before the first of them is
+called. While a group's calls are made, a bookkeeping thread takes the next group and stamps
+it (once the session is checked open: a refused key or a stop leaves it unstamped); its calls
+go out once that stamp is committed and this group is done. An
 acceptor thread records the accepted calls, several in one transaction when they queue up. A
 call not accepted (or a stop, or a session that cannot be renewed before a call) ends the
 lane's sending and takes back the stamps of the calls that will not be made (the rest of the
-group and the group taken meanwhile); the chunks are all written all the same. A lane that
+group, the group taken meanwhile, and the rows written stamped that the lane did not reach);
+the chunks are all written all the same. A lane that
 raises (a refused key, say) ends the other lanes' sending at their next group.
 """
 
@@ -25,9 +28,9 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
+from typing import NamedTuple
 
 from meterstream.errors import StoppedError, StripeAuthError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
@@ -35,6 +38,7 @@ from reporters.due import Key
 from reporters.ledger import LedgerRow
 from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
 from reporters.stream_acceptor import Acceptor, acceptance_failures
+from reporters.stream_stamps import LaneStamps
 from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ _log = logging.getLogger(__name__)
 STREAM_KEYS_PER_CHUNK = 400
 # Chunks each writer writes ahead of the sending (each at most STREAM_KEYS_PER_CHUNK keys' rows).
 STREAM_CHUNKS_AHEAD = 2
+# The first chunk of each lane is cut in this many: the first calls wait for a quarter of a
+# chunk's write (the first call went out 0.07 s sooner in a 3 s cycle of 30,000 windows).
+RAMP_PIECES = 4
 # Lanes on PostgreSQL, each a writer and a sender with one call in flight. A lane sends at
 # most 100 events a round trip: with Stripe 20 ms away (bench.report.stream --latency-ms) one
 # lane sent 3,500 events/s, two 5,500, four 7,200; on the loopback more lanes cost nothing.
@@ -52,8 +59,9 @@ STREAM_CHUNKS_AHEAD = 2
 STREAM_LANES = 3
 # Calls (of up to 100 rows) stamped in one committed statement: a commit waits for the disk
 # (about 4 ms here), so a stamp per call made the stamps, not the calls, the stream's pace.
-# At most this many calls' rows are ever stamped ahead of their calls (twice this after a
-# crash: the group in hand and the next), and a stop or a failed call takes their stamps back.
+# A stop or a failed call takes back the stamps of the rows not called. A crash leaves stamped
+# the rows of the group in hand and the next, and the new rows written for the lane but not yet
+# called (at most STREAM_CHUNKS_AHEAD + 2 chunks'): they count as called (stream_stamps.py).
 BATCHES_PER_STAMP = 4
 # The outcome of a batch whose rows were all settled elsewhere since they were read (no call:
 # the stream goes on).
@@ -82,23 +90,24 @@ class V2StreamSender:
         # PostgreSQL writes chunks side by side (their keys are disjoint; the written-rows
         # counter has a row per connection's slot); SQLite has a single writer.
         count = self.lanes if book.engine.dialect.name == "postgresql" else 1
-        written: list[queue.Queue[list[LedgerRow] | None]] = [
+        written: list[queue.Queue[_Written | None]] = [
             queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)
         ]
         errors: list[BaseException | None] = []
+        ramped = _ramp(chunks, count)
 
         def write_share(share: int) -> None:
             """Chunks share, share + count, ... in order, each into this writer's queue (an
-            empty list for a chunk that failed, so that its lane goes on with the next)."""
+            empty one for a chunk that failed, so that its lane goes on with the next)."""
             try:
-                for chunk in chunks[share::count]:
+                for chunk in ramped[share::count]:
                     try:
-                        queues = book.rows_to_send(chunk, work, result)
-                        rows = [row for key in chunk for row in queues[key]]
+                        queues = book.rows_to_send(chunk, work, result, stamped=True)
+                        item = _written_chunk(chunk, queues, work)
                     except Exception as exc:  # reported by run_cycle
                         errors.append(exc)
-                        rows = []
-                    written[share].put(rows)
+                        item = _Written([], [])
+                    written[share].put(item)
             finally:
                 written[share].put(None)
 
@@ -127,58 +136,75 @@ class V2StreamSender:
                 raise _most_telling(failed)
         except BaseException:
             # run_cycle will not see the chunks' errors: say them here.
-            self._drain(writers, written)
+            self._drain(book, writers, written)
             for error in errors:
                 _log.error("report cycle failed for some customers and meters", exc_info=error)
             raise
-        self._drain(writers, written)
+        self._drain(book, writers, written)
         return errors
 
     def _send_lane(
         self,
         book: Bookkeeper,
-        chunks: Iterator[list[LedgerRow]],
+        chunks: Iterator[_Written],
         result: CycleResult,
         ended: threading.Event,
     ) -> None:
-        """One lane's sending; if it raises, ``ended`` tells the other lanes to end too."""
+        """One lane's sending; if it raises, ``ended`` tells the other lanes to end too.
+        Whatever ends it, the stamps of the rows written stamped and not called are taken
+        back."""
+        stamps = LaneStamps(book)
         try:
-            self._send_stream(book, chunks, result, ended)
+            self._send_stream(book, stamps, chunks, result, ended)
         except BaseException:
             ended.set()
             raise
+        finally:
+            stamps.take_back_rest()
 
     @staticmethod
     def _drain(
-        writers: Sequence[threading.Thread], written: Sequence[queue.Queue[list[LedgerRow] | None]]
+        book: Bookkeeper,
+        writers: Sequence[threading.Thread],
+        written: Sequence[queue.Queue[_Written | None]],
     ) -> None:
         """Whatever ended the sending, let the writers finish their chunks (they are pending
-        rows for the next cycle, as they would have been before any call)."""
+        rows for the next cycle, as they would have been before any call), and take back the
+        stamps the chunks no lane took were written with."""
+        left: list[LedgerRow] = []
         while any(writer.is_alive() for writer in writers):
             for share in written:
                 with contextlib.suppress(queue.Empty):
-                    share.get(timeout=0.02)
+                    if (item := share.get(timeout=0.02)) is not None:
+                        left += item.stamped
         for writer in writers:
             writer.join()
+        for share in written:
+            while not share.empty():
+                if (item := share.get_nowait()) is not None:
+                    left += item.stamped
+        LaneStamps(book).take_back_rest(left)
 
     def _send_stream(
         self,
         book: Bookkeeper,
-        chunks: Iterator[list[LedgerRow]],
+        stamps: LaneStamps,
+        chunks: Iterator[_Written],
         result: CycleResult,
         ended: threading.Event,
     ) -> None:
         """Rows in ledger order, 100 a call, one call at a time, in groups of up to
-        BATCHES_PER_STAMP calls stamped in one committed statement. While a group's calls go
-        out, a bookkeeping thread takes the next group and stamps it; the next group's calls
-        go out once its stamp is committed and this group is done. Accepted calls are
-        recorded by an acceptor thread, off that path. A call not accepted (or a stop) ends
-        the sending and takes back the stamps of the calls that will not be made."""
+        BATCHES_PER_STAMP calls, those not written stamped stamped in one committed
+        statement. While a group's calls go out, a bookkeeping thread takes the next group
+        and stamps it; the next group's calls go out once its stamp is committed and this
+        group is done. Accepted calls are recorded by an acceptor thread, off that path. A
+        call not accepted (or a stop) ends the sending and takes back the stamps of the
+        calls that will not be made."""
         waiting: deque[LedgerRow] = deque()
-        group = self._next_group(book, chunks, waiting, result)
+        group = self._next_group(book, stamps, chunks, waiting, result)
         if ended.is_set() or not self._ready(_rows_of(group)):
-            return
-        stamped, stamped_at = book.stamp_call(_rows_of(group))
+            return  # the group's stamps are among those the lane takes back
+        stamped = stamps.stamp(_rows_of(group))
         acceptor = Acceptor(book, result)
         try:
             with (
@@ -188,23 +214,23 @@ class V2StreamSender:
                 while group:
                     # The session is checked open before a group's first call too: a group
                     # not called (its session not renewed, a stop) is unstamped here.
-                    if not self._session_open(book, _rows_of(group), stamped_at):
+                    if not self._session_open(stamps, _rows_of(group)):
                         break
                     more = not (book.stop.is_set() or ended.is_set())
                     prepared = bookkeeper.submit(
-                        self._prepare_next, book, chunks, waiting, more, result
+                        self._prepare_next, book, stamps, chunks, waiting, more, result
                     )
                     try:
                         done = self._call_group(
-                            book, group, stamped, stamped_at, acceptor, result, ended
+                            book, stamps, group, stamped, acceptor, result, ended
                         )
                     except BaseException:  # a refused key, say: the group taken is not called
                         ended.set()  # first: the other lanes end at their next call
-                        self._take_back(book, prepared)
+                        self._take_back(stamps, prepared)
                         raise
-                    group, stamped, stamped_at = prepared.result()
+                    group, stamped = prepared.result()
                     if not done:  # a stop, or a call not accepted: nothing more goes out
-                        book.unstamp(_rows_of(group), stamped_at)
+                        stamps.unstamp(_rows_of(group))
                         break
         finally:
             failed = acceptance_failures(acceptor.futures)
@@ -214,9 +240,9 @@ class V2StreamSender:
     def _call_group(
         self,
         book: Bookkeeper,
+        stamps: LaneStamps,
         group: Sequence[list[LedgerRow]],
         stamped: set[str],
-        stamped_at: datetime,
         acceptor: Acceptor,
         result: CycleResult,
         ended: threading.Event,
@@ -225,32 +251,30 @@ class V2StreamSender:
         lane's error, or a call not accepted), the stamps of the batches not called taken
         back."""
         for n, batch in enumerate(group):
-            if n and not self._session_open(book, _rows_of(group[n:]), stamped_at):
+            if n and not self._session_open(stamps, _rows_of(group[n:])):
                 return False
             calls = [row for row in batch if row.identifier in stamped]
             try:
-                outcome = self._call(book, calls, stamped_at)
+                outcome = self._call(book, stamps, calls)
                 if outcome is not None and outcome.kind == "acknowledged" and calls:
                     acceptor.add(calls)
                 elif outcome is not None:
                     book.record([(row, outcome) for row in calls], "accepted", result)
             except BaseException:  # a refused key, or an answer not recorded
                 ended.set()  # first: the other lanes end after the call they have in flight
-                book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
+                stamps.unstamp(_rows_of(group[n + 1 :]))
                 raise
             if outcome is None:  # a stop came before the call: its stamps are taken back
-                book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
+                stamps.unstamp(_rows_of(group[n + 1 :]))
                 return False
             if outcome.kind == "retry" or book.stop.is_set() or ended.is_set():
                 # Later batches wait (per (customer, meter) order must hold): the stamps of
                 # those taken are taken back, as they will not be called.
-                book.unstamp(_rows_of(group[n + 1 :]), stamped_at)
+                stamps.unstamp(_rows_of(group[n + 1 :]))
                 return False
         return True
 
-    def _session_open(
-        self, book: Bookkeeper, not_called: Sequence[LedgerRow], stamped_at: datetime
-    ) -> bool:
+    def _session_open(self, stamps: LaneStamps, not_called: Sequence[LedgerRow]) -> bool:
         """Whether the session is open for the group's next call (checked on this thread:
         its renewal is a call to Stripe, and it may be due between two calls of a group, or
         before a group's first); if not, the stamps of ``not_called`` are taken back, and a
@@ -261,24 +285,24 @@ class V2StreamSender:
         except StoppedError:
             pass
         except BaseException:
-            book.unstamp(not_called, stamped_at)
+            stamps.unstamp(not_called)
             raise
-        book.unstamp(not_called, stamped_at)
+        stamps.unstamp(not_called)
         return False
 
     @staticmethod
     def _take_back(
-        book: Bookkeeper, prepared: Future[tuple[list[list[LedgerRow]], set[str], datetime]]
+        stamps: LaneStamps, prepared: Future[tuple[list[list[LedgerRow]], set[str]]]
     ) -> None:
-        """Once the bookkeeping thread is done, take back the stamp of the group it took."""
+        """Once the bookkeeping thread is done, take back the stamps of the group it took."""
         try:
-            group, _stamped, stamped_at = prepared.result()
+            group, _stamped = prepared.result()
         except Exception:  # nothing was stamped; the caller's error is the one to report
             return
-        book.unstamp(_rows_of(group), stamped_at)
+        stamps.unstamp(_rows_of(group))
 
     def _call(
-        self, book: Bookkeeper, calls: Sequence[LedgerRow], stamped_at: datetime
+        self, book: Bookkeeper, stamps: LaneStamps, calls: Sequence[LedgerRow]
     ) -> Outcome | None:
         """Send ``calls`` (all settled elsewhere since they were read: no call, the stream
         goes on); None if a stop came before the call was made (its stamps taken back), a
@@ -286,28 +310,33 @@ class V2StreamSender:
         if not calls:
             return _NOTHING_CALLED
         try:
-            return self.stream.send_batch(calls, book.stripe_meters)
+            outcome = self.stream.send_batch(calls, book.stripe_meters)
         except StoppedError as stopped:
-            if stopped.after_a_call:
-                return Outcome("retry", error=str(stopped))
-            book.unstamp(calls, stamped_at)  # raised before the call: Stripe has nothing
-            return None
+            if not stopped.after_a_call:
+                stamps.unstamp(calls)  # raised before the call: Stripe has nothing
+                return None
+            outcome = Outcome("retry", error=str(stopped))
+        except BaseException:
+            stamps.called(calls)  # a refused key, say: the call was made
+            raise
+        stamps.called(calls)
+        return outcome
 
     def _prepare_next(
         self,
         book: Bookkeeper,
-        chunks: Iterator[list[LedgerRow]],
+        stamps: LaneStamps,
+        chunks: Iterator[_Written],
         waiting: deque[LedgerRow],
         more: bool,
         result: CycleResult,
-    ) -> tuple[list[list[LedgerRow]], set[str], datetime]:
+    ) -> tuple[list[list[LedgerRow]], set[str]]:
         """On the bookkeeping thread: the next group of batches ([] if ``more`` is False or
-        none is left), stamped in one committed statement."""
-        group = self._next_group(book, chunks, waiting, result) if more else []
+        none is left), stamped (those not written stamped: in one committed statement)."""
+        group = self._next_group(book, stamps, chunks, waiting, result) if more else []
         if not group:
-            return group, set(), book.clock()
-        stamped, stamped_at = book.stamp_call(_rows_of(group))
-        return group, stamped, stamped_at
+            return group, set()
+        return group, stamps.stamp(_rows_of(group))
 
     def _ready(self, batch: Sequence[LedgerRow]) -> bool:
         """Whether ``batch`` may be stamped: empty, or its session is open. False when the
@@ -324,14 +353,15 @@ class V2StreamSender:
     def _next_group(
         cls,
         book: Bookkeeper,
-        chunks: Iterator[list[LedgerRow]],
+        stamps: LaneStamps,
+        chunks: Iterator[_Written],
         waiting: deque[LedgerRow],
         result: CycleResult,
     ) -> list[list[LedgerRow]]:
         """Up to BATCHES_PER_STAMP batches, in ledger order ([] when none are left)."""
         group: list[list[LedgerRow]] = []
         while len(group) < BATCHES_PER_STAMP:
-            batch = cls._next_batch(book, chunks, waiting, result)
+            batch = cls._next_batch(book, stamps, chunks, waiting, result)
             if not batch:
                 break
             group.append(batch)
@@ -340,7 +370,8 @@ class V2StreamSender:
     @staticmethod
     def _next_batch(
         book: Bookkeeper,
-        chunks: Iterator[list[LedgerRow]],
+        stamps: LaneStamps,
+        chunks: Iterator[_Written],
         waiting: deque[LedgerRow],
         result: CycleResult,
     ) -> list[LedgerRow]:
@@ -349,14 +380,43 @@ class V2StreamSender:
             chunk = next(chunks, None)
             if chunk is None:
                 break
-            waiting.extend(row for row in chunk if book.may_call(row, result))
+            stamps.add_written(chunk.stamped)
+            waiting.extend(
+                row for row in chunk.rows if book.may_call(row, result, stamps.stamped_here(row))
+            )
         return [waiting.popleft() for _ in range(min(MAX_EVENTS_PER_CALL, len(waiting)))]
 
 
-def _queued(written: queue.Queue[list[LedgerRow] | None]) -> Iterator[list[LedgerRow]]:
+class _Written(NamedTuple):
+    """A chunk's rows to call, in order, and those of them written stamped (its new rows)."""
+
+    rows: list[LedgerRow]
+    stamped: list[LedgerRow]
+
+
+def _written_chunk(
+    chunk: Sequence[Key], queues: Mapping[Key, Sequence[LedgerRow]], work: CycleWork
+) -> _Written:
+    """The chunk's rows in order; its new ones, not read pending, were written stamped."""
+    rows = [row for key in chunk for row in queues[key]]
+    earlier = {row.identifier for key in chunk for row in work.pending.get(key, ())}
+    return _Written(rows, [row for row in rows if row.attempts and row.identifier not in earlier])
+
+
+def _ramp(chunks: Sequence[Sequence[Key]], lanes: int) -> list[Sequence[Key]]:
+    """``chunks`` with the first of each lane cut into RAMP_PIECES (a key in one piece), so
+    that each lane's first calls wait for a small chunk's write, not a whole one's."""
+    first: list[Sequence[Key]] = []
+    for chunk in chunks[:lanes]:
+        size = -(-len(chunk) // RAMP_PIECES)
+        first += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    return first + list(chunks[lanes:])
+
+
+def _queued(written: queue.Queue[_Written | None]) -> Iterator[_Written]:
     """A writer's chunks in order, until its None."""
-    while (rows := written.get()) is not None:
-        yield rows
+    while (item := written.get()) is not None:
+        yield item
 
 
 def _rows_of(group: Sequence[Sequence[LedgerRow]]) -> list[LedgerRow]:

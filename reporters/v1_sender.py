@@ -105,14 +105,14 @@ class V1Sender:
         it" only of a call really made. None if it is no longer pending."""
         if book.stop.is_set():
             raise StoppedError("stop requested before the call")  # no stamp to take back
-        stamped, stamped_at = book.stamp_call([row])
+        stamped = book.stamp_call([row])
         if row.identifier not in stamped:
             return None
         try:
             return self.send_one(row, book.stripe_meters[row.meter])
         except StoppedError as stopped:
             if not stopped.after_a_call:  # raised before the call: Stripe has nothing
-                book.unstamp([row], stamped_at)
+                book.unstamp([row])
             raise
         except StripeAuthError:
             raise  # the key, not the row: the cycle stops (this call was made and refused)

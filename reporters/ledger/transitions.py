@@ -104,9 +104,11 @@ def _start_attempts(
     return {str(identifier) for (identifier,) in found}
 
 
-def undo_attempts(engine: Engine, identifiers: Collection[str], stamped_at: datetime) -> None:
-    """Take back the stamps of calls that were never made (a stop request came between the
-    stamp and the call): ``unknown`` must only ever mean "Stripe may have it"."""
+def undo_attempts(engine: Engine, identifiers: Collection[str], now: datetime) -> None:
+    """Take back one stamp of each of ``identifiers``, whose calls were never made (a stop
+    request came between the stamp and the call): ``unknown`` must only ever mean "Stripe may
+    have it". A row left with no stamp has no first attempt either; one with another stamp (an
+    earlier call, or another reporter's) keeps its first attempt, the earliest."""
     if not identifiers:
         return
     with engine.begin() as connection:
@@ -115,10 +117,9 @@ def undo_attempts(engine: Engine, identifiers: Collection[str], stamped_at: date
             .where(_l.identifier.in_(list(identifiers)), still_pending(), _l.attempts > 0)
             .values(
                 attempts=_l.attempts - 1,
-                first_attempt_at=case(
-                    (_l.first_attempt_at == stamped_at, None), else_=_l.first_attempt_at
-                ),
-                updated_at=stamped_at,
+                # The old row's attempts: 1 means this was its only stamp.
+                first_attempt_at=case((_l.attempts == 1, None), else_=_l.first_attempt_at),
+                updated_at=now,
             )
         )
 
@@ -271,12 +272,14 @@ def mark_unknown(engine: Engine, identifier: str, reason: str, now: datetime) ->
 
 
 def mark_pending_again(engine: Engine, identifier: str, now: datetime) -> bool:
-    """An unknown row Stripe's summaries show it never recorded: safe to send afresh."""
+    """An unknown row Stripe's summaries show it never recorded: safe to send afresh, with
+    no stamp (none of its calls counts: a stamp taken back later leaves none)."""
     return _update(
         engine,
         identifier,
         "unknown",
         status="pending",
+        attempts=0,
         first_attempt_at=None,
         error_code=None,
         last_error="reconcile: not in Stripe's summaries; sending again",

@@ -420,3 +420,28 @@ def wait_for_a_lock_wait(connection: psycopg.Connection[Any]) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("the acceptance never waited on the held row")
+
+
+def test_a_stamp_taken_back_leaves_a_first_attempt_only_where_another_stamp_stays(
+    migrated_engine: Engine,
+) -> None:
+    """undo_attempts takes back one stamp: a row left with none has no first attempt (it was
+    never called); a row with an earlier call keeps its first attempt. A row reconcile made
+    pending again has no stamp either: stamped then taken back, it has no first attempt,
+    whenever its earlier stamps were made (stamped_at no longer tells them apart)."""
+    never, twice, again = insert_pending(migrated_engine, 3)  # each stamped once, at NOW
+    later = NOW + timedelta(minutes=5)
+    ledger.start_attempts(migrated_engine, [twice], later)
+    with migrated_engine.begin() as connection:
+        connection.execute(
+            update(ledger_table).where(ledger_table.c.identifier == again).values(status="unknown")
+        )
+    assert ledger.mark_pending_again(migrated_engine, again, later)
+    ledger.start_attempts(migrated_engine, [again], later)
+
+    ledger.undo_attempts(migrated_engine, [never, twice, again], later)
+
+    found = {row.identifier: row for row in all_rows(migrated_engine)}
+    assert (found[never].attempts, found[never].first_attempt_at) == (0, None)
+    assert (found[twice].attempts, found[twice].first_attempt_at) == (1, NOW)
+    assert (found[again].attempts, found[again].first_attempt_at) == (0, None)

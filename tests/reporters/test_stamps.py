@@ -11,13 +11,16 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from meterstream.errors import StripeAuthError
 from reporters import service
+from reporters.bookkeeping import Bookkeeper
 from reporters.cycle import Reporter
 from reporters.ledger import LedgerRow, all_rows
+from reporters.rows import TOO_OLD_CODE
 from tests.reporters.test_billing_safety import StepClock, reporter_with
 from tests.reporters.test_reporter import SECRET, World, hour_start, put_total
 from tests.reporters.test_stream import AcceptedThenRateLimited
@@ -128,6 +131,7 @@ def test_stream_key_revoked_mid_cycle_leaves_the_next_batch_unstamped(world: Wor
     clock = StepClock()
     world.emulator.faults.inject("hold", path_prefix=STREAM_PATH)
     reporter = reporter_with(world, clock, stripe_stream=True)
+    reporter.sender.lanes = 1  # type: ignore[attr-defined]  # one lane: its batches in turn
 
     def revoke_and_let_the_session_age() -> None:
         world.emulator.state.revoke_key(SECRET)
@@ -143,3 +147,29 @@ def test_stream_key_revoked_mid_cycle_leaves_the_next_batch_unstamped(world: Wor
     assert len(accepted) == 100
     assert len(world.emulator.state.events) == 100
     assert stamped([row for row in rows if row.status == "pending"]) == []
+
+
+def test_a_row_written_stamped_that_turns_too_old_before_its_call_is_rejected_not_unknown(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream writes its new rows stamped; one that turns too old for Stripe between its
+    write and its call was never called: rejected (bill it by hand), not ``unknown`` (which
+    would say Stripe may have it)."""
+    put_total(world.engine, "cus_a", "tokens", hour_start(2), "5")  # its timestamp: 1 h 50 ago
+    clock = StepClock()
+    # Sendable when written: the send limit (horizon less an hour) 10 minutes before it.
+    clock.offset = timedelta(days=world.settings.horizon_days) - timedelta(hours=3)
+    reporter = reporter_with(world, clock, stripe_stream=True)
+    checked = Bookkeeper.may_call
+
+    def an_hour_later(book: Bookkeeper, *args: Any, **kwargs: Any) -> bool:
+        clock.offset += timedelta(hours=1)
+        return checked(book, *args, **kwargs)
+
+    monkeypatch.setattr(Bookkeeper, "may_call", an_hour_later)
+
+    reporter.run_cycle()
+
+    [row] = all_rows(world.engine)
+    assert (row.status, row.error_code) == ("rejected", TOO_OLD_CODE)
+    assert not world.emulator.state.events

@@ -216,7 +216,13 @@ class Bookkeeper:
                 self._count_written(outcome, result)
                 if outcome.status == "pending":
                     written.setdefault(job.window.key, []).append(outcome)
-        self._hold(held, result)
+        try:
+            self._hold(held, result)
+        except Exception:
+            # After the rows' commit: they go on to their calls all the same.
+            _log.exception(
+                "%d held window(s) not set aside; they are looked at again next cycle", len(held)
+            )
         return written
 
     def _write_one_by_one(
@@ -252,6 +258,16 @@ class Bookkeeper:
                 )
                 refused.add(window.key)
                 outcomes.append(None)
+            except Exception:
+                # The rows written so far are committed (stamped, for the stream): they go
+                # on to their calls; the rest wait for the next cycle.
+                _log.exception(
+                    "writing the ledger rows of %d due window(s) failed; they wait for the "
+                    "next cycle",
+                    len(jobs) - len(outcomes),
+                )
+                outcomes += [None] * (len(jobs) - len(outcomes))
+                break
         return outcomes
 
     def may_call(self, row: LedgerRow, result: CycleResult, stamped_here: bool = False) -> bool:

@@ -61,7 +61,9 @@ STREAM_LANES = 3
 # (about 4 ms here), so a stamp per call made the stamps, not the calls, the stream's pace.
 # A stop or a failed call takes back the stamps of the rows not called. A crash leaves stamped
 # the rows of the group in hand and the next, and the new rows written for the lane but not yet
-# called (at most STREAM_CHUNKS_AHEAD + 2 chunks'): they count as called (stream_stamps.py).
+# called: those of the chunks queued (STREAM_CHUNKS_AHEAD), of the one being written, of the
+# one being sent and of the next group's (tests/reporters/test_stream_stamps.py). They count
+# as called (reporters/stream_stamps.py).
 BATCHES_PER_STAMP = 4
 # The outcome of a batch whose rows were all settled elsewhere since they were read (no call:
 # the stream goes on).
@@ -95,14 +97,19 @@ class V2StreamSender:
         ]
         errors: list[BaseException | None] = []
         ramped = _ramp(chunks, count)
+        ended = threading.Event()  # a lane raised: the others end at their next call
+        # Each lane's end: its writer then writes the rest of its chunks unstamped (they are
+        # not called this cycle), so a crash meanwhile leaves no more rows stamped.
+        lanes_done = [threading.Event() for _ in range(count)]
 
         def write_share(share: int) -> None:
             """Chunks share, share + count, ... in order, each into this writer's queue (an
             empty one for a chunk that failed, so that its lane goes on with the next)."""
             try:
                 for chunk in ramped[share::count]:
+                    stamped = not (lanes_done[share].is_set() or ended.is_set())
                     try:
-                        queues = book.rows_to_send(chunk, work, result, stamped=True)
+                        queues = book.rows_to_send(chunk, work, result, stamped=stamped)
                         item = _written_chunk(chunk, queues, work)
                     except Exception as exc:  # reported by run_cycle
                         errors.append(exc)
@@ -119,16 +126,17 @@ class V2StreamSender:
         ]
         for writer in writers:
             writer.start()
-        ended = threading.Event()  # a lane raised: the others end at their next call
         try:
             with ThreadPoolExecutor(count - 1 or 1, thread_name_prefix="reporter-lane") as pool:
                 lanes = [
-                    pool.submit(self._send_lane, book, _queued(written[n]), result, ended)
+                    pool.submit(
+                        self._send_lane, book, _queued(written[n]), result, ended, lanes_done[n]
+                    )
                     for n in range(1, count)
                 ]
                 failed: list[BaseException] = []
                 try:
-                    self._send_lane(book, _queued(written[0]), result, ended)
+                    self._send_lane(book, _queued(written[0]), result, ended, lanes_done[0])
                 except BaseException as exc:  # raised below, once the other lanes end
                     failed.append(exc)
                 failed += [error for lane in lanes if (error := lane.exception()) is not None]
@@ -149,9 +157,10 @@ class V2StreamSender:
         chunks: Iterator[_Written],
         result: CycleResult,
         ended: threading.Event,
+        done: threading.Event,
     ) -> None:
         """One lane's sending; if it raises, ``ended`` tells the other lanes to end too.
-        Whatever ends it, the stamps of the rows written stamped and not called are taken
+        Whatever ends it, ``done`` is set and the stamps it holds for calls not made are taken
         back."""
         stamps = LaneStamps(book)
         try:
@@ -160,6 +169,7 @@ class V2StreamSender:
             ended.set()
             raise
         finally:
+            done.set()
             stamps.take_back_rest()
 
     @staticmethod

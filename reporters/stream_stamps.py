@@ -26,23 +26,30 @@ _log = logging.getLogger(__name__)
 
 
 class LaneStamps:
-    """The stamps of one lane's rows. ``written`` rows keep the stamp they were written with
-    until they are called (``called``) or it is taken back (``unstamp``, ``take_back_rest``):
-    each stamp is taken back at most once (a second time would take another's)."""
+    """The stamps one lane holds for calls not made yet: those its new rows were written with
+    (``add_written``) and those its groups made (``stamp``). A stamp is kept once its call is
+    made (``called``) and otherwise taken back (``unstamp``, ``take_back_rest``), exactly
+    once, and only by the lane that holds it: a row in a group whose stamp did not take it
+    (settled elsewhere meanwhile) is left alone, whatever another reporter does with it.
+    Taking back is best effort: a failed one is logged and tried again when the lane ends, and
+    never replaces the error the lane is raising."""
 
     def __init__(self, book: Bookkeeper) -> None:
         self._book = book
         self._lock = threading.Lock()  # the lane's thread and its bookkeeping thread
-        self._written: dict[str, LedgerRow] = {}  # stamped at their write, not called yet
+        self._written: set[str] = set()  # written stamped this cycle
+        self._held: dict[str, LedgerRow] = {}  # stamped by this lane, not called yet
 
     def add_written(self, rows: Iterable[LedgerRow]) -> None:
         with self._lock:
-            self._written.update((row.identifier, row) for row in rows)
+            for row in rows:
+                self._written.add(row.identifier)
+                self._held[row.identifier] = row
 
     def stamped_here(self, row: LedgerRow) -> bool:
         """Whether ``row``'s stamp is the one it was written with, its call not made yet."""
         with self._lock:
-            return row.identifier in self._written
+            return row.identifier in self._written and row.identifier in self._held
 
     def stamp(self, rows: Collection[LedgerRow]) -> set[str]:
         """The identifiers of ``rows`` that may be called: those written stamped, and those
@@ -50,34 +57,42 @@ class LaneStamps:
         with self._lock:
             ready = {row.identifier for row in rows if row.identifier in self._written}
         earlier = [row for row in rows if row.identifier not in ready]
-        return ready | (self._book.stamp_call(earlier) if earlier else set())
+        stamped = self._book.stamp_call(earlier) if earlier else set()
+        with self._lock:
+            self._held.update((row.identifier, row) for row in earlier if row.identifier in stamped)
+        return ready | stamped
 
     def called(self, rows: Iterable[LedgerRow]) -> None:
         """``rows``' calls were made: their stamps stay (Stripe may have them)."""
         with self._lock:
             for row in rows:
-                self._written.pop(row.identifier, None)
+                self._held.pop(row.identifier, None)
 
-    def unstamp(self, rows: Collection[LedgerRow]) -> None:
-        """Take back the stamps of ``rows``, whose calls will not be made."""
-        self.called(rows)
-        self._book.unstamp(rows)
+    def unstamp(self, rows: Iterable[LedgerRow]) -> None:
+        """Take back the stamps this lane holds of ``rows``, whose calls will not be made."""
+        with self._lock:
+            taken = [held for row in rows if (held := self._held.pop(row.identifier, None))]
+        self._undo(taken)
 
     def take_back_rest(self, others: Collection[LedgerRow] = ()) -> None:
-        """When the lane is done: take back the stamps of the rows written stamped and never
-        called (the lane ended before them), and of ``others`` (written stamped for this lane
-        and never taken by it). Logged, not raised, if the database refuses: the rows then
-        count as called, which reconcile settles (the module's docstring)."""
+        """When the lane is done: take back every stamp it still holds (the rows it did not
+        reach, a take-back that failed), and those of ``others`` (written stamped for this
+        lane, never taken by it)."""
         with self._lock:
-            rest = [*self._written.values(), *others]
-            self._written.clear()
-        if not rest:
+            rest = [*self._held.values(), *others]
+            self._held.clear()
+        self._undo(rest)
+
+    def _undo(self, rows: list[LedgerRow]) -> None:
+        if not rows:
             return
         try:
-            self._book.unstamp(rest)
+            self._book.unstamp(rows)
         except Exception:
+            with self._lock:  # tried again when the lane ends
+                self._held.update((row.identifier, row) for row in rows)
             _log.exception(
                 "could not take back the stamps of %d ledger row(s) never called: they count "
                 "as called until sent (reconcile settles them if they wait too long)",
-                len(rest),
+                len(rows),
             )

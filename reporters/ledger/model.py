@@ -3,10 +3,12 @@
 A row is written and committed before its call, then updated from the answer. Statuses:
 
 - ``pending``   written, not yet acknowledged; resent (same identifier, same body) until it is.
-                Each call is stamped just before it is made (``attempts`` + 1,
-                ``first_attempt_at``) in a committed write: v1 the row of that call, the
-                stream the rows of that call; a row never called is never stamped, so after
-                a crash the ledger knows whether Stripe may have it.
+                Each call is stamped before it is made (``attempts`` + 1,
+                ``first_attempt_at``) in a committed write: v1 the row of that call, just
+                before; the stream its new rows as it writes them, seconds before their
+                calls, and the rows read pending just before theirs. A stamp whose call is
+                not made is taken back, so a row with none was never called; only a crash
+                can leave a stamp without its call, and then the row counts as called.
 - ``unknown``   pending, but its first call was more than ``UNKNOWN_AFTER`` ago: Stripe only
                 promises to deduplicate an identifier for about 24 h, so a resend could bill
                 twice. Never resent blindly; ``meterstream reconcile`` asks Stripe's summaries

@@ -104,6 +104,30 @@ def _start_attempts(
     return {str(identifier) for (identifier,) in found}
 
 
+_UNSTAMP_VALUES = {
+    "attempts": _l.attempts - 1,
+    # The old row's attempts: 1 means this was its only stamp.
+    "first_attempt_at": case((_l.attempts == 1, None), else_=_l.first_attempt_at),
+    "updated_at": bindparam("now"),
+}
+_UNSTAMP = (
+    update(ledger)
+    .where(
+        _l.identifier.in_(bindparam("identifiers", expanding=True)),
+        still_pending(),
+        _l.attempts > 0,
+    )
+    .values(_UNSTAMP_VALUES)
+)
+_UNSTAMP_ARRAY = (
+    update(ledger)
+    .where(_l.identifier == _IDENTIFIERS, still_pending(), _l.attempts > 0)
+    .values(_UNSTAMP_VALUES)
+)
+# Identifiers in one SQLite statement: within the 999 variables of SQLite before 3.32.
+_SQLITE_PARAMETERS = 900
+
+
 def undo_attempts(engine: Engine, identifiers: Collection[str], now: datetime) -> None:
     """Take back one stamp of each of ``identifiers``, whose calls were never made (a stop
     request came between the stamp and the call): ``unknown`` must only ever mean "Stripe may
@@ -112,16 +136,14 @@ def undo_attempts(engine: Engine, identifiers: Collection[str], now: datetime) -
     if not identifiers:
         return
     with engine.begin() as connection:
-        connection.execute(
-            update(ledger)
-            .where(_l.identifier.in_(list(identifiers)), still_pending(), _l.attempts > 0)
-            .values(
-                attempts=_l.attempts - 1,
-                # The old row's attempts: 1 means this was its only stamp.
-                first_attempt_at=case((_l.attempts == 1, None), else_=_l.first_attempt_at),
-                updated_at=now,
+        if connection.dialect.name == "postgresql":  # one array: no limit on the number
+            connection.execute(_UNSTAMP_ARRAY, {"identifier_array": list(identifiers), "now": now})
+            return
+        listed = list(identifiers)
+        for start in range(0, len(listed), _SQLITE_PARAMETERS):
+            connection.execute(
+                _UNSTAMP, {"identifiers": listed[start : start + _SQLITE_PARAMETERS], "now": now}
             )
-        )
 
 
 _STILL_PENDING = (

@@ -127,8 +127,7 @@ def test_rows_stamped_and_not_called_stay_within_the_chunks_ahead(
     being written, being sent and the next group's: STREAM_CHUNKS_AHEAD + 3). The lane
     ends at its first call (500 three times); its writer then writes the rest unstamped.
     Before, it went on writing every chunk stamped until the drain took them back: a crash
-    meanwhile left the whole
-    backlog stamped (all 4,000 rows written, 100 of them called)."""
+    meanwhile left the whole backlog stamped (all 4,000 rows written, 100 of them called)."""
     many_due(world.engine, 4_000)  # ten chunks of 400
     seen: list[int] = []
     real = bookkeeping.Bookkeeper.rows_to_send

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from meterstream.report_queue import queue_windows
 from meterstream.schema import ledger as ledger_table
@@ -180,3 +180,48 @@ def test_a_group_taken_back_leaves_alone_the_rows_its_stamp_did_not_stamp(world:
 
     [found] = all_rows(world.engine)
     assert (found.attempts, found.first_attempt_at) == (1, now)  # before: (0, None)
+
+
+# -- 5. a one-by-one write that fails part-way ------------------------------------------------
+
+
+def test_rows_written_one_by_one_before_a_failure_go_to_their_calls(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk's bulk write is refused (IntegrityError: another writer, say), so it is written
+    window by window; the second window's write fails (a lost connection). The row written
+    before it is committed, stamped: it goes on to its call instead of being dropped with
+    the chunk (then it kept its stamp without a call). The window that failed waits for the
+    next cycle, which sends it."""
+    customers = [f"cus_{c}" for c in "abcdefgh"]  # one lane: pieces of two keys
+    for customer in customers:
+        if customer not in ("cus_a", "cus_b", "cus_c"):
+            world.emulator.state.create_customer(customer_id=customer)
+        put_total(world.engine, customer, "tokens", hour_start(2), "5")
+    writes = {"count": 0}
+    real_write_row = bookkeeping.write_row
+
+    def refused(*_args: Any, **_kwargs: Any) -> Any:
+        raise IntegrityError("COPY ledger", None, Exception("duplicate key"))
+
+    def second_fails(*args: Any, **kwargs: Any) -> Any:
+        writes["count"] += 1
+        if writes["count"] == 2:
+            raise OperationalError("SELECT ledger", None, Exception("connection lost"))
+        return real_write_row(*args, **kwargs)
+
+    monkeypatch.setattr(bookkeeping, "write_rows", refused)
+    monkeypatch.setattr(bookkeeping, "write_row", second_fails)
+    reporter = reporter_with(world, StepClock(), stripe_stream=True)
+    reporter.sender.lanes = 1  # type: ignore[attr-defined]  # the test's pieces
+
+    reporter.run_cycle()
+
+    rows = all_rows(world.engine)
+    sent = {event.identifier for event in world.emulator.state.events}
+    assert {row.customer_id for row in rows} == set(customers) - {"cus_b"}
+    assert all(row.status == "accepted" and row.identifier in sent for row in rows)
+
+    reporter.run_cycle()
+
+    assert {row.customer_id for row in all_rows(world.engine)} == set(customers)

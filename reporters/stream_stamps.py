@@ -31,8 +31,10 @@ class LaneStamps:
     made (``called``) and otherwise taken back (``unstamp``, ``take_back_rest``), exactly
     once, and only by the lane that holds it: a row in a group whose stamp did not take it
     (settled elsewhere meanwhile) is left alone, whatever another reporter does with it.
-    Taking back is best effort: a failed one is logged and tried again when the lane ends, and
-    never replaces the error the lane is raising."""
+    Taking back is best effort: a failed one is logged and not tried again (it may have
+    committed before its answer was lost, and a second would take back an earlier call's
+    stamp: the rows count as called, which is safe), and never replaces the error the lane is
+    raising."""
 
     def __init__(self, book: Bookkeeper) -> None:
         self._book = book
@@ -76,8 +78,7 @@ class LaneStamps:
 
     def take_back_rest(self, others: Collection[LedgerRow] = ()) -> None:
         """When the lane is done: take back every stamp it still holds (the rows it did not
-        reach, a take-back that failed), and those of ``others`` (written stamped for this
-        lane, never taken by it)."""
+        reach), and those of ``others`` (written stamped for this lane, never taken by it)."""
         with self._lock:
             rest = [*self._held.values(), *others]
             self._held.clear()
@@ -89,8 +90,6 @@ class LaneStamps:
         try:
             self._book.unstamp(rows)
         except Exception:
-            with self._lock:  # tried again when the lane ends
-                self._held.update((row.identifier, row) for row in rows)
             _log.exception(
                 "could not take back the stamps of %d ledger row(s) never called: they count "
                 "as called until sent (reconcile settles them if they wait too long)",

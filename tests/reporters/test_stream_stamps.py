@@ -225,3 +225,45 @@ def test_rows_written_one_by_one_before_a_failure_go_to_their_calls(
     reporter.run_cycle()
 
     assert {row.customer_id for row in all_rows(world.engine)} == set(customers)
+
+
+# -- 6. a take-back whose commit's answer is lost ---------------------------------------------
+
+
+def test_a_take_back_whose_commit_is_lost_is_not_taken_back_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row read pending was called in an earlier cycle (attempts 1: Stripe may have it).
+    This cycle's group stamps it (2); a stop comes before its call and the lane takes that
+    stamp back: the UPDATE commits but the connection drops before the COMMIT's answer. Taken
+    back again when the lane ended (a second review found), it lost the earlier call's stamp
+    too (attempts 0, no first attempt): resent after 20 h or rejected as never sent."""
+    row = pending_row(1)  # attempts 1, first_attempt_at set: an earlier cycle's call
+    with world.engine.begin() as connection:
+        ledger.insert_rows(connection, [row])
+    stamps = LaneStamps(reporter_with(world, StepClock(), stripe_stream=True)._book)
+    assert stamps.stamp([row]) == {row.identifier}
+    undo = ledger.undo_attempts
+    lost = {"left": 1}
+
+    def commit_answer_lost(*args: Any, **kwargs: Any) -> None:
+        undo(*args, **kwargs)  # committed
+        if lost["left"]:
+            lost["left"] -= 1
+            raise OperationalError("COMMIT", None, Exception("server closed the connection"))
+
+    monkeypatch.setattr(ledger, "undo_attempts", commit_answer_lost)
+    stamps.unstamp([row])  # a stop before the call
+    stamps.take_back_rest()  # the lane ends
+
+    [found] = all_rows(world.engine)
+    assert (found.attempts, found.first_attempt_at) == (1, row.first_attempt_at)
+
+
+def test_a_take_back_of_more_rows_than_one_sqlite_statement_binds(world: World) -> None:
+    """undo_attempts goes in pieces on SQLite (999 variables before 3.32), one transaction."""
+    rows = [pending_row(n) for n in range(1, 2001)]
+    with world.engine.begin() as connection:
+        ledger.insert_rows(connection, rows)
+    LaneStamps(reporter_with(world, StepClock(), stripe_stream=True)._book).take_back_rest(rows)
+    assert [row for row in all_rows(world.engine) if row.attempts] == []

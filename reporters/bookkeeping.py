@@ -230,10 +230,15 @@ class Bookkeeper:
     ) -> list[LedgerRow | Held | None]:
         outcomes: list[LedgerRow | Held | None] = []
         refused: set[Key] = set()
+        failed: dict[Key, Held] = {}
         for job in jobs:
             window = job.window
             if window.key in refused:
                 outcomes.append(None)
+                continue
+            if window.key in failed:  # held: its later windows wait with it, as in write_rows
+                held = failed[window.key]
+                outcomes.append(Held(window, held.reason, 0, held.detail))
                 continue
             try:
                 outcomes.append(
@@ -249,6 +254,8 @@ class Bookkeeper:
                         stamped,
                     )
                 )
+                if isinstance(held := outcomes[-1], Held) and held.reason in KEY_FAILURES:
+                    failed[window.key] = held
             except IntegrityError:
                 _log.warning(
                     "another reporter is writing %s %s: skipped here this cycle (run one "

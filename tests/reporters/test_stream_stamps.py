@@ -267,3 +267,27 @@ def test_a_take_back_of_more_rows_than_one_sqlite_statement_binds(world: World) 
         ledger.insert_rows(connection, rows)
     LaneStamps(reporter_with(world, StepClock(), stripe_stream=True)._book).take_back_rest(rows)
     assert [row for row in all_rows(world.engine) if row.attempts] == []
+
+
+# -- 7. a key held while writing one by one ---------------------------------------------------
+
+
+def test_a_key_held_while_writing_one_by_one_holds_its_later_windows_too(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written window by window (the bulk write refused: another writer, say), a key whose
+    older window fails on its own (a value past 64 bits) holds its later windows with it, as
+    the bulk write does: sending the later one first would bill out of order (a review found
+    it sent)."""
+    put_total(world.engine, "cus_a", "storage", hour_start(3), "10000000000000000000")
+    put_total(world.engine, "cus_a", "storage", hour_start(2), "5")
+    put_total(world.engine, "cus_b", "tokens", hour_start(2), "4")
+
+    def refused(*_args: Any, **_kwargs: Any) -> Any:
+        raise IntegrityError("COPY ledger", None, Exception("duplicate key"))
+
+    monkeypatch.setattr(bookkeeping, "write_rows", refused)
+    result = reporter_with(world, StepClock(), stripe_stream=True).run_cycle()
+
+    assert [(row.customer_id, row.meter) for row in all_rows(world.engine)] == [("cus_b", "tokens")]
+    assert result.held_keys[("cus_a", "storage")][0] == "value_out_of_range"

@@ -254,8 +254,9 @@ class Bookkeeper:
                         stamped,
                     )
                 )
-                if isinstance(held := outcomes[-1], Held) and held.reason in KEY_FAILURES:
-                    failed[window.key] = held
+                written = outcomes[-1]
+                if isinstance(written, Held) and written.reason in KEY_FAILURES:
+                    failed[window.key] = written
             except IntegrityError:
                 _log.warning(
                     "another reporter is writing %s %s: skipped here this cycle (run one "

@@ -1,8 +1,9 @@
 """v2 stream sending: writer threads write the chunks while sending lanes send them in order.
 
-Each lane on PostgreSQL (one on SQLite) has a writer thread of its own, which writes its share
-of the chunks (chunks l, l + lanes, ...: a (customer, meter)'s rows are all in one chunk, so
-each key's calls keep their order in one lane), and sends them with one call in flight. Lanes
+Each lane on PostgreSQL (one on SQLite) has a writer thread of its own
+(reporters/stream_writers.py), which writes its share of the chunks (chunks l, l + lanes,
+...: a (customer, meter)'s rows are all in one chunk, so each key's calls keep their order in
+one lane), and the lane sends them with one call in flight. Lanes
 make calls side by side: Stripe allows concurrent stream calls (10,000 calls/s), and with one
 call in flight a stream goes no faster than one call's round trip allows.
 
@@ -23,14 +24,11 @@ raises (a refused key, say) ends the other lanes' sending at their next group.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import NamedTuple
 
 from meterstream.errors import StoppedError, StripeAuthError
 from reporters.bookkeeping import Bookkeeper, CycleResult, CycleWork
@@ -39,6 +37,7 @@ from reporters.ledger import LedgerRow
 from reporters.stream import MAX_EVENTS_PER_CALL, StreamSender
 from reporters.stream_acceptor import Acceptor, acceptance_failures
 from reporters.stream_stamps import LaneStamps
+from reporters.stream_writers import ChunkWriters, WrittenChunk
 from reporters.stripe_push import Outcome
 
 _log = logging.getLogger(__name__)
@@ -46,11 +45,6 @@ _log = logging.getLogger(__name__)
 # trips and a commit whatever its size, and the writers set the stream's pace. 400 measured
 # 1.1-1.2x the events/s of 100 (alternated runs; 200 in between), at 0.01 ms less CPU an event.
 STREAM_KEYS_PER_CHUNK = 400
-# Chunks each writer writes ahead of the sending (each at most STREAM_KEYS_PER_CHUNK keys' rows).
-STREAM_CHUNKS_AHEAD = 2
-# The first chunk of each lane is cut in this many: the first calls wait for a quarter of a
-# chunk's write (the first call went out 0.07 s sooner in a 3 s cycle of 30,000 windows).
-RAMP_PIECES = 4
 # Lanes on PostgreSQL, each a writer and a sender with one call in flight. A lane sends at
 # most 100 events a round trip: with Stripe 20 ms away (bench.report.stream --latency-ms) one
 # lane sent 3,500 events/s, two 5,500, four 7,200; on the loopback more lanes cost nothing.
@@ -92,51 +86,26 @@ class V2StreamSender:
         # PostgreSQL writes chunks side by side (their keys are disjoint; the written-rows
         # counter has a row per connection's slot); SQLite has a single writer.
         count = self.lanes if book.engine.dialect.name == "postgresql" else 1
-        written: list[queue.Queue[_Written | None]] = [
-            queue.Queue(STREAM_CHUNKS_AHEAD) for _ in range(count)
-        ]
-        errors: list[BaseException | None] = []
-        ramped = _ramp(chunks, count)
         ended = threading.Event()  # a lane raised: the others end at their next call
-        # Each lane's end: its writer then writes the rest of its chunks unstamped (they are
-        # not called this cycle), so a crash meanwhile leaves no more rows stamped.
-        lanes_done = [threading.Event() for _ in range(count)]
-
-        def write_share(share: int) -> None:
-            """Chunks share, share + count, ... in order, each into this writer's queue (an
-            empty one for a chunk that failed, so that its lane goes on with the next)."""
-            try:
-                for chunk in ramped[share::count]:
-                    stamped = not (lanes_done[share].is_set() or ended.is_set())
-                    try:
-                        queues = book.rows_to_send(chunk, work, result, stamped=stamped)
-                        item = _written_chunk(chunk, queues, work)
-                    except Exception as exc:  # reported by run_cycle
-                        errors.append(exc)
-                        item = _Written([], [])
-                    written[share].put(item)
-            finally:
-                written[share].put(None)
-
-        writers = [
-            threading.Thread(
-                target=write_share, args=(n,), name=f"reporter-writer-{n}", daemon=True
-            )
-            for n in range(count)
-        ]
-        for writer in writers:
-            writer.start()
+        writers = ChunkWriters(book, chunks, work, result, count, ended)
         try:
             with ThreadPoolExecutor(count - 1 or 1, thread_name_prefix="reporter-lane") as pool:
                 lanes = [
                     pool.submit(
-                        self._send_lane, book, _queued(written[n]), result, ended, lanes_done[n]
+                        self._send_lane,
+                        book,
+                        writers.chunks_of(n),
+                        result,
+                        ended,
+                        writers.lanes_done[n],
                     )
                     for n in range(1, count)
                 ]
                 failed: list[BaseException] = []
                 try:
-                    self._send_lane(book, _queued(written[0]), result, ended, lanes_done[0])
+                    self._send_lane(
+                        book, writers.chunks_of(0), result, ended, writers.lanes_done[0]
+                    )
                 except BaseException as exc:  # raised below, once the other lanes end
                     failed.append(exc)
                 failed += [error for lane in lanes if (error := lane.exception()) is not None]
@@ -144,17 +113,17 @@ class V2StreamSender:
                 raise _most_telling(failed)
         except BaseException:
             # run_cycle will not see the chunks' errors: say them here.
-            self._drain(book, writers, written)
-            for error in errors:
+            writers.drain()
+            for error in writers.errors:
                 _log.error("report cycle failed for some customers and meters", exc_info=error)
             raise
-        self._drain(book, writers, written)
-        return errors
+        writers.drain()
+        return writers.errors
 
     def _send_lane(
         self,
         book: Bookkeeper,
-        chunks: Iterator[_Written],
+        chunks: Iterator[WrittenChunk],
         result: CycleResult,
         ended: threading.Event,
         done: threading.Event,
@@ -172,34 +141,11 @@ class V2StreamSender:
             done.set()
             stamps.take_back_rest()
 
-    @staticmethod
-    def _drain(
-        book: Bookkeeper,
-        writers: Sequence[threading.Thread],
-        written: Sequence[queue.Queue[_Written | None]],
-    ) -> None:
-        """Whatever ended the sending, let the writers finish their chunks (they are pending
-        rows for the next cycle, as they would have been before any call), and take back the
-        stamps the chunks no lane took were written with."""
-        left: list[LedgerRow] = []
-        while any(writer.is_alive() for writer in writers):
-            for share in written:
-                with contextlib.suppress(queue.Empty):
-                    if (item := share.get(timeout=0.02)) is not None:
-                        left += item.stamped
-        for writer in writers:
-            writer.join()
-        for share in written:
-            while not share.empty():
-                if (item := share.get_nowait()) is not None:
-                    left += item.stamped
-        LaneStamps(book).take_back_rest(left)
-
     def _send_stream(
         self,
         book: Bookkeeper,
         stamps: LaneStamps,
-        chunks: Iterator[_Written],
+        chunks: Iterator[WrittenChunk],
         result: CycleResult,
         ended: threading.Event,
     ) -> None:
@@ -336,7 +282,7 @@ class V2StreamSender:
         self,
         book: Bookkeeper,
         stamps: LaneStamps,
-        chunks: Iterator[_Written],
+        chunks: Iterator[WrittenChunk],
         waiting: deque[LedgerRow],
         more: bool,
         result: CycleResult,
@@ -364,7 +310,7 @@ class V2StreamSender:
         cls,
         book: Bookkeeper,
         stamps: LaneStamps,
-        chunks: Iterator[_Written],
+        chunks: Iterator[WrittenChunk],
         waiting: deque[LedgerRow],
         result: CycleResult,
     ) -> list[list[LedgerRow]]:
@@ -381,7 +327,7 @@ class V2StreamSender:
     def _next_batch(
         book: Bookkeeper,
         stamps: LaneStamps,
-        chunks: Iterator[_Written],
+        chunks: Iterator[WrittenChunk],
         waiting: deque[LedgerRow],
         result: CycleResult,
     ) -> list[LedgerRow]:
@@ -395,38 +341,6 @@ class V2StreamSender:
                 row for row in chunk.rows if book.may_call(row, result, stamps.stamped_here(row))
             )
         return [waiting.popleft() for _ in range(min(MAX_EVENTS_PER_CALL, len(waiting)))]
-
-
-class _Written(NamedTuple):
-    """A chunk's rows to call, in order, and those of them written stamped (its new rows)."""
-
-    rows: list[LedgerRow]
-    stamped: list[LedgerRow]
-
-
-def _written_chunk(
-    chunk: Sequence[Key], queues: Mapping[Key, Sequence[LedgerRow]], work: CycleWork
-) -> _Written:
-    """The chunk's rows in order; its new ones, not read pending, were written stamped."""
-    rows = [row for key in chunk for row in queues[key]]
-    earlier = {row.identifier for key in chunk for row in work.pending.get(key, ())}
-    return _Written(rows, [row for row in rows if row.attempts and row.identifier not in earlier])
-
-
-def _ramp(chunks: Sequence[Sequence[Key]], lanes: int) -> list[Sequence[Key]]:
-    """``chunks`` with the first of each lane cut into RAMP_PIECES (a key in one piece), so
-    that each lane's first calls wait for a small chunk's write, not a whole one's."""
-    first: list[Sequence[Key]] = []
-    for chunk in chunks[:lanes]:
-        size = -(-len(chunk) // RAMP_PIECES)
-        first += [chunk[i : i + size] for i in range(0, len(chunk), size)]
-    return first + list(chunks[lanes:])
-
-
-def _queued(written: queue.Queue[_Written | None]) -> Iterator[_Written]:
-    """A writer's chunks in order, until its None."""
-    while (item := written.get()) is not None:
-        yield item
 
 
 def _rows_of(group: Sequence[Sequence[LedgerRow]]) -> list[LedgerRow]:

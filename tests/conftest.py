@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,35 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
+@contextmanager
+def fresh_postgres_database(options: str = "") -> Iterator[str]:
+    """The URL of a new PostgreSQL database (CREATE DATABASE ``options``), dropped after."""
     name = f"meterstream_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}" {options}')
     try:
         yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def migrated_engine_at(url: str) -> Iterator[Engine]:
+    """An engine on the database at ``url``, migrated first, disposed after."""
+    engine = build_engine(load_settings(database_url=url))
+    migrate(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -58,23 +77,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def postgres_engine(postgres_url: str) -> Iterator[Engine]:
     """An engine on a freshly migrated PostgreSQL database (for what only PostgreSQL has)."""
-    engine = build_engine(load_settings(database_url=postgres_url))
-    migrate(engine)
-    try:
+    with migrated_engine_at(postgres_url) as engine:
         yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture
 def migrated_engine(database_url: str) -> Iterator[Engine]:
     """An engine on a freshly migrated database (PostgreSQL and SQLite, see database_url)."""
-    engine = build_engine(load_settings(database_url=database_url))
-    migrate(engine)
-    try:
+    with migrated_engine_at(database_url) as engine:
         yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(scope="session")

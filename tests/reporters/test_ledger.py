@@ -409,8 +409,10 @@ def test_stream_acceptance_locks_its_rows_in_identifier_order(postgres_engine: E
 
 
 def wait_for_a_lock_wait(connection: psycopg.Connection[Any]) -> None:
-    """Until some session of this database waits on a lock (polls pg_stat_activity)."""
-    for _ in range(3000):
+    """Until some session of this database waits on a lock (polls pg_stat_activity), within
+    30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         waiting = connection.execute(
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE datname = current_database() AND wait_event_type = 'Lock'"

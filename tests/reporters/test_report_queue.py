@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,33 +30,16 @@ from reporters.ledger import LedgerRow, identifier_for, insert_rows, rows_for
 from reporters.rows import RowJob, write_rows
 from reporters.service import build_reporter, connect
 from reporters.status import reporter_status
-from stripe_emulator import run_stripe_emulator
 from tests.conftest import EXAMPLE_METERS
 from tests.reporters.test_reporter import (
     World,
-    create_stripe_meters,
     hour_start,
     put_total,
-    world_settings,
 )
 
 CUSTOMER, METER = "cus_a", "tokens"
 WINDOW = hour_start(2)
 DEADLINE_S = 10.0
-
-
-@pytest.fixture
-def pg_world(postgres_url: str, tmp_path: Path) -> Iterator[World]:
-    engine = build_engine(load_settings(database_url=postgres_url))
-    migrate(engine)
-    try:
-        with run_stripe_emulator(rate_limit_per_s=None) as emulator:
-            create_stripe_meters(emulator)
-            emulator.state.create_customer(customer_id=CUSTOMER)
-            settings = world_settings(emulator, postgres_url, tmp_path)
-            yield World(emulator, engine, settings, load_catalogue(settings.meters_file))
-    finally:
-        engine.dispose()
 
 
 class Worker:

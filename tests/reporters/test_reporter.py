@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -175,14 +176,29 @@ def world_settings(emulator: Emulator, database_url: str, tmp_path: Path, **extr
     return load_settings(**{**values, **extra})
 
 
-@pytest.fixture
-def world(migrated_engine: Engine, database_url: str, tmp_path: Path) -> Iterator[World]:
+@contextmanager
+def world_on(engine: Engine, database_url: str, tmp_path: Path) -> Iterator[World]:
+    """A World on ``engine`` (migrated) with an emulator of its own: the catalogue's meters,
+    customers cus_a, cus_b and cus_c."""
     with run_stripe_emulator(rate_limit_per_s=None) as emulator:
         create_stripe_meters(emulator)
         for customer in ("cus_a", "cus_b", "cus_c"):
             emulator.state.create_customer(customer_id=customer)
         settings = world_settings(emulator, database_url, tmp_path)
-        yield World(emulator, migrated_engine, settings, load_catalogue(settings.meters_file))
+        yield World(emulator, engine, settings, load_catalogue(settings.meters_file))
+
+
+@pytest.fixture
+def world(migrated_engine: Engine, database_url: str, tmp_path: Path) -> Iterator[World]:
+    with world_on(migrated_engine, database_url, tmp_path) as found:
+        yield found
+
+
+@pytest.fixture
+def pg_world(postgres_engine: Engine, postgres_url: str, tmp_path: Path) -> Iterator[World]:
+    """The world on PostgreSQL only (for what only PostgreSQL has: its plans, its lanes)."""
+    with world_on(postgres_engine, postgres_url, tmp_path) as found:
+        yield found
 
 
 def run_until_acknowledged(world: World, deadline_s: float = 60.0) -> list[CycleResult]:

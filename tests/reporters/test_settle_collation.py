@@ -7,7 +7,6 @@ and an aggregator batch and a reporter writer deadlock: PostgreSQL aborts one of
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -20,13 +19,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from aggregators.postgres import upsert_totals
-from meterstream.db import build_engine, migrate
 from meterstream.report_queue import queue_windows
-from meterstream.settings import load_settings
 from reporters.due import DueWindow, settle
 from reporters.held_windows import set_aside
 from reporters.rows import HELD_NO_CUSTOMER_LINK
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import fresh_postgres_database, migrated_engine_at
 from tests.reporters.test_ledger import NOW, wait_for_a_lock_wait
 
 _KINDS = {"additive": ["tokens"], "max": [], "min": []}
@@ -37,21 +34,9 @@ T = TypeVar("T")
 @pytest.fixture
 def en_us_engine() -> Iterator[Engine]:
     """A migrated database whose default collation is ICU en-US (not C)."""
-    name = f"meterstream_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(
-            f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE 'C.UTF-8' "
-            "LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
-        )
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    engine = build_engine(load_settings(database_url=url))
-    migrate(engine)
-    try:
+    en_us = "TEMPLATE template0 LOCALE 'C.UTF-8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+    with fresh_postgres_database(en_us) as url, migrated_engine_at(url) as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _batch(customers: list[str]) -> list[tuple]:

@@ -19,12 +19,10 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError
 
-from meterstream.db import build_engine, migrate
 from meterstream.deployment import stored_deployment_id
 from meterstream.errors import StripeAuthError
 from meterstream.meters import load_catalogue
 from meterstream.metrics import ReporterMetrics
-from meterstream.settings import load_settings
 from reporters import stream_sender
 from reporters.bookkeeping import Bookkeeper
 from reporters.cycle import Reporter
@@ -39,7 +37,7 @@ from reporters.stripe_push import (
     build_client,
     classify,
 )
-from stripe_emulator import Emulator, run_stripe_emulator
+from stripe_emulator import Emulator
 from tests.reporters.test_ledger import pending_row, refuse_updates_of
 from tests.reporters.test_reporter import (
     SECRET,
@@ -680,20 +678,6 @@ def drop_refusal(engine: Engine) -> None:
         )
 
 
-@pytest.fixture
-def pg_stream_world(postgres_url: str, tmp_path: Path) -> Iterator[World]:
-    """A World on a migrated PostgreSQL database, where the stream sends in several lanes."""
-    engine = build_engine(load_settings(database_url=postgres_url))
-    migrate(engine)
-    try:
-        with run_stripe_emulator(rate_limit_per_s=None) as emulator:
-            create_stripe_meters(emulator)
-            settings = world_settings(emulator, postgres_url, tmp_path)
-            yield World(emulator, engine, settings, load_catalogue(settings.meters_file))
-    finally:
-        engine.dispose()
-
-
 def two_windows_each(world: World, count: int) -> list[str]:
     """``count`` customers, each with two due windows of tokens (two rows of one key)."""
     customers = [f"cus_{n:03d}" for n in range(count)]
@@ -714,12 +698,12 @@ def called_identifiers(transport: Transport) -> set[str]:
 
 
 def test_lanes_on_postgresql_send_every_row_once_each_keys_rows_in_order(
-    pg_stream_world: World,
+    pg_world: World,
 ) -> None:
     """Four lanes, sixteen chunks: calls go out side by side from several threads, every
     row is sent once and accepted, and each (customer, meter)'s rows reach Stripe in
     ledger order (both of a key's rows are in one chunk, so in one lane)."""
-    world = pg_stream_world
+    world = pg_world
     customers = two_windows_each(world, 400)
     threads: set[str] = set()
     transport = Transport(lambda: threads.add(threading.current_thread().name))
@@ -743,12 +727,12 @@ def test_lanes_on_postgresql_send_every_row_once_each_keys_rows_in_order(
 
 
 def test_a_key_refused_in_one_lane_ends_every_lane_with_no_uncalled_row_stamped(
-    pg_stream_world: World,
+    pg_world: World,
 ) -> None:
     """Five calls a lane; the third call is refused (401): the cycle raises, every lane ends
     after at most the call it had in flight, and exactly the rows of the calls made are
     stamped (the groups taken meanwhile are taken back)."""
-    world = pg_stream_world
+    world = pg_world
     two_windows_each(world, 1_000)
     calls: list[int] = []
     lock = threading.Lock()

@@ -20,13 +20,12 @@ from reporters import bookkeeping, ledger
 from reporters.bookkeeping import CycleResult, CycleWork
 from reporters.due import take_due
 from reporters.ledger import all_rows
-from reporters.stream_sender import STREAM_CHUNKS_AHEAD
 from reporters.stream_stamps import LaneStamps
+from reporters.stream_writers import STREAM_CHUNKS_AHEAD
 from tests.reporters.test_billing_safety import StepClock, reporter_with
 from tests.reporters.test_ledger import pending_row
 from tests.reporters.test_reporter import World, hour_start, put_total
 from tests.reporters.test_stream import FailingSecondCall, stream_reporter
-from tests.reporters.test_stream import pg_stream_world as pg_stream_world  # a fixture
 
 # -- 1. a writer that fails after its rows are committed --------------------------------------
 
@@ -95,10 +94,10 @@ def many_due(engine: Engine, count: int) -> None:
         queue_windows(connection, [(c, "tokens", start, 1) for c in customers])
 
 
-def test_taking_back_more_stamps_than_one_statement_can_bind(pg_stream_world: World) -> None:
+def test_taking_back_more_stamps_than_one_statement_can_bind(pg_world: World) -> None:
     """LaneStamps.take_back_rest of 70,000 rows: one UPDATE ... IN with a parameter a row
     passed PostgreSQL's 65,535 and failed (logged), leaving them all stamped."""
-    world = pg_stream_world
+    world = pg_world
     many_due(world.engine, 70_000)
     reporter = reporter_with(world, StepClock(), stripe_stream=True)
     book = reporter._book
